@@ -1,0 +1,113 @@
+"""Throughput of every merge method, jitted on the CPU, against the bandwidth floor.
+
+    python experiments/bench_merge_core.py --params 500e6        # the README table
+    python experiments/bench_merge_core.py --params 2e6 --methods ties linear   # smoke
+
+Builds a Llama-shaped pytree (hidden 2048, intermediate 5632, vocab 32000;
+the layer count sets the size) in bf16: a base and 3 fine-tuned models.
+For each method it compiles ``merging.merge`` once, then times one run,
+(compilation excluded) and
+prints elements/s and the ratio to a plain jitted ``a + b - c`` over the same
+leaves (the memory-bandwidth floor of reading three models and writing one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+
+from research import merging
+
+DEFAULT_PARAMS = {"density": 0.2}
+PER_METHOD = {
+    "linear": {},
+    "task_arithmetic": {},
+    "ties": DEFAULT_PARAMS,
+    "dare_linear": DEFAULT_PARAMS,
+    "dare_ties": DEFAULT_PARAMS,
+    "breadcrumbs": DEFAULT_PARAMS,
+    "breadcrumbs_ties": DEFAULT_PARAMS,
+    "della": {"density": 0.4, "epsilon": 0.1},
+    "della_linear": {"density": 0.4, "epsilon": 0.1},
+    "slerp": {"t": 0.3},
+    "model_stock": {},
+    "negate": {},
+}
+
+
+def llama_shapes(params: float, hidden=2048, inter=5632, vocab=32000):
+    embed = [("embed", (vocab, hidden)), ("lm_head", (vocab, hidden))]
+    layer = [
+        ("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)), ("o", (hidden, hidden)),
+        ("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)), ("norm", (hidden,)),
+    ]
+    per_layer = sum(a * (b[1] if len(b) > 1 else 1) for _, (a, *b) in [(n, (s[0], *s[1:])) for n, s in layer])
+    per_embed = 2 * vocab * hidden
+    if params < per_embed:  # small smoke scale: shrink everything
+        scale = max(8, int((params / per_embed) ** 0.5 * hidden) // 8 * 8)
+        return llama_shapes(params, hidden=scale, inter=int(scale * 2.75) // 8 * 8, vocab=int(vocab * scale / hidden))
+    n_layers = max(1, round((params - per_embed) / per_layer))
+    tree = {n: s for n, s in embed}
+    for i in range(n_layers):
+        tree[f"layers.{i}"] = {n: s for n, s in layer}
+    return tree
+
+
+def make_models(shapes, n_models=3, seed=0):
+    key = jax.random.key(seed)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+
+    @jax.jit
+    def gen(key):
+        ks = jax.random.split(key, len(leaves))
+        base = [jax.random.normal(k, s, jnp.bfloat16) * 0.02 for k, s in zip(ks, leaves)]
+        return base
+
+    @jax.jit
+    def perturb(base, key):
+        ks = jax.random.split(key, len(base))
+        return [b + (jax.random.normal(k, b.shape, jnp.bfloat16) * 0.002).astype(jnp.bfloat16) for k, b in zip(ks, base)]
+
+    base = gen(key)
+    models = [perturb(base, jax.random.fold_in(key, i + 1)) for i in range(n_models)]
+    return jax.tree.unflatten(treedef, base), [jax.tree.unflatten(treedef, m) for m in models]
+
+
+def timed(fn, *args):
+    compiled = jax.jit(fn).lower(*args).compile()  # compile time is not counted
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    return time.perf_counter() - t0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--params", type=float, default=500e6)
+    ap.add_argument("--methods", nargs="*", default=list(PER_METHOD))
+    args = ap.parse_args(argv)
+
+    shapes = llama_shapes(args.params)
+    base, models = make_models(shapes)
+    n = sum(x.size for x in jax.tree.leaves(base))
+    print(f"{n / 1e6:.0f}M parameters per model, bf16, 3 models + base, {jax.device_count()} CPU device(s)")
+
+    floor = timed(lambda ms, b: jax.tree.map(lambda x, y, z: x + y - z, ms[0], ms[1], b), models, base)
+    rows = [("a + b - c (floor)", floor)]
+    for method in args.methods:
+        params = dict(PER_METHOD[method])
+        ms = models[:2] if method == "slerp" else models
+        b = None if method in ("linear", "slerp") else base
+        key = jax.random.key(0) if method in merging.RANDOM_METHODS else None
+        fn = lambda ms, b, key, m=method, p=params: merging.merge(m, ms, base=b, key=key, check_finite=False, **p)
+        rows.append((method, timed(fn, ms, b, key)))
+
+    print(f"\n| method | time (s) | elements/s | ratio to floor |\n|---|---:|---:|---:|")
+    for name, t in rows:
+        print(f"| {name} | {t:.2f} | {n / t / 1e6:.0f}M | {t / floor:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Task arithmetic and model merging as pure, jittable functions over pytrees.
+
+    from research import merging
+    tv = merging.task_vector(finetuned, base)
+    model = merging.apply(base, tv, scale=0.5)
+    merged = merging.merge("ties", [ft_a, ft_b, ft_c], base=base, density=0.2, weight=[1.0, 1.0, 1.0])
+
+Inputs are any pytrees of arrays with one structure: an NNX ``State``, a Linen
+params dict, or a flat ``{name: array}`` dict read from a checkpoint.
+"""
+
+from research.merging.analysis import cosine_similarity, kept_fraction, norms, sign_conflicts, trim
+from research.merging.merge import METHODS, NEEDS_BASE, RANDOM_METHODS, apply, merge, task_vector
+from research.merging.tree import MergeError
+
+__all__ = [
+    "METHODS", "NEEDS_BASE", "RANDOM_METHODS", "MergeError", "apply", "cosine_similarity",
+    "kept_fraction", "merge", "norms", "sign_conflicts", "task_vector", "trim",
+]

@@ -1,0 +1,93 @@
+"""Interference analysis of task vectors: cosines, sign conflicts, norms, trimmed mass.
+
+All functions work leaf by leaf (no flattened copy of the model) and return
+plain Python/numpy numbers for tables.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.merging import select
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+def norms(tv) -> dict:
+    """L2 norm per leaf path and ``"total"``."""
+    out = {}
+    total = 0.0
+    for path, x in jax.tree_util.tree_flatten_with_path(tv)[0]:
+        sq = float(jnp.sum(_f32(x) ** 2))
+        out[jax.tree_util.keystr(path)] = sq**0.5
+        total += sq
+    out["total"] = total**0.5
+    return out
+
+
+def cosine_similarity(tvs: Sequence) -> np.ndarray:
+    """``[N, N]`` pairwise cosine similarity of task vectors (over all leaves)."""
+    leaves = [jax.tree.leaves(t) for t in tvs]
+    n = len(tvs)
+    gram = np.zeros((n, n))
+    for j in range(len(leaves[0])):
+        xs = [_f32(ls[j]).reshape(-1) for ls in leaves]
+        for a in range(n):
+            for b in range(a, n):
+                gram[a, b] += float(jnp.dot(xs[a], xs[b]))
+    gram = np.triu(gram) + np.triu(gram, 1).T
+    d = np.sqrt(np.maximum(np.diag(gram), 1e-30))
+    return gram / d[:, None] / d[None, :]
+
+
+def trim(tv, density: float, trim: str = "tensor"):
+    """The task vector with only its top-``density`` magnitudes kept (per tensor or global)."""
+    if density >= 1:
+        return tv
+    leaves, treedef = jax.tree.flatten(tv)
+    if trim == "global":
+        mags = [jnp.abs(_f32(x)) for x in leaves]
+        k = int(density * sum(x.size for x in leaves))
+        th = select.kth_largest(mags, max(k, 1))
+        offs = select.ties_before(mags, th)
+        kept = [jnp.where(select.keep_mask(m, th, o), x, 0) for m, o, x in zip(mags, offs, leaves)]
+    else:
+        kept = [jnp.where(select.topk_mask(x, int(density * x.size)), x, 0) for x in leaves]
+    return jax.tree.unflatten(treedef, kept)
+
+
+def sign_conflicts(tvs: Sequence, density: float = 1.0, trim_mode: str = "tensor") -> dict:
+    """Fraction of entries where the non-zero (trimmed) deltas disagree in sign.
+
+    Returns ``{"per_leaf": {path: rate}, "overall": rate}``; an entry conflicts
+    when at least one model pushes it up and another pushes it down.
+    """
+    tvs = [trim(t, density, trim_mode) for t in tvs]
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tvs[0])[0]]
+    leaves = [jax.tree.leaves(t) for t in tvs]
+    per_leaf, conflicts, total = {}, 0, 0
+    for j, path in enumerate(paths):
+        xs = [_f32(ls[j]) for ls in leaves]
+        pos = sum((x > 0).astype(jnp.int32) for x in xs)
+        neg = sum((x < 0).astype(jnp.int32) for x in xs)
+        c = int(jnp.sum((pos > 0) & (neg > 0)))
+        per_leaf[path] = c / max(xs[0].size, 1)
+        conflicts += c
+        total += xs[0].size
+    return {"per_leaf": per_leaf, "overall": conflicts / max(total, 1)}
+
+
+def kept_fraction(tv, density: float, trim_mode: str = "tensor") -> dict:
+    """What trimming to ``density`` keeps of a task vector: its L1 mass and L2 energy."""
+    kept = trim(tv, density, trim_mode)
+    l1 = sum(float(jnp.sum(jnp.abs(_f32(x)))) for x in jax.tree.leaves(tv))
+    l1k = sum(float(jnp.sum(jnp.abs(_f32(x)))) for x in jax.tree.leaves(kept))
+    l2 = sum(float(jnp.sum(_f32(x) ** 2)) for x in jax.tree.leaves(tv))
+    l2k = sum(float(jnp.sum(_f32(x) ** 2)) for x in jax.tree.leaves(kept))
+    return {"l1_mass": l1k / max(l1, 1e-30), "l2_energy": l2k / max(l2, 1e-30)}

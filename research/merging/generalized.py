@@ -1,0 +1,174 @@
+"""The task-vector family as one composition: sparsify -> sign consensus -> weighted,
+normalised sum -> lambda.
+
+    theta = theta_base + lam * disjoint_sum(sparsify(theta_i - theta_base))
+
+Every named method is a setting of the four stages (the same table as
+mergekit's ``generalized_task_arithmetic``):
+
+===================  ======================  =========  =========  =======
+method               sparsify                consensus  normalize  rescale
+===================  ======================  =========  =========  =======
+task_arithmetic      --                      --         no         no
+ties                 magnitude               sum        yes        no
+dare_linear          random                  --         no         yes
+dare_ties            random                  sum        no         yes
+breadcrumbs          magnitude_outliers      --         no         no
+breadcrumbs_ties     magnitude_outliers      sum        no         no
+della                della                   sum        yes        yes
+della_linear         della                   --         no         yes
+===================  ======================  =========  =========  =======
+
+Published variants, each an option of ``merging.merge`` (defaults = mergekit):
+
+=================  ============================  ===================================
+option             default (mergekit)            alternative (who uses it)
+=================  ============================  ===================================
+``trim``           ``"tensor"``: k per tensor    ``"global"``: one threshold over the
+                                                 whole task vector (TIES paper,
+                                                 FusionBench)
+``consensus``      ``"sum"``: sign of the mass   ``"count"``: sign of the vote count
+``vote_on``        ``"weighted"``: w_i * tau_i   ``"raw"``: tau_i, weights applied
+                                                 after the vote (peft)
+``divide_by``      ``"weight"``: sum of w_i      ``"count"``: number of agreeing
+                   over agreeing models          models (peft; the TIES paper's
+                                                 mean when weights differ)
+``rescale_mode``   ``"l1"``: restore L1 norm     ``"inverse"``: 1/density (DARE
+                                                 paper), 1/p_i (DELLA paper)
+=================  ============================  ===================================
+
+The TIES paper's algorithm exactly is ``merge("ties", models, base=base,
+density=k, weight=1.0, lam=lam, trim="global")``: trim each task vector to its
+top-k% magnitudes over the whole model, elect the sign with the larger total
+mass, take the mean over the agreeing entries, scale by lambda.  (When the
+summed mass is exactly 0 the paper's code takes the sign of the whole model's
+mass; we take ``+``, as mergekit does.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from research.merging import consensus as cons
+from research.merging import select, sparsify
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    sparsify: str | None
+    consensus: str | None
+    normalize: bool
+    rescale: bool
+
+
+RECIPES = {
+    "task_arithmetic": Recipe(None, None, False, False),
+    "ties": Recipe("magnitude", "sum", True, False),
+    "dare_linear": Recipe("random", None, False, True),
+    "dare_ties": Recipe("random", "sum", False, True),
+    "breadcrumbs": Recipe("magnitude_outliers", None, False, False),
+    "breadcrumbs_ties": Recipe("magnitude_outliers", "sum", False, False),
+    "della": Recipe("della", "sum", True, True),
+    "della_linear": Recipe("della", None, False, True),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """Resolved, hashable settings of one task-vector merge (static under jit)."""
+
+    sparsify: str | None
+    consensus: str | None
+    normalize: bool
+    rescale: bool
+    weight: tuple[float, ...]
+    density: tuple[float, ...]
+    gamma: tuple[float, ...]
+    epsilon: tuple[float, ...]
+    lam: float = 1.0
+    trim: str = "tensor"
+    vote_on: str = "weighted"
+    divide_by: str = "weight"
+    rescale_mode: str = "l1"
+
+
+def sparsify_leaf(tau, i: int, opts: Options, key=None, threshold=None, tie_offset=0):
+    """Stage 1 for model ``i`` on one float32 delta tensor."""
+    d = opts.density[i]
+    if opts.sparsify is None:
+        return tau
+    if opts.sparsify == "magnitude":
+        return sparsify.magnitude(tau, d, rescale=opts.rescale, threshold=threshold, tie_offset=tie_offset)
+    if opts.sparsify == "random":
+        return sparsify.random(tau, d, key, rescale=opts.rescale, rescale_mode=opts.rescale_mode)
+    if opts.sparsify == "magnitude_outliers":
+        return sparsify.magnitude_outliers(tau, d, opts.gamma[i], rescale=opts.rescale)
+    if opts.sparsify == "della":
+        return sparsify.della(tau, d, opts.epsilon[i], key, rescale=opts.rescale, rescale_mode=opts.rescale_mode)
+    raise ValueError(f"unknown sparsification {opts.sparsify!r}")
+
+
+def merge_leaf(base, finetuned: Sequence, opts: Options, keys=None, thresholds=None, tie_offsets=None):
+    """All four stages on one tensor; returns the merged tensor in float32.
+
+    ``keys``: one PRNG key per model (random sparsifiers); ``thresholds`` and
+    ``tie_offsets``: per-model global trimming state (``trim="global"``).
+    """
+    base = base.astype(jnp.float32)
+    taus = []
+    for i, ft in enumerate(finetuned):
+        tau = ft.astype(jnp.float32) - base
+        th = None if thresholds is None else thresholds[i]
+        off = 0 if tie_offsets is None else tie_offsets[i]
+        taus.append(sparsify_leaf(tau, i, opts, None if keys is None else keys[i], th, off))
+    mixed = cons.disjoint_sum(
+        taus,
+        opts.weight,
+        consensus=opts.consensus,
+        vote_on=opts.vote_on,
+        normalize=opts.normalize,
+        divide_by=opts.divide_by,
+    )
+    return base + opts.lam * mixed if opts.lam != 1 else base + mixed
+
+
+def global_thresholds(base_leaves, model_leaves, opts: Options):
+    """Per model: one top-k threshold over every leaf, and each leaf's tie offset."""
+    ths, offsets = [], []
+    total = sum(b.size for b in base_leaves)
+    for i, leaves in enumerate(model_leaves):
+        mags = [jnp.abs(x.astype(jnp.float32) - b.astype(jnp.float32)) for x, b in zip(leaves, base_leaves)]
+        k = int(opts.density[i] * total)
+        th = select.kth_largest(mags, max(k, 1))
+        if k <= 0:  # keep nothing
+            th = select.Threshold(jnp.float32(jnp.inf), jnp.int32(0))
+        ths.append(th)
+        offsets.append(select.ties_before(mags, th))
+    return ths, offsets
+
+
+def merge_tree(base, models, opts: Options, key=None):
+    """Apply ``merge_leaf`` over matching leaves of ``base`` and ``models``."""
+    base_leaves, treedef = jax.tree.flatten(base)
+    model_leaves = [jax.tree.leaves(m) for m in models]
+    n = len(models)
+    use_global = opts.trim == "global" and opts.sparsify == "magnitude" and any(d < 1 for d in opts.density)
+    if use_global:
+        ths, offsets = global_thresholds(base_leaves, model_leaves, opts)
+    out = []
+    for j, b in enumerate(base_leaves):
+        keys = None
+        if key is not None:
+            leaf_key = jax.random.fold_in(key, j)
+            keys = [jax.random.fold_in(leaf_key, i) for i in range(n)]
+        fts = [ml[j] for ml in model_leaves]
+        if use_global:
+            merged = merge_leaf(b, fts, opts, keys, ths, [o[j] for o in offsets])
+        else:
+            merged = merge_leaf(b, fts, opts, keys)
+        out.append(merged)
+    return jax.tree.unflatten(treedef, out)

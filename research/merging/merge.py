@@ -1,0 +1,204 @@
+"""``merge``, the single entry point, and the method registry.
+
+Method and parameter names are mergekit's (``lambda`` is spelled ``lam``).
+Parameters that mergekit sets per model (``weight``, ``density``, ``gamma``,
+``epsilon``) take a scalar or one value per model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from research.merging import generalized, methods
+from research.merging.tree import MergeError, check_compatible, check_finite, compute_dtype, per_model
+
+PyTree = Any
+
+TASK_VECTOR_METHODS = tuple(generalized.RECIPES)
+METHODS = ("linear", *TASK_VECTOR_METHODS, "slerp", "model_stock", "negate")
+NEEDS_BASE = (*TASK_VECTOR_METHODS, "model_stock", "negate")
+RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
+
+_COMMON = {"out_dtype", "check_finite"}
+_TV_PARAMS = {
+    "weight", "density", "gamma", "epsilon", "lam", "normalize", "rescale",
+    "trim", "consensus", "vote_on", "divide_by", "rescale_mode",
+}
+PARAMS = {
+    "linear": {"weight", "normalize"},
+    "slerp": {"t"},
+    "model_stock": {"filter_wise"},
+    "negate": {"weight", "lam"},
+    **{m: _TV_PARAMS for m in TASK_VECTOR_METHODS},
+}
+_CHOICES = {
+    "trim": ("tensor", "global"),
+    "consensus": ("sum", "count"),
+    "vote_on": ("weighted", "raw"),
+    "divide_by": ("weight", "count"),
+    "rescale_mode": ("l1", "inverse"),
+}
+
+
+def task_vector(finetuned: PyTree, base: PyTree, dtype=None) -> PyTree:
+    """``theta_ft - theta_base`` leaf by leaf, in float32 for low-precision inputs
+    (or ``dtype``)."""
+    check_compatible([base, finetuned], ["base", "finetuned"])
+    return jax.tree.map(
+        lambda f, b: (f.astype(compute_dtype(f.dtype)) - b.astype(compute_dtype(b.dtype))).astype(
+            dtype or compute_dtype(f.dtype)
+        ),
+        finetuned,
+        base,
+    )
+
+
+def apply(base: PyTree, tv: PyTree, scale: float = 1.0) -> PyTree:
+    """``theta_base + scale * tau``, returned in the base's dtypes."""
+    check_compatible([base, jax.tree.map(lambda t, b: t.astype(b.dtype), tv, base)], ["base", "task vector"])
+    return jax.tree.map(
+        lambda b, t: (b.astype(compute_dtype(b.dtype)) + scale * t.astype(compute_dtype(b.dtype))).astype(b.dtype),
+        base,
+        tv,
+    )
+
+
+def _tv_options(method: str, n: int, params: dict) -> generalized.Options:
+    recipe = generalized.RECIPES[method]
+    for name, allowed in _CHOICES.items():
+        if name in params and params[name] not in allowed:
+            raise MergeError(f"parameter {name!r} must be one of {allowed}, got {params[name]!r}")
+    density = per_model(params.get("density", 1.0), n, "density")
+    for i, d in enumerate(density):
+        if not 0 < d <= 1:
+            raise MergeError(f"parameter 'density' must be in (0, 1], got {d} for model {i}")
+    epsilon = per_model(params.get("epsilon", 0.15), n, "epsilon")
+    if recipe.sparsify == "della":
+        for i, (d, e) in enumerate(zip(density, epsilon)):
+            if d < 1 and not (0 < d - e and d + e < 1):
+                raise MergeError(
+                    f"parameters 'density'={d} and 'epsilon'={e} for model {i}: "
+                    "density +/- epsilon must lie in (0, 1)"
+                )
+    gamma = per_model(params.get("gamma", 0.01), n, "gamma")
+    for i, g in enumerate(gamma):
+        if not 0 <= g < 1:
+            raise MergeError(f"parameter 'gamma' must be in [0, 1), got {g} for model {i}")
+    trim = params.get("trim", "tensor")
+    if trim == "global" and recipe.sparsify != "magnitude":
+        raise MergeError(f"parameter 'trim'='global' applies to magnitude trimming (ties), not {method!r}")
+    return generalized.Options(
+        sparsify=recipe.sparsify,
+        consensus=params.get("consensus", recipe.consensus) if recipe.consensus else None,
+        normalize=bool(params.get("normalize", recipe.normalize)),
+        rescale=bool(params.get("rescale", recipe.rescale)),
+        weight=per_model(params.get("weight", 1.0), n, "weight"),
+        density=density,
+        gamma=gamma,
+        epsilon=epsilon,
+        lam=float(params.get("lam", 1.0)),
+        trim=trim,
+        vote_on=params.get("vote_on", "weighted"),
+        divide_by=params.get("divide_by", "weight"),
+        rescale_mode=params.get("rescale_mode", "l1"),
+    )
+
+
+def _lift(leaf_fn, base, models, out_dtype):
+    """Map ``leaf_fn(base_leaf, [model leaves])`` over the tree; cast back per leaf."""
+
+    def one(b, *ms):
+        cd = compute_dtype(ms[0].dtype)
+        res = leaf_fn(None if b is None else b.astype(cd), [m.astype(cd) for m in ms])
+        return res.astype(out_dtype or ms[0].dtype)
+
+    if base is None:
+        return jax.tree.map(lambda *ms: one(None, *ms), *models)
+    return jax.tree.map(one, base, *models)
+
+
+@functools.partial(jax.jit, static_argnames=("method", "opts", "out_dtype"))
+def _merge_impl(models, base, key, *, method, opts, out_dtype):
+    if method in TASK_VECTOR_METHODS:
+        merged = generalized.merge_tree(base, models, opts, key)
+        return jax.tree.map(lambda r, b: r.astype(out_dtype or b.dtype), merged, base)
+    p = dict(opts)
+    if method == "linear":
+        fn = lambda b, ms: methods.linear(ms, p["weight"], p["normalize"])
+    elif method == "slerp":
+        fn = lambda b, ms: methods.slerp(p["t"], ms[0], ms[1])
+    elif method == "model_stock":
+        fn = lambda b, ms: methods.model_stock(b, ms, p["filter_wise"])
+    elif method == "negate":
+        fn = lambda b, ms: b - p["lam"] * sum(w * (m - b) for w, m in zip(p["weight"], ms))
+    else:  # guarded in merge()
+        raise MergeError(f"unknown merge method {method!r}")
+    return _lift(fn, base, models, out_dtype)
+
+
+def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, key=None, **params) -> PyTree:
+    """Merge ``models`` (pytrees of identical structure) with ``method``.
+
+    >>> merged = merge("ties", [ft_a, ft_b, ft_c], base=base, density=0.2, weight=[1.0, 1.0, 1.0])
+
+    Methods: ``linear``, ``task_arithmetic``, ``ties``, ``dare_linear``,
+    ``dare_ties``, ``breadcrumbs``, ``breadcrumbs_ties``, ``della``,
+    ``della_linear``, ``slerp`` (``t``), ``model_stock``, ``negate``
+    (``theta_base - lam * sum_i w_i tau_i``).  See ``generalized.py`` for the
+    task-vector family and its options (``trim``, ``consensus``, ``vote_on``,
+    ``divide_by``, ``rescale_mode``).
+
+    Randomised methods (DARE, DELLA) need ``key``.  Low-precision floats are
+    merged in float32 and returned in the input dtype unless ``out_dtype``.
+    ``check_finite`` (default on) rejects NaN/Inf inputs, naming the leaf; it
+    is skipped on traced values, i.e. when ``merge`` is called under ``jit``.
+    Jittable; leaves keep their sharding.
+    """
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    models = list(models)
+    unknown = set(params) - PARAMS[method] - _COMMON
+    if unknown:
+        raise MergeError(
+            f"unknown parameter(s) {sorted(unknown)} for method {method!r}; "
+            f"accepted: {sorted(PARAMS[method] | _COMMON)}"
+        )
+    if method == "slerp" and base is not None and len(models) == 1:
+        models, base = [base, models[0]], None
+    if method == "slerp" and len(models) != 2:
+        raise MergeError(f"slerp merges exactly two models, got {len(models)}")
+    if not models:
+        raise MergeError("no models to merge")
+    if method in NEEDS_BASE and base is None:
+        raise MergeError(f"method {method!r} needs a base model (base=...)")
+    if method == "model_stock" and len(models) < 2:
+        raise MergeError(f"model_stock needs at least two fine-tuned models, got {len(models)}")
+    if method in RANDOM_METHODS and key is None:
+        raise MergeError(f"method {method!r} is randomised: pass key=jax.random.key(seed)")
+    names = ["base"] * (base is not None) + [f"model {i}" for i in range(len(models))]
+    trees = ([base] if base is not None else []) + models
+    check_compatible(trees, names)
+    if params.get("check_finite", True):
+        check_finite(trees, names)
+    out_dtype = params.get("out_dtype")
+    out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
+
+    n = len(models)
+    if method in TASK_VECTOR_METHODS:
+        opts = _tv_options(method, n, params)
+    elif method == "linear":
+        opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("normalize", bool(params.get("normalize", True))))
+    elif method == "slerp":
+        t = float(params.get("t", 0.5))
+        opts = (("t", t),)
+    elif method == "model_stock":
+        opts = (("filter_wise", bool(params.get("filter_wise", False))),)
+    else:  # negate
+        opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("lam", float(params.get("lam", 1.0))))
+    if method not in RANDOM_METHODS:
+        key = None
+    return _merge_impl(models, base, key, method=method, opts=opts, out_dtype=out_dtype)

@@ -1,0 +1,65 @@
+"""Merges outside the task-vector family: linear (model soup), SLERP, Model Stock.
+
+Leaf functions on float32 tensors; ``merge.py`` lifts them over pytrees.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+
+SLERP_DOT_THRESHOLD = 0.9995
+
+
+def linear(models: Sequence, weights: Sequence[float], normalize: bool = True):
+    """Weighted average ``sum_i w_i theta_i / sum_i w_i`` (model soup); no base needed."""
+    out = sum(w * m for w, m in zip(weights, models))
+    total = sum(weights)
+    if normalize and abs(total) >= 1e-8:
+        out = out / total
+    return out
+
+
+def slerp(t: float, v0, v1, eps: float = 1e-8):
+    """Spherical interpolation between two tensors, per tensor (mergekit semantics).
+
+    The angle comes from the normalised tensors; the result mixes the
+    *unnormalised* ones.  When |cos| > 0.9995 it falls back to linear
+    interpolation ``(1-t) v0 + t v1``.
+    """
+    u0 = v0 / jnp.maximum(jnp.linalg.norm(v0), eps)
+    u1 = v1 / jnp.maximum(jnp.linalg.norm(v1), eps)
+    dot = jnp.sum(u0 * u1)
+    colinear = jnp.abs(dot) > SLERP_DOT_THRESHOLD
+    theta0 = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
+    sin0 = jnp.where(colinear, 1.0, jnp.sin(theta0))
+    s0 = jnp.sin(theta0 * (1 - t)) / sin0
+    s1 = jnp.sin(theta0 * t) / sin0
+    s0 = jnp.where(colinear, 1 - t, s0)
+    s1 = jnp.where(colinear, t, s1)
+    return s0 * v0 + s1 * v1
+
+
+def model_stock(base, models: Sequence, filter_wise: bool = False):
+    """Model Stock (Jang et al. 2024): interpolate the fine-tuned average toward the base.
+
+    ``t = N cos / (1 + (N-1) cos)``, cos the mean pairwise cosine of the task
+    vectors (per tensor, or per output row with ``filter_wise``), and
+    ``theta = t * mean(theta_i) + (1 - t) * theta_base``.
+    """
+    # Reduce over every axis (or every axis but the first, filter-wise) without
+    # reshaping, so sharded leaves stay sharded.
+    axes = tuple(range(1 if filter_wise and base.ndim >= 2 else 0, base.ndim))
+    taus = [m - base for m in models]
+    cosines = []
+    for i in range(len(taus)):
+        for j in range(i + 1, len(taus)):
+            num = jnp.sum(taus[i] * taus[j], axis=axes, keepdims=True)
+            den = jnp.sqrt(jnp.sum(taus[i] ** 2, axis=axes, keepdims=True) * jnp.sum(taus[j] ** 2, axis=axes, keepdims=True))
+            cosines.append(jnp.clip(num / jnp.maximum(den, 1e-6), -1.0, 1.0))
+    cos = sum(cosines) / len(cosines)
+    n = len(models)
+    t = n * cos / (1 + (n - 1) * cos)
+    avg = sum(models) / n
+    return t * avg + (1 - t) * base

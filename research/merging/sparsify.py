@@ -1,0 +1,108 @@
+"""Sparsifiers: leaf functions that zero out part of one task vector.
+
+Each takes a float32 delta ``tau`` (one tensor of one model) and returns the
+sparsified delta.  They are the first stage of the task-vector composition in
+``generalized.py``.
+
+=====================  ==========================================  =================
+name                   keeps                                       papers / peers
+=====================  ==========================================  =================
+``magnitude``          the ``int(density*n)`` largest |tau|        TIES (trim)
+``random``             each entry with probability ``density``     DARE
+``magnitude_outliers`` drops the top ``gamma`` and the smallest,   Model Breadcrumbs
+                       keeps ``int(density*n)``
+``della``              entry with probability ``density - eps +    DELLA (MagPrune)
+                       2*eps*rank/(n-1)`` (rank of |tau| per row)
+=====================  ==========================================  =================
+
+Rescaling (``rescale=True``) restores the L1 norm of the tensor, as mergekit
+does (``rescale_mode="l1"``).  The DARE and DELLA papers instead divide each
+kept entry by its keep probability (``rescale_mode="inverse"``): 1/density for
+DARE, 1/p_i for DELLA.  The two agree in expectation, not per draw.
+
+mergekit quirk we do not copy: its ``magnitude_outliers`` keeps nothing at all
+when ``int(gamma*n) == 0`` (``indices[n_bot:-0]`` is empty); here it then just
+drops the smallest entries.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from research.merging import select
+from research.merging.tree import like, replicate
+
+RESCALE_MODES = ("l1", "inverse")
+
+
+def _l1_rescale(tau, kept, eps: float = 1e-7):
+    before = jnp.sum(jnp.abs(tau))
+    after = jnp.sum(jnp.abs(kept))
+    ok = (before >= eps) & (after >= eps)
+    return jnp.where(ok, kept * (before / jnp.where(ok, after, 1.0)), kept)
+
+
+def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie_offset=0):
+    """Keep the ``int(density * tau.size)`` largest magnitudes (exactly; ties by flat index).
+
+    ``threshold`` (a ``select.Threshold``) overrides the per-tensor one, for
+    trimming over the whole model at once.
+    """
+    if threshold is None:
+        if density >= 1:
+            return tau
+        k = int(density * tau.size)
+        mask = select.topk_mask(tau, k)
+    else:
+        mask = select.keep_mask(jnp.abs(tau), threshold, tie_offset)
+    kept = jnp.where(mask, tau, 0.0)
+    return _l1_rescale(tau, kept) if rescale else kept
+
+
+def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1"):
+    """DARE: keep each entry with probability ``density``."""
+    if density >= 1:
+        return tau
+    mask = jax.random.bernoulli(key, density, tau.shape)
+    kept = jnp.where(mask, tau, 0.0)
+    if not rescale:
+        return kept
+    return kept / density if rescale_mode == "inverse" else _l1_rescale(tau, kept)
+
+
+def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: bool = False):
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes, then the
+    smallest, keeping ``int(density * n)`` entries."""
+    if density >= 1:
+        return tau
+    n = tau.size
+    target = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = n - target - n_top
+    if n_bot < 0:
+        n_top, n_bot = n_top + n_bot, 0
+    mask = select.topk_mask(tau, n - n_bot) & ~select.topk_mask(tau, n_top)
+    kept = jnp.where(mask, tau, 0.0)
+    return _l1_rescale(tau, kept) if rescale else kept
+
+
+def della(tau, density: float, epsilon: float, key, *, rescale: bool = True, rescale_mode: str = "l1"):
+    """DELLA MagPrune: keep probability grows linearly with the magnitude rank in each row.
+
+    Rows are ``tau.reshape(shape[0], -1)`` (a 1-D tensor is one row); ranks go
+    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    """
+    if density >= 1:
+        return tau
+    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
+    rows = replicate(rows, axes=[1])  # ranks need whole rows
+    cols = rows.shape[1]
+    ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1), axis=1).astype(jnp.float32)
+    rank_norm = ranks / (cols - 1) if cols > 1 else jnp.full_like(ranks, 0.5)
+    probs = (density - epsilon) + rank_norm * (2 * epsilon)
+    mask = jax.random.uniform(key, rows.shape) < probs
+    kept = jnp.where(mask, rows, 0.0)
+    if rescale:
+        kept = jnp.where(mask, rows / probs, 0.0) if rescale_mode == "inverse" else _l1_rescale(rows, kept)
+    return like(kept.reshape(tau.shape), tau)

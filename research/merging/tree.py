@@ -1,0 +1,116 @@
+"""Pytree plumbing for merging: leaf paths, validation, dtype handling."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PyTree = Any
+
+
+class MergeError(ValueError):
+    """Bad input to a merge: the message names the leaf path or parameter."""
+
+
+def leaf_paths(tree: PyTree) -> list[str]:
+    return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def check_compatible(models: Sequence[PyTree], names: Sequence[str]) -> None:
+    """Same tree structure, leaf shapes and dtypes across ``models``, or a MergeError."""
+    ref = models[0]
+    ref_def = jax.tree.structure(ref)
+    ref_leaves = jax.tree_util.tree_flatten_with_path(ref)[0]
+    for name, m in zip(names[1:], models[1:]):
+        if jax.tree.structure(m) != ref_def:
+            a, b = set(leaf_paths(ref)), set(leaf_paths(m))
+            diff = sorted(a ^ b)[:5]
+            raise MergeError(
+                f"{name} has a different tree structure from {names[0]}; "
+                f"leaves in only one of them: {diff or '(same paths, different node types)'}"
+            )
+        for (path, x), y in zip(ref_leaves, jax.tree.leaves(m)):
+            if np.shape(x) != np.shape(y):
+                raise MergeError(
+                    f"leaf {jax.tree_util.keystr(path)}: shape {np.shape(y)} in {name} "
+                    f"but {np.shape(x)} in {names[0]}"
+                )
+            if jnp.result_type(x) != jnp.result_type(y):
+                raise MergeError(
+                    f"leaf {jax.tree_util.keystr(path)}: dtype {jnp.result_type(y)} in {name} "
+                    f"but {jnp.result_type(x)} in {names[0]}"
+                )
+
+
+def check_finite(models: Sequence[PyTree], names: Sequence[str]) -> None:
+    """Raise naming the first leaf holding NaN/Inf.  A no-op on traced values (under jit)."""
+    for name, m in zip(names, models):
+        for path, x in jax.tree_util.tree_flatten_with_path(m)[0]:
+            if isinstance(x, jax.core.Tracer):
+                return
+            if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+                continue
+            if not bool(_all_finite(x)):
+                raise MergeError(
+                    f"leaf {jax.tree_util.keystr(path)} of {name} holds NaN or Inf "
+                    "(pass check_finite=False to merge anyway)"
+                )
+
+
+@jax.jit
+def _all_finite(x):
+    return jnp.all(jnp.isfinite(x))
+
+
+def per_model(value, n: int, name: str) -> tuple:
+    """A scalar or a length-``n`` sequence, as an ``n``-tuple of floats."""
+    if isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and np.ndim(value) == 1):
+        vals = tuple(float(v) for v in value)
+        if len(vals) != n:
+            raise MergeError(f"parameter {name!r} has {len(vals)} values for {n} models")
+        return vals
+    return (float(value),) * n
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    """float32 for low-precision floats, otherwise the dtype itself."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return jnp.dtype(jnp.float32)
+    return dtype
+
+
+def _spec(x):
+    try:
+        s = jax.typeof(x).sharding
+    except Exception:  # plain numpy or no sharding-in-types
+        return None
+    if getattr(s, "mesh", None) is None or s.mesh.empty:
+        return None
+    return s.spec
+
+
+def replicate(x, axes=None):
+    """``x`` with ``axes`` (default: all) unsharded, for ops that need a whole axis
+    (sort, cumsum, reshape) under explicit sharding.  A no-op otherwise."""
+    spec = _spec(x)
+    if spec is None or all(p is None for p in spec):
+        return x
+    from jax.sharding import PartitionSpec as P
+
+    parts = list(spec) + [None] * (x.ndim - len(spec))
+    axes = range(x.ndim) if axes is None else [a % x.ndim for a in axes]
+    for a in axes:
+        parts[a] = None
+    return jax.sharding.reshard(x, jax.typeof(x).sharding.update(spec=P(*parts)))
+
+
+def like(x, ref):
+    """Put ``x`` back on ``ref``'s explicit sharding (no-op without explicit sharding)."""
+    spec = _spec(ref)
+    if spec is None or _spec(x) == spec:
+        return x
+    return jax.sharding.reshard(x, jax.typeof(ref).sharding)

@@ -1,0 +1,195 @@
+"""Invariants (hypothesis), jit, sharding, keys, dtypes and bad input of ``merging.merge``."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from research import merging
+from research.merging import select
+
+SHAPES = [(5,), (3, 4), (2, 3, 4)]
+SPARSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
+
+
+def _tree(seed, scale=1.0):
+    rng = np.random.default_rng(seed)
+    return {"a": (rng.normal(size=(3, 4)) * scale).astype(np.float32), "b": {"c": (rng.normal(size=(5,)) * scale).astype(np.float32)}}
+
+
+def _kwargs(method, n):
+    kw = {}
+    if method in merging.RANDOM_METHODS:
+        kw["key"] = jax.random.key(0)
+    if method in merging.NEEDS_BASE and method not in ("model_stock", "negate"):
+        kw["weight"] = [1.0 / n] * n
+    return kw
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(2, 4))
+@pytest.mark.parametrize("method", [m for m in merging.METHODS if m != "negate"])
+def test_merging_copies_of_one_model_returns_it(method, seed, n):
+    model, base = _tree(seed), _tree(seed + 1)
+    n = 2 if method == "slerp" else n
+    out = merging.merge(method, [model] * n, base=None if method in ("linear", "slerp") else base, **_kwargs(method, n))
+    chex.assert_trees_all_close(out, model, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16))
+def test_task_arithmetic_single_model_lambda_one_is_the_finetuned_model(seed):
+    ft, base = _tree(seed), _tree(seed + 1)
+    chex.assert_trees_all_close(merging.merge("task_arithmetic", [ft], base=base, lam=1.0), ft, atol=1e-6)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 2**16), w=st.lists(st.floats(0.1, 3.0), min_size=3, max_size=3))
+def test_ties_density_one_agreeing_signs_is_weighted_mean_of_deltas(seed, w):
+    base = _tree(seed)
+    mag = [_tree(seed + i + 1) for i in range(3)]
+    fts = [jax.tree.map(lambda b, m: b + np.abs(m) + 0.01, base, mi) for mi in mag]  # all deltas > 0
+    out = merging.merge("ties", fts, base=base, weight=w, density=1.0)
+    expect = jax.tree.map(lambda b, *f: b + sum(wi * (fi - b) for wi, fi in zip(w, f)) / sum(w), base, *fts)
+    chex.assert_trees_all_close(out, expect, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**16), perm=st.permutations([0, 1, 2]))
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "breadcrumbs_ties", "model_stock", "negate"])
+def test_deterministic_methods_ignore_model_order(method, seed, perm):
+    base = _tree(seed)
+    fts = [_tree(seed + i + 1) for i in range(3)]
+    w = [0.5, 1.0, 2.0]
+    kw = dict(weight=w) if method != "model_stock" else {}
+    if method in ("ties", "breadcrumbs_ties"):
+        kw["density"] = 0.5
+    a = merging.merge(method, fts, base=base, **kw)
+    if "weight" in kw:
+        kw["weight"] = [w[i] for i in perm]
+    b = merging.merge(method, [fts[i] for i in perm], base=base, **kw)
+    chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from(SHAPES + [(64, 33), (1000,)]),
+    density=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+    discrete=st.booleans(),
+)
+def test_trimming_keeps_exactly_k_entries(shape, density, seed, discrete):
+    x = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+    if discrete:  # many ties
+        x = np.round(x * 2) / 2
+    k = int(density * x.size)
+    mask = np.asarray(select.topk_mask(jnp.asarray(x), k))
+    assert mask.sum() == k
+    if 0 < k < x.size:  # every kept magnitude >= every dropped one
+        assert np.abs(x)[mask].min() >= np.abs(x)[~mask].max()
+
+
+def test_global_trim_keeps_exactly_k_over_the_model():
+    tv = {"a": jnp.round(jax.random.normal(jax.random.key(0), (40, 30)) * 2) / 2, "b": jnp.ones(17)}
+    kept = merging.trim(tv, 0.3, "global")
+    assert sum(int((np.asarray(x) != 0).sum()) for x in jax.tree.leaves(kept)) == int(0.3 * (1200 + 17))
+
+
+@pytest.mark.parametrize("method", merging.METHODS)
+def test_every_method_runs_under_jit(method):
+    base = _tree(0)
+    fts = [_tree(i + 1) for i in range(2)]
+    kw = {"key": jax.random.key(0)} if method in merging.RANDOM_METHODS else {}
+    if method in SPARSE:
+        kw["density"] = 0.5
+    use_base = method not in ("linear", "slerp")
+
+    @jax.jit
+    def run(fts, base):
+        return merging.merge(method, fts, base=base if use_base else None, **kw)
+
+    chex.assert_trees_all_close(run(fts, base), merging.merge(method, fts, base=base if use_base else None, **kw), atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare_ties", "linear", "model_stock", "della"])
+def test_sharded_leaves_keep_their_sharding(method):
+    assert jax.device_count() == 8
+    mesh = jax.make_mesh((4, 2), ("x", "y"))
+    sharding = NamedSharding(mesh, P("x", "y"))
+    rng = np.random.default_rng(0)
+    mk = lambda: {"w": jax.device_put(rng.normal(size=(64, 32)).astype(np.float32), sharding)}
+    base, fts = mk(), [mk(), mk()]
+    kw = {"key": jax.random.key(0)} if method in merging.RANDOM_METHODS else {}
+    if method in SPARSE:
+        kw["density"] = 0.3
+    out = merging.merge(method, fts, base=None if method == "linear" else base, **kw)
+    assert out["w"].sharding == sharding
+    for shard in out["w"].addressable_shards:  # each device holds only its block
+        assert shard.data.shape == (16, 16)
+    local = jax.tree.map(np.asarray, [base, *fts])
+    ref = merging.merge(method, local[1:], base=None if method == "linear" else local[0], **kw)
+    chex.assert_trees_all_close(out, ref, atol=1e-5)
+    jitted = jax.jit(lambda f, b: merging.merge(method, f, base=b if method != "linear" else None, **kw))(fts, base)
+    assert jitted["w"].sharding.is_equivalent_to(sharding, 2)
+
+
+@pytest.mark.parametrize("method", sorted(merging.RANDOM_METHODS))
+def test_random_methods_are_keyed(method):
+    base = _tree(0)
+    fts = [_tree(1), _tree(2)]
+    run = lambda k: merging.merge(method, fts, base=base, density=0.5, key=jax.random.key(k))
+    chex.assert_trees_all_equal(run(3), run(3))
+    assert not np.allclose(run(3)["a"], run(4)["a"])
+
+
+def test_bf16_is_computed_in_float32_and_returned_in_bf16():
+    base = jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _tree(0))
+    fts = [jax.tree.map(lambda x: jnp.asarray(x, jnp.bfloat16), _tree(i)) for i in (1, 2)]
+    out = merging.merge("ties", fts, base=base, density=0.5)
+    assert all(x.dtype == jnp.bfloat16 for x in jax.tree.leaves(out))
+    f32 = merging.merge("ties", fts, base=base, density=0.5, out_dtype=jnp.float32)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(f32))
+    up = merging.merge("ties", [jax.tree.map(lambda x: x.astype(jnp.float32), f) for f in fts],
+                       base=jax.tree.map(lambda x: x.astype(jnp.float32), base), density=0.5)
+    chex.assert_trees_all_close(f32, up, atol=1e-6)
+
+
+def test_works_on_nnx_state():
+    from flax import nnx
+
+    lin = lambda s: nnx.Linear(3, 2, rngs=nnx.Rngs(s))
+    base, a, b = (nnx.state(lin(s), nnx.Param) for s in (0, 1, 2))
+    out = merging.merge("ties", [a, b], base=base, density=0.5)
+    assert jax.tree.structure(out) == jax.tree.structure(base)
+
+
+# --- bad input -------------------------------------------------------------
+
+
+def _err(match, *args, **kw):
+    with pytest.raises(merging.MergeError, match=match):
+        merging.merge(*args, **kw)
+
+
+def test_bad_input_names_the_culprit():
+    base, a = _tree(0), _tree(1)
+    other_shape = {"a": np.zeros((4, 3), np.float32), "b": {"c": np.zeros(5, np.float32)}}
+    _err(r"leaf \['a'\]: shape \(4, 3\)", "ties", [a, other_shape], base=base)
+    _err(r"dtype", "ties", [a, jax.tree.map(lambda x: x.astype(np.float16), a)], base=base)
+    _err("different tree structure", "ties", [a, {"a": a["a"]}], base=base)
+    _err("needs a base", "ties", [a, a])
+    _err("density", "ties", [a, a], base=base, density=0.0)
+    _err("density", "ties", [a, a], base=base, density=1.5)
+    _err("'weight' has 3 values for 2 models", "ties", [a, a], base=base, weight=[1, 2, 3])
+    _err("exactly two", "slerp", [a, a, a])
+    _err("unknown parameter", "ties", [a, a], base=base, densty=0.5)
+    _err("unknown merge method", "tie", [a, a], base=base)
+    _err("key=", "dare_ties", [a, a], base=base, density=0.5)
+    bad = jax.tree.map(lambda x: x.copy(), a)
+    bad["b"]["c"][2] = np.nan
+    _err(r"leaf \['b'\]\['c'\] of model 1 holds NaN", "ties", [a, bad], base=base)
+    merging.merge("ties", [a, bad], base=base, check_finite=False)  # opt-out works
