@@ -14,6 +14,7 @@ leaves (the memory-bandwidth floor of reading three models and writing one).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 import jax
@@ -44,7 +45,7 @@ def llama_shapes(params: float, hidden=2048, inter=5632, vocab=32000):
         ("q", (hidden, hidden)), ("k", (hidden, hidden)), ("v", (hidden, hidden)), ("o", (hidden, hidden)),
         ("gate", (inter, hidden)), ("up", (inter, hidden)), ("down", (hidden, inter)), ("norm", (hidden,)),
     ]
-    per_layer = sum(a * (b[1] if len(b) > 1 else 1) for _, (a, *b) in [(n, (s[0], *s[1:])) for n, s in layer])
+    per_layer = sum(math.prod(s) for _, s in layer)
     per_embed = 2 * vocab * hidden
     if params < per_embed:  # small smoke scale: shrink everything
         scale = max(8, int((params / per_embed) ** 0.5 * hidden) // 8 * 8)

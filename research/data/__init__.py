@@ -1,0 +1,1 @@
+"""Data: tasks, tokenizers, sources, mixtures, packing and grain pipelines."""

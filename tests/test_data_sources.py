@@ -1,0 +1,206 @@
+"""Tasks, tokenizers, user data, mixtures and the grain pipeline."""
+
+import json
+
+import numpy as np
+import pytest
+
+from research.data import mixture, pipeline, sources, tasks, tokenizers
+
+
+# --- tokenizers -------------------------------------------------------------
+
+
+def test_byte_tokenizer_roundtrip_and_specials():
+    tok = tokenizers.load()
+    ids = tok.encode("héllo\n")
+    assert min(ids) >= 3 and tok.decode(ids) == "héllo\n"
+    assert tok.decode(ids + [tok.eos_id, tok.pad_id]) == "héllo\n"
+
+
+def test_sentencepiece_model_from_a_local_file(tmp_path):
+    import sentencepiece as spm
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=60,
+                                   model_type="bpe", eos_id=1, pad_id=0, unk_id=2, bos_id=-1, minloglevel=2)
+    tok = tokenizers.load(str(tmp_path / "sp.model"))
+    assert tok.eos_id == 1 and tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
+
+
+def test_hf_tokenizer_json_from_a_local_file(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    t = Tokenizer(models.BPE(unk_token="<unk>"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    t.train_from_iterator(["hello world"] * 50, trainers.BpeTrainer(vocab_size=40, special_tokens=["<pad>", "</s>", "<unk>"]))
+    t.save(str(tmp_path / "tokenizer.json"))
+    tok = tokenizers.load(str(tmp_path))
+    assert tok.eos_id == 1 and tok.pad_id == 0
+    assert tok.decode(tok.encode("hello world")) == "hello world"
+
+
+def test_missing_tokenizer_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.model"):
+        tokenizers.load(str(tmp_path / "nope.model"))
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        tokenizers.load(str(tmp_path / "tokenizer.json"))
+
+
+# --- tasks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", tasks.NAMES)
+def test_tasks_are_deterministic_and_solvable(name):
+    t = tasks.make_task(name)
+    p, r = t.example("train", 7)
+    assert (p, r) == t.example("train", 7)
+    assert p.endswith("\n") and r
+    assert t.example("eval", 7) != (p, r) or name in ("g2p", "p2g")
+
+
+def test_algorithmic_answers_are_right():
+    p, r = tasks.make_task("reverse").example("train", 0)
+    assert r == p.removeprefix("reverse: ").strip()[::-1]
+    p, r = tasks.make_task("add").example("train", 3)
+    a, b = p.removeprefix("add: ").strip().split("+")
+    assert int(a) + int(b) == int(r)
+    p, r = tasks.make_task("sort").example("eval", 1)
+    assert r == "".join(sorted(p.removeprefix("sort: ").strip()))
+    p, r = tasks.make_task("cipher").example("eval", 2)
+    assert all((ord(y) - ord(x)) % 26 == 3 for x, y in zip(p.removeprefix("rot3: ").strip(), r))
+
+
+def test_lengths_are_controllable_for_the_100_vs_2000_case():
+    tok = tokenizers.ByteTokenizer()
+    short = tasks.make_task("reverse", min_len=40, max_len=50)
+    long = tasks.make_task("copy", min_len=990, max_len=1000)
+    ls = [len(tasks.encode(*short.example("train", i), tok)["tokens"]) for i in range(20)]
+    ll = [len(tasks.encode(*long.example("train", i), tok)["tokens"]) for i in range(20)]
+    assert 90 <= np.mean(ls) <= 115 and 1980 <= np.mean(ll) <= 2010
+
+
+def test_cmu_tasks_hold_out_words():
+    g2p = tasks.make_task("g2p")
+    train = {g2p.example("train", i)[0] for i in range(0, g2p.size["train"], 97)}
+    held = {g2p.example("eval", i)[0] for i in range(g2p.size["eval"])}
+    assert not train & held and g2p.size["eval"] > 5000
+    p, r = tasks.make_task("p2g").example("eval", 0)
+    assert p.startswith("p2g: ") and r.isalpha()
+
+
+def test_encode_masks_the_prompt():
+    s = tasks.encode("ab", "cd", tokenizers.ByteTokenizer(), task_id=3)
+    np.testing.assert_array_equal(s["loss_mask"], [0, 0, 1, 1])
+    assert s["task_id"] == 3
+
+
+def test_unknown_task_is_named():
+    with pytest.raises(tasks.UnknownTaskError, match="unknown task 'copi'.*copy"):
+        tasks.make_task("copi")
+
+
+# --- user data ----------------------------------------------------------------
+
+
+def test_jsonl_source(tmp_path):
+    f = tmp_path / "mine.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n\n" + json.dumps({"text": "t"}) + "\n")
+    src = sources.JsonlSource(str(f))
+    assert src.name == "mine" and len(src) == 2 and src[0] == ("q", "a") and src[1] == ("", "t")
+
+
+def test_jsonl_errors_name_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n{oops\n")
+    with pytest.raises(sources.DataError, match=r"bad.jsonl:2: not valid JSON"):
+        sources.JsonlSource(str(f))
+    f.write_text(json.dumps({"question": "q"}) + "\n")
+    with pytest.raises(sources.DataError, match=r"bad.jsonl:1: needs 'prompt' and 'response'"):
+        sources.JsonlSource(str(f))
+    with pytest.raises(sources.DataError, match="no such file"):
+        sources.JsonlSource(str(tmp_path / "missing.jsonl"))
+
+
+def test_tfds_source_with_mock_data():
+    import tensorflow_datasets as tfds
+
+    with tfds.testing.mock_data(num_examples=6):
+        src = sources.TfdsSource("imdb_reviews", "train", text_key="text")
+        assert len(src) == 6
+        prompt, text = src[2]
+        assert prompt == "" and isinstance(text, str) and text
+        cfg = pipeline.PipelineConfig(seq_len=64, batch_size=2, chunk_size=8)
+        it = pipeline.make(cfg, [pipeline.Source("imdb", src.__getitem__, len(src))], process_index=0, process_count=1)
+        assert next(it)["tokens"].shape == (2, 64)
+
+
+# --- mixtures -------------------------------------------------------------------
+
+
+def test_mixture_rates():
+    sizes = {"a": 900, "b": 100}
+    np.testing.assert_allclose(list(mixture.rates(sizes, "size", min_rate=0).values()), [0.9, 0.1])
+    t = mixture.rates(sizes, "temperature", temperature=2.0, min_rate=0)
+    np.testing.assert_allclose(t["a"] / t["b"], 3.0)
+    np.testing.assert_allclose(list(mixture.rates(sizes, {"a": 1, "b": 3}).values()), [0.25, 0.75])
+
+
+def test_mixture_cannot_starve_a_task():
+    r = mixture.rates({"big": 10**9, "tiny": 1}, "size")
+    assert r["tiny"] >= 0.05 - 1e-12 and abs(sum(r.values()) - 1) < 1e-12
+    with pytest.raises(ValueError, match="unknown task"):
+        mixture.rates({"a": 1}, {"b": 1.0})
+
+
+def test_realised_mix_follows_the_rates():
+    m = mixture.Mixture({"a": 300, "b": 100}, "size", min_rate=0, seed=1)
+    real = m.realised(4000)
+    assert abs(real["a"] - 0.75) < 0.03
+
+
+# --- pipeline ------------------------------------------------------------------
+
+CFG = pipeline.PipelineConfig(tasks=("copy", "reverse", "g2p"), seq_len=128, batch_size=3, chunk_size=32)
+
+
+def _take(it, n):
+    return [next(it) for _ in range(n)]
+
+
+def test_pipeline_is_deterministic_for_a_seed():
+    a = _take(pipeline.make(CFG, process_index=0, process_count=1), 4)
+    b = _take(pipeline.make(CFG, process_index=0, process_count=1), 4)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    c = next(pipeline.make(pipeline.PipelineConfig(**{**CFG.__dict__, "seed": 1}), process_index=0, process_count=1))
+    assert not np.array_equal(c["tokens"], a[0]["tokens"])
+
+
+def test_pipeline_resumes_exactly_mid_epoch():
+    it = pipeline.make(CFG, process_index=0, process_count=1)
+    _take(it, 5)
+    state = it.get_state()
+    expect = _take(it, 6)
+    again = pipeline.make(CFG, process_index=0, process_count=1)
+    again.set_state(state)
+    for x, y in zip(expect, _take(again, 6)):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_pipeline_shards_per_process():
+    ds0 = pipeline.sample_dataset(CFG, process_index=0, process_count=2)
+    ds1 = pipeline.sample_dataset(CFG, process_index=1, process_count=2)
+    full = pipeline.sample_dataset(CFG, process_index=0, process_count=1)
+    for i in range(5):
+        np.testing.assert_array_equal(ds0[i]["tokens"], full[2 * i]["tokens"])
+        np.testing.assert_array_equal(ds1[i]["tokens"], full[2 * i + 1]["tokens"])
+
+
+def test_pipeline_batches_follow_the_contract():
+    b = next(pipeline.make(CFG, process_index=0, process_count=1))
+    assert set(b) == set(pipeline.BATCH_FIELDS) and b["tokens"].dtype == np.int32
+    assert b["loss_weights"].dtype == np.float32 and set(np.unique(b["task_ids"])) <= {-1, 0, 1, 2}
