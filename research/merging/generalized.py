@@ -149,26 +149,3 @@ def global_thresholds(base_leaves, model_leaves, opts: Options):
         ths.append(th)
         offsets.append(select.ties_before(mags, th))
     return ths, offsets
-
-
-def merge_tree(base, models, opts: Options, key=None):
-    """Apply ``merge_leaf`` over matching leaves of ``base`` and ``models``."""
-    base_leaves, treedef = jax.tree.flatten(base)
-    model_leaves = [jax.tree.leaves(m) for m in models]
-    n = len(models)
-    use_global = opts.trim == "global" and opts.sparsify == "magnitude" and any(d < 1 for d in opts.density)
-    if use_global:
-        ths, offsets = global_thresholds(base_leaves, model_leaves, opts)
-    out = []
-    for j, b in enumerate(base_leaves):
-        keys = None
-        if key is not None:
-            leaf_key = jax.random.fold_in(key, j)
-            keys = [jax.random.fold_in(leaf_key, i) for i in range(n)]
-        fts = [ml[j] for ml in model_leaves]
-        if use_global:
-            merged = merge_leaf(b, fts, opts, keys, ths, [o[j] for o in offsets])
-        else:
-            merged = merge_leaf(b, fts, opts, keys)
-        out.append(merged)
-    return jax.tree.unflatten(treedef, out)

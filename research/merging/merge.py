@@ -108,36 +108,60 @@ def _tv_options(method: str, n: int, params: dict) -> generalized.Options:
     )
 
 
-def _lift(leaf_fn, base, models, out_dtype):
-    """Map ``leaf_fn(base_leaf, [model leaves])`` over the tree; cast back per leaf."""
-
-    def one(b, *ms):
-        cd = compute_dtype(ms[0].dtype)
-        res = leaf_fn(None if b is None else b.astype(cd), [m.astype(cd) for m in ms])
-        return res.astype(out_dtype or ms[0].dtype)
-
-    if base is None:
-        return jax.tree.map(lambda *ms: one(None, *ms), *models)
-    return jax.tree.map(one, base, *models)
-
-
-@functools.partial(jax.jit, static_argnames=("method", "opts", "out_dtype"))
-def _merge_impl(models, base, key, *, method, opts, out_dtype):
+def _leaf_fn(method: str, opts):
+    """The float32 leaf function ``(base_leaf, [model leaves], keys, thresholds, offsets) -> leaf``."""
     if method in TASK_VECTOR_METHODS:
-        merged = generalized.merge_tree(base, models, opts, key)
-        return jax.tree.map(lambda r, b: r.astype(out_dtype or b.dtype), merged, base)
+        return lambda b, ms, keys, ths, offs: generalized.merge_leaf(b, ms, opts, keys, ths, offs)
     p = dict(opts)
     if method == "linear":
-        fn = lambda b, ms: methods.linear(ms, p["weight"], p["normalize"])
-    elif method == "slerp":
-        fn = lambda b, ms: methods.slerp(p["t"], ms[0], ms[1])
-    elif method == "model_stock":
-        fn = lambda b, ms: methods.model_stock(b, ms, p["filter_wise"])
-    elif method == "negate":
-        fn = lambda b, ms: b - p["lam"] * sum(w * (m - b) for w, m in zip(p["weight"], ms))
-    else:  # guarded in merge()
-        raise MergeError(f"unknown merge method {method!r}")
-    return _lift(fn, base, models, out_dtype)
+        return lambda b, ms, *_: methods.linear(ms, p["weight"], p["normalize"])
+    if method == "slerp":
+        return lambda b, ms, *_: methods.slerp(p["t"], ms[0], ms[1])
+    if method == "model_stock":
+        return lambda b, ms, *_: methods.model_stock(b, ms, p["filter_wise"])
+    if method == "negate":
+        return lambda b, ms, *_: b - p["lam"] * sum(w * (m - b) for w, m in zip(p["weight"], ms))
+    raise MergeError(f"unknown merge method {method!r}")
+
+
+def _merge_one_leaf(j, b, ms, key, ths, offs, *, method, opts, out_dtype):
+    cd = compute_dtype(ms[0].dtype)
+    keys = None
+    if key is not None:
+        leaf_key = jax.random.fold_in(key, j)
+        keys = [jax.random.fold_in(leaf_key, i) for i in range(len(ms))]
+    res = _leaf_fn(method, opts)(None if b is None else b.astype(cd), [m.astype(cd) for m in ms], keys, ths, offs)
+    return res.astype(out_dtype or ms[0].dtype)
+
+
+# One compiled program per (leaf shape, dtype, method, options): merging a model
+# leaf by leaf keeps only one leaf's intermediates alive at a time.
+_merge_leaf_jit = jax.jit(_merge_one_leaf, static_argnames=("method", "opts", "out_dtype"))
+_global_jit = jax.jit(generalized.global_thresholds, static_argnames=("opts",))
+
+
+def _uses_global_trim(opts) -> bool:
+    return (
+        isinstance(opts, generalized.Options)
+        and opts.trim == "global"
+        and opts.sparsify == "magnitude"
+        and any(d < 1 for d in opts.density)
+    )
+
+
+def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
+    ref_leaves, treedef = jax.tree.flatten(base if base is not None else models[0])
+    base_leaves = jax.tree.leaves(base) if base is not None else [None] * len(ref_leaves)
+    model_leaves = [jax.tree.leaves(m) for m in models]
+    ths = offsets = None
+    if _uses_global_trim(opts):  # one threshold per model over the whole tree
+        ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
+    fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
+    out = []
+    for j in range(len(ref_leaves)):
+        offs = None if offsets is None else [o[j] for o in offsets]
+        out.append(fn(j, base_leaves[j], [ml[j] for ml in model_leaves], key, ths, offs))
+    return jax.tree.unflatten(treedef, out)
 
 
 def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, key=None, **params) -> PyTree:
@@ -156,7 +180,10 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     merged in float32 and returned in the input dtype unless ``out_dtype``.
     ``check_finite`` (default on) rejects NaN/Inf inputs, naming the leaf; it
     is skipped on traced values, i.e. when ``merge`` is called under ``jit``.
-    Jittable; leaves keep their sharding.
+    Jittable; leaves keep their sharding.  Called eagerly, each leaf is
+    merged by its own compiled call (cached per shape), so peak memory is one
+    leaf's working set, not the model's; under ``jit`` the whole tree is one
+    program.
     """
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
@@ -201,4 +228,5 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
         opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("lam", float(params.get("lam", 1.0))))
     if method not in RANDOM_METHODS:
         key = None
-    return _merge_impl(models, base, key, method=method, opts=opts, out_dtype=out_dtype)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
+    return _run(models, base, key, method=method, opts=opts, out_dtype=out_dtype, leafwise=not traced)

@@ -88,74 +88,74 @@ def _value(b):
     return lax.bitcast_convert_type(b, jnp.float32)
 
 
-def kth_largest(xs: Sequence[jax.Array], k: int) -> Threshold:
+def kth_largest(xs: Sequence[jax.Array], k: int, sample_steps: int = 3) -> Threshold:
     """The threshold that keeps exactly the ``k`` largest entries of ``xs`` together.
 
     ``xs`` are non-negative float32 arrays (magnitudes) treated as one
     population; pass a single array for per-tensor trimming or every leaf of a
     model for global trimming.  ``1 <= k <= total size`` must hold statically.
+
+    Phase 1 interpolates over the *values of a sorted sample* (``sample_steps``
+    counting passes, unrolled): on real weights the counts are nearly linear in
+    the sample rank, and on low-precision deltas, whose magnitudes take few
+    distinct values, it lands on the tie plateau holding the k-th value.  One
+    more count checks that.  Phase 2, a secant/bisection search over float
+    bit patterns inside the bracket, runs only when needed.
     """
     xs = [jnp.asarray(x, jnp.float32) for x in xs]
     n = sum(x.size for x in xs)
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
-
-    # Bracket from a strided sample: take sample ranks a few standard errors
-    # either side of the target quantile.
-    sample = jnp.sort(
-        jnp.concatenate([_strided_sample(x, max(1, _SAMPLE * x.size // n)) for x in xs])
-    )
+    sample = jnp.sort(jnp.concatenate([_strided_sample(x, max(1, _SAMPLE * x.size // n)) for x in xs]))
     s = sample.shape[0]
-    q = 1.0 - k / n  # target quantile (ascending)
-    margin = 4.0 * math.sqrt(max(q * (1 - q), 1.0 / s) / s) + 2.0 / s
-    i_lo = int(max(0, math.floor((q - margin) * s) - 1))
-    i_hi = int(min(s - 1, math.ceil((q + margin) * s)))
-    b_lo0 = _bits(sample[i_lo]) - 1  # want c(lo) >= k
-    b_hi0 = _bits(sample[i_hi])  # want c(hi) < k
 
-    c_lo0 = _count_all(xs, _value(jnp.maximum(b_lo0, 0)))
-    c_lo0 = jnp.where(b_lo0 < 0, n, c_lo0)
-    c_hi0 = _count_all(xs, _value(b_hi0))
-    ok_lo = c_lo0 >= k
-    ok_hi = c_hi0 < k
-    # Fall back to the full range when the sample bracket misses (rare).
-    b_lo = jnp.where(ok_lo, b_lo0, -1)
-    c_lo = jnp.where(ok_lo, c_lo0, n)
-    b_hi = jnp.where(ok_hi, b_hi0, _INF_BITS)
-    c_hi = jnp.where(ok_hi, c_hi0, 0)
-    found = (c_lo0 == k) & (b_lo0 >= 0)
-    b_found = b_lo0
+    # Bracket invariant: c(lo) >= k > c(hi), where c(t) = #{x > t}; lo = -1 means -inf.
+    b_lo, c_lo = jnp.int32(-1), jnp.int32(n)
+    b_hi, c_hi = jnp.int32(_INF_BITS), jnp.int32(0)
+    i_lo, i_hi = jnp.int32(-1), jnp.int32(s)  # the bracket in sample ranks
+    guess = jnp.int32(min(s - 1, max(0, round((1 - k / n) * s))))
+    for _ in range(sample_steps):
+        b = _bits(sample[guess])
+        c = _count_all(xs, _value(b))
+        up = c >= k  # the k-th value is above sample[guess]
+        b_lo, c_lo, i_lo = jnp.where(up, b, b_lo), jnp.where(up, c, c_lo), jnp.where(up, guess, i_lo)
+        b_hi, c_hi, i_hi = jnp.where(up, b_hi, b), jnp.where(up, c_hi, c), jnp.where(up, i_hi, guess)
+        # interpolate the next sample rank from the counts at the bracket ends
+        frac = (c_lo - k).astype(jnp.float32) / jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
+        lo_r, hi_r = i_lo.astype(jnp.float32), i_hi.astype(jnp.float32)
+        guess = jnp.clip(jnp.round(lo_r + frac * (hi_r - lo_r)).astype(jnp.int32), i_lo + 1, i_hi - 1)
+        guess = jnp.clip(guess, 0, s - 1)
+    # Is hi itself the k-th value (a tie plateau)?  c(prev(hi)) >= k says so.
+    c_below_hi = jnp.where(b_hi > 0, _count_all(xs, _value(jnp.maximum(b_hi - 1, 0))), n)
+    done = (c_below_hi >= k) | (c_lo == k) | (b_hi - b_lo <= 1)
+    b_lo = jnp.where(c_below_hi >= k, jnp.maximum(b_hi - 1, b_lo), b_lo)
+    c_lo = jnp.where(c_below_hi >= k, c_below_hi, c_lo)
 
     def cond(state):
-        b_lo, b_hi, c_lo, c_hi, found, _, _ = state
-        return (~found) & (b_hi - b_lo > 1)
+        b_lo, b_hi, c_lo, c_hi, _ = state
+        return (c_lo != k) & (b_hi - b_lo > 1)
 
     def body(state):
-        b_lo, b_hi, c_lo, c_hi, found, b_found, it = state
+        b_lo, b_hi, c_lo, c_hi, it = state
         width = b_hi - b_lo
-        # Secant step on (bits, count), every third step a plain bisection.
+        # secant step on (bits, count), every third step a plain bisection
         frac = (c_lo - k).astype(jnp.float32) / jnp.maximum(c_lo - c_hi, 1).astype(jnp.float32)
         guess = b_lo + jnp.round(frac * width.astype(jnp.float32)).astype(jnp.int32)
-        mid = jnp.where(it % 3 == 2, b_lo + width // 2, guess)
-        mid = jnp.clip(mid, b_lo + 1, b_hi - 1)
+        mid = jnp.clip(jnp.where(it % 3 == 2, b_lo + width // 2, guess), b_lo + 1, b_hi - 1)
         c = _count_all(xs, _value(mid))
-        is_hi = c < k
-        return (
-            jnp.where(is_hi, b_lo, mid),
-            jnp.where(is_hi, mid, b_hi),
-            jnp.where(is_hi, c_lo, c),
-            jnp.where(is_hi, c, c_hi),
-            c == k,
-            mid,
-            it + 1,
-        )
+        up = c >= k
+        return (jnp.where(up, mid, b_lo), jnp.where(up, b_hi, mid), jnp.where(up, c, c_lo), jnp.where(up, c_hi, c), it + 1)
 
-    state = (b_lo, b_hi, c_lo, c_hi, found, b_found, jnp.int32(0))
-    b_lo, b_hi, c_lo, c_hi, found, b_found, _ = lax.while_loop(cond, body, state)
-    # found: keep x > value(b_found), exactly k of them.
-    # otherwise: v_k = value(b_hi); keep x > v_k (c_hi of them) and k - c_hi ties.
-    value = jnp.where(found, _value(b_found), _value(b_hi))
-    ties = jnp.where(found, 0, k - c_hi).astype(jnp.int32)
+    def search(state):
+        return lax.while_loop(cond, body, state)
+
+    state = (b_lo, b_hi, c_lo, c_hi, jnp.int32(0))
+    b_lo, b_hi, c_lo, c_hi, _ = lax.cond(done, lambda st: st, search, state)
+    # c(lo) == k: keep x > value(lo), exactly k.  Otherwise hi is the k-th
+    # value: keep x > hi (c_hi of them) plus k - c_hi of the ties at hi.
+    exact = (c_lo == k) & (b_lo >= 0)
+    value = jnp.where(exact, _value(jnp.maximum(b_lo, 0)), _value(b_hi))
+    ties = jnp.where(exact, 0, k - c_hi).astype(jnp.int32)
     return Threshold(value, ties)
 
 
