@@ -20,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research import merging
 
@@ -59,23 +60,16 @@ def llama_shapes(params: float, hidden=2048, inter=5632, vocab=32000):
 
 
 def make_models(shapes, n_models=3, seed=0):
-    key = jax.random.key(seed)
-    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+    """A bf16 base (std 0.02) and ``n_models`` fine-tunes (base + N(0, 0.002)), via numpy."""
+    import ml_dtypes
 
-    @jax.jit
-    def gen(key):
-        ks = jax.random.split(key, len(leaves))
-        base = [jax.random.normal(k, s, jnp.bfloat16) * 0.02 for k, s in zip(ks, leaves)]
-        return base
-
-    @jax.jit
-    def perturb(base, key):
-        ks = jax.random.split(key, len(base))
-        return [b + (jax.random.normal(k, b.shape, jnp.bfloat16) * 0.002).astype(jnp.bfloat16) for k, b in zip(ks, base)]
-
-    base = gen(key)
-    models = [perturb(base, jax.random.fold_in(key, i + 1)) for i in range(n_models)]
-    return jax.tree.unflatten(treedef, base), [jax.tree.unflatten(treedef, m) for m in models]
+    rng = np.random.default_rng(seed)
+    is_shape = lambda s: isinstance(s, tuple)
+    normal = lambda s, std: (rng.standard_normal(s, dtype=np.float32) * std).astype(ml_dtypes.bfloat16)
+    base_np = jax.tree.map(lambda s: normal(s, 0.02), shapes, is_leaf=is_shape)
+    models = [jax.tree.map(lambda b: jnp.asarray((b.astype(np.float32) + normal(b.shape, 0.002).astype(np.float32))
+                                                 .astype(ml_dtypes.bfloat16)), base_np) for _ in range(n_models)]
+    return jax.tree.map(jnp.asarray, base_np), models
 
 
 def timed(fn, *args, slow: float = 60.0):

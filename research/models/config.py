@@ -1,0 +1,59 @@
+"""Model configuration (a frozen dataclass) and presets."""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 259
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    head_dim: int | None = None  # default d_model // n_heads
+    d_ff: int = 176
+    rope_theta: float = 10_000.0
+    rope_scaling: tuple = ()  # Llama-3 style: (("factor", 8.0), ("low_freq_factor", 1.0), ...)
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    qkv_bias: bool = False  # Qwen2
+    attention: str | None = None  # backend; None = by platform
+    segment_mask: bool = True  # False: the cross-segment contamination ablation
+    block_size: int = 128  # blockwise attention block
+    dtype: str = "float32"  # activations
+    param_dtype: str = "float32"
+    max_position: int = 8192
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def replace(self, **kw) -> "ModelConfig":
+        return dataclasses.replace(self, **kw)
+
+
+PRESETS = {
+    # tests: a few seconds on a CPU
+    "tiny": ModelConfig(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, block_size=16),
+    # the demo on a 2-core CPU
+    "small": ModelConfig(vocab_size=259, d_model=128, n_layers=4, n_heads=4, n_kv_heads=2, d_ff=352, block_size=64),
+    "llama2_7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
+                             rope_theta=10_000.0, norm_eps=1e-5, tie_embeddings=False, max_position=4096),
+    "llama3_8b": ModelConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                             rope_theta=500_000.0, norm_eps=1e-5, tie_embeddings=False, max_position=131072,
+                             rope_scaling=(("factor", 8.0), ("low_freq_factor", 1.0), ("high_freq_factor", 4.0),
+                                           ("original_max_position_embeddings", 8192))),
+    "mistral_7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
+                              rope_theta=1_000_000.0, norm_eps=1e-5, tie_embeddings=False, max_position=32768),
+    "qwen2_7b": ModelConfig(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
+                            rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=False, qkv_bias=True,
+                            max_position=32768),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

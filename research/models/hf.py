@@ -1,0 +1,235 @@
+"""Hugging Face Llama-family checkpoints <-> our Transformer (no PyTorch involved).
+
+    model = from_hf("path/to/llama", dtype=jnp.float32)   # config.json + safetensors
+    save_hf(model, "out/dir")                              # the same layout back
+
+Name and layout mapping (HF stores linear weights ``[out, in]``; we store
+kernels ``[in, out]``, hence the transposes):
+
+=============================================  ======================================  =========
+Hugging Face                                   ours                                    layout
+=============================================  ======================================  =========
+model.embed_tokens.weight          [V, D]      embedding                      [V, D]   as is
+model.layers.i.self_attn.q_proj.weight [N*H, D]  layers[i].attn.q_proj        [D, N*H] transpose
+model.layers.i.self_attn.k_proj.weight [K*H, D]  layers[i].attn.k_proj        [D, K*H] transpose
+model.layers.i.self_attn.v_proj.weight [K*H, D]  layers[i].attn.v_proj        [D, K*H] transpose
+model.layers.i.self_attn.o_proj.weight [D, N*H]  layers[i].attn.o_proj        [N*H, D] transpose
+model.layers.i.self_attn.{q,k,v}_proj.bias       layers[i].attn.{q,k,v}_bias           as is (Qwen2)
+model.layers.i.mlp.gate_proj.weight    [F, D]  layers[i].mlp.gate_proj        [D, F]   transpose
+model.layers.i.mlp.up_proj.weight      [F, D]  layers[i].mlp.up_proj          [D, F]   transpose
+model.layers.i.mlp.down_proj.weight    [D, F]  layers[i].mlp.down_proj        [F, D]   transpose
+model.layers.i.input_layernorm.weight  [D]     layers[i].input_norm.scale     [D]      as is
+model.layers.i.post_attention_layernorm.weight layers[i].post_attn_norm.scale          as is
+model.norm.weight                      [D]     final_norm.scale               [D]      as is
+lm_head.weight                     [V, D]      lm_head                        [D, V]   transpose
+=============================================  ======================================  =========
+
+q/k rows are in the HF "rotate-half" order (HF's conversion script already
+permuted Meta's interleaved layout), which is the RoPE our model applies, so
+no permutation happens here.  ``lm_head`` is absent when embeddings are tied.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from research.models.config import ModelConfig
+from research.models.transformer import Transformer
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names file and tensor."""
+
+
+def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    scaling = hf.get("rope_scaling") or {}
+    rope = ()
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise CheckpointError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
+        rope = tuple((k, float(v)) for k, v in sorted(scaling.items()) if k not in ("rope_type", "type"))
+    n_heads = hf["num_attention_heads"]
+    return ModelConfig(
+        vocab_size=hf["vocab_size"],
+        d_model=hf["hidden_size"],
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads", n_heads),
+        head_dim=hf.get("head_dim"),
+        d_ff=hf["intermediate_size"],
+        rope_theta=float(hf.get("rope_theta", 10_000.0)),
+        rope_scaling=rope,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+        max_position=int(hf.get("max_position_embeddings", 8192)),
+    ).replace(**overrides)
+
+
+def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+    out = {
+        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
+        "model_type": "qwen2" if cfg.qkv_bias else "llama",
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.hd,
+        "intermediate_size": cfg.d_ff,
+        "rope_theta": cfg.rope_theta,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "max_position_embeddings": cfg.max_position,
+        "hidden_act": "silu",
+        "torch_dtype": dtype,
+    }
+    if cfg.rope_scaling:
+        out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
+    return out
+
+
+def hf_names(cfg: ModelConfig) -> dict:
+    """Our flat parameter path -> (HF tensor name, transpose?)."""
+    names = {"embedding": ("model.embed_tokens.weight", False), "final_norm.scale": ("model.norm.weight", False)}
+    if not cfg.tie_embeddings:
+        names["lm_head"] = ("lm_head.weight", True)
+    for i in range(cfg.n_layers):
+        p, h = f"layers.{i}", f"model.layers.{i}"
+        for n in ("q", "k", "v", "o"):
+            names[f"{p}.attn.{n}_proj"] = (f"{h}.self_attn.{n}_proj.weight", True)
+        if cfg.qkv_bias:
+            for n in ("q", "k", "v"):
+                names[f"{p}.attn.{n}_bias"] = (f"{h}.self_attn.{n}_proj.bias", False)
+        for n in ("gate", "up", "down"):
+            names[f"{p}.mlp.{n}_proj"] = (f"{h}.mlp.{n}_proj.weight", True)
+        names[f"{p}.input_norm.scale"] = (f"{h}.input_layernorm.weight", False)
+        names[f"{p}.post_attn_norm.scale"] = (f"{h}.post_attention_layernorm.weight", False)
+    return names
+
+
+def checkpoint_files(path: str) -> dict:
+    """HF tensor name -> safetensors file, for a directory (single or sharded) or one file."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        files = [path]
+    elif os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+            out = {}
+            for name, fname in wm.items():
+                fp = os.path.join(path, fname)
+                if not os.path.isfile(fp):
+                    raise CheckpointError(f"{index}: shard {fname} (holding {name}) is missing")
+                out[name] = fp
+            return out
+        if os.path.isfile(single):
+            files = [single]
+        elif any(f.endswith(".bin") for f in os.listdir(path)):
+            raise CheckpointError(
+                f"{path} holds pickled PyTorch .bin weights; we do not unpickle (it runs arbitrary code). "
+                "Convert them to safetensors first."
+            )
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint")
+    out = {}
+    for fp in files:
+        with safe_open(fp, framework="np") as f:
+            for name in f.keys():
+                out[name] = fp
+    return out
+
+
+def _flat_params(model: nnx.Module) -> dict:
+    state = nnx.state(model, nnx.Param)
+    flat = {}
+    for path, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        key = ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
+        flat[key] = v
+    return flat
+
+
+def from_hf(path: str, dtype=jnp.float32, **overrides) -> Transformer:
+    """Load a Llama-family HF directory (config.json + safetensors) into a Transformer."""
+    cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{cfg_path}: missing (needed for the model shape)")
+    with open(cfg_path) as f:
+        cfg = config_from_hf(json.load(f), param_dtype=jnp.dtype(dtype).name, **overrides)
+    files = checkpoint_files(path)
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    params = _flat_params(model)
+    for ours, (theirs, transpose) in hf_names(cfg).items():
+        if theirs not in files:
+            raise CheckpointError(f"{path}: tensor {theirs} is missing")
+        with safe_open(files[theirs], framework="np") as f:
+            arr = f.get_tensor(theirs)
+        arr = arr.T if transpose else arr
+        want = params[ours].get_value().shape
+        if arr.shape != tuple(want):
+            raise CheckpointError(f"{files[theirs]}: tensor {theirs} has shape {arr.shape[::-1] if transpose else arr.shape}, "
+                                  f"config.json implies {tuple(want)[::-1] if transpose else tuple(want)}")
+        params[ours].set_value(jnp.asarray(arr, dtype=dtype))
+    return model
+
+
+def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 2**30, force: bool = False) -> None:
+    """Write ``model`` as an HF directory: config.json plus safetensors (sharded
+    with an index above ``shard_size`` bytes).  Written to a temporary directory
+    and renamed when complete; an existing ``path`` is refused unless ``force``."""
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} exists; pass force=True to overwrite")
+    cfg = model.cfg
+    params = _flat_params(model)
+    tensors = {}
+    for ours, (theirs, transpose) in hf_names(cfg).items():
+        value = params[ours].get_value()
+        arr = np.asarray(value if dtype is None else value.astype(dtype))
+        tensors[theirs] = np.ascontiguousarray(arr.T if transpose else arr)
+    out_dtype = str(next(iter(tensors.values())).dtype)
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        shards, cur, size = [], {}, 0
+        for name, arr in tensors.items():
+            if cur and size + arr.nbytes > shard_size:
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = arr
+            size += arr.nbytes
+        shards.append(cur)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+                weight_map.update({n: fname for n in shard})
+            total = sum(a.nbytes for a in tensors.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config_to_hf(cfg, {"bfloat16": "bfloat16", "float16": "float16"}.get(out_dtype, "float32")), f, indent=2)
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

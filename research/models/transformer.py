@@ -1,0 +1,172 @@
+"""A decoder-only transformer in Flax NNX that takes packed batches.
+
+RMSNorm, rotary embeddings fed by per-segment ``positions``, SwiGLU MLP,
+grouped-query attention through ``research.models.attention`` (causal AND
+same segment), tied or untied embeddings, optional q/k/v biases (Qwen2).
+
+    model = Transformer(preset("tiny"), rngs=nnx.Rngs(0))
+    logits_btv = model(batch)                     # batch: the packed format
+    x_btd = model.embed(batch["tokens"])          # the embedding step alone ...
+    logits_btv = model.decode(x_btd, segment_ids, positions)   # ... then the rest
+
+Splitting ``embed`` from ``decode`` is what lets a transform (NEFTune) sit
+between them without patching anything.  Kernels are stored ``[in, out]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from research.models.attention import attention
+from research.models.config import ModelConfig
+
+
+def _param(rngs, shape, axes, dtype, scale=None, init="normal"):
+    if init == "ones":
+        value = jnp.ones(shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    else:
+        std = scale if scale is not None else 1.0 / math.sqrt(shape[0])
+        value = (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
+        self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="ones")
+        self.eps = eps
+
+    def __call__(self, x_btd):
+        x = x_btd.astype(jnp.float32)
+        y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.get_value().astype(jnp.float32)).astype(x_btd.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig):
+    """Inverse frequencies ``theta ** (-2i/H)``, with Llama-3 scaling if configured."""
+    hd = cfg.hd
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=jnp.float32) / hd))
+    sc = dict(cfg.rope_scaling)
+    if sc:
+        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
+        old = sc.get("original_max_position_embeddings", 8192)
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - lo) / (hi - lo)
+        scaled = jnp.where(wavelen > old / lo, inv / factor, inv)
+        mid = (wavelen <= old / lo) & (wavelen >= old / hi)
+        inv = jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+    return inv
+
+
+def apply_rope(x_btnh, positions_bt, inv_freq):
+    """Rotate-half RoPE (the Hugging Face layout): pairs are (i, i + H/2)."""
+    angles = positions_bt[..., None].astype(jnp.float32) * inv_freq  # [B, T, H/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    x = x_btnh.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], -1)
+    return (x * cos + rotated * sin).astype(x_btnh.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.hd
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (D, N * H), ("embed", "q_heads"), pd)
+        self.k_proj = _param(rngs, (D, K * H), ("embed", "kv_heads"), pd)
+        self.v_proj = _param(rngs, (D, K * H), ("embed", "kv_heads"), pd)
+        self.o_proj = _param(rngs, (N * H, D), ("q_heads", "embed"), pd)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (N * H,), ("q_heads",), pd, init="zeros")
+            self.k_bias = _param(rngs, (K * H,), ("kv_heads",), pd, init="zeros")
+            self.v_bias = _param(rngs, (K * H,), ("kv_heads",), pd, init="zeros")
+
+    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq):
+        cfg = self.cfg
+        B, T, _ = x_btd.shape
+        dt = x_btd.dtype
+        proj = lambda w, b=None: (x_btd @ w.get_value().astype(dt)) + (0 if b is None else b.get_value().astype(dt))
+        bias = (lambda n: getattr(self, n)) if cfg.qkv_bias else (lambda n: None)
+        q = proj(self.q_proj, bias("q_bias")).reshape(B, T, cfg.n_heads, cfg.hd)
+        k = proj(self.k_proj, bias("k_bias")).reshape(B, T, cfg.n_kv_heads, cfg.hd)
+        v = proj(self.v_proj, bias("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.hd)
+        q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
+        out = attention(q, k, v, segment_ids_bt, implementation=cfg.attention, segment_mask=cfg.segment_mask,
+                        block_size=cfg.block_size)
+        return out.reshape(B, T, -1) @ self.o_proj.get_value().astype(dt)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        pd = jnp.dtype(cfg.param_dtype)
+        self.gate_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.up_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
+        self.down_proj = _param(rngs, (F, D), ("mlp", "embed"), pd)
+
+    def __call__(self, x_btd):
+        dt = x_btd.dtype
+        h = jax.nn.silu(x_btd @ self.gate_proj.get_value().astype(dt)) * (x_btd @ self.up_proj.get_value().astype(dt))
+        return h @ self.down_proj.get_value().astype(dt)
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq):
+        x_btd = x_btd + self.attn(self.input_norm(x_btd), segment_ids_bt, positions_bt, inv_freq)
+        return x_btd + self.mlp(self.post_attn_norm(x_btd))
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        pd = jnp.dtype(cfg.param_dtype)
+        self.cfg = cfg
+        self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd, scale=0.02)
+        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
+
+    def embed(self, tokens_bt):
+        """Token embeddings ``[B, T, D]`` in the activation dtype."""
+        return self.embedding.get_value()[tokens_bt].astype(jnp.dtype(self.cfg.dtype))
+
+    def decode(self, x_btd, segment_ids_bt, positions_bt):
+        """Everything after the embedding: blocks, final norm, logits ``[B, T, V]`` (float32)."""
+        inv_freq = rope_frequencies(self.cfg)
+        for layer in self.layers:
+            x_btd = layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
+        x_btd = self.final_norm(x_btd)
+        head = self.embedding.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
+        return (x_btd @ head.astype(x_btd.dtype)).astype(jnp.float32)
+
+    def __call__(self, batch):
+        tokens = batch["tokens"]
+        segment_ids, positions = unpacked_defaults(batch)
+        return self.decode(self.embed(tokens), segment_ids, positions)
+
+
+def unpacked_defaults(batch):
+    """``segment_ids`` and ``positions`` of a batch; a dict with only ``tokens``
+    means one unpacked sample per row."""
+    tokens = batch["tokens"]
+    seg = batch.get("segment_ids")
+    pos = batch.get("positions")
+    if seg is None:
+        seg = jnp.ones(tokens.shape, jnp.int32)
+    if pos is None:
+        pos = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+    return seg, pos
