@@ -36,14 +36,16 @@ LOGICAL_RULES = {
 
 
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, devices=None) -> jax.sharding.Mesh:
-    """A ``(data, fsdp, tensor)`` mesh; ``-1`` in one axis takes the remaining devices."""
+    """A ``(data, fsdp, tensor)`` mesh; ``-1`` in one axis takes the remaining
+    devices; a mesh smaller than the device count uses the first devices."""
     devices = devices if devices is not None else jax.devices()
     sizes = [data, fsdp, tensor]
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         sizes[sizes.index(-1)] = len(devices) // known
-    if math.prod(sizes) != len(devices):
+    if math.prod(sizes) > len(devices) or min(sizes) < 1:
         raise ValueError(f"mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} needs {math.prod(sizes)} devices, have {len(devices)}")
+    devices = list(devices)[: math.prod(sizes)]  # a smaller mesh uses the first devices
     return jax.sharding.Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

@@ -1,0 +1,111 @@
+"""Training configuration: a frozen dataclass, loaded from a Python config file.
+
+A config file defines ``get_config() -> TrainConfig`` and says in its
+docstring how to run it and what it should produce (``experiments/configs``).
+``--set key=value`` overrides fields by name; values are parsed to the field's
+type, and unknown keys are errors.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import importlib.util
+import os
+import typing
+
+
+class ConfigError(ValueError):
+    """A bad config file or override; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # model
+    model: str = "tiny"  # a preset name
+    model_overrides: tuple = ()  # ((field, value), ...) on top of the preset
+    init_from: str | None = None  # a run directory (its latest params) or an HF checkpoint
+    # data
+    tasks: tuple = ("copy", "reverse", "sort", "add", "cipher", "g2p", "p2g")
+    task_lengths: tuple = ()  # ((task, min_len, max_len), ...)
+    mixing: typing.Any = "temperature"
+    seq_len: int = 256
+    batch_size: int = 8
+    chunk_size: int = 128
+    # optimisation
+    steps: int = 100
+    lr: float = 3e-3
+    warmup_steps: int = 10
+    end_lr_fraction: float = 0.1
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.98
+    clip_norm: float = 1.0
+    neftune_alpha: float = 0.0  # 0 = off
+    seed: int = 0
+    # parallelism: (data, fsdp, tensor); -1 = the remaining devices
+    mesh: tuple = (-1, 1, 1)
+    # checkpoints and reporting
+    save_every: int = 50
+    keep: int = 2
+    log_every: int = 10
+    eval_every: int = 0  # 0 = only at the end
+    eval_samples: int = 32
+    max_new_tokens: int = 32
+    progress: bool = True
+
+
+def _parse(value: str, typ):
+    origin = typing.get_origin(typ)
+    if typ is bool or typ == "bool":
+        if value.lower() in ("1", "true", "yes"):
+            return True
+        if value.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(value)
+    if typ in (int, "int"):
+        return int(value)
+    if typ in (float, "float"):
+        return float(value)
+    if typ in (str, "str"):
+        return value
+    try:
+        return ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        if origin is None and value and value[0].isalpha():
+            return value  # a bare string
+        raise
+
+
+def override(cfg: TrainConfig, assignments: typing.Sequence[str]) -> TrainConfig:
+    """Apply ``key=value`` strings; unknown keys and unparsable values are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    changes = {}
+    for a in assignments:
+        if "=" not in a:
+            raise ConfigError(f"--set {a!r}: expected key=value")
+        key, value = a.split("=", 1)
+        if key not in fields:
+            raise ConfigError(f"--set {key}=...: unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
+        try:
+            changes[key] = _parse(value, fields[key].type)
+        except (ValueError, SyntaxError):
+            raise ConfigError(f"--set {key}={value}: cannot parse as {fields[key].type}") from None
+        if isinstance(changes[key], list):
+            changes[key] = tuple(changes[key])
+    return dataclasses.replace(cfg, **changes)
+
+
+def load(path: str, assignments: typing.Sequence[str] = ()) -> TrainConfig:
+    """``get_config()`` from a Python file, with ``key=value`` overrides."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} not found")
+    spec = importlib.util.spec_from_file_location("_train_config", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "get_config"):
+        raise ConfigError(f"{path} defines no get_config()")
+    cfg = mod.get_config()
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not TrainConfig")
+    return override(cfg, assignments)

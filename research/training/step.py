@@ -1,0 +1,65 @@
+"""The pure train step: embed -> NEFTune -> decode -> loss -> AdamW, under jax.jit
+with explicit shardings."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from research.neftune import neftune
+from research.training.config import TrainConfig
+from research.training.loss import packed_loss
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup, cosine decay to ``end_lr_fraction``, global-norm clipping."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * cfg.end_lr_fraction
+    )
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
+    )
+
+
+def loss_and_aux(graphdef, params, batch, key, step, *, alpha: float, n_tasks: int, train: bool):
+    model = nnx.merge(graphdef, params)
+    x_btd = model.embed(batch["tokens"])
+    if alpha > 0:
+        x_btd = neftune(x_btd, batch["segment_ids"], jax.random.fold_in(key, step), alpha, train=train)
+    logits = model.decode(x_btd, batch["segment_ids"], batch["positions"])
+    return packed_loss(logits, batch, n_tasks)
+
+
+def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_sh, batch_sh):
+    """``(params, opt_state, batch, key, step) -> (params, opt_state, metrics)``, jitted."""
+
+    def step_fn(params, opt_state, batch, key, step):
+        fn = lambda p: loss_and_aux(graphdef, p, batch, key, step, alpha=cfg.neftune_alpha, n_tasks=n_tasks, train=True)
+        (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+    return jax.jit(
+        step_fn,
+        in_shardings=(param_sh, opt_sh, batch_sh, None, None),
+        out_shardings=(param_sh, opt_sh, None),
+        donate_argnums=(0, 1),
+    )
+
+
+def make_eval_loss(graphdef, n_tasks: int):
+    return jax.jit(
+        lambda params, batch: loss_and_aux(graphdef, params, batch, jax.random.key(0), 0, alpha=0.0, n_tasks=n_tasks, train=False)
+    )
+
+
+def shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def zeros_like_tree(tree):
+    return jax.tree.map(jnp.zeros_like, tree)
