@@ -6,6 +6,7 @@ plain Python/numpy numbers for tables.
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -17,6 +18,24 @@ from research.merging import select
 
 def _f32(x):
     return jnp.asarray(x, jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _trim_leaf(x, k):
+    return jnp.where(select.topk_mask(x, k), x, 0)
+
+
+@jax.jit
+def _conflicts(xs):
+    pos = sum((_f32(x) > 0).astype(jnp.int32) for x in xs)
+    neg = sum((_f32(x) < 0).astype(jnp.int32) for x in xs)
+    return jnp.sum((pos > 0) & (neg > 0))
+
+
+@jax.jit
+def _gram(xs):
+    flat = jnp.stack([_f32(x).reshape(-1) for x in xs])
+    return flat @ flat.T
 
 
 def norms(tv) -> dict:
@@ -36,12 +55,8 @@ def cosine_similarity(tvs: Sequence) -> np.ndarray:
     leaves = [jax.tree.leaves(t) for t in tvs]
     n = len(tvs)
     gram = np.zeros((n, n))
-    for j in range(len(leaves[0])):
-        xs = [_f32(ls[j]).reshape(-1) for ls in leaves]
-        for a in range(n):
-            for b in range(a, n):
-                gram[a, b] += float(jnp.dot(xs[a], xs[b]))
-    gram = np.triu(gram) + np.triu(gram, 1).T
+    for j in range(len(leaves[0])):  # one leaf of every model at a time
+        gram += np.asarray(_gram([ls[j] for ls in leaves]), np.float64)
     d = np.sqrt(np.maximum(np.diag(gram), 1e-30))
     return gram / d[:, None] / d[None, :]
 
@@ -58,7 +73,7 @@ def trim(tv, density: float, trim: str = "tensor"):
         offs = select.ties_before(mags, th)
         kept = [jnp.where(select.keep_mask(m, th, o), x, 0) for m, o, x in zip(mags, offs, leaves)]
     else:
-        kept = [jnp.where(select.topk_mask(x, int(density * x.size)), x, 0) for x in leaves]
+        kept = [_trim_leaf(x, int(density * x.size)) for x in leaves]
     return jax.tree.unflatten(treedef, kept)
 
 
@@ -73,10 +88,8 @@ def sign_conflicts(tvs: Sequence, density: float = 1.0, trim_mode: str = "tensor
     leaves = [jax.tree.leaves(t) for t in tvs]
     per_leaf, conflicts, total = {}, 0, 0
     for j, path in enumerate(paths):
-        xs = [_f32(ls[j]) for ls in leaves]
-        pos = sum((x > 0).astype(jnp.int32) for x in xs)
-        neg = sum((x < 0).astype(jnp.int32) for x in xs)
-        c = int(jnp.sum((pos > 0) & (neg > 0)))
+        xs = [ls[j] for ls in leaves]
+        c = int(_conflicts(xs))
         per_leaf[path] = c / max(xs[0].size, 1)
         conflicts += c
         total += xs[0].size

@@ -211,3 +211,135 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
         return jnp.ones(x.shape, bool)
     mag = jnp.abs(jnp.asarray(x, jnp.float32))
     return keep_mask(mag, kth_largest([mag], k))
+
+
+# --- host-driven search (eager merges) -----------------------------------------------
+#
+# Inside one XLA program, a count whose threshold was computed by an earlier
+# count runs ~7x slower on XLA:CPU (its fused kernel then materialises its
+# broadcast constants).  Eager merges therefore drive the same search from
+# Python: one small compiled call per counting pass, the threshold passed in.
+
+
+@jax.jit
+def _count_abs_delta(ft, base, t):
+    return count_greater(jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32)), t)
+
+
+@jax.jit
+def _sample_abs_delta(ft, base):
+    d = jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32))
+    return jnp.sort(_strided_sample(d, _SAMPLE))
+
+
+def _f32_bits(v) -> int:
+    import numpy as np
+
+    return int(np.asarray(v, np.float32).view(np.int32))
+
+
+def _bits_f32(b: int):
+    import numpy as np
+
+    return np.asarray(b, np.int32).view(np.float32)
+
+
+def kth_largest_delta_host(ft, base, k: int, sample_steps: int = 3) -> Threshold:
+    """``kth_largest([|ft - base|], k)``, searched from the host (see above)."""
+    import numpy as np
+
+    n = ft.size
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}]")
+    count = lambda b: int(_count_abs_delta(ft, base, _bits_f32(b)))
+    sample = np.asarray(_sample_abs_delta(ft, base))
+    s = len(sample)
+    b_lo, c_lo, b_hi, c_hi = -1, n, _INF_BITS, 0
+    i_lo, i_hi = -1, s
+    guess = min(s - 1, max(0, round((1 - k / n) * s)))
+    for _ in range(sample_steps):
+        if not i_lo < guess < i_hi:
+            break
+        b = _f32_bits(sample[guess])
+        c = count(b)
+        if c >= k:
+            b_lo, c_lo, i_lo = b, c, guess
+        else:
+            b_hi, c_hi, i_hi = b, c, guess
+        if c == k:
+            break
+        frac = (c_lo - k) / max(c_lo - c_hi, 1)
+        guess = int(round(i_lo + frac * (i_hi - i_lo)))
+        guess = min(max(guess, i_lo + 1), i_hi - 1)
+    if c_lo != k and b_hi - b_lo > 1 and b_hi > 0:
+        below = count(b_hi - 1)  # is hi itself the k-th value (a tie plateau)?
+        if below >= k:
+            b_lo, c_lo = b_hi - 1, below
+    it = 0
+    while c_lo != k and b_hi - b_lo > 1:
+        width = b_hi - b_lo
+        frac = (c_lo - k) / max(c_lo - c_hi, 1)
+        mid = b_lo + width // 2 if it % 3 == 2 else b_lo + int(round(frac * width))
+        mid = min(max(mid, b_lo + 1), b_hi - 1)
+        c = count(mid)
+        if c >= k:
+            b_lo, c_lo = mid, c
+        else:
+            b_hi, c_hi = mid, c
+        it += 1
+    if c_lo == k and b_lo >= 0:
+        return Threshold(jnp.float32(_bits_f32(b_lo)), jnp.int32(0))
+    return Threshold(jnp.float32(_bits_f32(b_hi)), jnp.int32(k - c_hi))
+
+
+class Cut(NamedTuple):
+    """Keep ``x > value``, plus the entries equal to ``value`` before flat position
+    ``(row, col)`` of the tensor's ``[rows, last]`` view (a host-resolved tie break)."""
+
+    value: jax.Array
+    row: jax.Array
+    col: jax.Array
+
+
+def _view2d(x):
+    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
+
+
+def keep_mask_cut(x, cut: Cut):
+    """The mask of a ``Cut``: one fused elementwise expression, no control flow."""
+    x2 = _view2d(jnp.asarray(x, jnp.float32))
+    r = jnp.arange(x2.shape[0])[:, None]
+    c = jnp.arange(x2.shape[1])[None, :]
+    before = (r < cut.row) | ((r == cut.row) & (c < cut.col))
+    return ((x2 > cut.value) | ((x2 == cut.value) & before)).reshape(x.shape)
+
+
+@jax.jit
+def _row_greater_abs_delta(ft, base, t):
+    """Per-row count of ``|ft - base| > t`` (one reduction per program: the fast path)."""
+    d2 = _view2d(jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    return jnp.sum(jnp.minimum(jnp.maximum(d2 - t, 0.0) * _BIG, 1.0), axis=-1).astype(jnp.int32)
+
+
+@jax.jit
+def _row_equal_abs_delta(ft, base, value, row):
+    d2 = _view2d(jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    return lax.dynamic_index_in_dim(d2, row, 0, keepdims=False) == value
+
+
+def topk_cut_delta_host(ft, base, k: int) -> Cut:
+    """Exactly the ``k`` largest ``|ft - base|`` (ties by flat index) as a ``Cut``."""
+    import numpy as np
+
+    th = kth_largest_delta_host(ft, base, k)
+    need = int(th.ties)
+    if need == 0:
+        return Cut(th.value, jnp.int32(0), jnp.int32(0))
+    below = _bits_f32(max(_f32_bits(th.value) - 1, 0))
+    per_row = np.asarray(_row_greater_abs_delta(ft, base, below)) - np.asarray(_row_greater_abs_delta(ft, base, th.value))
+    cum = np.cumsum(per_row)
+    row = int(np.searchsorted(cum, need, side="left"))
+    left = need - (int(cum[row - 1]) if row else 0)
+    eq = np.asarray(_row_equal_abs_delta(ft, base, th.value, row))
+    col = int(np.flatnonzero(eq)[left - 1]) + 1
+    return Cut(th.value, jnp.int32(row), jnp.int32(col))

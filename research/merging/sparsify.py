@@ -54,6 +54,8 @@ def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie
             return tau
         k = int(density * tau.size)
         mask = select.topk_mask(tau, k)
+    elif isinstance(threshold, select.Cut):
+        mask = select.keep_mask_cut(jnp.abs(tau), threshold)
     else:
         mask = select.keep_mask(jnp.abs(tau), threshold, tie_offset)
     kept = jnp.where(mask, tau, 0.0)

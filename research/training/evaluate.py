@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +13,8 @@ from research.data import packing, tasks as tasks_lib
 from research.training.step import make_eval_loss
 
 
-def _greedy(graphdef, max_len: int):
+@functools.lru_cache(maxsize=8)
+def _greedy(graphdef):
     @jax.jit
     def run(params, tokens, lengths, max_new):
         """Greedy continuation of left-aligned prompts, all rows at once (no KV cache:
@@ -32,18 +35,24 @@ def _greedy(graphdef, max_len: int):
     return run
 
 
+@functools.lru_cache(maxsize=8)
+def _eval_loss(graphdef, n_tasks):
+    return make_eval_loss(graphdef, n_tasks)
+
+
 def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_new_tokens: int = 32,
-             seq_len: int = 256, split: str = "eval") -> dict:
-    """``{task: {"accuracy": exact-match rate, "loss": mean token loss}}`` on ``split``."""
+             seq_len: int = 256, split: str = "eval", offset: int = 0) -> dict:
+    """``{task: {"accuracy": exact-match rate, "loss": mean token loss}}`` on examples
+    ``offset .. offset + samples`` of ``split``."""
     out = {}
-    gen = _greedy(graphdef, seq_len)
-    eval_loss = make_eval_loss(graphdef, len(task_names))
+    gen = _greedy(graphdef)
+    eval_loss = _eval_loss(graphdef, len(task_names))
     for t_id, name in enumerate(task_names):
         task = tasks_lib.make_task(name) if isinstance(name, str) else name
-        examples = [task.example(split, i) for i in range(samples)]
+        examples = [task.example(split, offset + i) for i in range(samples)]
         prompts = [tokenizer.encode(p) for p, _ in examples]
         longest = max(len(p) for p in prompts)
-        width = min(seq_len, longest + max_new_tokens)
+        width = min(seq_len, -(-(longest + max_new_tokens) // 16) * 16)  # few distinct shapes to compile
         toks = np.full((samples, width), tokenizer.pad_id, np.int32)
         for i, p in enumerate(prompts):
             toks[i, : len(p)] = p[:width]
@@ -57,7 +66,10 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
             correct += tasks_lib.exact_match(tokenizer.decode(new), response)
         batch = packing.pack([tasks_lib.encode(p, r, tokenizer, task_id=t_id) for p, r in examples], seq_len, "bfd",
                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
-        fields = {k: jnp.asarray(batch[k]) for k in ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")}
-        loss, _ = eval_loss(params, fields)
+        rows = batch["tokens"].shape[0]
+        extra = -rows % 4  # pad with empty rows: fewer distinct shapes to compile
+        fields = {k: jnp.asarray(np.pad(batch[k], ((0, extra), (0, 0)), constant_values=-1 if k == "task_ids" else 0))
+                  for k in ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")}
+        loss, aux = eval_loss(params, fields)
         out[name if isinstance(name, str) else name.name] = {"accuracy": correct / samples, "loss": float(loss)}
     return out
