@@ -49,15 +49,15 @@ class QuickstartConfig:
     batch_size: int = 16
     task_len: tuple = (3, 8)  # characters in generated task strings
     pretrain_steps: int = 400
-    finetune_steps: int = 150
+    finetune_steps: int = 120
     pretrain_lr: float = 3e-3
     finetune_lr: float = 1e-3
     neftune_alpha: float = 5.0
-    val_samples: int = 24
+    val_samples: int = 16
     test_samples: int = 48
     max_new_tokens: int = 12
     lambdas: tuple = (0.6, 1.0, 1.4)
-    densities: tuple = (0.1, 0.2, 0.4)
+    densities: tuple = (0.2, 0.4)
     seed: int = 0
 
 

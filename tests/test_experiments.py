@@ -76,3 +76,8 @@ def test_notebook_pair_is_in_sync():
     py = jupytext.read(os.path.join(ROOT, "notebooks", "loss_landscape.py"))
     ipynb = jupytext.read(os.path.join(ROOT, "notebooks", "loss_landscape.ipynb"))
     assert [c.source for c in py.cells] == [c.source for c in ipynb.cells]
+
+
+def test_bench_merge_io_smoke():
+    out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "linear", "ties"])
+    assert "(floor)" in out and "| ties |" in out

@@ -1,0 +1,162 @@
+"""Streaming checkpoint merges vs the I/O floor, on the issue's reference workload.
+
+    python experiments/bench_merge_io.py --scale 1.0     # the README table (~540M params x 4 models, ~5 min)
+    python experiments/bench_merge_io.py --scale 0.01    # smoke
+
+Generates a Llama-shaped bf16 model (hidden 2048, 8 layers, intermediate 5632,
+vocab 32000 at scale 1; widths scale by sqrt(scale)) as 2 safetensors shards:
+a base plus 3 fine-tunes.  Each method runs as ``python -m research.merging``
+in its own process (wall time and that process's peak RSS, from ``wait4``).
+The floor, measured in the same run, is a process that reads the same four
+inputs from the page cache and writes one output of the same size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import save_file
+
+METHODS = {
+    "linear": "",
+    "task_arithmetic": "",
+    "ties": "parameters: {density: 0.2}\n",
+    "dare_ties": "parameters: {density: 0.2}\n",
+}
+
+
+def shapes(scale):
+    s = math.sqrt(scale)
+    h = max(64, int(2048 * s) // 64 * 64)
+    inter = max(64, int(5632 * s) // 64 * 64)
+    vocab = max(64, int(32000 * s) // 64 * 64)
+    out = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
+    for i in range(8):
+        p = f"model.layers.{i}"
+        for n in ("q", "k", "v", "o"):
+            out[f"{p}.self_attn.{n}_proj.weight"] = (h, h)
+        out[f"{p}.mlp.gate_proj.weight"] = (inter, h)
+        out[f"{p}.mlp.up_proj.weight"] = (inter, h)
+        out[f"{p}.mlp.down_proj.weight"] = (h, inter)
+        out[f"{p}.input_layernorm.weight"] = (h,)
+        out[f"{p}.post_attention_layernorm.weight"] = (h,)
+    return out
+
+
+def write_model(path, shp, rng, base=None):
+    os.makedirs(path)
+    names = list(shp)
+    half = len(names) // 2
+    groups = [names[:half], names[half:]]
+    wm = {}
+    for i, group in enumerate(groups):
+        arrs = {}
+        for n in group:
+            x = rng.standard_normal(shp[n], dtype=np.float32) * (0.02 if base is None else 0.002)
+            if base is not None:
+                x += base[n].astype(np.float32)
+            arrs[n] = x.astype(ml_dtypes.bfloat16)
+        fn = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file(arrs, os.path.join(path, fn), metadata={"format": "pt"})
+        wm.update({n: fn for n in group})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": 0}, "weight_map": wm}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"num_hidden_layers": 8, "model_type": "llama"}, f)
+
+
+def timed_process(args):
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "XLA_FLAGS": ""})
+    _, status, usage = os.wait4(proc.pid, 0)
+    secs = time.perf_counter() - t0
+    err = proc.stderr.read().decode()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{args} failed: {err[-2000:]}")
+    return secs, usage.ru_maxrss * 1024
+
+
+COPY = """
+import sys, os
+import ml_dtypes  # registers bfloat16 with numpy
+from safetensors import safe_open
+from safetensors.numpy import save_file
+paths, out = sys.argv[1:-1], sys.argv[-1]
+os.makedirs(out)
+files = {}
+for p in paths:
+    for fn in sorted(os.listdir(p)):
+        if fn.endswith('.safetensors'):
+            files.setdefault(p, []).append(os.path.join(p, fn))
+shard, size, k = {}, 0, 0
+for i, p in enumerate(paths):
+    for fp in files[p]:
+        with safe_open(fp, 'np') as f:
+            for n in f.keys():
+                a = f.get_tensor(n)
+                if i == 0:
+                    shard[n] = a
+                    size += a.nbytes
+                    if size > 5 * 2**30:
+                        save_file(shard, f'{out}/part{k}.safetensors'); shard, size, k = {}, 0, k + 1
+save_file(shard, f'{out}/part{k}.safetensors')
+"""
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--dir", default=None, help="where to write the workload (default: a temp dir)")
+    args = ap.parse_args(argv)
+    work = args.dir or tempfile.mkdtemp(prefix="bench_merge_io-")
+    shp = shapes(args.scale)
+    n_params = sum(math.prod(s) for s in shp.values())
+    rng = np.random.default_rng(0)
+    print(f"generating 4 models of {n_params / 1e6:.0f}M bf16 parameters in {work}", flush=True)
+    write_model(f"{work}/base", shp, rng)
+    from safetensors.numpy import load_file
+
+    base = {}
+    for fn in os.listdir(f"{work}/base"):
+        if fn.endswith(".safetensors"):
+            base.update(load_file(f"{work}/base/{fn}"))
+    for i in range(3):
+        write_model(f"{work}/ft{i}", shp, rng, base)
+    del base
+    inputs = [f"{work}/{m}" for m in ("base", "ft0", "ft1", "ft2")]
+    for p in inputs:  # warm the page cache
+        for fn in os.listdir(p):
+            with open(os.path.join(p, fn), "rb") as f:
+                while f.read(1 << 24):
+                    pass
+    floor, floor_rss = timed_process([sys.executable, "-c", COPY, *inputs, f"{work}/copy"])
+    rows = [("read 4 inputs + write 1 output (floor)", floor, floor_rss)]
+    for method in args.methods:
+        cfg = f"{work}/{method}.yaml"
+        with open(cfg, "w") as f:
+            f.write(f"merge_method: {method}\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n  - model: ft2\n")
+            f.write(METHODS.get(method, ""))
+        secs, rss = timed_process([sys.executable, "-m", "research.merging", cfg, f"{work}/out_{method}", "--no-progress"])
+        rows.append((method, secs, rss))
+        shutil.rmtree(f"{work}/out_{method}")
+    print(f"\n{n_params / 1e6:.0f}M parameters per model, bf16, 2 shards each, 3 fine-tunes + base\n")
+    print("| run | wall (s) | peak RSS (GB) | ratio to floor |\n|---|---:|---:|---:|")
+    for name, secs, rss in rows:
+        print(f"| {name} | {secs:.1f} | {rss / 1e9:.2f} | {secs / floor:.2f}x |")
+    if not args.dir:
+        shutil.rmtree(work)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Streaming merges of real checkpoints, tensor by tensor, with bounded memory.
+
+Each output tensor is computed from the same tensor of every input, read
+straight from the (memory-mapped) safetensors files while the previous tensor
+is being merged; output shards are written as soon as they fill.  Peak memory
+is about (models + 1) x the largest tensor (float32 while merging) plus one
+output shard, whatever the model size.  Output goes to ``OUT.tmp-*`` and is
+renamed to ``OUT`` only when complete.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+from safetensors.numpy import save_file
+from tqdm.auto import tqdm
+
+from research import merging
+from research.merging.stream import config as cfg_lib
+from research.merging.stream.sources import TensorSource
+from research.models.hf import CheckpointError
+
+_VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
+_GLOBAL_RENAME = {"lambda": "lam"}
+_IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
+
+
+class MergeFailed(ValueError):
+    pass
+
+
+def parse_size(text: str) -> int:
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?B)?\s*", str(text), re.I)
+    if not m:
+        raise MergeFailed(f"--shard-size {text!r}: expected a size like 5GB or 500MB")
+    mult = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
+    return int(float(m.group(1)) * mult)
+
+
+@dataclasses.dataclass
+class Plan:
+    method: str
+    base: TensorSource | None
+    models: list
+    model_params: list
+    global_params: dict
+    names: list
+    n_layers: int
+    vocab_rows: dict  # tensor -> common row count, where vocab sizes differ
+
+    def bytes_read(self) -> int:
+        srcs = ([self.base] if self.base else []) + self.models
+        return sum(s.nbytes(n) for s in srcs for n in self.names)
+
+    def bytes_written(self) -> int:
+        ref = self.base or self.models[0]
+        return sum(ref.nbytes(n) for n in self.names)
+
+    def peak_estimate(self, shard_size: int) -> int:
+        ref = self.base or self.models[0]
+        largest = max(int(np.prod(ref.shapes[n])) for n in self.names)
+        n_in = len(self.models) + (self.base is not None)
+        # inputs (+ the prefetched next set) at their dtype, float32 working copies, one shard
+        return 2 * n_in * largest * 2 + (n_in + 2) * largest * 4 + shard_size
+
+
+def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
+    method = mc.merge_method
+    if method not in merging.METHODS:
+        raise MergeFailed(f"{mc.source}: unknown merge_method {method!r}; choose from {', '.join(merging.METHODS)}")
+    entries = list(mc.models)
+    needs_base = method in merging.NEEDS_BASE or (method == "slerp" and len(entries) == 1)
+    if needs_base and not mc.base_model:
+        raise MergeFailed(f"{mc.source}: merge_method {method!r} needs a base_model")
+    if mc.base_model:  # mergekit configs often list the base among the models too
+        entries = [e for e in entries if os.path.abspath(e.path) != os.path.abspath(mc.base_model)]
+    base = TensorSource(mc.base_model) if mc.base_model and method != "linear" else None
+    models = [TensorSource(e.path) for e in entries]
+    if not models:
+        raise MergeFailed(f"{mc.source}: no models to merge besides the base")
+    ref = base or models[0]
+    names = ref.names
+    vocab_rows = {}
+    for src in models + ([base] if base else []):
+        missing = [n for n in names if n not in src.shapes]
+        extra = [n for n in src.names if n not in ref.shapes]
+        if missing or extra:
+            raise MergeFailed(f"{src.path}: tensor names differ from {ref.path}: missing {missing[:3]}, extra {extra[:3]}")
+        bad = []
+        for n in names:
+            a, b = src.shapes[n], ref.shapes[n]
+            if a == b:
+                continue
+            if _VOCAB.search(n) and a[1:] == b[1:]:
+                if not allow_vocab_mismatch:
+                    raise MergeFailed(
+                        f"{src.path}: {n} has {a[0]} vocabulary rows, {ref.path} has {b[0]}. The models use different "
+                        "tokenizers or added tokens, so rows past the shared ones mean different things. Pass "
+                        "--allow-vocab-mismatch to merge the common rows only (the rest are copied from "
+                        f"{ref.path})."
+                    )
+                vocab_rows[n] = min(vocab_rows.get(n, b[0]), a[0])
+            else:
+                bad.append(f"{n} {a} vs {b}")
+        if bad:
+            raise MergeFailed(f"{src.path}: tensor shapes differ from {ref.path}: {bad[:3]}")
+    n_layers = _n_layers(ref, names)
+    return Plan(method, base, models, [e.parameters for e in entries], dict(mc.parameters), names, n_layers, vocab_rows)
+
+
+def _n_layers(ref: TensorSource, names) -> int:
+    cj = ref.config_json()
+    if cj:
+        with open(cj) as f:
+            n = json.load(f).get("num_hidden_layers")
+        if n:
+            return int(n)
+    idx = [int(m.group(1)) for n in names if (m := cfg_lib._LAYER.search(n))]
+    return max(idx) + 1 if idx else 1
+
+
+def tensor_params(plan: Plan, name: str, source: str) -> dict:
+    """Resolved parameters of one tensor: globals, then per-model values as lists."""
+    out = {}
+    for k, v in plan.global_params.items():
+        if k in _IGNORED:
+            continue
+        out[_GLOBAL_RENAME.get(k, k)] = cfg_lib.resolve(v, name, plan.n_layers, f"{source}: parameters.{k}")
+    per_model = {}
+    for i, params in enumerate(plan.model_params):
+        for k in params:
+            per_model.setdefault(k, [None] * len(plan.models))
+        for k, v in params.items():
+            per_model[k][i] = cfg_lib.resolve(v, name, plan.n_layers, f"{source}: models[{i}].parameters.{k}")
+    for k, vals in per_model.items():
+        key = _GLOBAL_RENAME.get(k, k)
+        default = out.get(key)
+        if any(v is None for v in vals) and default is None and key in ("weight",):
+            default = 1.0
+        filled = [default if v is None else v for v in vals]
+        if any(v is None for v in filled):
+            raise MergeFailed(f"{source}: parameter {k!r} is set for some models and has no global default")
+        out[key] = filled
+    return out
+
+
+def describe(plan: Plan, shard_size: int) -> str:
+    ref = plan.base or plan.models[0]
+    lines = [f"merge_method: {plan.method}", f"base: {plan.base.path if plan.base else '-'}"]
+    lines += [f"model {i}: {m.path}" for i, m in enumerate(plan.models)]
+    lines.append(f"{len(plan.names)} tensors, {plan.n_layers} layers:")
+    for n in plan.names:
+        lines.append(f"  {n:<60} {str(ref.shapes[n]):<18} {ref.dtypes[n]}")
+    gb = lambda b: f"{b / 2**30:.2f} GiB"
+    lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
+    lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
+    lines.append(f"estimated peak memory: {gb(plan.peak_estimate(shard_size))} (tensors in flight + one output shard)")
+    return "\n".join(lines)
+
+
+class ShardWriter:
+    """Writes tensors into shards of at most ``shard_size`` bytes as they fill."""
+
+    def __init__(self, directory: str, shard_size: int):
+        self.dir, self.size = directory, shard_size
+        self.cur, self.cur_bytes, self.parts, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, arr: np.ndarray):
+        if self.cur and self.cur_bytes + arr.nbytes > self.size:
+            self.flush()
+        self.cur[name] = np.ascontiguousarray(arr)
+        self.cur_bytes += arr.nbytes
+        self.total += arr.nbytes
+
+    def flush(self):
+        if not self.cur:
+            return
+        part = os.path.join(self.dir, f"part-{len(self.parts):05d}.safetensors")
+        save_file(self.cur, part, metadata={"format": "pt"})
+        self.parts.append((part, list(self.cur)))
+        self.cur, self.cur_bytes = {}, 0
+
+    def finish(self):
+        self.flush()
+        n = len(self.parts)
+        if n == 1:
+            os.rename(self.parts[0][0], os.path.join(self.dir, "model.safetensors"))
+            return
+        for i, (part, names) in enumerate(self.parts):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(part, os.path.join(self.dir, fname))
+            self.weight_map.update({nm: fname for nm in names})
+        with open(os.path.join(self.dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
+
+
+def _devices(device: str):
+    platform = {"gpu": "gpu", "cuda": "gpu", "tpu": "tpu", "cpu": "cpu"}.get(device)
+    if platform is None:
+        raise MergeFailed(f"--device {device!r}: choose cpu, gpu or tpu")
+    try:
+        devs = jax.devices(platform)
+    except RuntimeError:
+        raise MergeFailed(f"--device {device}: no {device} devices available here") from None
+    return devs
+
+
+def _place(arr: np.ndarray, devs):
+    """Large tensors are split over every device of the platform along axis 0."""
+    if len(devs) > 1 and arr.ndim >= 1 and arr.shape[0] % len(devs) == 0 and arr.size >= 1 << 20:
+        mesh = jax.sharding.Mesh(np.asarray(devs), ("d",))
+        return jax.device_put(arr, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+    return jax.device_put(arr, devs[0])
+
+
+def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 2**30, force: bool = False,
+        seed: int = 0, dry_run: bool = False, allow_vocab_mismatch: bool = False, progress: bool = True) -> str | None:
+    plan = make_plan(mc, allow_vocab_mismatch)
+    if dry_run:
+        for name in plan.names:  # resolve every parameter now, so bad values surface
+            tensor_params(plan, name, mc.source)
+        print(describe(plan, shard_size))
+        return None
+    out_dir = os.path.abspath(out_dir)
+    if os.path.exists(out_dir) and not force:
+        raise MergeFailed(f"{out_dir} exists; pass --force to replace it")
+    devs = _devices(device)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    try:
+        _merge_into(plan, mc, tmp, devs, shard_size, seed, progress)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool):
+    writer = ShardWriter(tmp, shard_size)
+    srcs = ([plan.base] if plan.base else []) + plan.models
+    in_dtype = jnp.dtype(mc.dtype) if mc.dtype else None
+    out_dtype = mc.out_dtype or mc.dtype
+    root = jax.random.key(seed)
+    pool = cf.ThreadPoolExecutor(1)
+    read = lambda n: [s.read(n) for s in srcs]
+    total = plan.bytes_read()
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
+    pending = pool.submit(read, plan.names[0]) if plan.names else None
+    t0 = time.perf_counter()
+    for j, name in enumerate(plan.names):
+        arrays = pending.result()
+        if j + 1 < len(plan.names):
+            pending = pool.submit(read, plan.names[j + 1])  # read the next tensor while merging this one
+        ref = arrays[0]
+        rows = plan.vocab_rows.get(name)
+        work = [a[:rows] if rows else a for a in arrays]
+        if not np.issubdtype(ref.dtype, np.floating) and ref.dtype != jnp.bfloat16:
+            writer.add(name, ref)  # integer buffers (e.g. position ids) are copied from the base
+        else:
+            work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]
+            params = tensor_params(plan, name, mc.source)
+            base = {name: work[0]} if plan.base else None
+            models = [{name: w} for w in (work[1:] if plan.base else work)]
+            key = jax.random.fold_in(root, j) if plan.method in merging.RANDOM_METHODS else None
+            try:
+                merged = merging.merge(plan.method, models, base=base, key=key,
+                                       out_dtype=out_dtype or ref.dtype, **params)[name]
+            except merging.MergeError as e:
+                raise MergeFailed(f"{mc.source}: tensor {name}: {_name_models(str(e), plan)}") from None
+            out = np.asarray(jax.device_get(merged))
+            if rows:
+                full = np.array(ref, copy=True).astype(out.dtype)
+                full[:rows] = out
+                out = full
+            writer.add(name, out)
+        bar.update(sum(a.nbytes for a in arrays))
+        bar.set_postfix(tensors=f"{j + 1}/{len(plan.names)}")
+    bar.close()
+    pool.shutdown()
+    writer.finish()
+    cj = (plan.base or plan.models[0]).config_json()
+    if cj:
+        shutil.copy(cj, os.path.join(tmp, "config.json"))
+    with open(os.path.join(tmp, "merge_config.yaml"), "w") as f:
+        yaml.safe_dump({**mc.raw, "_resolved": {"seed": seed, "n_layers": plan.n_layers,
+                                                "seconds": round(time.perf_counter() - t0, 2)}}, f, sort_keys=False)
+
+
+def _name_models(msg: str, plan: Plan) -> str:
+    for i, m in enumerate(plan.models):
+        msg = msg.replace(f"model {i}", f"model {i} ({m.path})")
+    return msg

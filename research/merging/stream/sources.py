@@ -1,0 +1,92 @@
+"""Read checkpoints tensor by tensor: HF directories (single or sharded
+safetensors), single ``.safetensors`` files, and this project's orbax runs."""
+
+from __future__ import annotations
+
+import os
+
+import ml_dtypes
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from research.models.hf import CheckpointError, checkpoint_files
+
+_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class TensorSource:
+    """Lazy access to one model's tensors; only headers are read until ``read``."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such model (file or directory)")
+        self._arrays = None
+        if os.path.isdir(path) and (os.path.isdir(os.path.join(path, "checkpoints")) or _is_orbax_step(path)):
+            self._load_orbax(path)
+            return
+        self._files = checkpoint_files(path)
+        self._handles = {}
+        self.shapes, self.dtypes = {}, {}
+        for name, fp in self._files.items():
+            sl = self._handle(fp).get_slice(name)
+            self.shapes[name] = tuple(sl.get_shape())
+            self.dtypes[name] = np.dtype(_DTYPES[sl.get_dtype()])
+
+    def _handle(self, fp):
+        if fp not in self._handles:
+            try:
+                self._handles[fp] = safe_open(fp, framework="np")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise CheckpointError(f"{fp}: corrupt or truncated safetensors file ({e})") from None
+        return self._handles[fp]
+
+    def _load_orbax(self, path):
+        """Our training runs: the latest step's parameters (read whole, not streamed)."""
+        import jax
+
+        from research.training.checkpoint import Checkpointer
+
+        ck_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path)
+        ck = Checkpointer(ck_dir, save_every=0, keep=1, async_save=False)
+        step = ck.latest() if not _is_orbax_step(path) else int(os.path.basename(path))
+        if step is None:
+            raise CheckpointError(f"{path}: an orbax directory without checkpoints")
+        meta = ck.manager.item_metadata(step)["state"]
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+        import orbax.checkpoint as ocp
+
+        state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        ck.close()
+        from research.training.checkpoint import _name
+
+        flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
+        self._arrays = {_name(p).replace("/", "."): np.asarray(v) for p, v in flat}
+        self.shapes = {k: v.shape for k, v in self._arrays.items()}
+        self.dtypes = {k: v.dtype for k, v in self._arrays.items()}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def nbytes(self, name: str) -> int:
+        return int(np.prod(self.shapes[name])) * self.dtypes[name].itemsize
+
+    def read(self, name: str) -> np.ndarray:
+        if self._arrays is not None:
+            return self._arrays[name]
+        fp = self._files[name]
+        try:
+            return self._handle(fp).get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
+
+    def config_json(self) -> str | None:
+        d = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
+        p = os.path.join(d, "config.json")
+        return p if os.path.isfile(p) else None
+
+
+def _is_orbax_step(path: str) -> bool:
+    return os.path.basename(path).isdigit() and os.path.isdir(os.path.join(path, "state"))

@@ -1,0 +1,254 @@
+"""The streaming checkpoint merger: YAML in, HF safetensors out, bounded memory."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from research import merging
+from research.merging import stream
+from research.models import CheckpointError
+
+BF16 = ml_dtypes.bfloat16
+
+
+def make_ckpt(path, seed, *, layers=3, d=16, vocab=32, base=None, dtype=BF16, shards=2, tensor_bytes=None):
+    rng = np.random.default_rng(seed)
+    shapes = {"model.embed_tokens.weight": (vocab, d), "model.norm.weight": (d,), "lm_head.weight": (vocab, d)}
+    for i in range(layers):
+        shapes[f"model.layers.{i}.self_attn.q_proj.weight"] = (d, d)
+        shapes[f"model.layers.{i}.mlp.up_proj.weight"] = (2 * d, d)
+    arrs = {}
+    for k, s in shapes.items():
+        x = rng.standard_normal(s, dtype=np.float32) * (0.02 if base is None else 0.002)
+        if base is not None:
+            x += base[k].astype(np.float32)
+        arrs[k] = x.astype(dtype)
+    os.makedirs(path, exist_ok=True)
+    names = sorted(arrs)
+    groups = [names[i::shards] for i in range(shards)]
+    wm = {}
+    for i, ns in enumerate(groups):
+        fn = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({n: arrs[n] for n in ns}, os.path.join(path, fn), metadata={"format": "pt"})
+        wm.update({n: fn for n in ns})
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": sum(a.nbytes for a in arrs.values())}, "weight_map": wm}, f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"num_hidden_layers": layers, "model_type": "llama", "vocab_size": vocab}, f)
+    return arrs
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = make_ckpt(tmp_path / "base", 0)
+    fts = [make_ckpt(tmp_path / f"ft{i}", i + 1, base=base) for i in range(3)]
+    return tmp_path, base, fts
+
+
+def write_cfg(tmp, text, name="cfg.yaml"):
+    p = tmp / name
+    p.write_text(text)
+    return str(p)
+
+
+def read_out(path):
+    idx = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(idx):
+        out = {}
+        for fn in set(json.load(open(idx))["weight_map"].values()):
+            out.update(load_file(os.path.join(path, fn)))
+        return out
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def cli(*args, timeout=300):
+    env = {**os.environ, "XLA_FLAGS": ""}
+    return subprocess.run([sys.executable, "-m", "research.merging", *args], capture_output=True, text=True, env=env, timeout=timeout)
+
+
+TIES = """merge_method: ties
+base_model: base
+models:
+  - model: base
+  - model: ft0
+    parameters: {weight: 1.0, density: 0.3}
+  - model: ft1
+    parameters: {weight: 0.5, density: 0.3}
+  - model: ft2
+    parameters: {weight: 1.0, density: 0.3}
+parameters: {lambda: 0.8}
+"""
+
+
+def test_round_trip_sharded_in_sharded_out_equals_merging_merge(models):
+    tmp, base, fts = models
+    out = stream.run(stream.load(write_cfg(tmp, TIES)), str(tmp / "out"), shard_size=3000, progress=False)
+    got = read_out(out)
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    index = json.load(open(os.path.join(out, "model.safetensors.index.json")))
+    assert index["metadata"]["total_size"] == sum(a.nbytes for a in got.values())
+    assert json.load(open(os.path.join(out, "config.json")))["num_hidden_layers"] == 3
+    assert "merge_method" in open(os.path.join(out, "merge_config.yaml")).read()
+    expect = merging.merge("ties", fts, base=base, weight=[1.0, 0.5, 1.0], density=0.3, lam=0.8)
+    assert sorted(got) == sorted(base)
+    for name in base:
+        assert got[name].dtype == base[name].dtype and got[name].shape == base[name].shape
+        np.testing.assert_array_equal(got[name], np.asarray(expect[name]))
+
+
+def test_single_file_output_and_every_method_runs(models):
+    tmp, base, fts = models
+    for method in merging.METHODS:
+        params = {"slerp": "t: 0.3", "della": "density: 0.5\n  epsilon: 0.1", "della_linear": "density: 0.5\n  epsilon: 0.1"}
+        extra = params.get(method, "density: 0.5" if method in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "ties") else "")
+        ms = ["ft0"] if method == "slerp" else ["ft0", "ft1", "ft2"]
+        text = f"merge_method: {method}\nbase_model: base\nmodels:\n" + "".join(f"  - model: {m}\n" for m in ms)
+        if extra:
+            text += f"parameters:\n  {extra}\n"
+        out = stream.run(stream.load(write_cfg(tmp, text, f"{method}.yaml")), str(tmp / f"o_{method}"), progress=False)
+        got = read_out(out)
+        assert os.path.isfile(os.path.join(out, "model.safetensors")) and sorted(got) == sorted(base), method
+
+
+def test_gradients_and_filters(models):
+    tmp, base, fts = models
+    text = """merge_method: task_arithmetic
+base_model: base
+models:
+  - model: ft0
+    parameters:
+      weight: [0.0, 1.0]
+  - model: ft1
+    parameters:
+      weight: [{filter: mlp, value: 2.0}, {value: 0.0}]
+"""
+    got = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "g"), progress=False))
+    f32 = lambda a: a.astype(np.float32)
+    for i, w0 in enumerate([0.0, 0.5, 1.0]):  # layer i of 3 -> gradient position i/2
+        name = f"model.layers.{i}.self_attn.q_proj.weight"
+        want = f32(base[name]) + w0 * (f32(fts[0][name]) - f32(base[name]))
+        np.testing.assert_allclose(f32(got[name]), want.astype(BF16).astype(np.float32), rtol=1e-2, atol=1e-3)
+        mlp = f"model.layers.{i}.mlp.up_proj.weight"
+        want = f32(base[mlp]) + w0 * (f32(fts[0][mlp]) - f32(base[mlp])) + 2.0 * (f32(fts[1][mlp]) - f32(base[mlp]))
+        np.testing.assert_allclose(f32(got[mlp]), want.astype(BF16).astype(np.float32), rtol=1e-2, atol=1e-3)
+
+
+def test_random_methods_are_reproducible_with_seed(models):
+    tmp, *_ = models
+    text = TIES.replace("ties", "dare_ties")
+    a = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "a"), seed=7, progress=False))
+    b = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "b"), seed=7, progress=False))
+    c = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "c"), seed=8, progress=False))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert any(not np.array_equal(a[k], c[k]) for k in a)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(models):
+    tmp, *_ = models
+    r = cli(write_cfg(tmp, TIES), str(tmp / "dry"), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "model.layers.2.mlp.up_proj.weight" in r.stdout and "(32, 16)" in r.stdout
+    assert "bytes to read" in r.stdout and "estimated peak memory" in r.stdout
+    assert not (tmp / "dry").exists()
+
+
+def _err(tmp, text, match, **kw):
+    with pytest.raises((stream.MergeFailed, stream.ConfigError, CheckpointError, merging.MergeError), match=match):
+        stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "bad"), progress=False, **kw)
+    assert not (tmp / "bad").exists()
+
+
+def test_bad_input(models):
+    tmp, base, fts = models
+    _err(tmp, TIES.replace("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\nmerge_methd: x"), r"cfg.yaml:12: unknown key 'merge_methd'")
+    _err(tmp, TIES.replace("- model: ft2", "- model: ft9"), r"ft9: no such model")
+    _err(tmp, TIES.replace("base_model: base\n", ""), "needs a base_model")
+    _err(tmp, TIES.replace("density: 0.3}\n  - model: ft2", "density: 1.7}\n  - model: ft2"), r"tensor .*density.*1.7 for model 1 \(.*ft1\)")
+    os.remove(tmp / "ft2" / "model-00002-of-00002.safetensors")
+    _err(tmp, TIES, "shard model-00002-of-00002.safetensors .* is missing")
+    # names / shapes that differ, listed with the model
+    make_ckpt(tmp / "odd", 5, layers=2)
+    _err(tmp, TIES.replace("- model: ft2", "- model: odd"), r"odd: tensor names differ .*missing \['model.layers.2")
+    make_ckpt(tmp / "wide", 5, d=24)
+    _err(tmp, TIES.replace("- model: ft2", "- model: wide"), r"wide: tensor shapes differ")
+    # a corrupt header
+    make_ckpt(tmp / "corrupt", 6)
+    p = tmp / "corrupt" / "model-00001-of-00002.safetensors"
+    p.write_bytes(p.read_bytes()[:20])
+    _err(tmp, TIES.replace("- model: ft2", "- model: corrupt"), "corrupt or truncated")
+    # pickled PyTorch weights are refused
+    os.makedirs(tmp / "pt")
+    (tmp / "pt" / "pytorch_model.bin").write_bytes(b"\x80\x02")
+    _err(tmp, TIES.replace("- model: ft2", "- model: pt"), "unpickle")
+
+
+def test_vocab_mismatch_is_refused_unless_allowed(models):
+    tmp, base, fts = models
+    big = make_ckpt(tmp / "bigvocab", 9, vocab=40)
+    text = TIES.replace("- model: ft2", "- model: bigvocab")
+    _err(tmp, text, "40 vocabulary rows.*--allow-vocab-mismatch")
+    out = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "v"), allow_vocab_mismatch=True, progress=False))
+    assert out["model.embed_tokens.weight"].shape == (32, 16)
+
+
+def test_existing_output_is_refused_without_force(models):
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    os.makedirs(tmp / "exists")
+    r = cli(cfg, str(tmp / "exists"))
+    assert r.returncode == 2 and "--force" in r.stderr
+    assert cli(cfg, str(tmp / "exists"), "--force", "--no-progress").returncode == 0
+
+
+def test_killed_merge_leaves_nothing_that_looks_finished(tmp_path):
+    base = make_ckpt(tmp_path / "base", 0, layers=24, d=256, vocab=512)
+    for i in range(2):
+        make_ckpt(tmp_path / f"ft{i}", i + 1, layers=24, d=256, vocab=512, base=base)
+    cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\nparameters: {density: 0.2}\n")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp_path / "out"), "--shard-size", "100KB"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until it has written some shards
+        tmps = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]
+        if tmps and len(os.listdir(tmp_path / tmps[0])) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()  # no finished-looking output
+    for d in os.listdir(tmp_path):
+        if d.startswith("out.tmp-"):
+            assert "model.safetensors.index.json" not in os.listdir(tmp_path / d)
+
+
+def test_memory_stays_bounded_on_a_model_larger_than_the_bound(tmp_path):
+    """4 inputs of ~200 MB each: holding them whole needs 800 MB; we allow 420 MB over the
+    interpreter's own footprint (largest tensor 8 MB bf16)."""
+    base = make_ckpt(tmp_path / "base", 0, layers=12, d=1024, vocab=4096, shards=2)
+    for i in range(3):
+        make_ckpt(tmp_path / f"ft{i}", i + 1, layers=12, d=1024, vocab=4096, shards=2, base=base)
+    model_bytes = sum(a.nbytes for a in base.values())
+    assert model_bytes > 60e6
+    cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n  - model: ft2\n"
+                              "parameters: {density: 0.2}\n")
+    probe = ("import resource, sys, runpy; sys.argv=['research-merge', %r, %r, '--shard-size', '20MB', '--no-progress'];"
+             "import jax, research.merging;"
+             "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
+             "from research.merging.__main__ import main; rc=main(sys.argv[1:]);"
+             "print('RSS', base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)") % (cfg, str(tmp_path / "out"))
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=600)
+    line = [l for l in r.stdout.splitlines() if l.startswith("RSS")][0]
+    before, after, rc = (int(x) for x in line.split()[1:])
+    grew = (after - before) * 1024
+    assert rc == 0
+    assert grew < 4 * model_bytes * 0.55, (grew, 4 * model_bytes)
