@@ -41,9 +41,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from research.models.config import ModelConfig
+from research.shards import ShardWriter
 from research.models.transformer import Transformer
 
 
@@ -206,25 +206,10 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
-        shards, cur, size = [], {}, 0
+        writer = ShardWriter(tmp, shard_size)
         for name, arr in tensors.items():
-            if cur and size + arr.nbytes > shard_size:
-                shards.append(cur)
-                cur, size = {}, 0
-            cur[name] = arr
-            size += arr.nbytes
-        shards.append(cur)
-        if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-        else:
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
-                weight_map.update({n: fname for n in shard})
-            total = sum(a.nbytes for a in tensors.values())
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+            writer.add(name, arr)
+        writer.finish()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg, {"bfloat16": "bfloat16", "float16": "float16"}.get(out_dtype, "float32")), f, indent=2)
         if os.path.exists(path):

@@ -23,12 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
-from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from research import merging
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import TensorSource
+from research.shards import ShardWriter
 from research.models.hf import CheckpointError
 
 _VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
@@ -167,42 +167,6 @@ def describe(plan: Plan, shard_size: int) -> str:
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
     lines.append(f"estimated peak memory: {gb(plan.peak_estimate(shard_size))} (tensors in flight + one output shard)")
     return "\n".join(lines)
-
-
-class ShardWriter:
-    """Writes tensors into shards of at most ``shard_size`` bytes as they fill."""
-
-    def __init__(self, directory: str, shard_size: int):
-        self.dir, self.size = directory, shard_size
-        self.cur, self.cur_bytes, self.parts, self.weight_map, self.total = {}, 0, [], {}, 0
-
-    def add(self, name: str, arr: np.ndarray):
-        if self.cur and self.cur_bytes + arr.nbytes > self.size:
-            self.flush()
-        self.cur[name] = np.ascontiguousarray(arr)
-        self.cur_bytes += arr.nbytes
-        self.total += arr.nbytes
-
-    def flush(self):
-        if not self.cur:
-            return
-        part = os.path.join(self.dir, f"part-{len(self.parts):05d}.safetensors")
-        save_file(self.cur, part, metadata={"format": "pt"})
-        self.parts.append((part, list(self.cur)))
-        self.cur, self.cur_bytes = {}, 0
-
-    def finish(self):
-        self.flush()
-        n = len(self.parts)
-        if n == 1:
-            os.rename(self.parts[0][0], os.path.join(self.dir, "model.safetensors"))
-            return
-        for i, (part, names) in enumerate(self.parts):
-            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.rename(part, os.path.join(self.dir, fname))
-            self.weight_map.update({nm: fname for nm in names})
-        with open(os.path.join(self.dir, "model.safetensors.index.json"), "w") as f:
-            json.dump({"metadata": {"total_size": self.total}, "weight_map": self.weight_map}, f, indent=2)
 
 
 def _devices(device: str):
