@@ -93,6 +93,37 @@ def test_trimming_keeps_exactly_k_entries(shape, density, seed, discrete):
         assert np.abs(x)[mask].min() >= np.abs(x)[~mask].max()
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.sampled_from(SHAPES + [(64, 33), (1000,), (3, 5, 7)]),
+    density=st.floats(0.01, 0.99),
+    seed=st.integers(0, 2**16),
+    kind=st.sampled_from(["normal", "discrete", "mostly_zero"]),
+)
+def test_host_driven_cut_keeps_exactly_the_k_largest_deltas(shape, density, seed, kind):
+    """The eager per-tensor trim (searched from the host, ties broken by flat index)."""
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=shape).astype(np.float32)
+    d = rng.normal(size=shape).astype(np.float32)
+    if kind == "discrete":
+        d = np.round(d * 2) / 2
+    if kind == "mostly_zero":  # the k-th magnitude is 0: the tie plateau sits at zero
+        d = np.where(rng.random(shape) < 0.9, 0.0, d).astype(np.float32)
+    ft = base + d
+    k = int(density * base.size)
+    if k < 1:
+        return
+    cut = select.topk_cut_delta_host(jnp.asarray(ft), jnp.asarray(base), k)
+    mag = np.abs(ft - base)
+    mask = np.asarray(select.keep_mask_cut(jnp.asarray(mag), cut))
+    assert mask.sum() == k
+    if k < base.size:
+        assert mag[mask].min() >= mag[~mask].max()
+        tied = mag == mag[mask].min()  # among ties, the first ones in flat order are kept
+        kept_ties = np.flatnonzero((mask & tied).ravel())
+        assert np.array_equal(kept_ties, np.flatnonzero(tied.ravel())[: len(kept_ties)])
+
+
 def test_global_trim_keeps_exactly_k_over_the_model():
     tv = {"a": jnp.round(jax.random.normal(jax.random.key(0), (40, 30)) * 2) / 2, "b": jnp.ones(17)}
     kept = merging.trim(tv, 0.3, "global")
@@ -193,3 +224,19 @@ def test_bad_input_names_the_culprit():
     bad["b"]["c"][2] = np.nan
     _err(r"leaf \['b'\]\['c'\] of model 1 holds NaN", "ties", [a, bad], base=base)
     merging.merge("ties", [a, bad], base=base, check_finite=False)  # opt-out works
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}),
+    ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": [0.3, 0.5, 1.0], "gamma": 0.1}),
+])
+def test_eager_host_trim_equals_the_jitted_merge_on_tied_bf16_deltas(method, params):
+    """Eager merges search trim thresholds from the host; bf16 deltas tie a lot."""
+    rng = np.random.default_rng(0)
+    base = {"w": jnp.asarray(rng.normal(size=(64, 48)), jnp.bfloat16), "v": jnp.asarray(rng.normal(size=(300,)), jnp.bfloat16)}
+    fts = [jax.tree.map(lambda b: (b.astype(jnp.float32) + 0.01 * jnp.asarray(rng.normal(size=b.shape), jnp.float32)).astype(jnp.bfloat16), base)
+           for _ in range(3)]
+    eager = merging.merge(method, fts, base=base, **params)
+    jitted = jax.jit(lambda f, b: merging.merge(method, f, base=b, **params))(fts, base)
+    chex.assert_trees_all_equal(eager, jitted)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from research.merging import generalized, methods, select
+from research.merging import generalized, methods, select, sparsify
 from research.merging.tree import MergeError, check_compatible, check_finite, compute_dtype, per_model
 
 PyTree = Any
@@ -149,15 +149,26 @@ def _uses_global_trim(opts) -> bool:
     )
 
 
-def _host_threshold(ft, base, density: float):
-    """Per-tensor magnitude-trim threshold of ``ft - base`` (keep all when density is 1)."""
-    k = int(density * ft.size)
+def _host_cut(ft, base, k: int) -> select.Cut:
+    """Keep exactly the ``k`` largest ``|ft - base|`` (0 <= k <= size)."""
     zero = jnp.int32(0)
-    if density >= 1 or k >= ft.size:
+    if k >= ft.size:
         return select.Cut(jnp.float32(-1.0), zero, zero)  # |x| > -1: everything
     if k <= 0:
         return select.Cut(jnp.float32(jnp.inf), zero, zero)
     return select.topk_cut_delta_host(ft, base, k)
+
+
+def _host_threshold(ft, base, opts, i: int):
+    """Per-tensor trim state of model ``i``, searched from the host: a ``Cut``
+    (magnitude) or a ``(keep, top)`` pair of them (breadcrumbs)."""
+    density = opts.density[i]
+    if opts.sparsify == "magnitude":
+        return _host_cut(ft, base, ft.size if density >= 1 else int(density * ft.size))
+    if density >= 1:
+        return None
+    n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
+    return _host_cut(ft, base, n_keep), _host_cut(ft, base, n_top)
 
 
 def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
@@ -167,13 +178,14 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
     ths = offsets = None
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
-    host_trim = leafwise and ths is None and isinstance(opts, generalized.Options) and opts.sparsify == "magnitude"
+    host_trim = (leafwise and ths is None and isinstance(opts, generalized.Options)
+                 and opts.sparsify in ("magnitude", "magnitude_outliers"))
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
         ms = [ml[j] for ml in model_leaves]
         if host_trim:  # per-tensor trim thresholds searched from the host: faster on XLA:CPU
-            leaf_ths = [_host_threshold(m, base_leaves[j], d) for m, d in zip(ms, opts.density)]
+            leaf_ths = [_host_threshold(m, base_leaves[j], opts, i) for i, m in enumerate(ms)]
             out.append(fn(j, base_leaves[j], ms, key, leaf_ths, [0] * len(ms)))
             continue
         offs = None if offsets is None else [o[j] for o in offsets]

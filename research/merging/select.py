@@ -32,6 +32,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from research.merging.tree import like, replicate
@@ -217,79 +218,12 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
 #
 # Inside one XLA program, a count whose threshold was computed by an earlier
 # count runs ~7x slower on XLA:CPU (its fused kernel then materialises its
-# broadcast constants).  Eager merges therefore drive the same search from
-# Python: one small compiled call per counting pass, the threshold passed in.
-
-
-@jax.jit
-def _count_abs_delta(ft, base, t):
-    return count_greater(jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32)), t)
-
-
-@jax.jit
-def _sample_abs_delta(ft, base):
-    d = jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32))
-    return jnp.sort(_strided_sample(d, _SAMPLE))
-
-
-def _f32_bits(v) -> int:
-    import numpy as np
-
-    return int(np.asarray(v, np.float32).view(np.int32))
-
-
-def _bits_f32(b: int):
-    import numpy as np
-
-    return np.asarray(b, np.int32).view(np.float32)
-
-
-def kth_largest_delta_host(ft, base, k: int, sample_steps: int = 3) -> Threshold:
-    """``kth_largest([|ft - base|], k)``, searched from the host (see above)."""
-    import numpy as np
-
-    n = ft.size
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be in [1, {n}]")
-    count = lambda b: int(_count_abs_delta(ft, base, _bits_f32(b)))
-    sample = np.asarray(_sample_abs_delta(ft, base))
-    s = len(sample)
-    b_lo, c_lo, b_hi, c_hi = -1, n, _INF_BITS, 0
-    i_lo, i_hi = -1, s
-    guess = min(s - 1, max(0, round((1 - k / n) * s)))
-    for _ in range(sample_steps):
-        if not i_lo < guess < i_hi:
-            break
-        b = _f32_bits(sample[guess])
-        c = count(b)
-        if c >= k:
-            b_lo, c_lo, i_lo = b, c, guess
-        else:
-            b_hi, c_hi, i_hi = b, c, guess
-        if c == k:
-            break
-        frac = (c_lo - k) / max(c_lo - c_hi, 1)
-        guess = int(round(i_lo + frac * (i_hi - i_lo)))
-        guess = min(max(guess, i_lo + 1), i_hi - 1)
-    if c_lo != k and b_hi - b_lo > 1 and b_hi > 0:
-        below = count(b_hi - 1)  # is hi itself the k-th value (a tie plateau)?
-        if below >= k:
-            b_lo, c_lo = b_hi - 1, below
-    it = 0
-    while c_lo != k and b_hi - b_lo > 1:
-        width = b_hi - b_lo
-        frac = (c_lo - k) / max(c_lo - c_hi, 1)
-        mid = b_lo + width // 2 if it % 3 == 2 else b_lo + int(round(frac * width))
-        mid = min(max(mid, b_lo + 1), b_hi - 1)
-        c = count(mid)
-        if c >= k:
-            b_lo, c_lo = mid, c
-        else:
-            b_hi, c_hi = mid, c
-        it += 1
-    if c_lo == k and b_lo >= 0:
-        return Threshold(jnp.float32(_bits_f32(b_lo)), jnp.int32(0))
-    return Threshold(jnp.float32(_bits_f32(b_hi)), jnp.int32(k - c_hi))
+# broadcast constants), and so does a pass that counts several thresholds at
+# once.  Eager merges therefore drive the same search from Python: one small
+# compiled call per counting pass, the threshold passed in.  Each pass returns
+# per-row counts, kept by threshold, so the tie break at the end usually needs
+# no further pass; the sample is sorted on the host (XLA's sort costs more
+# than a counting pass).
 
 
 class Cut(NamedTuple):
@@ -314,32 +248,129 @@ def keep_mask_cut(x, cut: Cut):
     return ((x2 > cut.value) | ((x2 == cut.value) & before)).reshape(x.shape)
 
 
+def _abs_delta(ft, base):
+    return jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32))
+
+
 @jax.jit
 def _row_greater_abs_delta(ft, base, t):
     """Per-row count of ``|ft - base| > t`` (one reduction per program: the fast path)."""
-    d2 = _view2d(jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    d2 = _view2d(_abs_delta(ft, base))
     return jnp.sum(jnp.minimum(jnp.maximum(d2 - t, 0.0) * _BIG, 1.0), axis=-1).astype(jnp.int32)
 
 
 @jax.jit
+def _sample_abs_delta(ft, base):
+    return _strided_sample(_abs_delta(ft, base), _SAMPLE)
+
+
+@jax.jit
 def _row_equal_abs_delta(ft, base, value, row):
-    d2 = _view2d(jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    d2 = _view2d(_abs_delta(ft, base))
     return lax.dynamic_index_in_dim(d2, row, 0, keepdims=False) == value
+
+
+def _f32_bits(v) -> int:
+    return int(np.asarray(v, np.float32).view(np.int32))
+
+
+def _bits_f32(b: int):
+    return np.asarray(b, np.int32).view(np.float32)
+
+
+class _HostCounts:
+    """Per-row counts of ``|ft - base| > t``, one compiled pass per new ``t``."""
+
+    def __init__(self, ft, base):
+        self.ft, self.base, self.rows = ft, base, {}
+
+    def per_row(self, b: int) -> np.ndarray:
+        if b not in self.rows:
+            self.rows[b] = np.asarray(_row_greater_abs_delta(self.ft, self.base, _bits_f32(b)), np.int64)
+        return self.rows[b]
+
+    def __call__(self, b: int) -> int:
+        return int(self.per_row(b).sum())
+
+
+def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 3):
+    """The host twin of ``kth_largest``'s search: ``(b_lo, c_lo, b_hi, c_hi)``
+    with ``c(lo) >= k > c(hi)`` and either ``c(lo) == k`` or ``hi`` the k-th value."""
+    s = len(sample)
+    b_lo, c_lo, b_hi, c_hi = -1, n, _INF_BITS, 0
+    i_lo, i_hi = -1, s
+    guess = min(s - 1, max(0, round((1 - k / n) * s)))
+    for _ in range(sample_steps):
+        if not i_lo < guess < i_hi:
+            break
+        b = _f32_bits(sample[guess])
+        c = count(b)
+        if c >= k:
+            b_lo, c_lo, i_lo = b, c, guess
+        else:
+            b_hi, c_hi, i_hi = b, c, guess
+        if c == k:
+            break
+        frac = (c_lo - k) / max(c_lo - c_hi, 1)
+        guess = int(round(i_lo + frac * (i_hi - i_lo)))
+        guess = min(max(guess, i_lo + 1), i_hi - 1)
+        # on tie plateaus, only sample values strictly inside the bracket are new
+        first = int(np.searchsorted(sample, _bits_f32(b_lo), side="right")) if b_lo >= 0 else 0
+        last = int(np.searchsorted(sample, _bits_f32(b_hi), side="left")) - 1
+        if first > last:
+            break
+        guess = min(max(guess, first), last)
+    if c_lo != k and b_hi - b_lo > 1 and b_hi > 0:
+        below = count(b_hi - 1)  # is hi itself the k-th value (a tie plateau)?
+        if below >= k:
+            b_lo, c_lo = b_hi - 1, below
+    it = 0
+    while c_lo != k and b_hi - b_lo > 1:
+        width = b_hi - b_lo
+        frac = (c_lo - k) / max(c_lo - c_hi, 1)
+        mid = b_lo + width // 2 if it % 3 == 2 else b_lo + int(round(frac * width))
+        mid = min(max(mid, b_lo + 1), b_hi - 1)
+        c = count(mid)
+        if c >= k:
+            b_lo, c_lo = mid, c
+        else:
+            b_hi, c_hi = mid, c
+        it += 1
+    return b_lo, c_lo, b_hi, c_hi
+
+
+def kth_largest_delta_host(ft, base, k: int, sample_steps: int = 3) -> Threshold:
+    """``kth_largest([|ft - base|], k)``, searched from the host (see above)."""
+    n = ft.size
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}]")
+    sample = np.sort(np.asarray(_sample_abs_delta(ft, base)))
+    b_lo, c_lo, b_hi, c_hi = _search_host(_HostCounts(ft, base), sample, n, k, sample_steps)
+    if c_lo == k and b_lo >= 0:
+        return Threshold(jnp.float32(_bits_f32(b_lo)), jnp.int32(0))
+    return Threshold(jnp.float32(_bits_f32(b_hi)), jnp.int32(k - c_hi))
 
 
 def topk_cut_delta_host(ft, base, k: int) -> Cut:
     """Exactly the ``k`` largest ``|ft - base|`` (ties by flat index) as a ``Cut``."""
-    import numpy as np
-
-    th = kth_largest_delta_host(ft, base, k)
-    need = int(th.ties)
-    if need == 0:
-        return Cut(th.value, jnp.int32(0), jnp.int32(0))
-    below = _bits_f32(max(_f32_bits(th.value) - 1, 0))
-    per_row = np.asarray(_row_greater_abs_delta(ft, base, below)) - np.asarray(_row_greater_abs_delta(ft, base, th.value))
+    n = ft.size
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}]")
+    counts = _HostCounts(ft, base)
+    sample = np.sort(np.asarray(_sample_abs_delta(ft, base)))
+    b_lo, c_lo, b_hi, c_hi = _search_host(counts, sample, n, k)
+    if c_lo == k and b_lo >= 0:
+        zero = jnp.int32(0)
+        return Cut(jnp.float32(_bits_f32(b_lo)), zero, zero)
+    # hi is the k-th value: keep everything above it and the first k - c_hi ties
+    need = k - c_hi
+    rows, cols = _view2d(ft).shape
+    at_least = counts.per_row(b_hi - 1) if b_hi > 0 else np.full(rows, cols, np.int64)
+    per_row = at_least - counts.per_row(b_hi)  # both usually cached by the search
     cum = np.cumsum(per_row)
     row = int(np.searchsorted(cum, need, side="left"))
     left = need - (int(cum[row - 1]) if row else 0)
-    eq = np.asarray(_row_equal_abs_delta(ft, base, th.value, row))
+    value = _bits_f32(b_hi)
+    eq = np.asarray(_row_equal_abs_delta(ft, base, value, row))
     col = int(np.flatnonzero(eq)[left - 1]) + 1
-    return Cut(th.value, jnp.int32(row), jnp.int32(col))
+    return Cut(jnp.float32(value), jnp.int32(row), jnp.int32(col))

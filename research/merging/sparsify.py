@@ -73,18 +73,31 @@ def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str
     return kept / density if rescale_mode == "inverse" else _l1_rescale(tau, kept)
 
 
-def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: bool = False):
-    """Model Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes, then the
-    smallest, keeping ``int(density * n)`` entries."""
-    if density >= 1:
-        return tau
-    n = tau.size
+def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
+    """Breadcrumbs' ``(n_top, n_keep_from_top)``: drop the ``n_top`` largest, keep up
+    to the ``n_keep_from_top``-th largest, so ``int(density * n)`` entries stay."""
     target = int(density * n)
     n_top = int(gamma * n)
     n_bot = n - target - n_top
     if n_bot < 0:
         n_top, n_bot = n_top + n_bot, 0
-    mask = select.topk_mask(tau, n - n_bot) & ~select.topk_mask(tau, n_top)
+    return n_top, n - n_bot
+
+
+def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: bool = False, cuts=None):
+    """Model Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes, then the
+    smallest, keeping ``int(density * n)`` entries.
+
+    ``cuts``: ``(keep, top)`` ``select.Cut``s found from the host (eager merges).
+    """
+    if density >= 1:
+        return tau
+    if cuts is not None:
+        mag = jnp.abs(tau)
+        mask = select.keep_mask_cut(mag, cuts[0]) & ~select.keep_mask_cut(mag, cuts[1])
+    else:
+        n_top, n_keep = outlier_counts(tau.size, density, gamma)
+        mask = select.topk_mask(tau, n_keep) & ~select.topk_mask(tau, n_top)
     kept = jnp.where(mask, tau, 0.0)
     return _l1_rescale(tau, kept) if rescale else kept
 

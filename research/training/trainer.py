@@ -7,14 +7,19 @@ Resume is exact: the data iterator state is saved with the weights and the
 NEFTune key is ``fold_in(key, step)``, so stopping at step N and resuming to
 2N gives bitwise the parameters of an uninterrupted 2N-step run (on the CPU).
 A NaN/Inf loss stops training naming the step (the last good checkpoint
-stays); Ctrl-C saves a checkpoint before exiting.
+stays); Ctrl-C is deferred to the next step boundary (the step being computed
+has donated its inputs), saves a consistent checkpoint there and exits; a
+second Ctrl-C exits at once without saving.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
 
 import jax
@@ -46,6 +51,33 @@ class TrainResult:
     history: list
     eval: dict
     tokens_per_sec: float
+
+
+class _StopAtBoundary(KeyboardInterrupt):
+    """Ctrl-C seen between steps: the state is consistent and gets saved."""
+
+
+class _DeferredInterrupt:
+    """Turns the first SIGINT into a flag checked between steps."""
+
+    def __init__(self):
+        self.requested = False
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: give up on the clean stop
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def model_config(cfg: TrainConfig):
@@ -109,40 +141,47 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
     history, real_tokens, t0 = [], 0, time.perf_counter()
     bar = tqdm(total=end, initial=start, desc="train", disable=not cfg.progress, dynamic_ncols=True)
     step = start
+    interrupt = _DeferredInterrupt()
     try:
-        while step < end:
-            batch = next(data)
-            real_tokens += int((batch["segment_ids"] > 0).sum())
-            params, opt_state, m = step_fn(params, opt_state, _host_batch(batch, batch_sh), key, jnp.int32(step))
-            loss = float(m["loss"])
-            step += 1
-            if not math.isfinite(loss):
-                raise TrainingDiverged(
-                    f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
-                    f"{ckpt.latest()} in {ckpt.directory}"
-                )
-            row = {"loss": loss, "grad_norm": float(m["grad_norm"])}
-            tw = np.asarray(m["task_weight_sum"])
-            tl = np.asarray(m["task_loss_sum"])
-            row.update({f"loss/{t}": tl[i] / tw[i] for i, t in enumerate(cfg.tasks) if tw[i] > 0})
-            history.append(row)
-            tps = real_tokens / max(time.perf_counter() - t0, 1e-9)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == end:
-                writer.write(step, {**row, "tokens_per_sec": tps})
-            ckpt.save(step, params, opt_state, data.get_state())
-            if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
-                res = evaluate(graphdef, params, cfg.tasks, tok, samples=cfg.eval_samples,
-                               max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
-                writer.write(step, {f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items()})
-    except KeyboardInterrupt:
+        with interrupt.installed():
+            while step < end:
+                if interrupt.requested:
+                    raise _StopAtBoundary
+                batch = next(data)
+                real_tokens += int((batch["segment_ids"] > 0).sum())
+                params, opt_state, m = step_fn(params, opt_state, _host_batch(batch, batch_sh), key, jnp.int32(step))
+                loss = float(m["loss"])
+                step += 1
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
+                        f"{ckpt.latest()} in {ckpt.directory}"
+                    )
+                row = {"loss": loss, "grad_norm": float(m["grad_norm"])}
+                tw = np.asarray(m["task_weight_sum"])
+                tl = np.asarray(m["task_loss_sum"])
+                row.update({f"loss/{t}": tl[i] / tw[i] for i, t in enumerate(cfg.tasks) if tw[i] > 0})
+                history.append(row)
+                tps = real_tokens / max(time.perf_counter() - t0, 1e-9)
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == end:
+                    writer.write(step, {**row, "tokens_per_sec": tps})
+                ckpt.save(step, params, opt_state, data.get_state())
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
+                    res = evaluate(graphdef, params, cfg.tasks, tok, samples=cfg.eval_samples,
+                                   max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
+                    writer.write(step, {f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items()})
+    except KeyboardInterrupt as stop:
         bar.close()
-        ckpt.save(step, params, opt_state, data.get_state(), force=True)
+        if isinstance(stop, _StopAtBoundary):
+            ckpt.save(step, params, opt_state, data.get_state(), force=True)
+            print(f"\ninterrupted: saved step {step} to {ckpt.directory}")
+        else:  # a second Ctrl-C, mid-step: the in-flight state may be donated
+            print(f"\ninterrupted twice: not saving; the last checkpoint is step {ckpt.latest()}")
         ckpt.close()
         writer.close()
-        print(f"\ninterrupted: saved step {step} to {ckpt.directory}")
-        raise
+        raise KeyboardInterrupt from None
     except TrainingDiverged:
         bar.close()
         ckpt.close()
