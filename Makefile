@@ -11,7 +11,7 @@ $(VENV_STAMP): pyproject.toml
 	touch $(VENV_STAMP)
 
 demo: $(VENV_STAMP)
-	$(PY) experiments/quickstart.py
+	$(PY) experiments/quickstart.py --force
 
 test: $(VENV_STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

@@ -6,7 +6,7 @@
 Generates a Llama-shaped bf16 model (hidden 2048, 8 layers, intermediate 5632,
 vocab 32000 at scale 1; widths scale by sqrt(scale)) as 2 safetensors shards:
 a base plus 3 fine-tunes.  Each method runs as ``python -m research.merging``
-in its own process (wall time and that process's peak RSS, from ``wait4``).
+in its own process (wall time, and that process's peak RSS: its VmHWM at exit).
 The floor, measured in the same run, is a process that reads the same four
 inputs from the page cache and writes one output of the same size.
 """
@@ -75,15 +75,28 @@ def write_model(path, shp, rng, base=None):
         json.dump({"num_hidden_layers": 8, "model_type": "llama"}, f)
 
 
-def timed_process(args):
+# Peak RSS is the child's own VmHWM, read at exit: wait4's ru_maxrss is not
+# usable, as a forked child starts from its parent's high-water mark.
+_HWM = """
+import atexit, os, sys
+def _hwm(path=os.environ["BENCH_HWM_FILE"]):
+    kb = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    open(path, "w").write(kb)
+atexit.register(_hwm)
+"""
+_MODULE = _HWM + "import runpy; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
+
+
+def timed_process(args, hwm_file):
+    """Wall seconds and peak RSS (bytes) of ``python -c <wrapped>`` args."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "XLA_FLAGS": ""})
-    _, status, usage = os.wait4(proc.pid, 0)
+    env = {**os.environ, "XLA_FLAGS": "", "BENCH_HWM_FILE": hwm_file}
+    proc = subprocess.run(args, capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t0
-    err = proc.stderr.read().decode()
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{args} failed: {err[-2000:]}")
-    return secs, usage.ru_maxrss * 1024
+    if proc.returncode != 0:
+        raise RuntimeError(f"{args} failed: {proc.stderr[-2000:]}")
+    with open(hwm_file) as f:
+        return secs, int(f.read()) * 1024
 
 
 COPY = """
@@ -140,14 +153,16 @@ def main(argv=None):
             with open(os.path.join(p, fn), "rb") as f:
                 while f.read(1 << 24):
                     pass
-    floor, floor_rss = timed_process([sys.executable, "-c", COPY, *inputs, f"{work}/copy"])
+    hwm = f"{work}/hwm"
+    floor, floor_rss = timed_process([sys.executable, "-c", _HWM + COPY, *inputs, f"{work}/copy"], hwm)
     rows = [("read 4 inputs + write 1 output (floor)", floor, floor_rss)]
     for method in args.methods:
         cfg = f"{work}/{method}.yaml"
         with open(cfg, "w") as f:
             f.write(f"merge_method: {method}\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n  - model: ft2\n")
             f.write(METHODS.get(method, ""))
-        secs, rss = timed_process([sys.executable, "-m", "research.merging", cfg, f"{work}/out_{method}", "--no-progress"])
+        secs, rss = timed_process([sys.executable, "-c", _MODULE, "research.merging", cfg, f"{work}/out_{method}",
+                                   "--no-progress"], hwm)
         rows.append((method, secs, rss))
         shutil.rmtree(f"{work}/out_{method}")
     print(f"\n{n_params / 1e6:.0f}M parameters per model, bf16, 2 shards each, 3 fine-tunes + base\n")

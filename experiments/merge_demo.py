@@ -1,4 +1,4 @@
-"""A small merging demo on generated weights (what ``make demo`` runs today).
+"""A small merging demo on generated weights (seconds; `make demo` runs quickstart.py).
 
     python experiments/merge_demo.py            # ~20 s on a 2-core CPU
 

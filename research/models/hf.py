@@ -40,10 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 
 from research.models.config import ModelConfig
-from research.shards import ShardWriter
+from research.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter
 from research.models.transformer import Transformer
 
 
@@ -149,10 +148,19 @@ def checkpoint_files(path: str) -> dict:
         raise CheckpointError(f"{path}: no such checkpoint")
     out = {}
     for fp in files:
-        with safe_open(fp, framework="np") as f:
-            for name in f.keys():
-                out[name] = fp
+        f = _open(fp)
+        out.update({name: fp for name in f.keys()})
+        f.close()
     return out
+
+
+def _open(fp: str) -> SafetensorsFile:
+    try:
+        return SafetensorsFile(fp)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{fp}: cannot open ({e.strerror})") from None
 
 
 def _flat_params(model: nnx.Module) -> dict:
@@ -174,17 +182,24 @@ def from_hf(path: str, dtype=jnp.float32, **overrides) -> Transformer:
     files = checkpoint_files(path)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     params = _flat_params(model)
+    handles = {}
     for ours, (theirs, transpose) in hf_names(cfg).items():
         if theirs not in files:
             raise CheckpointError(f"{path}: tensor {theirs} is missing")
-        with safe_open(files[theirs], framework="np") as f:
-            arr = f.get_tensor(theirs)
+        if files[theirs] not in handles:
+            handles[files[theirs]] = _open(files[theirs])
+        try:
+            arr = handles[files[theirs]].read(theirs)
+        except SafetensorsError as e:
+            raise CheckpointError(str(e)) from None
         arr = arr.T if transpose else arr
         want = params[ours].get_value().shape
         if arr.shape != tuple(want):
             raise CheckpointError(f"{files[theirs]}: tensor {theirs} has shape {arr.shape[::-1] if transpose else arr.shape}, "
                                   f"config.json implies {tuple(want)[::-1] if transpose else tuple(want)}")
         params[ours].set_value(jnp.asarray(arr, dtype=dtype))
+    for h in handles.values():
+        h.close()
     return model
 
 

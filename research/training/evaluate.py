@@ -43,7 +43,12 @@ def _eval_loss(graphdef, n_tasks):
 def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_new_tokens: int = 32,
              seq_len: int = 256, split: str = "eval", offset: int = 0) -> dict:
     """``{task: {"accuracy": exact-match rate, "loss": mean token loss}}`` on examples
-    ``offset .. offset + samples`` of ``split``."""
+    ``offset .. offset + samples`` of ``split``.
+
+    Generation stops after ``max_new_tokens`` or one token past the longest
+    reference response of the task's examples, whichever is first: a correct
+    answer must end with EOS inside that budget.
+    """
     out = {}
     gen = _greedy(graphdef)
     eval_loss = _eval_loss(graphdef, len(task_names))
@@ -52,12 +57,13 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
         examples = [task.example(split, offset + i) for i in range(samples)]
         prompts = [tokenizer.encode(p) for p, _ in examples]
         longest = max(len(p) for p in prompts)
-        width = min(seq_len, -(-(longest + max_new_tokens) // 16) * 16)  # few distinct shapes to compile
+        max_new = min(max_new_tokens, max(len(tokenizer.encode(r)) for _, r in examples) + 1)
+        width = min(seq_len, -(-(longest + max_new) // 16) * 16)  # few distinct shapes to compile
         toks = np.full((samples, width), tokenizer.pad_id, np.int32)
         for i, p in enumerate(prompts):
             toks[i, : len(p)] = p[:width]
         lengths = np.array([min(len(p), width - 1) for p in prompts], np.int32)
-        done = np.asarray(gen(params, jnp.asarray(toks), jnp.asarray(lengths), max_new_tokens))
+        done = np.asarray(gen(params, jnp.asarray(toks), jnp.asarray(lengths), max_new))
         correct = 0
         for i, (_, response) in enumerate(examples):
             new = done[i, lengths[i] :].tolist()

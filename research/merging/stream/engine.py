@@ -1,10 +1,11 @@
 """Streaming merges of real checkpoints, tensor by tensor, with bounded memory.
 
 Each output tensor is computed from the same tensor of every input, read
-straight from the (memory-mapped) safetensors files while the previous tensor
-is being merged; output shards are written as soon as they fill.  Peak memory
-is about (models + 1) x the largest tensor (float32 while merging) plus one
-output shard, whatever the model size.  Output goes to ``OUT.tmp-*`` and is
+from the safetensors files (``pread``, no memory map) while the previous
+tensor is being merged, and written straight to its place in the output
+shards, which are laid out before the first tensor is merged.  Peak memory is
+a few times the largest tensor times the number of models, whatever the model
+size.  Output goes to ``OUT.tmp-*`` and is
 renamed to ``OUT`` only when complete.
 """
 
@@ -28,12 +29,13 @@ from tqdm.auto import tqdm
 from research import merging
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import TensorSource
-from research.shards import ShardWriter
+from research.safetensors_io import ShardWriter
 from research.models.hf import CheckpointError
 
 _VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
 _GLOBAL_RENAME = {"lambda": "lam"}
-_IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
+_IGNORED = {"int8_mask"}
+_PREFETCH_BUDGET = 512 << 20  # bytes of input tensors in memory at once when overlapping reads  # mergekit memory options with no meaning here
 
 
 class MergeFailed(ValueError):
@@ -71,8 +73,9 @@ class Plan:
         ref = self.base or self.models[0]
         largest = max(int(np.prod(ref.shapes[n])) for n in self.names)
         n_in = len(self.models) + (self.base is not None)
-        # inputs (+ the prefetched next set) at their dtype, float32 working copies, one shard
-        return 2 * n_in * largest * 2 + (n_in + 2) * largest * 4 + shard_size
+        # inputs (+ the prefetched next set, within its budget) at their dtype, float32 working copies
+        in_bytes = n_in * max(ref.nbytes(n) for n in self.names)
+        return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * largest * 4
 
 
 def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
@@ -165,7 +168,7 @@ def describe(plan: Plan, shard_size: int) -> str:
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
-    lines.append(f"estimated peak memory: {gb(plan.peak_estimate(shard_size))} (tensors in flight + one output shard)")
+    lines.append(f"estimated peak memory: {gb(plan.peak_estimate(shard_size))} (tensors in flight)")
     return "\n".join(lines)
 
 
@@ -215,25 +218,33 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
 
 
 def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool):
-    writer = ShardWriter(tmp, shard_size)
     srcs = ([plan.base] if plan.base else []) + plan.models
     in_dtype = jnp.dtype(mc.dtype) if mc.dtype else None
     out_dtype = mc.out_dtype or mc.dtype
+    ref_src = srcs[0]
+    _float = lambda d: np.issubdtype(d, np.floating) or d == jnp.bfloat16
+    layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _float(ref_src.dtypes[n])
+               else ref_src.dtypes[n]) for n in plan.names]
+    writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
     read = lambda n: [s.read(n) for s in srcs]
     total = plan.bytes_read()
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
+    set_bytes = lambda n: sum(s.nbytes(n) for s in srcs)
     pending = pool.submit(read, plan.names[0]) if plan.names else None
     t0 = time.perf_counter()
     for j, name in enumerate(plan.names):
-        arrays = pending.result()
-        if j + 1 < len(plan.names):
-            pending = pool.submit(read, plan.names[j + 1])  # read the next tensor while merging this one
+        arrays = pending.result() if pending is not None else read(name)
+        pending = None
+        # read the next tensor while merging this one, unless the two sets together
+        # would exceed the prefetch budget (the embeddings: read those in turn)
+        if j + 1 < len(plan.names) and set_bytes(name) + set_bytes(plan.names[j + 1]) <= _PREFETCH_BUDGET:
+            pending = pool.submit(read, plan.names[j + 1])
         ref = arrays[0]
         rows = plan.vocab_rows.get(name)
         work = [a[:rows] if rows else a for a in arrays]
-        if not np.issubdtype(ref.dtype, np.floating) and ref.dtype != jnp.bfloat16:
+        if not _float(ref.dtype):
             writer.add(name, ref)  # integer buffers (e.g. position ids) are copied from the base
         else:
             work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]

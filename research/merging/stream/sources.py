@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import os
 
-import ml_dtypes
 import numpy as np
-from safetensors import SafetensorError, safe_open
 
-from research.models.hf import CheckpointError, checkpoint_files
-
-_DTYPES = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32, "F64": np.float64,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+from research.models.hf import CheckpointError, _open, checkpoint_files
+from research.safetensors_io import SafetensorsError
 
 
 class TensorSource:
-    """Lazy access to one model's tensors; only headers are read until ``read``."""
+    """Lazy access to one model's tensors; only headers are read until ``read``,
+    which ``pread``s one tensor (no memory map: see ``research.safetensors_io``)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -30,16 +27,15 @@ class TensorSource:
         self._handles = {}
         self.shapes, self.dtypes = {}, {}
         for name, fp in self._files.items():
-            sl = self._handle(fp).get_slice(name)
-            self.shapes[name] = tuple(sl.get_shape())
-            self.dtypes[name] = np.dtype(_DTYPES[sl.get_dtype()])
+            entries = self._handle(fp).entries
+            if name not in entries:
+                raise CheckpointError(f"{fp}: tensor {name} is named in the index but not in this shard")
+            dtype, shape, _ = entries[name]
+            self.shapes[name], self.dtypes[name] = shape, dtype
 
     def _handle(self, fp):
         if fp not in self._handles:
-            try:
-                self._handles[fp] = safe_open(fp, framework="np")
-            except (SafetensorError, OSError, ValueError) as e:
-                raise CheckpointError(f"{fp}: corrupt or truncated safetensors file ({e})") from None
+            self._handles[fp] = _open(fp)
         return self._handles[fp]
 
     def _load_orbax(self, path):
@@ -78,8 +74,8 @@ class TensorSource:
             return self._arrays[name]
         fp = self._files[name]
         try:
-            return self._handle(fp).get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
+            return self._handle(fp).read(name)
+        except (SafetensorsError, OSError) as e:
             raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
 
     def config_json(self) -> str | None:

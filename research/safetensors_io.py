@@ -1,0 +1,236 @@
+"""The safetensors format, read and written without memory maps.
+
+A safetensors file is an 8-byte little-endian header length ``H``, a JSON
+header of ``H`` bytes (``{name: {"dtype", "shape", "data_offsets": [begin,
+end]}, "__metadata__": {...}}``, offsets relative to the end of the header),
+then the tensor bytes back to back.
+
+``SafetensorsFile`` reads one tensor at a time with ``pread`` into a fresh
+array: the bytes pass through the page cache but never count towards the
+process's resident memory the way touched pages of a memory map do (a merge
+of four 1 GB models over mmap shows ~4 GB RSS).  ``ShardWriter`` streams
+tensors straight to their final place in shards laid out up front, so no
+shard is ever held in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F32": np.dtype(np.float32),
+          "F64": np.dtype(np.float64), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
+          "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
+CODES = {v: k for k, v in DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+class SafetensorsError(ValueError):
+    """A corrupt, truncated or unsupported safetensors file (the message names it)."""
+
+
+class SafetensorsFile:
+    """Headers parsed on open; ``read(name)`` costs one ``pread`` of that tensor."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fd = os.open(path, os.O_RDONLY)
+        try:
+            self._parse()
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def _bad(self, why: str):
+        return SafetensorsError(f"{self.path}: corrupt or truncated safetensors file ({why})")
+
+    def _parse(self):
+        size = os.fstat(self._fd).st_size
+        head = os.pread(self._fd, 8, 0)
+        if len(head) < 8:
+            raise self._bad(f"{size} bytes, shorter than the 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n > min(_MAX_HEADER, size - 8):
+            raise self._bad(f"header length {n} does not fit in {size} bytes")
+        try:
+            header = json.loads(os.pread(self._fd, n, 8))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise self._bad(f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise self._bad("header is not a JSON object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        self._start = 8 + n
+        self.entries = {}
+        for name, e in header.items():
+            try:
+                dtype = DTYPES[e["dtype"]]
+                shape = tuple(int(d) for d in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise self._bad(f"bad entry for tensor {name!r}: {e!r}") from None
+            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
+                raise self._bad(f"tensor {name!r}: offsets {begin}..{end} do not match shape {shape} {e['dtype']}")
+            if self._start + end > size:
+                raise self._bad(f"tensor {name!r} ends at byte {self._start + end}, past the end of the file ({size})")
+            self.entries[name] = (dtype, shape, begin)
+
+    def keys(self):
+        return list(self.entries)
+
+    def read(self, name: str) -> np.ndarray:
+        dtype, shape, begin = self.entries[name]
+        out = aligned_empty(shape, dtype)
+        buf = memoryview(out.reshape(-1).view(np.uint8))
+        done, total = 0, out.nbytes
+        while done < total:
+            got = os.preadv(self._fd, [buf[done:]], self._start + begin + done)
+            if got <= 0:
+                raise self._bad(f"tensor {name!r}: file ended while reading")
+            done += got
+        return out
+
+    def close(self):
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
+    """``np.empty`` on a 64-byte boundary: ``jax.device_put`` to the CPU then
+    aliases the buffer instead of copying it."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + alignment, np.uint8)
+    off = (-raw.ctypes.data) % alignment
+    return raw[off:off + nbytes].view(dtype).reshape(shape)
+
+
+def _header(entries, metadata) -> bytes:
+    """The length-prefixed JSON header, padded with spaces to 8-byte alignment."""
+    header = {"__metadata__": metadata} if metadata else {}
+    header.update(entries)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+class ShardWriter:
+    """Writes tensors into shards of at most ``shard_size`` bytes, in the order given.
+
+    With ``layout`` (``[(name, shape, dtype), ...]``, the order ``add`` will
+    be called in), shards are laid out up front and each tensor is written
+    straight to its final place: memory holds one tensor at a time.  Without
+    it, a shard is buffered until full.  ``finish()`` names the shards
+    ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json``
+    (``metadata.total_size``, ``weight_map``), or ``model.safetensors`` when
+    one shard suffices.
+    """
+
+    def __init__(self, directory: str, shard_size: int, layout=None, metadata=None):
+        self.dir, self.size = directory, shard_size
+        self.metadata = metadata or {"format": "pt"}
+        self.shards = []  # [[(name, shape, dtype), ...], ...]
+        self.total = 0
+        self._pending = {}
+        self._file = None
+        self._next = 0  # index into the planned order
+        self._plan = None
+        if layout is not None:
+            self._plan = [(n, tuple(s), np.dtype(d)) for n, s, d in layout]
+            cur, cur_bytes = [], 0
+            for n, s, d in self._plan:
+                nbytes = math.prod(s) * d.itemsize
+                if cur and cur_bytes + nbytes > shard_size:
+                    self.shards.append(cur)
+                    cur, cur_bytes = [], 0
+                cur.append((n, s, d))
+                cur_bytes += nbytes
+            if cur:
+                self.shards.append(cur)
+            self._shard_of = {n: i for i, sh in enumerate(self.shards) for n, _, _ in sh}
+
+    def _part(self, i: int) -> str:
+        return os.path.join(self.dir, f"part-{i:05d}.safetensors")
+
+    def _write_shard_header(self, i: int, tensors) -> None:
+        entries, off = {}, 0
+        for n, s, d in tensors:
+            nbytes = math.prod(s) * d.itemsize
+            entries[n] = {"dtype": CODES[d], "shape": list(s), "data_offsets": [off, off + nbytes]}
+            off += nbytes
+        self._file.write(_header(entries, self.metadata))
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr)
+        if arr.dtype not in CODES:
+            raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors code")
+        if self._plan is None:
+            self._add_buffered(name, arr)
+            return
+        want = self._plan[self._next] if self._next < len(self._plan) else None
+        if want is None or want[0] != name or want[1] != arr.shape or want[2] != arr.dtype:
+            raise SafetensorsError(f"tensor {name!r} {arr.shape} {arr.dtype} arrived where the layout expects {want}")
+        i = self._shard_of[name]
+        if self._file is None or self._file_index != i:
+            self._close_file()
+            self._file, self._file_index = open(self._part(i), "wb"), i
+            self._write_shard_header(i, self.shards[i])
+        self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self.total += arr.nbytes
+        self._next += 1
+
+    def _add_buffered(self, name, arr):
+        cur_bytes = sum(a.nbytes for a in self._pending.values())
+        if self._pending and cur_bytes + arr.nbytes > self.size:
+            self._flush_buffered()
+        self._pending[name] = arr
+        self.total += arr.nbytes
+
+    def _flush_buffered(self):
+        if not self._pending:
+            return
+        tensors = [(n, a.shape, a.dtype) for n, a in self._pending.items()]
+        i = len(self.shards)
+        self.shards.append(tensors)
+        with open(self._part(i), "wb") as f:
+            self._file = f
+            self._write_shard_header(i, tensors)
+            for a in self._pending.values():
+                f.write(memoryview(a.reshape(-1).view(np.uint8)))
+        self._file, self._pending = None, {}
+
+    def _close_file(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> None:
+        if self._plan is None:
+            self._flush_buffered()
+        else:
+            self._close_file()
+            if self._next != len(self._plan):
+                missing = [n for n, _, _ in self._plan[self._next:]][:3]
+                raise SafetensorsError(f"{len(self._plan) - self._next} planned tensors were never written: {missing}")
+        n = len(self.shards)
+        if n == 1:
+            os.rename(self._part(0), os.path.join(self.dir, "model.safetensors"))
+            return
+        weight_map = {}
+        for i, tensors in enumerate(self.shards):
+            fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(self._part(i), os.path.join(self.dir, fname))
+            weight_map.update({nm: fname for nm, _, _ in tensors})
+        with open(os.path.join(self.dir, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
