@@ -30,6 +30,10 @@ CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read as asked; the message names file and tensor."""
+
+
 class SafetensorsError(ValueError):
     """A corrupt, truncated or unsupported safetensors file (the message names it)."""
 
@@ -234,3 +238,49 @@ class ShardWriter:
             weight_map.update({nm: fname for nm, _, _ in tensors})
         with open(os.path.join(self.dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
+
+
+def checkpoint_files(path: str) -> dict:
+    """HF tensor name -> safetensors file, for a directory (single or sharded) or one file."""
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        files = [path]
+    elif os.path.isdir(path):
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+            out = {}
+            for name, fname in wm.items():
+                fp = os.path.join(path, fname)
+                if not os.path.isfile(fp):
+                    raise CheckpointError(f"{index}: shard {fname} (holding {name}) is missing")
+                out[name] = fp
+            return out
+        if os.path.isfile(single):
+            files = [single]
+        elif any(f.endswith(".bin") for f in os.listdir(path)):
+            raise CheckpointError(
+                f"{path} holds pickled PyTorch .bin weights; we do not unpickle (it runs arbitrary code). "
+                "Convert them to safetensors first."
+            )
+        else:
+            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
+    else:
+        raise CheckpointError(f"{path}: no such checkpoint")
+    out = {}
+    for fp in files:
+        f = open_checked(fp)
+        out.update({name: fp for name in f.keys()})
+        f.close()
+    return out
+
+
+def open_checked(fp: str) -> SafetensorsFile:
+    """``SafetensorsFile(fp)``, its errors as ``CheckpointError``."""
+    try:
+        return SafetensorsFile(fp)
+    except SafetensorsError as e:
+        raise CheckpointError(str(e)) from None
+    except OSError as e:
+        raise CheckpointError(f"{fp}: cannot open ({e.strerror})") from None

@@ -22,7 +22,7 @@ def main(argv=None) -> int:
 
     from research.merging import MergeError
     from research.merging.stream import ConfigError, MergeFailed, load, parse_size, run
-    from research.models.hf import CheckpointError
+    from research.safetensors_io import CheckpointError
 
     try:
         mc = load(args.config)

@@ -104,7 +104,7 @@ def sparsify_leaf(tau, i: int, opts: Options, key=None, threshold=None, tie_offs
     if opts.sparsify == "magnitude":
         return sparsify.magnitude(tau, d, rescale=opts.rescale, threshold=threshold, tie_offset=tie_offset)
     if opts.sparsify == "random":
-        return sparsify.random(tau, d, key, rescale=opts.rescale, rescale_mode=opts.rescale_mode)
+        return sparsify.random(tau, d, key, rescale=opts.rescale, rescale_mode=opts.rescale_mode, mask=threshold)
     if opts.sparsify == "magnitude_outliers":
         return sparsify.magnitude_outliers(tau, d, opts.gamma[i], rescale=opts.rescale, cuts=threshold)
     if opts.sparsify == "della":

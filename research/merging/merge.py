@@ -140,6 +140,12 @@ _merge_leaf_jit = jax.jit(_merge_one_leaf, static_argnames=("method", "opts", "o
 _global_jit = jax.jit(generalized.global_thresholds, static_argnames=("opts",))
 
 
+@functools.partial(jax.jit, static_argnames=("density", "shape"))
+def _dare_mask_jit(key, j, i, density: float, shape):
+    """The mask ``_merge_one_leaf`` would draw for model ``i`` of leaf ``j``."""
+    return sparsify.dare_mask(jax.random.fold_in(jax.random.fold_in(key, j), i), density, shape)
+
+
 def _uses_global_trim(opts) -> bool:
     return (
         isinstance(opts, generalized.Options)
@@ -180,10 +186,17 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
     host_trim = (leafwise and ths is None and isinstance(opts, generalized.Options)
                  and opts.sparsify in ("magnitude", "magnitude_outliers"))
+    # DARE, leaf by leaf: each mask is drawn by its own call, so the random bits of
+    # all models are never alive together (XLA materialises threefry's output)
+    host_masks = leafwise and isinstance(opts, generalized.Options) and opts.sparsify == "random"
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
         ms = [ml[j] for ml in model_leaves]
+        if host_masks:
+            masks = [None if d >= 1 else _dare_mask_jit(key, j, i, d, m.shape) for i, (m, d) in enumerate(zip(ms, opts.density))]
+            out.append(fn(j, base_leaves[j], ms, key, masks, [0] * len(ms)))
+            continue
         if host_trim:  # per-tensor trim thresholds searched from the host: faster on XLA:CPU
             leaf_ths = [_host_threshold(m, base_leaves[j], opts, i) for i, m in enumerate(ms)]
             out.append(fn(j, base_leaves[j], ms, key, leaf_ths, [0] * len(ms)))

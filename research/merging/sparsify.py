@@ -62,11 +62,17 @@ def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie
     return _l1_rescale(tau, kept) if rescale else kept
 
 
-def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1"):
-    """DARE: keep each entry with probability ``density``."""
+def dare_mask(key, density: float, shape):
+    """DARE's keep mask: each entry with probability ``density``."""
+    return jax.random.bernoulli(key, density, shape)
+
+
+def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1", mask=None):
+    """DARE: keep each entry with probability ``density`` (``mask``: that draw, made beforehand)."""
     if density >= 1:
         return tau
-    mask = jax.random.bernoulli(key, density, tau.shape)
+    if mask is None:
+        mask = dare_mask(key, density, tau.shape)
     kept = jnp.where(mask, tau, 0.0)
     if not rescale:
         return kept

@@ -46,7 +46,19 @@ def check_compatible(models: Sequence[PyTree], names: Sequence[str]) -> None:
 
 
 def check_finite(models: Sequence[PyTree], names: Sequence[str]) -> None:
-    """Raise naming the first leaf holding NaN/Inf.  A no-op on traced values (under jit)."""
+    """Raise naming the first leaf holding NaN/Inf.  A no-op on traced values (under jit).
+
+    A screen reads every leaf once, all models at a time: NaN/Inf anywhere
+    makes the float32 sum of the models' leaves non-finite.  Only when the
+    screen trips (or the sum overflowed) are the leaves checked one by one.
+    """
+    leaves = [jax.tree.leaves(m) for m in models]
+    if any(isinstance(x, jax.core.Tracer) for ls in leaves for x in ls):
+        return
+    flags = [_sum_finite(*group) for group in zip(*leaves)
+             if jnp.issubdtype(jnp.result_type(group[0]), jnp.inexact)]
+    if all(bool(f) for f in flags):
+        return
     for name, m in zip(names, models):
         for path, x in jax.tree_util.tree_flatten_with_path(m)[0]:
             if isinstance(x, jax.core.Tracer):
@@ -63,6 +75,11 @@ def check_finite(models: Sequence[PyTree], names: Sequence[str]) -> None:
 @jax.jit
 def _all_finite(x):
     return jnp.all(jnp.isfinite(x))
+
+
+@jax.jit
+def _sum_finite(*xs):
+    return jnp.all(jnp.isfinite(sum(x.astype(jnp.float32) for x in xs)))
 
 
 def per_model(value, n: int, name: str) -> tuple:

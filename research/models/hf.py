@@ -42,12 +42,9 @@ import numpy as np
 from flax import nnx
 
 from research.models.config import ModelConfig
-from research.safetensors_io import SafetensorsError, SafetensorsFile, ShardWriter
+from research.safetensors_io import CheckpointError, SafetensorsError, ShardWriter, checkpoint_files
+from research.safetensors_io import open_checked as _open
 from research.models.transformer import Transformer
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read as asked; the message names file and tensor."""
 
 
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
@@ -116,51 +113,6 @@ def hf_names(cfg: ModelConfig) -> dict:
         names[f"{p}.input_norm.scale"] = (f"{h}.input_layernorm.weight", False)
         names[f"{p}.post_attn_norm.scale"] = (f"{h}.post_attention_layernorm.weight", False)
     return names
-
-
-def checkpoint_files(path: str) -> dict:
-    """HF tensor name -> safetensors file, for a directory (single or sharded) or one file."""
-    if os.path.isfile(path) and path.endswith(".safetensors"):
-        files = [path]
-    elif os.path.isdir(path):
-        index = os.path.join(path, "model.safetensors.index.json")
-        single = os.path.join(path, "model.safetensors")
-        if os.path.isfile(index):
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
-            out = {}
-            for name, fname in wm.items():
-                fp = os.path.join(path, fname)
-                if not os.path.isfile(fp):
-                    raise CheckpointError(f"{index}: shard {fname} (holding {name}) is missing")
-                out[name] = fp
-            return out
-        if os.path.isfile(single):
-            files = [single]
-        elif any(f.endswith(".bin") for f in os.listdir(path)):
-            raise CheckpointError(
-                f"{path} holds pickled PyTorch .bin weights; we do not unpickle (it runs arbitrary code). "
-                "Convert them to safetensors first."
-            )
-        else:
-            raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    else:
-        raise CheckpointError(f"{path}: no such checkpoint")
-    out = {}
-    for fp in files:
-        f = _open(fp)
-        out.update({name: fp for name in f.keys()})
-        f.close()
-    return out
-
-
-def _open(fp: str) -> SafetensorsFile:
-    try:
-        return SafetensorsFile(fp)
-    except SafetensorsError as e:
-        raise CheckpointError(str(e)) from None
-    except OSError as e:
-        raise CheckpointError(f"{fp}: cannot open ({e.strerror})") from None
 
 
 def _flat_params(model: nnx.Module) -> dict:

@@ -30,7 +30,7 @@ from research import merging
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import TensorSource
 from research.safetensors_io import ShardWriter
-from research.models.hf import CheckpointError
+from research.safetensors_io import CheckpointError
 
 _VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
 _GLOBAL_RENAME = {"lambda": "lam"}

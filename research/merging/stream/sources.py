@@ -7,8 +7,8 @@ import os
 
 import numpy as np
 
-from research.models.hf import CheckpointError, _open, checkpoint_files
-from research.safetensors_io import SafetensorsError
+from research.safetensors_io import CheckpointError, SafetensorsError, checkpoint_files
+from research.safetensors_io import open_checked as _open
 
 
 class TensorSource:
