@@ -240,3 +240,22 @@ def test_eager_host_trim_equals_the_jitted_merge_on_tied_bf16_deltas(method, par
     eager = merging.merge(method, fts, base=base, **params)
     jitted = jax.jit(lambda f, b: merging.merge(method, f, base=b, **params))(fts, base)
     chex.assert_trees_all_equal(eager, jitted)
+
+
+def test_dare_mask_on_large_tensors_is_drawn_in_independent_blocks():
+    """Tensors over 4M entries draw the mask a row block at a time (bounded scratch)."""
+    from research.merging import sparsify
+
+    key = jax.random.key(7)
+    shape = (2100, 2048)  # 4.3M entries: two blocks of 2048 rows
+    mask = np.asarray(jax.jit(sparsify.dare_mask, static_argnums=(1, 2))(key, 0.3, shape))
+    assert mask.shape == shape and abs(mask.mean() - 0.3) < 2e-3
+    first = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 0), 0.3, (2048, 2048)))
+    np.testing.assert_array_equal(mask[:2048], first)
+    second = np.asarray(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.3, (2048, 2048)))
+    np.testing.assert_array_equal(mask[2048:], second[:52])
+    base = {"w": jnp.zeros(shape, jnp.bfloat16)}
+    fts = [{"w": jnp.full(shape, v, jnp.bfloat16)} for v in (0.5, -0.25)]
+    eager = merging.merge("dare_linear", fts, base=base, key=key, density=0.3)
+    jitted = jax.jit(lambda f, b, k: merging.merge("dare_linear", f, base=b, key=k, density=0.3))(fts, base, key)
+    chex.assert_trees_all_close(eager, jitted, atol=1e-6)

@@ -146,6 +146,12 @@ def _dare_mask_jit(key, j, i, density: float, shape):
     return sparsify.dare_mask(jax.random.fold_in(jax.random.fold_in(key, j), i), density, shape)
 
 
+@jax.jit
+def _dare_l1_factor(ft, base, mask):
+    tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
+    return sparsify.l1_factor(tau, jnp.where(mask, tau, 0.0))
+
+
 def _uses_global_trim(opts) -> bool:
     return (
         isinstance(opts, generalized.Options)
@@ -195,6 +201,8 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
         ms = [ml[j] for ml in model_leaves]
         if host_masks:
             masks = [None if d >= 1 else _dare_mask_jit(key, j, i, d, m.shape) for i, (m, d) in enumerate(zip(ms, opts.density))]
+            if opts.rescale and opts.rescale_mode == "l1":
+                masks = [mk if mk is None else (mk, _dare_l1_factor(m, base_leaves[j], mk)) for m, mk in zip(ms, masks)]
             out.append(fn(j, base_leaves[j], ms, key, masks, [0] * len(ms)))
             continue
         if host_trim:  # per-tensor trim thresholds searched from the host: faster on XLA:CPU

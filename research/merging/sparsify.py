@@ -27,6 +27,8 @@ drops the smallest entries.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -36,11 +38,16 @@ from research.merging.tree import like, replicate
 RESCALE_MODES = ("l1", "inverse")
 
 
-def _l1_rescale(tau, kept, eps: float = 1e-7):
+def l1_factor(tau, kept, eps: float = 1e-7):
+    """The factor restoring ``kept``'s L1 norm to ``tau``'s (1 when either is ~0)."""
     before = jnp.sum(jnp.abs(tau))
     after = jnp.sum(jnp.abs(kept))
     ok = (before >= eps) & (after >= eps)
-    return jnp.where(ok, kept * (before / jnp.where(ok, after, 1.0)), kept)
+    return jnp.where(ok, before / jnp.where(ok, after, 1.0), 1.0)
+
+
+def _l1_rescale(tau, kept, eps: float = 1e-7):
+    return kept * l1_factor(tau, kept, eps)
 
 
 def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie_offset=0):
@@ -62,21 +69,50 @@ def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie
     return _l1_rescale(tau, kept) if rescale else kept
 
 
+_MASK_BLOCK = 1 << 22  # entries per independent draw
+
+
 def dare_mask(key, density: float, shape):
-    """DARE's keep mask: each entry with probability ``density``."""
-    return jax.random.bernoulli(key, density, shape)
+    """DARE's keep mask: each entry independently with probability ``density``.
+
+    Tensors over ``_MASK_BLOCK`` entries are drawn in blocks of leading rows,
+    block ``b`` from ``fold_in(key, b)``, one block at a time: threefry needs
+    ~16 bytes of scratch per entry, 1 GB for a 65M-entry embedding if drawn
+    at once.  Smaller tensors are one draw from ``key``.
+    """
+    n = math.prod(shape)
+    if n <= _MASK_BLOCK or not shape:
+        return jax.random.bernoulli(key, density, shape)
+    rows, per_row = shape[0], n // shape[0]
+    rb = max(1, _MASK_BLOCK // max(per_row, 1))
+    nb = -(-rows // rb)
+    if nb == 1:
+        return jax.random.bernoulli(key, density, shape)
+    keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(nb))
+    blocks = jax.lax.map(lambda k: jax.random.bernoulli(k, density, (rb, *shape[1:])), keys)
+    return blocks.reshape((nb * rb, *shape[1:]))[:rows]
 
 
 def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1", mask=None):
-    """DARE: keep each entry with probability ``density`` (``mask``: that draw, made beforehand)."""
+    """DARE: keep each entry with probability ``density``.
+
+    ``mask``: that draw made beforehand, or ``(mask, factor)`` with the L1
+    rescale factor too (eager merges compute both in separate passes, so the
+    merge itself is one elementwise pass).
+    """
     if density >= 1:
         return tau
+    factor = None
+    if isinstance(mask, tuple):
+        mask, factor = mask
     if mask is None:
         mask = dare_mask(key, density, tau.shape)
     kept = jnp.where(mask, tau, 0.0)
     if not rescale:
         return kept
-    return kept / density if rescale_mode == "inverse" else _l1_rescale(tau, kept)
+    if rescale_mode == "inverse":
+        return kept / density
+    return kept * factor if factor is not None else _l1_rescale(tau, kept)
 
 
 def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
