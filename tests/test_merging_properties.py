@@ -95,7 +95,7 @@ def test_trimming_keeps_exactly_k_entries(shape, density, seed, discrete):
 
 @settings(max_examples=40, deadline=None)
 @given(
-    shape=st.sampled_from(SHAPES + [(64, 33), (1000,), (3, 5, 7)]),
+    shape=st.sampled_from(SHAPES + [(64, 33), (1000,), (3, 5, 7), (3, 5000), (2, 4099)]),  # wide rows: split / unsplittable
     density=st.floats(0.01, 0.99),
     seed=st.integers(0, 2**16),
     kind=st.sampled_from(["normal", "discrete", "mostly_zero"]),

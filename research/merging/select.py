@@ -278,19 +278,58 @@ def _bits_f32(b: int):
     return np.asarray(b, np.int32).view(np.float32)
 
 
+@jax.jit
+def _row_pair_abs_delta(ft, base, t, t_below):
+    """Per-row ``(cols + 1) * #[d > t] + #[d > t_below]`` for ``d = |ft - base|``, one pass.
+
+    The terms are non-negative integers, so while a row's sum stays below
+    2**24 every partial sum is exact in float32, whatever the order; a
+    result at or above 2**24 may be rounded and is not used.
+    """
+    d2 = _view2d(_abs_delta(ft, base))
+    w = float(d2.shape[1] + 1)
+    gt = jnp.minimum(jnp.maximum(d2 - t, 0.0) * _BIG, 1.0)
+    ge = jnp.minimum(jnp.maximum(d2 - t_below, 0.0) * _BIG, 1.0)
+    return jnp.sum(gt * w + ge, axis=-1).astype(jnp.int32)
+
+
 class _HostCounts:
-    """Per-row counts of ``|ft - base| > t``, one compiled pass per new ``t``."""
+    """Per-row counts of ``|ft - base| > t`` by bit pattern ``b`` of ``t``.
+
+    One pass counts both ``> value(b)`` and ``> value(b - 1)`` (i.e.
+    ``>= value(b)``) when the packed row sums stay exact, so a search that
+    lands on the k-th value's tie plateau knows it at once.
+    """
 
     def __init__(self, ft, base):
         self.ft, self.base, self.rows = ft, base, {}
+        self.cols = _view2d(ft).shape[1]
 
     def per_row(self, b: int) -> np.ndarray:
-        if b not in self.rows:
-            self.rows[b] = np.asarray(_row_greater_abs_delta(self.ft, self.base, _bits_f32(b)), np.int64)
+        if b in self.rows:
+            return self.rows[b]
+        if b > 0:
+            packed = np.asarray(_row_pair_abs_delta(self.ft, self.base, _bits_f32(b), _bits_f32(b - 1)), np.int64)
+            if packed.max(initial=0) < (1 << 24):  # exact: decode both counts
+                gt, ge = np.divmod(packed, self.cols + 1)
+                self.rows[b] = gt
+                self.rows.setdefault(b - 1, ge)
+                return gt
+        self.rows[b] = np.asarray(_row_greater_abs_delta(self.ft, self.base, _bits_f32(b)), np.int64)
         return self.rows[b]
+
+    def cached(self, b: int) -> int | None:
+        return int(self.rows[b].sum()) if b in self.rows else None
 
     def __call__(self, b: int) -> int:
         return int(self.per_row(b).sum())
+
+
+def _plateau(count, b: int, c: int, k: int):
+    """``b`` with ``c(b) < k``: if ``c(b - 1)`` is already known and ``>= k``,
+    ``value(b)`` is the k-th value; return the new ``(b_lo, c_lo)``."""
+    below = count.cached(b - 1) if hasattr(count, "cached") and b > 0 else None
+    return (b - 1, below) if below is not None and below >= k else None
 
 
 def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 3):
@@ -309,6 +348,10 @@ def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 
             b_lo, c_lo, i_lo = b, c, guess
         else:
             b_hi, c_hi, i_hi = b, c, guess
+            found = _plateau(count, b, c, k)
+            if found:
+                b_lo, c_lo = found
+                break
         if c == k:
             break
         frac = (c_lo - k) / max(c_lo - c_hi, 1)
@@ -335,6 +378,9 @@ def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 
             b_lo, c_lo = mid, c
         else:
             b_hi, c_hi = mid, c
+            found = _plateau(count, mid, c, k)
+            if found:
+                b_lo, c_lo = found
         it += 1
     return b_lo, c_lo, b_hi, c_hi
 
