@@ -1,7 +1,7 @@
 """The whole seed end to end (what ``make demo`` runs): pretrain, fine-tune per task
 with packing and NEFTune, task vectors, merges, the TIES-paper table.
 
-    python experiments/quickstart.py --force            # ~9 min on a 2-core CPU (make demo)
+    python experiments/quickstart.py --force            # ~6 min on a 2-core CPU (make demo)
     python experiments/quickstart.py --tiny --force     # smoke variant (~1.5 min)
 
 Stages (each with a progress bar):

@@ -132,44 +132,42 @@ def _header(entries, metadata) -> bytes:
 class ShardWriter:
     """Writes tensors into shards of at most ``shard_size`` bytes, in the order given.
 
-    With ``layout`` (``[(name, shape, dtype), ...]``, the order ``add`` will
-    be called in), shards are laid out up front and each tensor is written
-    straight to its final place: memory holds one tensor at a time.  Without
-    it, a shard is buffered until full.  ``finish()`` names the shards
-    ``model-0000i-of-0000N.safetensors`` with a ``model.safetensors.index.json``
-    (``metadata.total_size``, ``weight_map``), or ``model.safetensors`` when
-    one shard suffices.
+    ``layout`` (``[(name, shape, dtype), ...]``, the order ``add`` will be
+    called in) lays the shards out up front, so each tensor is written
+    straight to its final place and memory holds one tensor at a time.
+    ``finish()`` names the shards ``model-0000i-of-0000N.safetensors`` with a
+    ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``),
+    or ``model.safetensors`` when one shard suffices.
     """
 
-    def __init__(self, directory: str, shard_size: int, layout=None, metadata=None):
-        self.dir, self.size = directory, shard_size
+    def __init__(self, directory: str, shard_size: int, layout, metadata=None):
+        self.dir = directory
         self.metadata = metadata or {"format": "pt"}
-        self.shards = []  # [[(name, shape, dtype), ...], ...]
         self.total = 0
-        self._pending = {}
-        self._file = None
+        self._plan = [(n, tuple(s), np.dtype(d)) for n, s, d in layout]
         self._next = 0  # index into the planned order
-        self._plan = None
-        if layout is not None:
-            self._plan = [(n, tuple(s), np.dtype(d)) for n, s, d in layout]
-            cur, cur_bytes = [], 0
-            for n, s, d in self._plan:
-                nbytes = math.prod(s) * d.itemsize
-                if cur and cur_bytes + nbytes > shard_size:
-                    self.shards.append(cur)
-                    cur, cur_bytes = [], 0
-                cur.append((n, s, d))
-                cur_bytes += nbytes
-            if cur:
+        self._file = None
+        self.shards = []  # [[(name, shape, dtype), ...], ...]
+        cur, cur_bytes = [], 0
+        for n, s, d in self._plan:
+            nbytes = math.prod(s) * d.itemsize
+            if cur and cur_bytes + nbytes > shard_size:
                 self.shards.append(cur)
-            self._shard_of = {n: i for i, sh in enumerate(self.shards) for n, _, _ in sh}
+                cur, cur_bytes = [], 0
+            cur.append((n, s, d))
+            cur_bytes += nbytes
+        if cur:
+            self.shards.append(cur)
+        self._shard_of = {n: i for i, sh in enumerate(self.shards) for n, _, _ in sh}
 
     def _part(self, i: int) -> str:
         return os.path.join(self.dir, f"part-{i:05d}.safetensors")
 
-    def _write_shard_header(self, i: int, tensors) -> None:
+    def _open_shard(self, i: int) -> None:
+        self._close_file()
+        self._file, self._file_index = open(self._part(i), "wb"), i
         entries, off = {}, 0
-        for n, s, d in tensors:
+        for n, s, d in self.shards[i]:
             nbytes = math.prod(s) * d.itemsize
             entries[n] = {"dtype": CODES[d], "shape": list(s), "data_offsets": [off, off + nbytes]}
             off += nbytes
@@ -179,40 +177,15 @@ class ShardWriter:
         arr = np.ascontiguousarray(arr)
         if arr.dtype not in CODES:
             raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors code")
-        if self._plan is None:
-            self._add_buffered(name, arr)
-            return
         want = self._plan[self._next] if self._next < len(self._plan) else None
         if want is None or want[0] != name or want[1] != arr.shape or want[2] != arr.dtype:
             raise SafetensorsError(f"tensor {name!r} {arr.shape} {arr.dtype} arrived where the layout expects {want}")
         i = self._shard_of[name]
         if self._file is None or self._file_index != i:
-            self._close_file()
-            self._file, self._file_index = open(self._part(i), "wb"), i
-            self._write_shard_header(i, self.shards[i])
+            self._open_shard(i)
         self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self.total += arr.nbytes
         self._next += 1
-
-    def _add_buffered(self, name, arr):
-        cur_bytes = sum(a.nbytes for a in self._pending.values())
-        if self._pending and cur_bytes + arr.nbytes > self.size:
-            self._flush_buffered()
-        self._pending[name] = arr
-        self.total += arr.nbytes
-
-    def _flush_buffered(self):
-        if not self._pending:
-            return
-        tensors = [(n, a.shape, a.dtype) for n, a in self._pending.items()]
-        i = len(self.shards)
-        self.shards.append(tensors)
-        with open(self._part(i), "wb") as f:
-            self._file = f
-            self._write_shard_header(i, tensors)
-            for a in self._pending.values():
-                f.write(memoryview(a.reshape(-1).view(np.uint8)))
-        self._file, self._pending = None, {}
 
     def _close_file(self):
         if self._file is not None:
@@ -220,13 +193,10 @@ class ShardWriter:
             self._file = None
 
     def finish(self) -> None:
-        if self._plan is None:
-            self._flush_buffered()
-        else:
-            self._close_file()
-            if self._next != len(self._plan):
-                missing = [n for n, _, _ in self._plan[self._next:]][:3]
-                raise SafetensorsError(f"{len(self._plan) - self._next} planned tensors were never written: {missing}")
+        self._close_file()
+        if self._next != len(self._plan):
+            missing = [n for n, _, _ in self._plan[self._next:]][:3]
+            raise SafetensorsError(f"{len(self._plan) - self._next} planned tensors were never written: {missing}")
         n = len(self.shards)
         if n == 1:
             os.rename(self._part(0), os.path.join(self.dir, "model.safetensors"))

@@ -171,16 +171,28 @@ def _host_cut(ft, base, k: int) -> select.Cut:
     return select.topk_cut_delta_host(ft, base, k)
 
 
-def _host_threshold(ft, base, opts, i: int):
-    """Per-tensor trim state of model ``i``, searched from the host: a ``Cut``
-    (magnitude) or a ``(keep, top)`` pair of them (breadcrumbs)."""
+_HOST_PREPARED = ("magnitude", "magnitude_outliers", "random")
+
+
+def _host_leaf_state(ft, base, opts, key, j: int, i: int):
+    """What model ``i``'s sparsifier needs for leaf ``j``, worked out before the
+    merge call (eager merges): a trim ``Cut`` (magnitude), a ``(keep, top)``
+    pair of them (breadcrumbs), or a DARE mask, with its L1 factor when
+    rescaling.  Trim cuts are searched from the host (faster on XLA:CPU); each
+    DARE mask is drawn by its own call, so the random bits of all models are
+    never alive together (XLA materialises threefry's output)."""
     density = opts.density[i]
     if opts.sparsify == "magnitude":
         return _host_cut(ft, base, ft.size if density >= 1 else int(density * ft.size))
     if density >= 1:
         return None
-    n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
-    return _host_cut(ft, base, n_keep), _host_cut(ft, base, n_top)
+    if opts.sparsify == "magnitude_outliers":
+        n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
+        return _host_cut(ft, base, n_keep), _host_cut(ft, base, n_top)
+    mask = _dare_mask_jit(key, j, i, density, ft.shape)
+    if opts.rescale and opts.rescale_mode == "l1":
+        return mask, _dare_l1_factor(ft, base, mask)
+    return mask
 
 
 def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
@@ -190,24 +202,15 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
     ths = offsets = None
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
-    host_trim = (leafwise and ths is None and isinstance(opts, generalized.Options)
-                 and opts.sparsify in ("magnitude", "magnitude_outliers"))
-    # DARE, leaf by leaf: each mask is drawn by its own call, so the random bits of
-    # all models are never alive together (XLA materialises threefry's output)
-    host_masks = leafwise and isinstance(opts, generalized.Options) and opts.sparsify == "random"
+    host_prepared = (leafwise and ths is None and isinstance(opts, generalized.Options)
+                     and opts.sparsify in _HOST_PREPARED)
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
         ms = [ml[j] for ml in model_leaves]
-        if host_masks:
-            masks = [None if d >= 1 else _dare_mask_jit(key, j, i, d, m.shape) for i, (m, d) in enumerate(zip(ms, opts.density))]
-            if opts.rescale and opts.rescale_mode == "l1":
-                masks = [mk if mk is None else (mk, _dare_l1_factor(m, base_leaves[j], mk)) for m, mk in zip(ms, masks)]
-            out.append(fn(j, base_leaves[j], ms, key, masks, [0] * len(ms)))
-            continue
-        if host_trim:  # per-tensor trim thresholds searched from the host: faster on XLA:CPU
-            leaf_ths = [_host_threshold(m, base_leaves[j], opts, i) for i, m in enumerate(ms)]
-            out.append(fn(j, base_leaves[j], ms, key, leaf_ths, [0] * len(ms)))
+        if host_prepared:
+            states = [_host_leaf_state(m, base_leaves[j], opts, key, j, i) for i, m in enumerate(ms)]
+            out.append(fn(j, base_leaves[j], ms, key, states, [0] * len(ms)))
             continue
         offs = None if offsets is None else [o[j] for o in offsets]
         out.append(fn(j, base_leaves[j], ms, key, ths, offs))

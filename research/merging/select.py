@@ -328,7 +328,7 @@ class _HostCounts:
 def _plateau(count, b: int, c: int, k: int):
     """``b`` with ``c(b) < k``: if ``c(b - 1)`` is already known and ``>= k``,
     ``value(b)`` is the k-th value; return the new ``(b_lo, c_lo)``."""
-    below = count.cached(b - 1) if hasattr(count, "cached") and b > 0 else None
+    below = count.cached(b - 1) if b > 0 else None
     return (b - 1, below) if below is not None and below >= k else None
 
 
@@ -383,18 +383,6 @@ def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 
                 b_lo, c_lo = found
         it += 1
     return b_lo, c_lo, b_hi, c_hi
-
-
-def kth_largest_delta_host(ft, base, k: int, sample_steps: int = 3) -> Threshold:
-    """``kth_largest([|ft - base|], k)``, searched from the host (see above)."""
-    n = ft.size
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} must be in [1, {n}]")
-    sample = np.sort(np.asarray(_sample_abs_delta(ft, base)))
-    b_lo, c_lo, b_hi, c_hi = _search_host(_HostCounts(ft, base), sample, n, k, sample_steps)
-    if c_lo == k and b_lo >= 0:
-        return Threshold(jnp.float32(_bits_f32(b_lo)), jnp.int32(0))
-    return Threshold(jnp.float32(_bits_f32(b_hi)), jnp.int32(k - c_hi))
 
 
 def topk_cut_delta_host(ft, base, k: int) -> Cut:

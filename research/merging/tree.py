@@ -61,8 +61,6 @@ def check_finite(models: Sequence[PyTree], names: Sequence[str]) -> None:
         return
     for name, m in zip(names, models):
         for path, x in jax.tree_util.tree_flatten_with_path(m)[0]:
-            if isinstance(x, jax.core.Tracer):
-                return
             if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
                 continue
             if not bool(_all_finite(x)):

@@ -173,7 +173,7 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
     try:
-        writer = ShardWriter(tmp, shard_size)
+        writer = ShardWriter(tmp, shard_size, layout=[(n, a.shape, a.dtype) for n, a in tensors.items()])
         for name, arr in tensors.items():
             writer.add(name, arr)
         writer.finish()

@@ -14,8 +14,8 @@ second Ctrl-C exits at once without saving.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import math
 import os
 import signal

@@ -29,13 +29,12 @@ from tqdm.auto import tqdm
 from research import merging
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import TensorSource
-from research.safetensors_io import ShardWriter
-from research.safetensors_io import CheckpointError
+from research.safetensors_io import CheckpointError, ShardWriter
 
 _VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
 _GLOBAL_RENAME = {"lambda": "lam"}
-_IGNORED = {"int8_mask"}
-_PREFETCH_BUDGET = 512 << 20  # bytes of input tensors in memory at once when overlapping reads  # mergekit memory options with no meaning here
+_IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
+_PREFETCH_BUDGET = 512 << 20  # bytes of input tensors in memory at once when overlapping reads
 
 
 class MergeFailed(ValueError):
@@ -69,7 +68,7 @@ class Plan:
         ref = self.base or self.models[0]
         return sum(ref.nbytes(n) for n in self.names)
 
-    def peak_estimate(self, shard_size: int) -> int:
+    def peak_estimate(self) -> int:
         ref = self.base or self.models[0]
         largest = max(int(np.prod(ref.shapes[n])) for n in self.names)
         n_in = len(self.models) + (self.base is not None)
@@ -158,7 +157,7 @@ def tensor_params(plan: Plan, name: str, source: str) -> dict:
     return out
 
 
-def describe(plan: Plan, shard_size: int) -> str:
+def describe(plan: Plan) -> str:
     ref = plan.base or plan.models[0]
     lines = [f"merge_method: {plan.method}", f"base: {plan.base.path if plan.base else '-'}"]
     lines += [f"model {i}: {m.path}" for i, m in enumerate(plan.models)]
@@ -168,7 +167,7 @@ def describe(plan: Plan, shard_size: int) -> str:
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
-    lines.append(f"estimated peak memory: {gb(plan.peak_estimate(shard_size))} (tensors in flight)")
+    lines.append(f"estimated peak memory: {gb(plan.peak_estimate())} (tensors in flight)")
     return "\n".join(lines)
 
 
@@ -197,7 +196,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     if dry_run:
         for name in plan.names:  # resolve every parameter now, so bad values surface
             tensor_params(plan, name, mc.source)
-        print(describe(plan, shard_size))
+        print(describe(plan))
         return None
     out_dir = os.path.abspath(out_dir)
     if os.path.exists(out_dir) and not force:
