@@ -15,6 +15,7 @@ from safetensors.numpy import load_file, save_file
 
 from research import merging
 from research.merging import stream
+from research.merging.stream.sources import TensorSource
 from research.models import CheckpointError
 
 BF16 = ml_dtypes.bfloat16
@@ -189,6 +190,40 @@ def test_bad_input(models):
     os.makedirs(tmp / "pt")
     (tmp / "pt" / "pytorch_model.bin").write_bytes(b"\x80\x02")
     _err(tmp, TIES.replace("- model: ft2", "- model: pt"), "unpickle")
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_nan_in_a_late_tensor_fails_naming_it_and_leaves_no_partial_output(models, method):
+    """Earlier tensors are already being written (behind the merge) when the bad one
+    is reached: the error names tensor and model, and no directory is left over."""
+    tmp, base, fts = models
+    name = TensorSource(str(tmp / "base")).names[-1]  # the last tensor merged
+    bad = dict(fts[1])
+    bad[name] = bad[name].copy()
+    bad[name].reshape(-1)[0] = np.nan
+    os.makedirs(tmp / "nan")
+    save_file(bad, str(tmp / "nan" / "model.safetensors"), metadata={"format": "pt"})
+    text = TIES.replace("- model: ft1", "- model: nan").replace("merge_method: ties", f"merge_method: {method}")
+    _err(tmp, text, rf"tensor {name}: leaf .* of model 1 \(.*nan\) holds NaN or Inf")
+    assert [d for d in os.listdir(tmp) if d.startswith("bad")] == []
+
+
+def test_compiled_programs_are_kept_between_cli_runs(models, tmp_path_factory):
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    cache = tmp_path_factory.mktemp("cache")
+    env = {**os.environ, "XLA_FLAGS": "", "RESEARCH_MERGE_CACHE": str(cache)}
+    run = lambda out, *extra: subprocess.run([sys.executable, "-m", "research.merging", cfg, str(tmp / out), "--no-progress", *extra],
+                                             capture_output=True, text=True, env=env, timeout=300)
+    assert run("off", "--no-compile-cache").returncode == 0
+    assert os.listdir(cache) == []
+    assert run("first").returncode == 0
+    kept = os.listdir(cache)
+    assert any("merge_one_leaf" in f for f in kept)
+    assert run("second").returncode == 0
+    assert sorted(os.listdir(cache)) == sorted(kept)  # nothing new compiled
+    a, b, c = (read_out(str(tmp / o)) for o in ("off", "first", "second"))
+    assert all(np.array_equal(a[k], b[k]) and np.array_equal(a[k], c[k]) for k in a)
 
 
 def test_vocab_mismatch_is_refused_unless_allowed(models):

@@ -226,6 +226,29 @@ def test_bad_input_names_the_culprit():
     merging.merge("ties", [a, bad], base=base, check_finite=False)  # opt-out works
 
 
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "negate", "slerp", "model_stock", "dare_ties"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_nan_or_inf_in_any_input_is_refused_even_with_zero_weight(method, value):
+    """linear/task_arithmetic/negate screen their output first (NaN/Inf propagates
+    through +, -, *, / and 0 * Inf); the error must still name the input leaf."""
+    base, a = _tree(0), _tree(1)
+    bad = jax.tree.map(lambda x: x.copy(), a)
+    bad["a"][1, 2] = value
+    kw = _kwargs(method, 2)
+    if method in ("linear", "task_arithmetic", "negate"):
+        kw["weight"] = [1.0, 0.0]  # the bad model's weight is zero: its entries still poison the output
+    b = None if method in ("linear", "slerp") else base
+    _err(r"leaf \['a'\] of model 1 holds NaN or Inf", method, [a, bad], base=b, **kw)
+    if b is not None:
+        _err(r"leaf \['a'\] of base holds NaN or Inf", method, [a, a], base=bad, **kw)
+
+
+def test_finite_inputs_whose_merge_overflows_are_not_refused():
+    a = {"x": np.full((4,), 6e4, np.float32)}
+    out = merging.merge("linear", [a, a], weight=[1.0, 1.0], normalize=False, out_dtype=jnp.float16)
+    assert np.isinf(np.asarray(out["x"])).all()
+
+
 @pytest.mark.parametrize("method,params", [
     ("ties", {"density": 0.3}),
     ("breadcrumbs", {"density": 0.3, "gamma": 0.05}),

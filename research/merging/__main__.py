@@ -4,7 +4,31 @@ real checkpoints from a mergekit-style YAML file, streaming tensor by tensor."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+
+def compile_cache_dir() -> str | None:
+    """Where compiled merge programs are kept between runs: ``$RESEARCH_MERGE_CACHE``
+    (``off`` disables), else ``$XDG_CACHE_HOME/research-merge/jax`` (``~/.cache``)."""
+    env = os.environ.get("RESEARCH_MERGE_CACHE")
+    if env is not None:
+        return None if env.lower() in ("", "off", "0", "none") else env
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "research-merge", "jax")
+
+
+def _enable_compile_cache() -> None:
+    """JAX's persistent compilation cache, for every program however quick to compile:
+    a merge compiles one small program per tensor shape (~0.05 s each, ~0.5 s for a
+    Llama checkpoint), which is a third of a 500M-parameter merge's run time."""
+    import jax
+
+    path = compile_cache_dir()
+    if path is None or jax.config.jax_compilation_cache_dir:  # off, or the user set their own
+        return
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def main(argv=None) -> int:
@@ -18,7 +42,12 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="check inputs and print the plan; reads no tensor data")
     ap.add_argument("--allow-vocab-mismatch", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-compile-cache", action="store_true",
+                    help="do not keep compiled programs between runs (default: $RESEARCH_MERGE_CACHE or "
+                         "~/.cache/research-merge/jax)")
     args = ap.parse_args(argv)
+    if not args.no_compile_cache and not args.dry_run:
+        _enable_compile_cache()
 
     from research.merging import MergeError
     from research.merging.stream import ConfigError, MergeFailed, load, parse_size, run

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from research.merging import generalized, methods, select, sparsify
-from research.merging.tree import MergeError, check_compatible, check_finite, compute_dtype, per_model
+from research.merging.tree import MergeError, all_finite, check_compatible, check_finite, compute_dtype, per_model
 
 PyTree = Any
 
@@ -24,6 +24,11 @@ NEEDS_BASE = (*TASK_VECTOR_METHODS, "model_stock", "negate")
 RANDOM_METHODS = ("dare_linear", "dare_ties", "della", "della_linear")
 
 _COMMON = {"out_dtype", "check_finite"}
+# Methods whose output holds NaN/Inf wherever an input does (every input
+# entry reaches its output entry through +, -, * and /; 0 * Inf is NaN):
+# for these the NaN/Inf check reads the output, one tensor instead of all of
+# them, and looks at the inputs only when the output is not finite.
+_PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "negate")
 _TV_PARAMS = {
     "weight", "density", "gamma", "epsilon", "lam", "normalize", "rescale",
     "trim", "consensus", "vote_on", "divide_by", "rescale_mode",
@@ -262,7 +267,12 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     names = ["base"] * (base is not None) + [f"model {i}" for i in range(len(models))]
     trees = ([base] if base is not None else []) + models
     check_compatible(trees, names)
-    if params.get("check_finite", True):
+    if method not in RANDOM_METHODS:
+        key = None
+    screen = params.get("check_finite", True)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
+    screen_output = screen and not traced and method in _PROPAGATES_NONFINITE
+    if screen and not screen_output:
         check_finite(trees, names)
     out_dtype = params.get("out_dtype")
     out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
@@ -279,7 +289,7 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
         opts = (("filter_wise", bool(params.get("filter_wise", False))),)
     else:  # negate
         opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("lam", float(params.get("lam", 1.0))))
-    if method not in RANDOM_METHODS:
-        key = None
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
-    return _run(models, base, key, method=method, opts=opts, out_dtype=out_dtype, leafwise=not traced)
+    out = _run(models, base, key, method=method, opts=opts, out_dtype=out_dtype, leafwise=not traced)
+    if screen_output and not all_finite(jax.tree.leaves(out)):
+        check_finite(trees, names)  # names the input at fault; a finite overflow passes
+    return out

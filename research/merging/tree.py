@@ -70,6 +70,12 @@ def check_finite(models: Sequence[PyTree], names: Sequence[str]) -> None:
                 )
 
 
+def all_finite(leaves) -> bool:
+    """Whether every floating-point leaf is free of NaN/Inf (one reduction per leaf)."""
+    flags = [_all_finite(x) for x in leaves if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return all(bool(f) for f in flags)
+
+
 @jax.jit
 def _all_finite(x):
     return jnp.all(jnp.isfinite(x))

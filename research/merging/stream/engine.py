@@ -3,7 +3,8 @@
 Each output tensor is computed from the same tensor of every input, read
 from the safetensors files (``pread``, no memory map) while the previous
 tensor is being merged, and written straight to its place in the output
-shards, which are laid out before the first tensor is merged.  Peak memory is
+shards, which are laid out before the first tensor is merged, while the
+next tensor is being merged (one thread reads ahead, one writes behind).  Peak memory is
 a few times the largest tensor times the number of models, whatever the model
 size.  Output goes to ``OUT.tmp-*`` and is
 renamed to ``OUT`` only when complete.
@@ -72,9 +73,11 @@ class Plan:
         ref = self.base or self.models[0]
         largest = max(int(np.prod(ref.shapes[n])) for n in self.names)
         n_in = len(self.models) + (self.base is not None)
-        # inputs (+ the prefetched next set, within its budget) at their dtype, float32 working copies
-        in_bytes = n_in * max(ref.nbytes(n) for n in self.names)
-        return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * largest * 4
+        # inputs (+ the prefetched next set, within its budget) at their dtype, float32
+        # working copies, the previous output waiting for the disk
+        out_bytes = max(ref.nbytes(n) for n in self.names)
+        in_bytes = n_in * out_bytes
+        return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * largest * 4 + out_bytes
 
 
 def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
@@ -227,45 +230,54 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
+    write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor behind the merge
+    written = None
     read = lambda n: [s.read(n) for s in srcs]
     total = plan.bytes_read()
     bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
     set_bytes = lambda n: sum(s.nbytes(n) for s in srcs)
     pending = pool.submit(read, plan.names[0]) if plan.names else None
     t0 = time.perf_counter()
-    for j, name in enumerate(plan.names):
-        arrays = pending.result() if pending is not None else read(name)
-        pending = None
-        # read the next tensor while merging this one, unless the two sets together
-        # would exceed the prefetch budget (the embeddings: read those in turn)
-        if j + 1 < len(plan.names) and set_bytes(name) + set_bytes(plan.names[j + 1]) <= _PREFETCH_BUDGET:
-            pending = pool.submit(read, plan.names[j + 1])
-        ref = arrays[0]
-        rows = plan.vocab_rows.get(name)
-        work = [a[:rows] if rows else a for a in arrays]
-        if not _float(ref.dtype):
-            writer.add(name, ref)  # integer buffers (e.g. position ids) are copied from the base
-        else:
-            work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]
-            params = tensor_params(plan, name, mc.source)
-            base = {name: work[0]} if plan.base else None
-            models = [{name: w} for w in (work[1:] if plan.base else work)]
-            key = jax.random.fold_in(root, j) if plan.method in merging.RANDOM_METHODS else None
-            try:
-                merged = merging.merge(plan.method, models, base=base, key=key,
-                                       out_dtype=out_dtype or ref.dtype, **params)[name]
-            except merging.MergeError as e:
-                raise MergeFailed(f"{mc.source}: tensor {name}: {_name_models(str(e), plan)}") from None
-            out = np.asarray(jax.device_get(merged))
-            if rows:
-                full = np.array(ref, copy=True).astype(out.dtype)
-                full[:rows] = out
-                out = full
-            writer.add(name, out)
-        bar.update(sum(a.nbytes for a in arrays))
-        bar.set_postfix(tensors=f"{j + 1}/{len(plan.names)}")
-    bar.close()
-    pool.shutdown()
+    try:
+        for j, name in enumerate(plan.names):
+            arrays = pending.result() if pending is not None else read(name)
+            pending = None
+            # read the next tensor while merging this one, unless the two sets together
+            # would exceed the prefetch budget (the embeddings: read those in turn)
+            if j + 1 < len(plan.names) and set_bytes(name) + set_bytes(plan.names[j + 1]) <= _PREFETCH_BUDGET:
+                pending = pool.submit(read, plan.names[j + 1])
+            ref = arrays[0]
+            rows = plan.vocab_rows.get(name)
+            work = [a[:rows] if rows else a for a in arrays]
+            if not _float(ref.dtype):
+                out = ref  # integer buffers (e.g. position ids) are copied from the base
+            else:
+                work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]
+                params = tensor_params(plan, name, mc.source)
+                base = {name: work[0]} if plan.base else None
+                models = [{name: w} for w in (work[1:] if plan.base else work)]
+                key = jax.random.fold_in(root, j) if plan.method in merging.RANDOM_METHODS else None
+                try:
+                    merged = merging.merge(plan.method, models, base=base, key=key,
+                                           out_dtype=out_dtype or ref.dtype, **params)[name]
+                except merging.MergeError as e:
+                    raise MergeFailed(f"{mc.source}: tensor {name}: {_name_models(str(e), plan)}") from None
+                out = np.asarray(jax.device_get(merged))
+                if rows:
+                    full = np.array(ref, copy=True).astype(out.dtype)
+                    full[:rows] = out
+                    out = full
+            if written is not None:
+                written.result()  # at most one finished tensor waits for the disk
+            written = write_pool.submit(writer.add, name, out)
+            bar.update(sum(a.nbytes for a in arrays))
+            bar.set_postfix(tensors=f"{j + 1}/{len(plan.names)}")
+        if written is not None:
+            written.result()
+    finally:  # never leave a thread writing into a directory that is being removed
+        bar.close()
+        pool.shutdown(cancel_futures=True)
+        write_pool.shutdown()
     writer.finish()
     cj = (plan.base or plan.models[0]).config_json()
     if cj:
