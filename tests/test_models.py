@@ -103,6 +103,23 @@ def test_all_padding_rows_give_no_nan(backend):
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
 
 
+def test_cudnn_packed_layout_lists_each_rows_segments_with_minus_one_padding():
+    """cuDNN's ragged layout (checked on a GPU by experiments/gpu_check.py): starts and
+    lengths per row, -1 past the last segment; padding is in no segment."""
+    seg = jnp.asarray([[1, 1, 1, 2, 2, 0], [3, 3, 3, 3, 3, 3], [0, 0, 0, 0, 0, 0]])
+    offsets, lens = attn.segments_to_offsets(seg, max_segments=3)
+    np.testing.assert_array_equal(offsets, [[0, 3, -1, -1], [0, -1, -1, -1], [-1, -1, -1, -1]])
+    np.testing.assert_array_equal(lens, [[3, 2, -1], [6, -1, -1], [-1, -1, -1]])
+    offsets, lens = attn.segments_to_offsets(seg)  # default: room for one segment per token
+    assert offsets.shape == (3, 7) and lens.shape == (3, 6)
+    np.testing.assert_array_equal(lens[0], [3, 2, -1, -1, -1, -1])
+    # a packed row of many one-token samples keeps them all
+    many = jnp.arange(1, 65)[None]
+    offsets, lens = attn.segments_to_offsets(many)
+    np.testing.assert_array_equal(offsets[0, :64], np.arange(64))
+    assert (lens == 1).all()
+
+
 def test_blockwise_handles_lengths_not_divisible_by_the_block():
     ks = jax.random.split(jax.random.key(0), 3)
     q = jax.random.normal(ks[0], (2, 37, 4, 8))

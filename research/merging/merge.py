@@ -200,6 +200,13 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int):
     return mask
 
 
+def _on_cpu(x) -> bool:
+    """Host-prepared sparsifier state pays off on XLA:CPU only (see ``select``); on an
+    accelerator a host round trip per counting pass costs more than the in-graph search."""
+    devices = x.devices() if isinstance(x, jax.Array) else jax.devices()
+    return next(iter(devices)).platform == "cpu"
+
+
 def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
     ref_leaves, treedef = jax.tree.flatten(base if base is not None else models[0])
     base_leaves = jax.tree.leaves(base) if base is not None else [None] * len(ref_leaves)
@@ -208,7 +215,7 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
     host_prepared = (leafwise and ths is None and isinstance(opts, generalized.Options)
-                     and opts.sparsify in _HOST_PREPARED)
+                     and opts.sparsify in _HOST_PREPARED and _on_cpu(ref_leaves[0]))
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
