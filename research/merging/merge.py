@@ -166,34 +166,46 @@ def _uses_global_trim(opts) -> bool:
     )
 
 
-def _host_cut(ft, base, k: int) -> select.Cut:
-    """Keep exactly the ``k`` largest ``|ft - base|`` (0 <= k <= size)."""
+def _screen_leaf(ft, base) -> None:
+    if not all_finite([ft, base]):
+        raise select.NonFiniteInput("NaN or Inf in a leaf")
+
+
+def _host_cut(ft, base, k: int, screen: bool = False) -> select.Cut:
+    """Keep exactly the ``k`` largest ``|ft - base|`` (0 <= k <= size); ``screen``
+    also checks ``ft`` and ``base`` for NaN/Inf (in the counting pass when there is one)."""
     zero = jnp.int32(0)
+    if 0 < k < ft.size:
+        return select.topk_cut_delta_host(ft, base, k, screen)
+    if screen:
+        _screen_leaf(ft, base)
     if k >= ft.size:
         return select.Cut(jnp.float32(-1.0), zero, zero)  # |x| > -1: everything
-    if k <= 0:
-        return select.Cut(jnp.float32(jnp.inf), zero, zero)
-    return select.topk_cut_delta_host(ft, base, k)
+    return select.Cut(jnp.float32(jnp.inf), zero, zero)
 
 
 _HOST_PREPARED = ("magnitude", "magnitude_outliers", "random")
+_COUNT_SCREENED = ("magnitude", "magnitude_outliers")  # their counting passes screen for NaN/Inf
 
 
-def _host_leaf_state(ft, base, opts, key, j: int, i: int):
+def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     """What model ``i``'s sparsifier needs for leaf ``j``, worked out before the
     merge call (eager merges): a trim ``Cut`` (magnitude), a ``(keep, top)``
     pair of them (breadcrumbs), or a DARE mask, with its L1 factor when
     rescaling.  Trim cuts are searched from the host (faster on XLA:CPU); each
     DARE mask is drawn by its own call, so the random bits of all models are
-    never alive together (XLA materialises threefry's output)."""
+    never alive together (XLA materialises threefry's output).  ``screen``
+    (trims only): raise ``select.NonFiniteInput`` on NaN/Inf in ``ft`` or ``base``."""
     density = opts.density[i]
     if opts.sparsify == "magnitude":
-        return _host_cut(ft, base, ft.size if density >= 1 else int(density * ft.size))
+        return _host_cut(ft, base, ft.size if density >= 1 else int(density * ft.size), screen)
     if density >= 1:
+        if screen:
+            _screen_leaf(ft, base)
         return None
     if opts.sparsify == "magnitude_outliers":
         n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
-        return _host_cut(ft, base, n_keep), _host_cut(ft, base, n_top)
+        return _host_cut(ft, base, n_keep, screen), _host_cut(ft, base, n_top)
     mask = _dare_mask_jit(key, j, i, density, ft.shape)
     if opts.rescale and opts.rescale_mode == "l1":
         return mask, _dare_l1_factor(ft, base, mask)
@@ -207,21 +219,26 @@ def _on_cpu(x) -> bool:
     return next(iter(devices)).platform == "cpu"
 
 
-def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool):
+def _host_prepared(opts, ref_leaf) -> bool:
+    """Whether an eager merge works out sparsifier state leaf by leaf before merging."""
+    return (isinstance(opts, generalized.Options) and opts.sparsify in _HOST_PREPARED
+            and not _uses_global_trim(opts) and _on_cpu(ref_leaf))
+
+
+def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool, screen: bool = False):
     ref_leaves, treedef = jax.tree.flatten(base if base is not None else models[0])
     base_leaves = jax.tree.leaves(base) if base is not None else [None] * len(ref_leaves)
     model_leaves = [jax.tree.leaves(m) for m in models]
     ths = offsets = None
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
-    host_prepared = (leafwise and ths is None and isinstance(opts, generalized.Options)
-                     and opts.sparsify in _HOST_PREPARED and _on_cpu(ref_leaves[0]))
+    host_prepared = leafwise and _host_prepared(opts, ref_leaves[0])
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
         ms = [ml[j] for ml in model_leaves]
         if host_prepared:
-            states = [_host_leaf_state(m, base_leaves[j], opts, key, j, i) for i, m in enumerate(ms)]
+            states = [_host_leaf_state(m, base_leaves[j], opts, key, j, i, screen) for i, m in enumerate(ms)]
             out.append(fn(j, base_leaves[j], ms, key, states, [0] * len(ms)))
             continue
         offs = None if offsets is None else [o[j] for o in offsets]
@@ -276,11 +293,6 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     check_compatible(trees, names)
     if method not in RANDOM_METHODS:
         key = None
-    screen = params.get("check_finite", True)
-    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
-    screen_output = screen and not traced and method in _PROPAGATES_NONFINITE
-    if screen and not screen_output:
-        check_finite(trees, names)
     out_dtype = params.get("out_dtype")
     out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
 
@@ -296,7 +308,23 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
         opts = (("filter_wise", bool(params.get("filter_wise", False))),)
     else:  # negate
         opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("lam", float(params.get("lam", 1.0))))
-    out = _run(models, base, key, method=method, opts=opts, out_dtype=out_dtype, leafwise=not traced)
+
+    # NaN/Inf screening costs a pass over every input, unless it rides along:
+    # on the output (methods that propagate NaN/Inf), or on the first counting
+    # pass of each trim (eager magnitude trims on the CPU).
+    screen = params.get("check_finite", True)
+    traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
+    screen_output = screen and not traced and method in _PROPAGATES_NONFINITE
+    screen_counts = (screen and not traced and isinstance(opts, generalized.Options)
+                     and opts.sparsify in _COUNT_SCREENED and _host_prepared(opts, next(iter(jax.tree.leaves(trees[0])), None)))
+    if screen and not (screen_output or screen_counts):
+        check_finite(trees, names)
+    run = functools.partial(_run, models, base, key, method=method, opts=opts, out_dtype=out_dtype, leafwise=not traced)
+    try:
+        out = run(screen=screen_counts)
+    except select.NonFiniteInput:
+        check_finite(trees, names)  # names the input at fault
+        out = run()  # no input was: a finite ft - base overflowed
     if screen_output and not all_finite(jax.tree.leaves(out)):
         check_finite(trees, names)  # names the input at fault; a finite overflow passes
     return out

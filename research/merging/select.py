@@ -27,6 +27,7 @@ reductions (partial sums plus an all-reduce of scalars), never a gather.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
@@ -252,11 +253,23 @@ def _abs_delta(ft, base):
     return jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32))
 
 
-@jax.jit
-def _row_greater_abs_delta(ft, base, t):
-    """Per-row count of ``|ft - base| > t`` (one reduction per program: the fast path)."""
-    d2 = _view2d(_abs_delta(ft, base))
-    return jnp.sum(jnp.minimum(jnp.maximum(d2 - t, 0.0) * _BIG, 1.0), axis=-1).astype(jnp.int32)
+class NonFiniteInput(ValueError):
+    """A screening count pass met NaN/Inf in ``ft`` or ``base`` (or ``ft - base`` overflowed)."""
+
+
+def _screen_term(delta, screen: bool):
+    """``delta * 0``: 0, or NaN where ``ft - base`` is not finite, i.e. where ``ft``
+    or ``base`` is NaN/Inf (or the difference overflowed).  Added to a count's
+    row sums it screens the inputs in the same pass."""
+    return delta * 0.0 if screen else 0.0
+
+
+@functools.partial(jax.jit, static_argnames="screen")
+def _row_greater_abs_delta(ft, base, t, screen=False):
+    """Per-row count of ``|ft - base| > t`` as float32 (one reduction per program:
+    the fast path); NaN in a row whose inputs are not finite when ``screen``."""
+    d2 = _view2d(ft.astype(jnp.float32) - base.astype(jnp.float32))
+    return jnp.sum(jnp.minimum(jnp.maximum(jnp.abs(d2) - t, 0.0) * _BIG, 1.0) + _screen_term(d2, screen), axis=-1)
 
 
 @jax.jit
@@ -278,19 +291,21 @@ def _bits_f32(b: int):
     return np.asarray(b, np.int32).view(np.float32)
 
 
-@jax.jit
-def _row_pair_abs_delta(ft, base, t, t_below):
+@functools.partial(jax.jit, static_argnames="screen")
+def _row_pair_abs_delta(ft, base, t, t_below, screen=False):
     """Per-row ``(cols + 1) * #[d > t] + #[d > t_below]`` for ``d = |ft - base|``, one pass.
 
     The terms are non-negative integers, so while a row's sum stays below
     2**24 every partial sum is exact in float32, whatever the order; a
-    result at or above 2**24 may be rounded and is not used.
+    result at or above 2**24 may be rounded and is not used.  With
+    ``screen``, a row whose inputs hold NaN/Inf sums to NaN.
     """
-    d2 = _view2d(_abs_delta(ft, base))
+    delta = _view2d(ft.astype(jnp.float32) - base.astype(jnp.float32))
+    d2 = jnp.abs(delta)
     w = float(d2.shape[1] + 1)
     gt = jnp.minimum(jnp.maximum(d2 - t, 0.0) * _BIG, 1.0)
     ge = jnp.minimum(jnp.maximum(d2 - t_below, 0.0) * _BIG, 1.0)
-    return jnp.sum(gt * w + ge, axis=-1).astype(jnp.int32)
+    return jnp.sum(gt * w + ge + _screen_term(delta, screen), axis=-1)
 
 
 class _HostCounts:
@@ -298,24 +313,34 @@ class _HostCounts:
 
     One pass counts both ``> value(b)`` and ``> value(b - 1)`` (i.e.
     ``>= value(b)``) when the packed row sums stay exact, so a search that
-    lands on the k-th value's tie plateau knows it at once.
+    lands on the k-th value's tie plateau knows it at once.  With ``screen``
+    the first pass also screens ``ft`` and ``base`` for NaN/Inf (raising
+    ``NonFiniteInput``), so no separate pass over the inputs is needed.
     """
 
-    def __init__(self, ft, base):
-        self.ft, self.base, self.rows = ft, base, {}
+    def __init__(self, ft, base, screen: bool = False):
+        self.ft, self.base, self.rows, self.screen = ft, base, {}, screen
         self.cols = _view2d(ft).shape[1]
+
+    def _fetch(self, sums) -> np.ndarray:
+        sums = np.asarray(sums)
+        if self.screen:
+            if not np.isfinite(sums).all():
+                raise NonFiniteInput("NaN or Inf in ft - base")
+            self.screen = False  # one pass has seen every entry
+        return sums.astype(np.int64)
 
     def per_row(self, b: int) -> np.ndarray:
         if b in self.rows:
             return self.rows[b]
         if b > 0:
-            packed = np.asarray(_row_pair_abs_delta(self.ft, self.base, _bits_f32(b), _bits_f32(b - 1)), np.int64)
+            packed = self._fetch(_row_pair_abs_delta(self.ft, self.base, _bits_f32(b), _bits_f32(b - 1), self.screen))
             if packed.max(initial=0) < (1 << 24):  # exact: decode both counts
                 gt, ge = np.divmod(packed, self.cols + 1)
                 self.rows[b] = gt
                 self.rows.setdefault(b - 1, ge)
                 return gt
-        self.rows[b] = np.asarray(_row_greater_abs_delta(self.ft, self.base, _bits_f32(b)), np.int64)
+        self.rows[b] = self._fetch(_row_greater_abs_delta(self.ft, self.base, _bits_f32(b), self.screen))
         return self.rows[b]
 
     def cached(self, b: int) -> int | None:
@@ -385,12 +410,16 @@ def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 
     return b_lo, c_lo, b_hi, c_hi
 
 
-def topk_cut_delta_host(ft, base, k: int) -> Cut:
-    """Exactly the ``k`` largest ``|ft - base|`` (ties by flat index) as a ``Cut``."""
+def topk_cut_delta_host(ft, base, k: int, screen: bool = False) -> Cut:
+    """Exactly the ``k`` largest ``|ft - base|`` (ties by flat index) as a ``Cut``.
+
+    ``screen``: raise ``NonFiniteInput`` if ``ft`` or ``base`` holds NaN/Inf
+    (checked by the first counting pass, at no extra pass).
+    """
     n = ft.size
     if not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
-    counts = _HostCounts(ft, base)
+    counts = _HostCounts(ft, base, screen)
     sample = np.sort(np.asarray(_sample_abs_delta(ft, base)))
     b_lo, c_lo, b_hi, c_hi = _search_host(counts, sample, n, k)
     if c_lo == k and b_lo >= 0:
