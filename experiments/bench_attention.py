@@ -30,6 +30,13 @@ def packed_segments(L: int, seg_len: int) -> np.ndarray:
     return ids[None].astype(np.int32)
 
 
+def random_qkv(L: int, N: int = 8, K: int = 4, H: int = 64, dtype=jnp.float32, seed: int = 0):
+    """One row: q ``[1, L, N, H]``, k and v ``[1, L, K, H]``, standard normal."""
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return (jax.random.normal(ks[0], (1, L, N, H), dtype), jax.random.normal(ks[1], (1, L, K, H), dtype),
+            jax.random.normal(ks[2], (1, L, K, H), dtype))
+
+
 def bench(impl, q, k, v, seg, block, repeats=3):
     f = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn.attention(q, k, v, seg, implementation=impl, block_size=block)),
                          argnums=(0, 1, 2)))
@@ -53,10 +60,7 @@ def main(argv=None):
     platform = jax.devices()[0].platform
     impls = ["xla", "blockwise"] + {"gpu": ["pallas_gpu", "cudnn"], "cuda": ["pallas_gpu", "cudnn"], "tpu": ["splash"]}.get(platform, [])
     L, N, K, H = args.seq, 8, 4, 64
-    ks = jax.random.split(jax.random.key(0), 3)
-    q = jax.random.normal(ks[0], (1, L, N, H), jnp.float32)
-    k = jax.random.normal(ks[1], (1, L, K, H), jnp.float32)
-    v = jax.random.normal(ks[2], (1, L, K, H), jnp.float32)
+    q, k, v = random_qkv(L, N, K, H)
     print(f"L={L}, heads {N}/{K}, head dim {H}, block {args.block}, platform {platform}\n")
     print("| segments | backend | fwd+bwd (ms) | temp memory (MiB) | speed-up vs xla |")
     print("|---|---|---:|---:|---:|")

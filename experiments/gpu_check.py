@@ -109,16 +109,15 @@ def attention_correctness(B, T, N, K, H, seed=0):
 
 
 def attention_speed(T, repeats):
+    from bench_attention import packed_segments, random_qkv
+
     N, K, H = 8, 4, 64
-    ks = jax.random.split(jax.random.key(1), 3)
-    q = jax.random.normal(ks[0], (1, T, N, H), jnp.bfloat16)
-    k = jax.random.normal(ks[1], (1, T, K, H), jnp.bfloat16)
-    v = jax.random.normal(ks[2], (1, T, K, H), jnp.bfloat16)
+    q, k, v = random_qkv(T, N, K, H, jnp.bfloat16, seed=1)
     say(f"### Attention forward+backward, one {T}-token row, heads {N}/{K}, head dim {H}, bf16\n")
     say("| segments | backend | ms | speed-up vs xla |")
     say("|---|---|---:|---:|")
     for seg_len in (100, 2000):
-        seg = jnp.asarray((np.arange(T) // seg_len + 1)[None].astype(np.int32))
+        seg = jnp.asarray(packed_segments(T, seg_len))
         ref = None
         for impl in IMPLS:
             try:
