@@ -232,7 +232,7 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool, screen: 
     ths = offsets = None
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
-    host_prepared = leafwise and _host_prepared(opts, ref_leaves[0])
+    host_prepared = leafwise and bool(ref_leaves) and _host_prepared(opts, ref_leaves[0])
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
