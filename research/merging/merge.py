@@ -220,19 +220,19 @@ def _on_cpu(x) -> bool:
 
 
 def _host_prepared(opts, ref_leaf) -> bool:
-    """Whether an eager merge works out sparsifier state leaf by leaf before merging."""
+    """Whether an eager merge (of leaves like ``ref_leaf``) works out sparsifier state
+    leaf by leaf before merging."""
     return (isinstance(opts, generalized.Options) and opts.sparsify in _HOST_PREPARED
             and not _uses_global_trim(opts) and _on_cpu(ref_leaf))
 
 
-def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool, screen: bool = False):
+def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool, host_prepared: bool, screen: bool = False):
     ref_leaves, treedef = jax.tree.flatten(base if base is not None else models[0])
     base_leaves = jax.tree.leaves(base) if base is not None else [None] * len(ref_leaves)
     model_leaves = [jax.tree.leaves(m) for m in models]
     ths = offsets = None
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
         ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
-    host_prepared = leafwise and bool(ref_leaves) and _host_prepared(opts, ref_leaves[0])
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
@@ -315,11 +315,13 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     screen = params.get("check_finite", True)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
     screen_output = screen and not traced and method in _PROPAGATES_NONFINITE
-    screen_counts = (screen and not traced and isinstance(opts, generalized.Options)
-                     and opts.sparsify in _COUNT_SCREENED and _host_prepared(opts, next(iter(jax.tree.leaves(trees[0])), None)))
+    ref_leaves = jax.tree.leaves(trees[0])
+    host_prepared = not traced and bool(ref_leaves) and _host_prepared(opts, ref_leaves[0])
+    screen_counts = screen and host_prepared and opts.sparsify in _COUNT_SCREENED
     if screen and not (screen_output or screen_counts):
         check_finite(trees, names)
-    run = functools.partial(_run, models, base, key, method=method, opts=opts, out_dtype=out_dtype, leafwise=not traced)
+    run = functools.partial(_run, models, base, key, method=method, opts=opts, out_dtype=out_dtype,
+                            leafwise=not traced, host_prepared=host_prepared)
     try:
         out = run(screen=screen_counts)
     except select.NonFiniteInput:

@@ -249,8 +249,12 @@ def keep_mask_cut(x, cut: Cut):
     return ((x2 > cut.value) | ((x2 == cut.value) & before)).reshape(x.shape)
 
 
+def _delta(ft, base):
+    return ft.astype(jnp.float32) - base.astype(jnp.float32)
+
+
 def _abs_delta(ft, base):
-    return jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32))
+    return jnp.abs(_delta(ft, base))
 
 
 class NonFiniteInput(ValueError):
@@ -268,8 +272,8 @@ def _screen_term(delta, screen: bool):
 def _row_greater_abs_delta(ft, base, t, screen=False):
     """Per-row count of ``|ft - base| > t`` as float32 (one reduction per program:
     the fast path); NaN in a row whose inputs are not finite when ``screen``."""
-    d2 = _view2d(ft.astype(jnp.float32) - base.astype(jnp.float32))
-    return jnp.sum(jnp.minimum(jnp.maximum(jnp.abs(d2) - t, 0.0) * _BIG, 1.0) + _screen_term(d2, screen), axis=-1)
+    delta = _view2d(_delta(ft, base))
+    return jnp.sum(jnp.minimum(jnp.maximum(jnp.abs(delta) - t, 0.0) * _BIG, 1.0) + _screen_term(delta, screen), axis=-1)
 
 
 @jax.jit
@@ -300,7 +304,7 @@ def _row_pair_abs_delta(ft, base, t, t_below, screen=False):
     result at or above 2**24 may be rounded and is not used.  With
     ``screen``, a row whose inputs hold NaN/Inf sums to NaN.
     """
-    delta = _view2d(ft.astype(jnp.float32) - base.astype(jnp.float32))
+    delta = _view2d(_delta(ft, base))
     d2 = jnp.abs(delta)
     w = float(d2.shape[1] + 1)
     gt = jnp.minimum(jnp.maximum(d2 - t, 0.0) * _BIG, 1.0)

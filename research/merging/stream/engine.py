@@ -1,13 +1,12 @@
 """Streaming merges of real checkpoints, tensor by tensor, with bounded memory.
 
-Each output tensor is computed from the same tensor of every input, read
-from the safetensors files (``pread``, no memory map) while the previous
-tensor is being merged, and written straight to its place in the output
-shards, which are laid out before the first tensor is merged, while the
-next tensor is being merged (one thread reads ahead, one writes behind).  Peak memory is
-a few times the largest tensor times the number of models, whatever the model
-size.  Output goes to ``OUT.tmp-*`` and is
-renamed to ``OUT`` only when complete.
+Each output tensor is computed from the same tensor of every input.  One
+thread reads the next tensor from the safetensors files (``pread``, no
+memory map) while the current one merges; another writes the previous one
+straight to its place in the output shards, which are laid out up front.
+Peak memory is a few times the largest tensor times the number of models,
+whatever the model size.  Output goes to ``OUT.tmp-*`` and is renamed to
+``OUT`` only when complete.
 """
 
 from __future__ import annotations
@@ -253,16 +252,8 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
                 out = ref  # integer buffers (e.g. position ids) are copied from the base
             else:
                 work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]
-                params = tensor_params(plan, name, mc.source)
-                base = {name: work[0]} if plan.base else None
-                models = [{name: w} for w in (work[1:] if plan.base else work)]
                 key = jax.random.fold_in(root, j) if plan.method in merging.RANDOM_METHODS else None
-                try:
-                    merged = merging.merge(plan.method, models, base=base, key=key,
-                                           out_dtype=out_dtype or ref.dtype, **params)[name]
-                except merging.MergeError as e:
-                    raise MergeFailed(f"{mc.source}: tensor {name}: {_name_models(str(e), plan)}") from None
-                out = np.asarray(jax.device_get(merged))
+                out = _merge_tensor(plan, mc, name, work, key, out_dtype or ref.dtype)
                 if rows:
                     full = np.array(ref, copy=True).astype(out.dtype)
                     full[:rows] = out
@@ -285,6 +276,18 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     with open(os.path.join(tmp, "merge_config.yaml"), "w") as f:
         yaml.safe_dump({**mc.raw, "_resolved": {"seed": seed, "n_layers": plan.n_layers,
                                                 "seconds": round(time.perf_counter() - t0, 2)}}, f, sort_keys=False)
+
+
+def _merge_tensor(plan: Plan, mc, name: str, work, key, out_dtype) -> np.ndarray:
+    """``merging.merge`` on one tensor of every input (base first, when there is one)."""
+    base = {name: work[0]} if plan.base else None
+    models = [{name: w} for w in (work[1:] if plan.base else work)]
+    try:
+        merged = merging.merge(plan.method, models, base=base, key=key, out_dtype=out_dtype,
+                               **tensor_params(plan, name, mc.source))[name]
+    except merging.MergeError as e:
+        raise MergeFailed(f"{mc.source}: tensor {name}: {_name_models(str(e), plan)}") from None
+    return np.asarray(jax.device_get(merged))
 
 
 def _name_models(msg: str, plan: Plan) -> str:
