@@ -98,23 +98,31 @@ def test_trimming_keeps_exactly_k_entries(shape, density, seed, discrete):
     shape=st.sampled_from(SHAPES + [(64, 33), (1000,), (3, 5, 7), (3, 5000), (2, 4099)]),  # wide rows: split / unsplittable
     density=st.floats(0.01, 0.99),
     seed=st.integers(0, 2**16),
-    kind=st.sampled_from(["normal", "discrete", "mostly_zero"]),
+    kind=st.sampled_from(["normal", "discrete", "mostly_zero", "subnormal"]),
+    kernel=st.booleans(),
+    bf16=st.booleans(),
 )
-def test_host_driven_cut_keeps_exactly_the_k_largest_deltas(shape, density, seed, kind):
-    """The eager per-tensor trim (searched from the host, ties broken by flat index)."""
+def test_host_driven_cut_keeps_exactly_the_k_largest_deltas(shape, density, seed, kind, kernel, bf16):
+    """The eager per-tensor trim (searched from the host, ties broken by flat index),
+    counted by the numba kernel or by XLA programs."""
     rng = np.random.default_rng(seed)
-    base = rng.normal(size=shape).astype(np.float32)
-    d = rng.normal(size=shape).astype(np.float32)
+    scale = 1e-38 if kind == "subnormal" else 1.0  # many |delta| below float32's smallest normal
+    base = (rng.normal(size=shape) * scale).astype(np.float32)
+    d = (rng.normal(size=shape) * scale).astype(np.float32)
     if kind == "discrete":
         d = np.round(d * 2) / 2
     if kind == "mostly_zero":  # the k-th magnitude is 0: the tie plateau sits at zero
         d = np.where(rng.random(shape) < 0.9, 0.0, d).astype(np.float32)
     ft = base + d
+    if bf16:
+        ft, base = (x.astype(jnp.bfloat16) for x in (ft, base))
     k = int(density * base.size)
     if k < 1:
         return
-    cut = select.topk_cut_delta_host(jnp.asarray(ft), jnp.asarray(base), k)
-    mag = np.abs(ft - base)
+    cut = select.topk_cut_delta_host(jnp.asarray(ft), jnp.asarray(base), k, kernel=kernel)
+    # the magnitudes as XLA:CPU sees them: subnormals flushed to zero
+    flush = lambda x: np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
+    mag = flush(np.abs(flush(ft.astype(np.float32)) - flush(base.astype(np.float32))))
     mask = np.asarray(select.keep_mask_cut(jnp.asarray(mag), cut))
     assert mask.sum() == k
     if k < base.size:

@@ -1,0 +1,82 @@
+"""The numba counting kernel behind eager top-k trims on the CPU (``merging.cpu_counts``)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from research.merging import cpu_counts, select
+
+TINY = np.finfo(np.float32).tiny
+
+
+def _reference(ft, base, t):
+    """Per-row ``#[|ft - base| > t]`` with XLA:CPU's flush of subnormals to zero."""
+    flush = lambda x: np.where(np.abs(x) < TINY, np.float32(0), x)
+    d = flush(np.abs(flush(np.asarray(ft, np.float32)) - flush(np.asarray(base, np.float32))))
+    d2 = d.reshape(1, -1) if d.ndim < 2 else d.reshape(-1, d.shape[-1])
+    return (d2 > flush(np.float32(t))).sum(axis=1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(7,), (33, 65), (2, 3, 40)])
+def test_pair_counts_match_a_reference_count_row_by_row(dtype, shape):
+    rng = np.random.default_rng(0)
+    base = jnp.asarray(rng.normal(size=shape), dtype)
+    ft = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.normal(size=shape) * 4) / 8, dtype)  # many ties
+    for t in [0.0, 0.125, 0.25, 1e-39, 3.0]:
+        below = np.float32(t) if t == 0 else np.nextafter(np.float32(t), np.float32(0))
+        gt, ge, bad = cpu_counts.pair_counts(ft, base, np.float32(t), below)
+        np.testing.assert_array_equal(gt, _reference(ft, base, t))
+        np.testing.assert_array_equal(ge, _reference(ft, base, below))
+        assert not bad.any()
+
+
+def test_pair_counts_agree_with_the_xla_counting_program():
+    rng = np.random.default_rng(1)
+    base = jnp.asarray(rng.normal(size=(40, 300)) * 0.02, jnp.bfloat16)
+    ft = jnp.asarray(np.asarray(base, np.float32) + rng.normal(size=(40, 300)) * 0.002, jnp.bfloat16)
+    t = np.float32(0.002)
+    below = np.nextafter(t, np.float32(0))
+    packed = np.asarray(select._row_pair_abs_delta(ft, base, t, below)).astype(np.int64)
+    gt, ge, _ = cpu_counts.pair_counts(ft, base, t, below)
+    np.testing.assert_array_equal(np.divmod(packed, 301), (gt, ge))
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", ["ft", "base"])
+def test_pair_counts_flag_the_rows_holding_nan_or_inf(bad_value, where):
+    ft, base = np.zeros((4, 5), np.float32), np.ones((4, 5), np.float32)
+    (ft if where == "ft" else base)[2, 3] = bad_value
+    _, _, bad = cpu_counts.pair_counts(jnp.asarray(ft), jnp.asarray(base), np.float32(0.5), np.float32(0.25))
+    np.testing.assert_array_equal(bad, [0, 0, 1, 0])
+
+
+def test_overflowing_difference_is_flagged_like_a_non_finite_input():
+    big = np.finfo(np.float32).max
+    _, _, bad = cpu_counts.pair_counts(jnp.asarray([big]), jnp.asarray([-big]), np.float32(0), np.float32(0))
+    assert bad.tolist() == [1]
+
+
+def test_kernel_reads_jax_arrays_in_place():
+    x = jnp.ones((8, 16), jnp.bfloat16)
+    assert np.shares_memory(cpu_counts._host_view(x), np.asarray(x))
+
+
+def test_only_single_device_bf16_and_float32_arrays_take_the_kernel():
+    assert cpu_counts.usable(jnp.ones(4, jnp.bfloat16), jnp.ones(4, jnp.bfloat16))
+    assert cpu_counts.usable(np.ones((2, 3), np.float32))
+    assert not cpu_counts.usable(jnp.ones(4, jnp.float16))
+    assert not cpu_counts.usable(np.ones((4, 4), np.float32)[:, ::2])  # not contiguous
+    mesh = jax.make_mesh((8,), ("x",))
+    sharded = jax.device_put(np.ones((16, 4), np.float32), NamedSharding(mesh, P("x")))
+    assert not cpu_counts.usable(sharded)
+
+
+def test_eager_trim_results_do_not_depend_on_the_counting_backend():
+    rng = np.random.default_rng(2)
+    base = jnp.asarray(rng.normal(size=(64, 96)) * 0.02, jnp.bfloat16)
+    ft = jnp.asarray(np.asarray(base, np.float32) + rng.normal(size=(64, 96)) * 0.002, jnp.bfloat16)
+    for k in [1, 100, 1229, 6000]:
+        assert select.topk_cut_delta_host(ft, base, k, kernel=True) == select.topk_cut_delta_host(ft, base, k, kernel=False)
