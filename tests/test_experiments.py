@@ -79,5 +79,5 @@ def test_notebook_pair_is_in_sync():
 
 
 def test_bench_merge_io_smoke():
-    out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "linear", "ties", "--rounds", "1"])
-    assert "(floor)" in out and "| ties |" in out
+    out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "linear", "ties", "della", "slerp", "--rounds", "1"])
+    assert "(floor)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out

@@ -108,7 +108,8 @@ def sparsify_leaf(tau, i: int, opts: Options, key=None, threshold=None, tie_offs
     if opts.sparsify == "magnitude_outliers":
         return sparsify.magnitude_outliers(tau, d, opts.gamma[i], rescale=opts.rescale, cuts=threshold)
     if opts.sparsify == "della":
-        return sparsify.della(tau, d, opts.epsilon[i], key, rescale=opts.rescale, rescale_mode=opts.rescale_mode)
+        return sparsify.della(tau, d, opts.epsilon[i], key, rescale=opts.rescale, rescale_mode=opts.rescale_mode,
+                              drawn=threshold)
     raise ValueError(f"unknown sparsification {opts.sparsify!r}")
 
 

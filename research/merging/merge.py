@@ -13,7 +13,7 @@ from typing import Any, Sequence
 import jax
 import jax.numpy as jnp
 
-from research.merging import generalized, methods, select, sparsify
+from research.merging import cpu_kernels, generalized, methods, select, sparsify
 from research.merging.tree import MergeError, all_finite, check_compatible, check_finite, compute_dtype, per_model
 
 PyTree = Any
@@ -153,8 +153,19 @@ def _dare_mask_jit(key, j, i, density: float, shape):
 
 @jax.jit
 def _dare_l1_factor(ft, base, mask):
-    tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
+    tau = (ft.astype(jnp.float32) - base.astype(jnp.float32)).reshape(mask.shape)
     return sparsify.l1_factor(tau, jnp.where(mask, tau, 0.0))
+
+
+@jax.jit
+def _della_ranks_jit(ft, base):
+    return sparsify.della_ranks(sparsify.della_rows(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
+def _della_mask_jit(key, j, i, ranks, density, epsilon):
+    """The mask ``_merge_one_leaf`` would draw for model ``i`` of leaf ``j`` (DELLA)."""
+    return sparsify.della_mask(jax.random.fold_in(jax.random.fold_in(key, j), i), ranks, density, epsilon)
 
 
 def _uses_global_trim(opts) -> bool:
@@ -184,17 +195,19 @@ def _host_cut(ft, base, k: int, screen: bool = False) -> select.Cut:
     return select.Cut(jnp.float32(jnp.inf), zero, zero)
 
 
-_HOST_PREPARED = ("magnitude", "magnitude_outliers", "random")
+_HOST_PREPARED = ("magnitude", "magnitude_outliers", "random", "della")
 _COUNT_SCREENED = ("magnitude", "magnitude_outliers")  # their counting passes screen for NaN/Inf
 
 
 def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     """What model ``i``'s sparsifier needs for leaf ``j``, worked out before the
     merge call (eager merges): a trim ``Cut`` (magnitude), a ``(keep, top)``
-    pair of them (breadcrumbs), or a DARE mask, with its L1 factor when
-    rescaling.  Trim cuts are searched from the host (faster on XLA:CPU); each
-    DARE mask is drawn by its own call, so the random bits of all models are
-    never alive together (XLA materialises threefry's output).  ``screen``
+    pair of them (breadcrumbs), or a DARE or DELLA mask, with its L1 factor
+    when rescaling (DELLA's ranks instead, for ``rescale_mode="inverse"``).
+    Trim cuts are searched from the host (faster on XLA:CPU) and DELLA's ranks
+    come from a numba radix sort where ``cpu_kernels.usable``; each mask is
+    drawn by its own call, so the random bits of all models are never alive
+    together (XLA materialises threefry's output).  ``screen``
     (trims only): raise ``select.NonFiniteInput`` on NaN/Inf in ``ft`` or ``base``."""
     density = opts.density[i]
     if opts.sparsify == "magnitude":
@@ -206,7 +219,13 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     if opts.sparsify == "magnitude_outliers":
         n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
         return _host_cut(ft, base, n_keep, screen), _host_cut(ft, base, n_top)
-    mask = _dare_mask_jit(key, j, i, density, ft.shape)
+    if opts.sparsify == "della":
+        ranks = cpu_kernels.row_ranks(ft, base) if cpu_kernels.usable(ft, base) else _della_ranks_jit(ft, base)
+        mask = _della_mask_jit(key, j, i, ranks, density, opts.epsilon[i])
+        if opts.rescale and opts.rescale_mode == "inverse":
+            return mask, ranks
+    else:
+        mask = _dare_mask_jit(key, j, i, density, ft.shape)
     if opts.rescale and opts.rescale_mode == "l1":
         return mask, _dare_l1_factor(ft, base, mask)
     return mask

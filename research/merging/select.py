@@ -21,7 +21,7 @@ and ``t`` scaled up first, see ``_gt_step``) rather than ``sum(x > t)``
 because XLA:CPU fuses the former into a single pass and materialises a mask
 for the latter (4-5x slower).  Magnitudes and thresholds both above 2**104
 (~2e31) are not told apart.  Eager merges on the CPU count with the numba
-kernel of ``cpu_counts`` instead (exact, and ~7x faster).
+kernel of ``cpu_kernels`` instead (exact, and ~7x faster).
 
 Everything here is jittable and works on sharded arrays: the counts are
 reductions (partial sums plus an all-reduce of scalars), never a gather.
@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from research.merging import cpu_counts
+from research.merging import cpu_kernels
 from research.merging.tree import like, replicate
 
 _BIG = 2.0**126
@@ -332,7 +332,7 @@ class _HostCounts:
 
     One pass counts both ``> value(b)`` and ``> value(b - 1)`` (i.e.
     ``>= value(b)``), so a search that lands on the k-th value's tie plateau
-    knows it at once: with the numba kernel of ``cpu_counts`` (``kernel``,
+    knows it at once: with the numba kernel of ``cpu_kernels`` (``kernel``,
     default where ``usable``), else with an XLA program while its packed row
     sums stay exact.  With ``screen``
     the first pass also screens ``ft`` and ``base`` for NaN/Inf (raising
@@ -342,7 +342,7 @@ class _HostCounts:
     def __init__(self, ft, base, screen: bool = False, kernel: bool | None = None):
         self.ft, self.base, self.rows, self.screen = ft, base, {}, screen
         self.cols = _view2d(ft).shape[1]
-        self.kernel = cpu_counts.usable(ft, base) if kernel is None else kernel
+        self.kernel = cpu_kernels.usable(ft, base) if kernel is None else kernel
 
     def _fetch(self, sums) -> np.ndarray:
         sums = np.asarray(sums)
@@ -357,7 +357,7 @@ class _HostCounts:
             return self.rows[b]
         if self.kernel:  # numba: both counts exact, any row length
             below = _bits_f32(b - 1) if b > 0 else _bits_f32(b)
-            gt, ge, bad = cpu_counts.pair_counts(self.ft, self.base, _bits_f32(b), below)
+            gt, ge, bad = cpu_kernels.pair_counts(self.ft, self.base, _bits_f32(b), below)
             if self.screen:
                 if bad.any():
                     raise NonFiniteInput("NaN or Inf in ft - base")
@@ -448,7 +448,7 @@ def topk_cut_delta_host(ft, base, k: int, screen: bool = False, kernel: bool | N
 
     ``screen``: raise ``NonFiniteInput`` if ``ft`` or ``base`` holds NaN/Inf
     (checked by the first counting pass, at no extra pass).  ``kernel``: count
-    with the numba kernel of ``cpu_counts`` (default: where ``usable``) or with
+    with the numba kernel of ``cpu_kernels`` (default: where ``usable``) or with
     XLA programs.
     """
     n = ft.size

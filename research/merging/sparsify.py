@@ -72,25 +72,30 @@ def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie
 _MASK_BLOCK = 1 << 22  # entries per independent draw
 
 
-def dare_mask(key, density: float, shape):
-    """DARE's keep mask: each entry independently with probability ``density``.
+def blocked_draw(draw, key, shape):
+    """``draw(key, shape)``, in blocks of leading rows for tensors over ``_MASK_BLOCK`` entries.
 
-    Tensors over ``_MASK_BLOCK`` entries are drawn in blocks of leading rows,
-    block ``b`` from ``fold_in(key, b)``, one block at a time: threefry needs
-    ~16 bytes of scratch per entry, 1 GB for a 65M-entry embedding if drawn
-    at once.  Smaller tensors are one draw from ``key``.
+    Block ``b`` is ``draw(fold_in(key, b), block_shape)``, one block at a time:
+    threefry needs ~16 bytes of scratch per entry, 1 GB for a 65M-entry
+    embedding if drawn at once.  Smaller tensors are one draw from ``key``.
     """
     n = math.prod(shape)
     if n <= _MASK_BLOCK or not shape:
-        return jax.random.bernoulli(key, density, shape)
+        return draw(key, shape)
     rows, per_row = shape[0], n // shape[0]
     rb = max(1, _MASK_BLOCK // max(per_row, 1))
     nb = -(-rows // rb)
     if nb == 1:
-        return jax.random.bernoulli(key, density, shape)
+        return draw(key, shape)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(nb))
-    blocks = jax.lax.map(lambda k: jax.random.bernoulli(k, density, (rb, *shape[1:])), keys)
+    blocks = jax.lax.map(lambda k: draw(k, (rb, *shape[1:])), keys)
     return blocks.reshape((nb * rb, *shape[1:]))[:rows]
+
+
+def dare_mask(key, density: float, shape):
+    """DARE's keep mask: each entry independently with probability ``density`` (drawn
+    in blocks of rows for large tensors, see ``blocked_draw``)."""
+    return blocked_draw(lambda k, s: jax.random.bernoulli(k, density, s), key, shape)
 
 
 def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1", mask=None):
@@ -144,22 +149,55 @@ def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: boo
     return _l1_rescale(tau, kept) if rescale else kept
 
 
-def della(tau, density: float, epsilon: float, key, *, rescale: bool = True, rescale_mode: str = "l1"):
+def della_rows(x):
+    """The rows DELLA ranks within: ``x.reshape(shape[0], -1)`` (a 1-D tensor is one row)."""
+    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(x.shape[0], -1)
+
+
+def della_ranks(rows):
+    """Rank of each ``|rows|`` within its row (0 = smallest; ties by column)."""
+    return jnp.argsort(jnp.argsort(jnp.abs(replicate(rows, axes=[1])), axis=1), axis=1)
+
+
+def della_probs(ranks, density: float, epsilon: float):
+    """Keep probabilities, linear in the rank: ``density - epsilon`` (smallest) to
+    ``density + epsilon`` (largest)."""
+    cols = ranks.shape[1]
+    ranks = ranks.astype(jnp.float32)
+    rank_norm = ranks / (cols - 1) if cols > 1 else jnp.full_like(ranks, 0.5)
+    return (density - epsilon) + rank_norm * (2 * epsilon)
+
+
+def della_mask(key, ranks, density: float, epsilon: float):
+    """DELLA's keep mask over ``[rows, cols]``: ``uniform < probs`` (uniforms drawn
+    in blocks of rows for large tensors, see ``blocked_draw``)."""
+    return blocked_draw(jax.random.uniform, key, ranks.shape) < della_probs(ranks, density, epsilon)
+
+
+def della(tau, density: float, epsilon: float, key, *, rescale: bool = True, rescale_mode: str = "l1", drawn=None):
     """DELLA MagPrune: keep probability grows linearly with the magnitude rank in each row.
 
-    Rows are ``tau.reshape(shape[0], -1)`` (a 1-D tensor is one row); ranks go
-    from ``density - epsilon`` (smallest) to ``density + epsilon`` (largest).
+    Rows are ``della_rows(tau)``; ranks go from ``density - epsilon`` (smallest)
+    to ``density + epsilon`` (largest).  ``drawn``: the keep mask made
+    beforehand (eager merges), alone or as ``(mask, factor)`` with the L1
+    rescale factor, or ``(mask, ranks)`` for ``rescale_mode="inverse"``.
     """
     if density >= 1:
         return tau
-    rows = tau.reshape(1, -1) if tau.ndim < 2 else tau.reshape(tau.shape[0], -1)
-    rows = replicate(rows, axes=[1])  # ranks need whole rows
-    cols = rows.shape[1]
-    ranks = jnp.argsort(jnp.argsort(jnp.abs(rows), axis=1), axis=1).astype(jnp.float32)
-    rank_norm = ranks / (cols - 1) if cols > 1 else jnp.full_like(ranks, 0.5)
-    probs = (density - epsilon) + rank_norm * (2 * epsilon)
-    mask = jax.random.uniform(key, rows.shape) < probs
+    rows = replicate(della_rows(tau), axes=[1])  # ranks need whole rows
+    ranks = factor = None
+    if drawn is None:
+        ranks = della_ranks(rows)
+        mask = della_mask(key, ranks, density, epsilon)
+    elif isinstance(drawn, tuple):
+        mask, extra = drawn
+        ranks, factor = (extra, None) if rescale_mode == "inverse" else (None, extra)
+    else:
+        mask = drawn
     kept = jnp.where(mask, rows, 0.0)
     if rescale:
-        kept = jnp.where(mask, rows / probs, 0.0) if rescale_mode == "inverse" else _l1_rescale(rows, kept)
+        if rescale_mode == "inverse":
+            kept = jnp.where(mask, rows / della_probs(ranks, density, epsilon), 0.0)
+        else:
+            kept = kept * factor if factor is not None else _l1_rescale(rows, kept)
     return like(kept.reshape(tau.shape), tau)

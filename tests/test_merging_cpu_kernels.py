@@ -1,12 +1,14 @@
-"""The numba counting kernel behind eager top-k trims on the CPU (``merging.cpu_counts``)."""
+"""The numba kernels behind eager merges on the CPU (``merging.cpu_kernels``): top-k counts, DELLA ranks."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from research.merging import cpu_counts, select
+from research import merging
+from research.merging import cpu_kernels, select, sparsify
 
 TINY = np.finfo(np.float32).tiny
 
@@ -27,7 +29,7 @@ def test_pair_counts_match_a_reference_count_row_by_row(dtype, shape):
     ft = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.normal(size=shape) * 4) / 8, dtype)  # many ties
     for t in [0.0, 0.125, 0.25, 1e-39, 3.0]:
         below = np.float32(t) if t == 0 else np.nextafter(np.float32(t), np.float32(0))
-        gt, ge, bad = cpu_counts.pair_counts(ft, base, np.float32(t), below)
+        gt, ge, bad = cpu_kernels.pair_counts(ft, base, np.float32(t), below)
         np.testing.assert_array_equal(gt, _reference(ft, base, t))
         np.testing.assert_array_equal(ge, _reference(ft, base, below))
         assert not bad.any()
@@ -40,7 +42,7 @@ def test_pair_counts_agree_with_the_xla_counting_program():
     t = np.float32(0.002)
     below = np.nextafter(t, np.float32(0))
     packed = np.asarray(select._row_pair_abs_delta(ft, base, t, below)).astype(np.int64)
-    gt, ge, _ = cpu_counts.pair_counts(ft, base, t, below)
+    gt, ge, _ = cpu_kernels.pair_counts(ft, base, t, below)
     np.testing.assert_array_equal(np.divmod(packed, 301), (gt, ge))
 
 
@@ -49,29 +51,29 @@ def test_pair_counts_agree_with_the_xla_counting_program():
 def test_pair_counts_flag_the_rows_holding_nan_or_inf(bad_value, where):
     ft, base = np.zeros((4, 5), np.float32), np.ones((4, 5), np.float32)
     (ft if where == "ft" else base)[2, 3] = bad_value
-    _, _, bad = cpu_counts.pair_counts(jnp.asarray(ft), jnp.asarray(base), np.float32(0.5), np.float32(0.25))
+    _, _, bad = cpu_kernels.pair_counts(jnp.asarray(ft), jnp.asarray(base), np.float32(0.5), np.float32(0.25))
     np.testing.assert_array_equal(bad, [0, 0, 1, 0])
 
 
 def test_overflowing_difference_is_flagged_like_a_non_finite_input():
     big = np.finfo(np.float32).max
-    _, _, bad = cpu_counts.pair_counts(jnp.asarray([big]), jnp.asarray([-big]), np.float32(0), np.float32(0))
+    _, _, bad = cpu_kernels.pair_counts(jnp.asarray([big]), jnp.asarray([-big]), np.float32(0), np.float32(0))
     assert bad.tolist() == [1]
 
 
 def test_kernel_reads_jax_arrays_in_place():
     x = jnp.ones((8, 16), jnp.bfloat16)
-    assert np.shares_memory(cpu_counts._host_view(x), np.asarray(x))
+    assert np.shares_memory(cpu_kernels._host_view(x), np.asarray(x))
 
 
 def test_only_single_device_bf16_and_float32_arrays_take_the_kernel():
-    assert cpu_counts.usable(jnp.ones(4, jnp.bfloat16), jnp.ones(4, jnp.bfloat16))
-    assert cpu_counts.usable(np.ones((2, 3), np.float32))
-    assert not cpu_counts.usable(jnp.ones(4, jnp.float16))
-    assert not cpu_counts.usable(np.ones((4, 4), np.float32)[:, ::2])  # not contiguous
+    assert cpu_kernels.usable(jnp.ones(4, jnp.bfloat16), jnp.ones(4, jnp.bfloat16))
+    assert cpu_kernels.usable(np.ones((2, 3), np.float32))
+    assert not cpu_kernels.usable(jnp.ones(4, jnp.float16))
+    assert not cpu_kernels.usable(np.ones((4, 4), np.float32)[:, ::2])  # not contiguous
     mesh = jax.make_mesh((8,), ("x",))
     sharded = jax.device_put(np.ones((16, 4), np.float32), NamedSharding(mesh, P("x")))
-    assert not cpu_counts.usable(sharded)
+    assert not cpu_kernels.usable(sharded)
 
 
 def test_eager_trim_results_do_not_depend_on_the_counting_backend():
@@ -80,3 +82,37 @@ def test_eager_trim_results_do_not_depend_on_the_counting_backend():
     ft = jnp.asarray(np.asarray(base, np.float32) + rng.normal(size=(64, 96)) * 0.002, jnp.bfloat16)
     for k in [1, 100, 1229, 6000]:
         assert select.topk_cut_delta_host(ft, base, k, kernel=True) == select.topk_cut_delta_host(ft, base, k, kernel=False)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(9,), (33, 65), (2, 3, 40), (3, 70000)])
+def test_row_ranks_equal_a_double_argsort_ties_by_column(dtype, shape):
+    rng = np.random.default_rng(3)
+    base = jnp.asarray(rng.normal(size=shape), dtype)
+    ft = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.normal(size=shape) * 4) / 8, dtype)  # many ties
+    ranks = cpu_kernels.row_ranks(ft, base)
+    expected = sparsify.della_ranks(sparsify.della_rows(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    assert ranks.dtype == (np.int32 if shape[-1] > 65536 else np.uint16)
+    np.testing.assert_array_equal(ranks, np.asarray(expected))
+
+
+def test_row_ranks_flush_subnormal_differences_like_xla():
+    base = jnp.zeros((1, 6), jnp.float32)
+    ft = jnp.asarray([[3e-39, 1e-30, 0.0, 1e-39, -2e-39, 1e-31]], jnp.float32)  # subnormals rank as zeros
+    expected = sparsify.della_ranks(sparsify.della_rows(ft - base))
+    np.testing.assert_array_equal(cpu_kernels.row_ranks(ft, base), np.asarray(expected))
+    assert cpu_kernels.row_ranks(ft, base).tolist() == [[0, 5, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("method", ["della", "della_linear"])
+@pytest.mark.parametrize("mode", ["l1", "inverse"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_eager_della_with_kernel_ranks_equals_jitted_della(method, mode, dtype):
+    rng = np.random.default_rng(4)
+    mk = lambda: {"w": jnp.asarray(rng.normal(size=(16, 48)), dtype), "v": jnp.asarray(rng.normal(size=(2, 3, 8)), dtype),
+                  "b": jnp.asarray(rng.normal(size=(30,)), dtype)}
+    base, fts = mk(), [mk(), mk()]
+    kw = dict(key=jax.random.key(7), density=0.5, epsilon=0.2, rescale_mode=mode)
+    eager = merging.merge(method, fts, base=base, **kw)
+    jitted = jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
+    chex.assert_trees_all_close(eager, jitted, atol=1e-6 if dtype == jnp.float32 else 1e-2)

@@ -1,0 +1,83 @@
+"""The numba loops of ``cpu_kernels`` (imported on first use: importing numba
+costs ~0.15 s, which merges that never trim or rank should not pay)."""
+
+import numba
+import numpy as np
+from numba import types
+from numba.extending import overload
+
+# OpenMP workers spin for a while after each kernel, taking a core from the
+# XLA program that runs next (TIES on 2 cores: 17 ms a leaf instead of 13).
+# numba's own pool sleeps; it is used unless the user picked a layer.
+if numba.config.THREADING_LAYER == "default":
+    numba.config.THREADING_LAYER = "workqueue"
+
+
+def _decode(x):
+    """A tensor element as float32; bf16 arrives as its uint16 bits.  (The
+    Python twin of the overload numba compiles.)"""
+    if isinstance(x, (np.uint16, int)):
+        return np.array(np.uint32(x) << np.uint32(16), np.uint32).view(np.float32)[()]
+    return np.float32(x)
+
+
+@overload(_decode, inline="always")
+def _decode_impl(x):
+    if isinstance(x, types.Integer):  # bf16 bits: the high half of a float32
+        return lambda x: np.uint32(np.uint32(x) << np.uint32(16)).view(np.float32)
+    return lambda x: np.float32(x)
+
+
+@numba.njit(inline="always")
+def _flush(v, tiny):
+    return np.float32(0.0) if abs(v) < tiny else v  # NaN stays NaN
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def pair_counts(ft, base, t_gt, t_ge, tiny, gt, ge, bad):
+    rows, cols = ft.shape
+    for r in numba.prange(rows):
+        n_gt = 0
+        n_ge = 0
+        n_bad = 0
+        for c in range(cols):
+            d = abs(_flush(_decode(ft[r, c]), tiny) - _flush(_decode(base[r, c]), tiny))
+            d = _flush(d, tiny)
+            n_gt += d > t_gt
+            n_ge += d > t_ge
+            n_bad += not d < np.float32(np.inf)  # NaN/Inf input, or an overflow
+        gt[r] = n_gt
+        ge[r] = n_ge
+        bad[r] = n_bad
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def row_ranks(ft, base, tiny, out):
+    # LSD radix sort of each row's float bits (non-negative floats order like
+    # their bits; NaN sorts last, as in jnp.argsort): 11 + 11 + 10 bits, stable.
+    rows, cols = ft.shape
+    for r in numba.prange(rows):
+        key = np.empty(cols, np.uint32)
+        idx = np.empty(cols, np.int32)
+        key2 = np.empty(cols, np.uint32)
+        idx2 = np.empty(cols, np.int32)
+        for c in range(cols):
+            d = _flush(abs(_flush(_decode(ft[r, c]), tiny) - _flush(_decode(base[r, c]), tiny)), tiny)
+            key[c] = np.float32(d).view(np.uint32)
+            idx[c] = c
+        for shift in (0, 11, 22):
+            start = np.zeros(2049, np.int64)
+            for c in range(cols):
+                start[((key[c] >> shift) & 2047) + 1] += 1
+            for i in range(2048):
+                start[i + 1] += start[i]
+            for c in range(cols):
+                digit = (key[c] >> shift) & 2047
+                pos = start[digit]
+                start[digit] = pos + 1
+                key2[pos] = key[c]
+                idx2[pos] = idx[c]
+            key, key2 = key2, key
+            idx, idx2 = idx2, idx
+        for i in range(cols):
+            out[r, idx[i]] = i
