@@ -116,3 +116,52 @@ def test_eager_della_with_kernel_ranks_equals_jitted_della(method, mode, dtype):
     eager = merging.merge(method, fts, base=base, **kw)
     jitted = jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
     chex.assert_trees_all_close(eager, jitted, atol=1e-6 if dtype == jnp.float32 else 1e-2)
+
+
+def _block_keys(key, shape):
+    blocks, rows = sparsify.draw_blocks(shape)
+    if blocks == 1:
+        return jax.random.key_data(key)[None], rows
+    return jax.random.key_data(jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(blocks))), rows
+
+
+@pytest.mark.parametrize("shape", [(), (7,), (33, 65), (2, 3, 40), (130, 7), (1000,)])
+@pytest.mark.parametrize("seed", [0, 12345])
+def test_threefry_draws_are_bit_for_bit_jax_s(monkeypatch, shape, seed):
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 256)  # exercise the blocked draws on small shapes
+    key = jax.random.fold_in(jax.random.key(seed), 3)
+    keys, rows = _block_keys(key, shape)
+    for p in [0.3, 0.9]:
+        expected = sparsify.blocked_draw(lambda k, s: jax.random.bernoulli(k, p, s), key, shape)
+        np.testing.assert_array_equal(cpu_kernels.bernoulli(keys, rows, p, shape), np.asarray(expected))
+
+
+@pytest.mark.parametrize("shape", [(1, 9), (33, 65), (130, 7)])
+def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 256)
+    key = jax.random.key(9)
+    ranks = np.argsort(np.random.default_rng(0).random(shape), axis=1).astype(np.uint16)
+    keys, rows = _block_keys(key, shape)
+    for density, epsilon in [(0.4, 0.1), (0.7, 0.29)]:
+        table = sparsify.della_probs(jnp.arange(shape[1])[None], density, epsilon)[0]
+        expected = sparsify.della_mask(key, jnp.asarray(ranks), density, epsilon)
+        np.testing.assert_array_equal(cpu_kernels.below_table(keys, rows, ranks, table), np.asarray(expected))
+
+
+def test_threefry_draws_need_a_threefry_key():
+    assert cpu_kernels.random_ok(jax.random.key(0))
+    assert cpu_kernels.random_ok(jax.random.PRNGKey(0))  # raw uint32 keys use the default implementation
+    assert not cpu_kernels.random_ok(jax.random.key(0, impl="rbg"))
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])
+@pytest.mark.parametrize("impl", ["threefry2x32", "rbg"])
+def test_eager_random_merges_equal_jitted_ones_whichever_the_key(monkeypatch, method, impl):
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 300)  # blocked draws on the (40, 30) leaf
+    rng = np.random.default_rng(5)
+    mk = lambda: {"w": jnp.asarray(rng.normal(size=(40, 30)), jnp.float32), "b": jnp.asarray(rng.normal(size=(9,)), jnp.float32)}
+    base, fts = mk(), [mk(), mk()]
+    kw = dict(key=jax.random.key(1, impl=impl), density=0.4)
+    eager = merging.merge(method, fts, base=base, **kw)
+    jitted = jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
+    chex.assert_trees_all_close(eager, jitted, atol=1e-6)

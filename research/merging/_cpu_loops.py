@@ -81,3 +81,77 @@ def row_ranks(ft, base, tiny, out):
             idx, idx2 = idx2, idx
         for i in range(cols):
             out[r, idx[i]] = i
+
+
+@numba.njit(inline="always")
+def _rotl(x, d):
+    return np.uint32((x << np.uint32(d)) | (x >> np.uint32(32 - d)))
+
+
+@numba.njit(inline="always")
+def _mix(x0, x1, d):
+    x0 = np.uint32(x0 + x1)
+    return x0, np.uint32(x0 ^ _rotl(x1, d))
+
+
+@numba.njit(inline="always")
+def _threefry_bits(k1, k2, count):
+    """JAX's 32 random bits at flat position ``count`` of a draw from key ``(k1, k2)``:
+    threefry2x32 of the counter ``(0, count)``, the two words xor-ed (``jax_threefry_partitionable``)."""
+    k3 = np.uint32(k1 ^ k2 ^ np.uint32(0x1BD11BDA))
+    x0 = k1
+    x1 = np.uint32(count + k2)
+    for g in range(5):
+        if g % 2 == 0:
+            x0, x1 = _mix(x0, x1, 13)
+            x0, x1 = _mix(x0, x1, 15)
+            x0, x1 = _mix(x0, x1, 26)
+            x0, x1 = _mix(x0, x1, 6)
+        else:
+            x0, x1 = _mix(x0, x1, 17)
+            x0, x1 = _mix(x0, x1, 29)
+            x0, x1 = _mix(x0, x1, 16)
+            x0, x1 = _mix(x0, x1, 24)
+        # key injection g + 1: the key schedule rotates (k1, k2, k3)
+        if g % 3 == 0:
+            x0, x1 = np.uint32(x0 + k2), np.uint32(x1 + k3 + np.uint32(g + 1))
+        elif g % 3 == 1:
+            x0, x1 = np.uint32(x0 + k3), np.uint32(x1 + k1 + np.uint32(g + 1))
+        else:
+            x0, x1 = np.uint32(x0 + k1), np.uint32(x1 + k2 + np.uint32(g + 1))
+    return np.uint32(x0 ^ x1)
+
+
+@numba.njit(inline="always")
+def _uniform01(bits):
+    """``jax.random.uniform``'s float32 in [0, 1) from 32 random bits (exact)."""
+    return np.uint32((bits >> np.uint32(9)) | np.uint32(0x3F800000)).view(np.float32) - np.float32(1.0)
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def bernoulli_blocks(keys, block_rows, p, out):
+    """``out[r, c] = uniform < p``: ``jax.random.bernoulli`` for row ``r`` of a draw made
+    in blocks of ``block_rows`` leading rows, block ``b`` from key ``keys[b]`` (see
+    ``sparsify.blocked_draw``)."""
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        b = r // block_rows
+        k1 = np.uint32(keys[b, 0])
+        k2 = np.uint32(keys[b, 1])
+        start = (r - b * block_rows) * cols
+        for c in range(cols):
+            out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def below_table_blocks(keys, block_rows, ranks, table, out):
+    """``out[r, c] = uniform < table[ranks[r, c]]``, uniforms drawn as in ``bernoulli_blocks``
+    (DELLA's keep mask, ``table`` holding the keep probability of each rank)."""
+    rows, cols = out.shape
+    for r in numba.prange(rows):
+        b = r // block_rows
+        k1 = np.uint32(keys[b, 0])
+        k2 = np.uint32(keys[b, 1])
+        start = (r - b * block_rows) * cols
+        for c in range(cols):
+            out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]

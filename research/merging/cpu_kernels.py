@@ -31,10 +31,17 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import math
 import threading
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from research.safetensors_io import aligned_empty
+
+# Outputs are 64-byte aligned, so that passing them to JAX on the CPU aliases
+# them instead of copying (a merge holds one mask per model).
 _DTYPES = ("bfloat16", "float32")
 # numba's fallback thread pool ("workqueue", used when no OpenMP/TBB runtime is
 # installed) must not be entered from two threads at once.
@@ -105,7 +112,39 @@ def row_ranks(ft, base) -> np.ndarray:
     ``[shape[0], -1]`` view, ties by column: ``argsort(argsort(d, axis=1), axis=1)``.
     uint16 when rows are shorter than 2**16 (half the memory), else int32."""
     f, b = _host_view(ft, rows_first=True), _host_view(base, rows_first=True)
-    out = np.empty(f.shape, np.uint16 if f.shape[1] <= (1 << 16) else np.int32)
+    out = aligned_empty(f.shape, np.uint16 if f.shape[1] <= (1 << 16) else np.int32)
     with _LOCK:
         _loops().row_ranks(f, b, _TINY, out)
     return out
+
+
+def random_ok(key) -> bool:
+    """Whether draws from ``key`` can be made here bit for bit as JAX makes them:
+    a threefry2x32 key, with ``jax_threefry_partitionable`` on (JAX's default)."""
+    if not _has_numba() or not jax.config.jax_threefry_partitionable:
+        return False
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return str(jax.random.key_impl(key)) == "threefry2x32"
+    return jax.config.jax_default_prng_impl == "threefry2x32" and key.shape == (2,)
+
+
+def _draw(kernel, block_keys, block_rows: int, shape, out_dtype, *args):
+    rows = shape[0] if shape else 1
+    out = aligned_empty((rows, math.prod(shape[1:]) if shape else 1), out_dtype)
+    keys = np.asarray(block_keys, np.uint32).reshape(-1, 2)
+    with _LOCK:
+        kernel(keys, block_rows, *args, out)
+    return out.reshape(shape)
+
+
+def bernoulli(block_keys, block_rows: int, p: float, shape) -> np.ndarray:
+    """``sparsify.blocked_draw(bernoulli(p), key, shape)``, bit for bit, given the raw
+    data of each block's key (``[blocks, 2]`` uint32) and the rows per block."""
+    return _draw(_loops().bernoulli_blocks, block_keys, block_rows, shape, np.bool_, np.float32(p))
+
+
+def below_table(block_keys, block_rows: int, ranks: np.ndarray, table) -> np.ndarray:
+    """``uniform < table[ranks]`` over ``ranks``' 2-D shape, uniforms drawn as in ``bernoulli``:
+    DELLA's keep mask from each rank's keep probability, without materialising either."""
+    table = np.asarray(table, np.float32)
+    return _draw(_loops().below_table_blocks, block_keys, block_rows, ranks.shape, np.bool_, ranks, table)

@@ -12,6 +12,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.merging import cpu_kernels, generalized, methods, select, sparsify
 from research.merging.tree import MergeError, all_finite, check_compatible, check_finite, compute_dtype, per_model
@@ -168,6 +169,32 @@ def _della_mask_jit(key, j, i, ranks, density, epsilon):
     return sparsify.della_mask(jax.random.fold_in(jax.random.fold_in(key, j), i), ranks, density, epsilon)
 
 
+@functools.partial(jax.jit, static_argnames=("cols", "density", "epsilon"))
+def _della_probs_table(cols, density, epsilon):
+    """DELLA's keep probability of each rank, as the merge program computes it."""
+    return sparsify.della_probs(jnp.arange(cols, dtype=jnp.int32)[None], density, epsilon)[0]
+
+
+@functools.partial(jax.jit, static_argnames="blocks")
+def _block_key_data(key, j, i, blocks):
+    """Raw data of the keys ``sparsify.blocked_draw`` uses for model ``i`` of leaf ``j``."""
+    k = jax.random.fold_in(jax.random.fold_in(key, j), i)
+    if blocks == 1:
+        return jax.random.key_data(k)[None]
+    return jax.random.key_data(jax.vmap(lambda b: jax.random.fold_in(k, b))(jnp.arange(blocks)))
+
+
+def _mask_on_host(key, j, i, shape, density: float, ranks=None, epsilon: float = 0.0):
+    """Model ``i``'s keep mask for leaf ``j``, drawn by the numba threefry (bit for
+    bit JAX's): DARE's ``bernoulli(density)`` over ``shape``, or DELLA's from ``ranks``."""
+    shape = shape if ranks is None else ranks.shape
+    blocks, rows = sparsify.draw_blocks(shape)
+    keys = np.asarray(_block_key_data(key, j, i, blocks))
+    if ranks is None:
+        return cpu_kernels.bernoulli(keys, rows, density, shape)
+    return cpu_kernels.below_table(keys, rows, ranks, _della_probs_table(ranks.shape[1], density, epsilon))
+
+
 def _uses_global_trim(opts) -> bool:
     return (
         isinstance(opts, generalized.Options)
@@ -219,11 +246,18 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     if opts.sparsify == "magnitude_outliers":
         n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
         return _host_cut(ft, base, n_keep, screen), _host_cut(ft, base, n_top)
+    on_host = cpu_kernels.usable(ft, base)
+    draw_on_host = on_host and cpu_kernels.random_ok(key)
     if opts.sparsify == "della":
-        ranks = cpu_kernels.row_ranks(ft, base) if cpu_kernels.usable(ft, base) else _della_ranks_jit(ft, base)
-        mask = _della_mask_jit(key, j, i, ranks, density, opts.epsilon[i])
+        ranks = cpu_kernels.row_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
+        if draw_on_host and isinstance(ranks, np.ndarray):
+            mask = _mask_on_host(key, j, i, None, density, ranks, opts.epsilon[i])
+        else:
+            mask = _della_mask_jit(key, j, i, ranks, density, opts.epsilon[i])
         if opts.rescale and opts.rescale_mode == "inverse":
             return mask, ranks
+    elif draw_on_host:
+        mask = _mask_on_host(key, j, i, ft.shape, density)
     else:
         mask = _dare_mask_jit(key, j, i, density, ft.shape)
     if opts.rescale and opts.rescale_mode == "l1":

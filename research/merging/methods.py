@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import jax.numpy as jnp
+from jax import lax
 
 SLERP_DOT_THRESHOLD = 0.9995
 
@@ -41,6 +42,26 @@ def slerp(t: float, v0, v1, eps: float = 1e-8):
     return s0 * v0 + s1 * v1
 
 
+def _gram(taus, axes):
+    """``{(i, j): sum(tau_i * tau_j over axes, keepdims)}`` for ``i <= j``, in one pass.
+
+    One variadic reduction computes every product sum, so no ``tau_i`` is ever
+    materialised (separate sums make XLA:CPU keep all of them in float32: 786
+    MB for a 32000x2048 leaf of three models, and 6x slower).  The trailing
+    axes are reduced first, then the leading one, which keeps float32
+    accumulation accurate on large tensors.
+    """
+    pairs = [(i, j) for i in range(len(taus)) for j in range(i, len(taus))]
+    prods = tuple(taus[i] * taus[j] for i, j in pairs)
+    add = lambda xs, ys: tuple(x + y for x, y in zip(xs, ys))
+    inner = tuple(a for a in axes if a != 0) or axes
+    sums = lax.reduce(prods, tuple(jnp.zeros((), p.dtype) for p in prods), add, inner)
+    if inner != axes:  # then the leading axis
+        sums = tuple(jnp.sum(s, axis=0) for s in sums)
+    keep = tuple(1 if d in axes else n for d, n in enumerate(taus[0].shape))
+    return {pair: s.reshape(keep) for pair, s in zip(pairs, sums)}
+
+
 def model_stock(base, models: Sequence, filter_wise: bool = False):
     """Model Stock (Jang et al. 2024): interpolate the fine-tuned average toward the base.
 
@@ -51,13 +72,12 @@ def model_stock(base, models: Sequence, filter_wise: bool = False):
     # Reduce over every axis (or every axis but the first, filter-wise) without
     # reshaping, so sharded leaves stay sharded.
     axes = tuple(range(1 if filter_wise and base.ndim >= 2 else 0, base.ndim))
-    taus = [m - base for m in models]
+    gram = _gram([m - base for m in models], axes)
     cosines = []
-    for i in range(len(taus)):
-        for j in range(i + 1, len(taus)):
-            num = jnp.sum(taus[i] * taus[j], axis=axes, keepdims=True)
-            den = jnp.sqrt(jnp.sum(taus[i] ** 2, axis=axes, keepdims=True) * jnp.sum(taus[j] ** 2, axis=axes, keepdims=True))
-            cosines.append(jnp.clip(num / jnp.maximum(den, 1e-6), -1.0, 1.0))
+    for i in range(len(models)):
+        for j in range(i + 1, len(models)):
+            den = jnp.sqrt(gram[i, i] * gram[j, j])
+            cosines.append(jnp.clip(gram[i, j] / jnp.maximum(den, 1e-6), -1.0, 1.0))
     cos = sum(cosines) / len(cosines)
     n = len(models)
     t = n * cos / (1 + (n - 1) * cos)

@@ -72,6 +72,17 @@ def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie
 _MASK_BLOCK = 1 << 22  # entries per independent draw
 
 
+def draw_blocks(shape) -> tuple[int, int]:
+    """``(blocks, rows per block)`` of ``blocked_draw`` for ``shape``; one block: one draw."""
+    n = math.prod(shape)
+    if n <= _MASK_BLOCK or not shape:
+        return 1, shape[0] if shape else 1
+    rows, per_row = shape[0], n // shape[0]
+    rb = max(1, _MASK_BLOCK // max(per_row, 1))
+    nb = -(-rows // rb)
+    return nb, (rb if nb > 1 else rows)
+
+
 def blocked_draw(draw, key, shape):
     """``draw(key, shape)``, in blocks of leading rows for tensors over ``_MASK_BLOCK`` entries.
 
@@ -79,17 +90,12 @@ def blocked_draw(draw, key, shape):
     threefry needs ~16 bytes of scratch per entry, 1 GB for a 65M-entry
     embedding if drawn at once.  Smaller tensors are one draw from ``key``.
     """
-    n = math.prod(shape)
-    if n <= _MASK_BLOCK or not shape:
-        return draw(key, shape)
-    rows, per_row = shape[0], n // shape[0]
-    rb = max(1, _MASK_BLOCK // max(per_row, 1))
-    nb = -(-rows // rb)
+    nb, rb = draw_blocks(shape)
     if nb == 1:
         return draw(key, shape)
     keys = jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(nb))
     blocks = jax.lax.map(lambda k: draw(k, (rb, *shape[1:])), keys)
-    return blocks.reshape((nb * rb, *shape[1:]))[:rows]
+    return blocks.reshape((nb * rb, *shape[1:]))[: shape[0]]
 
 
 def dare_mask(key, density: float, shape):
