@@ -165,3 +165,11 @@ def test_eager_random_merges_equal_jitted_ones_whichever_the_key(monkeypatch, me
     eager = merging.merge(method, fts, base=base, **kw)
     jitted = jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
     chex.assert_trees_all_close(eager, jitted, atol=1e-6)
+
+
+def test_warm_up_loads_a_kernel_in_the_background_only_where_one_applies():
+    thread = cpu_kernels.warm_up("magnitude", "bfloat16")
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert cpu_kernels.warm_up(None) is None  # task_arithmetic: nothing to load
+    assert cpu_kernels.warm_up("magnitude", "float16") is None  # the XLA programs count float16

@@ -148,3 +148,26 @@ def below_table(block_keys, block_rows: int, ranks: np.ndarray, table) -> np.nda
     DELLA's keep mask from each rank's keep probability, without materialising either."""
     table = np.asarray(table, np.float32)
     return _draw(_loops().below_table_blocks, block_keys, block_rows, ranks.shape, np.bool_, ranks, table)
+
+
+_WARM = {  # sparsifier -> a tiny call that loads its kernel
+    "magnitude": lambda x: pair_counts(x, x, np.float32(0), np.float32(0)),
+    "magnitude_outliers": lambda x: pair_counts(x, x, np.float32(0), np.float32(0)),
+    "random": lambda x: bernoulli(np.zeros((1, 2), np.uint32), 1, 0.5, (1, 1)),
+    "della": lambda x: below_table(np.zeros((1, 2), np.uint32), 1, row_ranks(x, x), np.zeros(8, np.float32)),
+}
+
+
+def warm_up(sparsify: str | None, dtype="bfloat16") -> threading.Thread | None:
+    """Load numba and the kernel ``sparsify`` needs in a background thread.
+
+    numba's first call in a process costs ~0.3 s (its type registries, then
+    the cached machine code); a streaming merge spends it while reading its
+    first tensors.  Returns the thread, or None when nothing is to be loaded.
+    """
+    if sparsify not in _WARM or str(jnp.dtype(dtype)) not in _DTYPES or not _has_numba():
+        return None
+    x = jnp.zeros((1, 8), dtype)  # the array types real calls pass
+    thread = threading.Thread(target=_WARM[sparsify], args=(x,), name="numba-warm-up", daemon=True)
+    thread.start()
+    return thread

@@ -27,6 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from research import merging
+from research.merging import cpu_kernels, generalized
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import TensorSource
 from research.safetensors_io import CheckpointError, ShardWriter
@@ -227,6 +228,9 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in plan.names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
+    recipe = generalized.RECIPES.get(plan.method)
+    if recipe is not None and devs[0].platform == "cpu" and plan.names:  # numba loads while the first tensors are read
+        cpu_kernels.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[plan.names[0]])
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
     write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor behind the merge
