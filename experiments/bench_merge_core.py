@@ -9,7 +9,10 @@ For each method it calls ``merging.merge`` eagerly (one compiled call per
 leaf, as users run it) once to compile, then times the best of 3 further calls and
 prints elements/s and the ratio to a plain jitted ``a + b - c`` over the same
 leaves, also leaf by leaf (the memory-bandwidth floor of reading three models
-and writing one).
+and writing one).  The floor is timed between the timed calls of every
+method and its best time is used: timed alone, once, it varies by +-50% with
+the state of the memory allocator (whether its 1 GB of outputs land on pages
+already mapped), and a slow floor flatters every ratio.
 """
 
 from __future__ import annotations
@@ -72,20 +75,24 @@ def make_models(shapes, n_models=3, seed=0):
     return jax.tree.map(jnp.asarray, base_np), models
 
 
-def timed(fn, *args, slow: float = 60.0, repeats: int = 3):
-    """Best of ``repeats`` calls after a warm-up call (which compiles); calls over
-    5 s run once more only, and a first call slower than ``slow`` seconds is
-    reported as is, compilation included."""
+def timed_once(fn, *args) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
+    return time.perf_counter() - t0
+
+
+def timed(fn, *args, slow: float = 60.0, repeats: int = 3, between=None):
+    """Best of ``repeats`` calls after a warm-up call (which compiles); calls over
+    5 s run once more only, and a first call slower than ``slow`` seconds is
+    reported as is, compilation included.  ``between()`` runs before each timed call."""
+    first = timed_once(fn, *args)
     if first > slow:
         return first, True
     best = math.inf
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
+        if between is not None:
+            between()
+        best = min(best, timed_once(fn, *args))
         if best > 5.0:
             break
     return best, False
@@ -107,21 +114,28 @@ def main(argv=None):
     n = sum(x.size for x in jax.tree.leaves(base))
     print(f"{n / 1e6:.0f}M parameters per model, bf16, 3 models + base, {jax.device_count()} CPU device(s)")
 
-    floor, _ = timed(lambda ms, b: jax.tree.map(_floor_leaf, ms[0], ms[1], b), models, base)
-    rows = [("a + b - c (floor)", floor, False)]
+    floor_fn = lambda: jax.tree.map(_floor_leaf, models[0], models[1], base)
+    timed_once(floor_fn)  # compile
+    rows, floors = [], []
     for method in args.methods:
         params = dict(PER_METHOD[method])
         ms = models[:2] if method == "slerp" else models
         b = None if method in ("linear", "slerp") else base
         key = jax.random.key(0) if method in merging.RANDOM_METHODS else None
         fn = lambda ms, b, key, m=method, p=params: merging.merge(m, ms, base=b, key=key, check_finite=False, **p)
-        rows.append((method, *timed(fn, ms, b, key)))
-
+        t, with_compile = timed(fn, ms, b, key, between=lambda: floors.append(timed_once(floor_fn)))
+        rows.append((method, t, with_compile))
+        print(f"{method}: {t:.2f} s", flush=True)
+    # The floor is timed between the calls of every method and its best time is
+    # used throughout: alone, its time moves by +-50% with the state of the
+    # memory allocator (whether its 1 GB of outputs land on pages already mapped).
+    floor = min(floors) if floors else timed(floor_fn)[0]
+    print(f"\nfloor (a + b - c, best of {max(len(floors), 1)} calls between the methods'): {floor:.3f} s")
     print(f"\n| method | time (s) | elements/s | ratio to floor |\n|---|---:|---:|---:|")
+    print(f"| a + b - c (floor) | {floor:.2f} | {n / floor / 1e6:.0f}M | 1.00x |")
     for name, t, with_compile in rows:
         note = " (incl. compile)" if with_compile else ""
         print(f"| {name} | {t:.2f}{note} | {n / t / 1e6:.0f}M | {t / floor:.2f}x |", flush=True)
-
 
 if __name__ == "__main__":
     main()

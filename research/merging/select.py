@@ -235,11 +235,12 @@ def topk_mask(x: jax.Array, k: int) -> jax.Array:
 # Inside one XLA program, a count whose threshold was computed by an earlier
 # count runs ~7x slower on XLA:CPU (its fused kernel then materialises its
 # broadcast constants), and so does a pass that counts several thresholds at
-# once.  Eager merges therefore drive the same search from Python: one small
-# compiled call per counting pass, the threshold passed in.  Each pass returns
-# per-row counts, kept by threshold, so the tie break at the end usually needs
-# no further pass; the sample is sorted on the host (XLA's sort costs more
-# than a counting pass).
+# once.  Eager merges therefore drive the same search from Python: one
+# counting pass per step, the threshold passed in, made by the numba kernel of
+# ``cpu_kernels`` (bf16/float32 on one CPU device) or else by a small compiled
+# XLA call.  Each pass returns per-row counts, kept by threshold, so the tie
+# break at the end usually needs no further pass; the sample is sorted on the
+# host (XLA's sort costs more than a counting pass).
 
 
 class Cut(NamedTuple):
