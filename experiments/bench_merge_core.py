@@ -115,7 +115,8 @@ def main(argv=None):
     print(f"{n / 1e6:.0f}M parameters per model, bf16, 3 models + base, {jax.device_count()} CPU device(s)")
 
     floor_fn = lambda: jax.tree.map(_floor_leaf, models[0], models[1], base)
-    timed_once(floor_fn)  # compile
+    for _ in range(3):  # compile, and bring the allocator to its steady state
+        timed_once(floor_fn)
     rows, floors = [], []
     for method in args.methods:
         params = dict(PER_METHOD[method])
