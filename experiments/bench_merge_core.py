@@ -6,7 +6,7 @@
 Builds a Llama-shaped pytree (hidden 2048, intermediate 5632, vocab 32000;
 the layer count sets the size) in bf16: a base and 3 fine-tuned models.
 For each method it calls ``merging.merge`` eagerly (one compiled call per
-leaf, as users run it) once to compile, then times the best of 3 further calls and
+leaf, as users run it) once to compile, then times the best of 5 further calls and
 prints elements/s and the ratio to a plain jitted ``a + b - c`` over the same
 leaves, also leaf by leaf (the memory-bandwidth floor of reading three models
 and writing one).  The floor is timed between the timed calls of every
@@ -81,7 +81,7 @@ def timed_once(fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def timed(fn, *args, slow: float = 60.0, repeats: int = 3, between=None):
+def timed(fn, *args, slow: float = 60.0, repeats: int = 5, between=None):
     """Best of ``repeats`` calls after a warm-up call (which compiles); calls over
     5 s run once more only, and a first call slower than ``slow`` seconds is
     reported as is, compilation included.  ``between()`` runs before each timed call."""
