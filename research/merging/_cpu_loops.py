@@ -128,6 +128,14 @@ def _uniform01(bits):
     return np.uint32((bits >> np.uint32(9)) | np.uint32(0x3F800000)).view(np.float32) - np.float32(1.0)
 
 
+@numba.njit(inline="always")
+def _block_row(keys, block_rows, r, cols):
+    """Row ``r`` of a draw made in blocks of ``block_rows`` rows: its block's key and
+    the counter of its first entry within the block."""
+    b = r // block_rows
+    return np.uint32(keys[b, 0]), np.uint32(keys[b, 1]), (r - b * block_rows) * cols
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def bernoulli_blocks(keys, block_rows, p, out):
     """``out[r, c] = uniform < p``: ``jax.random.bernoulli`` for row ``r`` of a draw made
@@ -135,10 +143,7 @@ def bernoulli_blocks(keys, block_rows, p, out):
     ``sparsify.blocked_draw``)."""
     rows, cols = out.shape
     for r in numba.prange(rows):
-        b = r // block_rows
-        k1 = np.uint32(keys[b, 0])
-        k2 = np.uint32(keys[b, 1])
-        start = (r - b * block_rows) * cols
+        k1, k2, start = _block_row(keys, block_rows, r, cols)
         for c in range(cols):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
 
@@ -149,9 +154,6 @@ def below_table_blocks(keys, block_rows, ranks, table, out):
     (DELLA's keep mask, ``table`` holding the keep probability of each rank)."""
     rows, cols = out.shape
     for r in numba.prange(rows):
-        b = r // block_rows
-        k1 = np.uint32(keys[b, 0])
-        k2 = np.uint32(keys[b, 1])
-        start = (r - b * block_rows) * cols
+        k1, k2, start = _block_row(keys, block_rows, r, cols)
         for c in range(cols):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]

@@ -153,7 +153,8 @@ def _dare_mask_jit(key, j, i, density: float, shape):
 
 
 @jax.jit
-def _dare_l1_factor(ft, base, mask):
+def _l1_factor_jit(ft, base, mask):
+    """The L1 rescale factor of a DARE or DELLA keep mask (shaped as its sparsifier's view)."""
     tau = (ft.astype(jnp.float32) - base.astype(jnp.float32)).reshape(mask.shape)
     return sparsify.l1_factor(tau, jnp.where(mask, tau, 0.0))
 
@@ -250,7 +251,7 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     draw_on_host = on_host and cpu_kernels.random_ok(key)
     if opts.sparsify == "della":
         ranks = cpu_kernels.row_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
-        if draw_on_host and isinstance(ranks, np.ndarray):
+        if draw_on_host:
             mask = _mask_on_host(key, j, i, None, density, ranks, opts.epsilon[i])
         else:
             mask = _della_mask_jit(key, j, i, ranks, density, opts.epsilon[i])
@@ -261,7 +262,7 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     else:
         mask = _dare_mask_jit(key, j, i, density, ft.shape)
     if opts.rescale and opts.rescale_mode == "l1":
-        return mask, _dare_l1_factor(ft, base, mask)
+        return mask, _l1_factor_jit(ft, base, mask)
     return mask
 
 

@@ -345,13 +345,22 @@ class _HostCounts:
         self.cols = _view2d(ft).shape[1]
         self.kernel = cpu_kernels.usable(ft, base) if kernel is None else kernel
 
+    def _screened(self, finite: bool) -> None:
+        """After a pass: raise if screening and it met NaN/Inf; one pass has seen every entry."""
+        if self.screen and not finite:
+            raise NonFiniteInput("NaN or Inf in ft - base")
+        self.screen = False
+
     def _fetch(self, sums) -> np.ndarray:
         sums = np.asarray(sums)
-        if self.screen:
-            if not np.isfinite(sums).all():
-                raise NonFiniteInput("NaN or Inf in ft - base")
-            self.screen = False  # one pass has seen every entry
+        self._screened(not self.screen or bool(np.isfinite(sums).all()))
         return sums.astype(np.int64)
+
+    def _store(self, b: int, gt: np.ndarray, ge: np.ndarray) -> np.ndarray:
+        self.rows[b] = gt
+        if b > 0:
+            self.rows.setdefault(b - 1, ge)
+        return gt
 
     def per_row(self, b: int) -> np.ndarray:
         if b in self.rows:
@@ -359,21 +368,12 @@ class _HostCounts:
         if self.kernel:  # numba: both counts exact, any row length
             below = _bits_f32(b - 1) if b > 0 else _bits_f32(b)
             gt, ge, bad = cpu_kernels.pair_counts(self.ft, self.base, _bits_f32(b), below)
-            if self.screen:
-                if bad.any():
-                    raise NonFiniteInput("NaN or Inf in ft - base")
-                self.screen = False
-            self.rows[b] = gt
-            if b > 0:
-                self.rows.setdefault(b - 1, ge)
-            return gt
+            self._screened(not bad.any())
+            return self._store(b, gt, ge)
         if b > 0:
             packed = self._fetch(_row_pair_abs_delta(self.ft, self.base, _bits_f32(b), _bits_f32(b - 1), self.screen))
             if packed.max(initial=0) < (1 << 24):  # exact: decode both counts
-                gt, ge = np.divmod(packed, self.cols + 1)
-                self.rows[b] = gt
-                self.rows.setdefault(b - 1, ge)
-                return gt
+                return self._store(b, *np.divmod(packed, self.cols + 1))
         self.rows[b] = self._fetch(_row_greater_abs_delta(self.ft, self.base, _bits_f32(b), self.screen))
         return self.rows[b]
 
