@@ -173,3 +173,101 @@ def test_warm_up_loads_a_kernel_in_the_background_only_where_one_applies():
     assert not thread.is_alive()
     assert cpu_kernels.warm_up(None) is None  # task_arithmetic: nothing to load
     assert cpu_kernels.warm_up("magnitude", "float16") is None  # the XLA programs count float16
+
+
+def _llama_like(rng, dtype, shapes=((48, 64), (64,), (2, 5, 24))):
+    """A base and three fine-tunes whose bf16 deltas tie a lot (trims then break ties)."""
+    mk = lambda: {f"w{i}": rng.normal(size=s).astype(np.float32) * 0.02 for i, s in enumerate(shapes)}
+    base = mk()
+    fts = [{k: v + np.round(rng.normal(size=v.shape) * 8) / 4096 for k, v in base.items()} for _ in range(3)]
+    cast = lambda t: {k: jnp.asarray(v, dtype) for k, v in t.items()}
+    return cast(base), [cast(f) for f in fts]
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """How many leaves the numba merge pass merged (so a test notices a silent fallback)."""
+    calls = []
+    real = cpu_kernels.cut_merge
+
+    def counting(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(cpu_kernels, "cut_merge", counting)
+    return calls
+
+
+TRIM_SETTINGS = [
+    ("ties", {"density": 0.2}),
+    ("ties", {"density": 0.35, "lam": 0.7, "weight": [0.5, 1.0, 2.0]}),
+    ("ties", {"density": 0.5, "consensus": "count", "divide_by": "count"}),
+    ("ties", {"density": 0.3, "vote_on": "raw", "weight": [1.0, -0.5, 2.0], "out_dtype": jnp.float32}),
+    ("ties", {"density": [1.0, 0.1, 0.6], "normalize": False}),
+    ("breadcrumbs", {"density": 0.4, "gamma": 0.05}),
+    ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.02, "lam": 1.5}),
+]
+
+
+@pytest.mark.parametrize("method,kw", TRIM_SETTINGS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_numba_trim_merges_equal_the_jitted_merge_bit_for_bit(kernel_calls, method, kw, dtype):
+    base, fts = _llama_like(np.random.default_rng(11), dtype)
+    eager = merging.merge(method, fts, base=base, **kw)
+    jitted = jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
+    assert kernel_calls == [True] * len(base)  # every leaf went through the kernel
+    for k in base:
+        np.testing.assert_array_equal(np.asarray(eager[k]), np.asarray(jitted[k]), err_msg=k)
+
+
+def test_fused_cuts_equal_the_cuts_of_one_search_per_model():
+    base, fts = _llama_like(np.random.default_rng(12), jnp.bfloat16)
+    b, ms = base["w0"], [f["w0"] for f in fts]
+    ks = [[1, 2000], [614], [3071]]
+    fused = select.topk_cuts_host(b, ms, ks)
+    assert fused.finite and not fused.hazard
+    for i, k_list in enumerate(ks):
+        assert fused.cuts[i] == [select.topk_cut_delta_host(ms[i], b, k) for k in k_list]
+
+
+def test_probe_counts_recount_with_flushing_where_subnormals_could_occur():
+    rng = np.random.default_rng(13)
+    base = rng.normal(size=(6, 40)).astype(np.float32)
+    ft = base + rng.normal(size=base.shape).astype(np.float32)
+    ft[2, 3], base[4, 5], ft[4, 5], base[1, 1], ft[1, 1] = 1e-39, 2e-38, 1.5e-38, 1e-38, 1.01e-38
+    for t in [0.0, 0.5]:
+        gt, ge, bad, hazard = cpu_kernels.probe_counts(jnp.asarray(base), [jnp.asarray(ft)], [0], [t], [t])
+        assert hazard
+        np.testing.assert_array_equal(gt[0], _reference(ft, base, t))
+    clean = rng.normal(size=base.shape).astype(np.float32)
+    _, _, _, hazard = cpu_kernels.probe_counts(jnp.asarray(clean), [jnp.asarray(clean + 1)], [0], [0.5], [0.5])
+    assert not hazard
+
+
+@pytest.mark.parametrize("case", ["tiny inputs", "tiny weight", "nan, unchecked"])
+def test_trim_merges_the_kernel_cannot_match_exactly_fall_back_to_xla(kernel_calls, case):
+    base, fts = _llama_like(np.random.default_rng(14), jnp.float32, shapes=((16, 24),))
+    kw = {"density": 0.3}
+    if case == "tiny inputs":
+        fts[1] = {"w0": fts[1]["w0"].at[3, 4].set(1e-39)}
+    elif case == "tiny weight":
+        kw["weight"] = [1.0, 1e-6, 1.0]
+    else:
+        fts[0] = {"w0": fts[0]["w0"].at[0, 0].set(jnp.nan)}
+        kw["check_finite"] = False
+    eager = merging.merge("ties", fts, base=base, **kw)
+    assert True not in kernel_calls
+    if case != "nan, unchecked":  # with NaN the trims themselves differ (eager counts skip NaN)
+        jitted = jax.jit(lambda fts, base: merging.merge("ties", fts, base=base, **kw))(fts, base)
+        np.testing.assert_array_equal(np.asarray(eager["w0"]), np.asarray(jitted["w0"]))
+
+
+def test_generated_kernels_are_written_where_asked(monkeypatch, tmp_path):
+    from research.merging import _unrolled
+
+    monkeypatch.setenv("RESEARCH_KERNEL_DIR", str(tmp_path))
+    source = _unrolled._span_source(2, _unrolled.merge_mode(1, True, False))
+    module = _unrolled._load("test_span_n2", source + _unrolled._DRIVER)
+    assert (tmp_path / f"{module.__name__}.py").read_text().endswith(_unrolled._DRIVER)
+    assert _unrolled._load("test_span_n2", source + _unrolled._DRIVER) is module  # imported once

@@ -4,7 +4,7 @@ costs ~0.15 s, which merges that never trim or rank should not pay)."""
 import numba
 import numpy as np
 from numba import types
-from numba.extending import overload
+from numba.extending import intrinsic, overload
 
 # OpenMP workers spin for a while after each kernel, taking a core from the
 # XLA program that runs next (TIES on 2 cores: 17 ms a leaf instead of 13).
@@ -33,22 +33,60 @@ def _flush(v, tiny):
     return np.float32(0.0) if abs(v) < tiny else v  # NaN stays NaN
 
 
+def _hazard(x):
+    """Whether ``x`` is non-zero with magnitude below 2**-32 (see ``cpu_kernels.cut_merge``).
+    (The Python twin of the overload numba compiles.)"""
+    v = abs(_decode(x))
+    return bool(0 < v < 2.0**-32)
+
+
+@overload(_hazard, inline="always")
+def _hazard_impl(x):
+    # on the raw bits: (magnitude bits - 1), wrapping 0 to the top, below those of 2**-32
+    if isinstance(x, types.Integer):  # bf16 bits
+        return lambda x: np.uint16((x & np.uint16(0x7FFF)) - np.uint16(1)) < np.uint16((95 << 7) - 1)
+    return lambda x: np.uint32((np.float32(x).view(np.uint32) & np.uint32(0x7FFFFFFF)) - np.uint32(1)) < (
+        np.uint32((95 << 23) - 1))
+
+
+@numba.njit(nogil=True, cache=True)
+def _count_row(ft, b, t_gt, t_ge, tiny):
+    """One row (1-D views): ``#[d > t_gt]``, ``#[d > t_ge]``, ``#[d not finite]`` for
+    ``d = |ft - b|``, subnormal inputs and differences flushed to 0."""
+    n_gt = 0
+    n_ge = 0
+    n_bad = 0
+    for c in range(len(ft)):
+        d = _flush(abs(_flush(_decode(ft[c]), tiny) - _flush(_decode(b[c]), tiny)), tiny)
+        n_gt += d > t_gt
+        n_ge += d > t_ge
+        n_bad += not d < np.float32(np.inf)
+    return n_gt, n_ge, n_bad
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def pair_counts(ft, base, t_gt, t_ge, tiny, gt, ge, bad):
-    rows, cols = ft.shape
-    for r in numba.prange(rows):
-        n_gt = 0
-        n_ge = 0
-        n_bad = 0
-        for c in range(cols):
-            d = abs(_flush(_decode(ft[r, c]), tiny) - _flush(_decode(base[r, c]), tiny))
-            d = _flush(d, tiny)
-            n_gt += d > t_gt
-            n_ge += d > t_ge
-            n_bad += not d < np.float32(np.inf)  # NaN/Inf input, or an overflow
-        gt[r] = n_gt
-        ge[r] = n_ge
-        bad[r] = n_bad
+def probe_counts_flushed(base, fts, probe_model, t_gt, t_ge, tiny, gt, ge, bad):
+    """Per-row top-k counts of several probes: probe ``p`` counts ``d = |fts[probe_model[p]]
+    - base|`` above ``t_gt[p]`` into ``gt[p]``, above ``t_ge[p]`` into ``ge[p]``, and
+    NaN/Inf into ``bad[p]``, flushing subnormals as XLA:CPU does.  The flushes
+    make it compute-bound: the unrolled pass of ``_unrolled`` skips them, and
+    this one runs only where that pass found a hazard."""
+    for r in numba.prange(base.shape[0]):
+        for p in range(len(probe_model)):
+            gt[p, r], ge[p, r], bad[p, r] = _count_row(fts[probe_model[p]][r], base[r], t_gt[p], t_ge[p], tiny)
+
+
+@numba.njit(cache=True, nogil=True)
+def sample_abs_deltas(base, fts, step, run, tiny, out):
+    """``out[i]``: ``|fts[i] - base|`` (flushed like XLA:CPU) at runs of ``run``
+    consecutive entries, one every ``step`` entries of the flat order."""
+    for i in range(len(fts)):
+        f = fts[i]
+        for j in range(out.shape[1] // run):
+            for c in range(run):
+                k = j * step + c
+                d = _flush(abs(_flush(_decode(f[k]), tiny) - _flush(_decode(base[k]), tiny)), tiny)
+                out[i, j * run + c] = d
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -157,3 +195,55 @@ def below_table_blocks(keys, block_rows, ranks, table, out):
         k1, k2, start = _block_row(keys, block_rows, r, cols)
         for c in range(cols):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]
+
+
+def _encode(v, out):
+    """float32 ``v`` as an element of ``out``: itself, or its bf16 bits (round to
+    nearest even, as XLA converts).  (The Python twin of the overload numba compiles.)"""
+    if out.dtype == np.uint16:
+        u = int(np.float32(v).view(np.uint32))
+        if (u & 0x7FFFFFFF) > 0x7F800000:
+            return np.uint16((u >> 16) | 0x40)
+        return np.uint16((u + 0x7FFF + ((u >> 16) & 1)) >> 16)
+    return np.float32(v)
+
+
+@overload(_encode, inline="always")
+def _encode_impl(v, out):
+    if out.dtype == types.uint16:
+        def to_bf16(v, out):
+            u = np.float32(v).view(np.uint32)
+            nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+            rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+            return np.uint16(((u >> np.uint32(16)) | np.uint32(0x40)) if nan else rounded)
+        return to_bf16
+    return lambda v, out: np.float32(v)
+
+
+@intrinsic
+def _fma(typingctx, a, b, c):
+    """``a * b + c`` rounded once (float32), as XLA:CPU computes ``base + lam * mixed``."""
+    def codegen(context, builder, signature, args):
+        return builder.fma(*args)
+
+    return types.float32(types.float32, types.float32, types.float32), codegen
+
+
+@numba.njit(inline="always")
+def _kept(x, b, keep_t):
+    """``d = x - b`` where ``|d| > keep_t``, else 0."""
+    d = _decode(x) - b
+    return d if abs(d) > keep_t else np.float32(0.0)
+
+
+@numba.njit(inline="always")
+def _kept_below(x, b, keep_t, top_t):
+    """``d = x - b`` where ``keep_t < |d| <= top_t``, else 0."""
+    d = _decode(x) - b
+    a = abs(d)
+    return d if (a > keep_t) & (a <= top_t) else np.float32(0.0)
+
+
+@numba.njit(inline="always")
+def _sign(x):
+    return np.float32(x > 0) - np.float32(x < 0)

@@ -266,6 +266,43 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     return mask
 
 
+_CUT_SPARSIFIERS = ("magnitude", "magnitude_outliers")
+
+
+def _cut_ks(opts, i: int, n: int) -> list[int]:
+    """The top-k sizes of model ``i``'s cuts: TIES one, breadcrumbs ``(keep, top)``."""
+    density = opts.density[i]
+    if opts.sparsify == "magnitude":
+        return [n if density >= 1 else int(density * n)]
+    if density >= 1:
+        return []
+    n_top, n_keep = sparsify.outlier_counts(n, density, opts.gamma[i])
+    return [n_keep, n_top]
+
+
+def _merge_cuts_on_host(base, ms, opts, out_dtype, screen: bool):
+    """An eager TIES/breadcrumbs leaf by the numba kernels, where they apply:
+    every model's cuts from one fused counting pass, then one merge pass.
+    Returns ``(leaf, states)``: the leaf is None where the merge pass must be
+    XLA's (NaN/Inf or tiny inputs, extreme weights, a rescale), the states
+    are the cuts either way."""
+    n = base.size
+    fused = select.topk_cuts_host(base, ms, [_cut_ks(opts, i, n) for i in range(len(ms))], screen)
+    if opts.sparsify == "magnitude":
+        states = [cuts[0] for cuts in fused.cuts]
+        keep, top = states, [None] * len(ms)
+    else:
+        states = [tuple(cuts) if cuts else None for cuts in fused.cuts]
+        keep = [s[0] if s else select.Cut(-1.0, 0, 0) for s in states]
+        top = [s[1] if s else None for s in states]
+    out = str(jnp.dtype(out_dtype or ms[0].dtype))
+    if not fused.finite or fused.hazard or opts.rescale or out not in ("bfloat16", "float32"):
+        return None, states
+    leaf = cpu_kernels.cut_merge(base, ms, keep, top, opts.weight, consensus=opts.consensus, vote_on=opts.vote_on,
+                                 normalize=opts.normalize, divide_by=opts.divide_by, lam=opts.lam, out_dtype=out)
+    return (None if leaf is None else jax.device_put(leaf)), states
+
+
 def _on_cpu(x) -> bool:
     """Host-prepared sparsifier state pays off on XLA:CPU only (see ``select``); on an
     accelerator a host round trip per counting pass costs more than the in-graph search."""
@@ -292,7 +329,13 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool, host_pre
     for j in range(len(ref_leaves)):
         ms = [ml[j] for ml in model_leaves]
         if host_prepared:
-            states = [_host_leaf_state(m, base_leaves[j], opts, key, j, i, screen) for i, m in enumerate(ms)]
+            if opts.sparsify in _CUT_SPARSIFIERS and cpu_kernels.usable(base_leaves[j], *ms):
+                leaf, states = _merge_cuts_on_host(base_leaves[j], ms, opts, out_dtype, screen)
+                if leaf is not None:
+                    out.append(leaf)
+                    continue
+            else:
+                states = [_host_leaf_state(m, base_leaves[j], opts, key, j, i, screen) for i, m in enumerate(ms)]
             out.append(fn(j, base_leaves[j], ms, key, states, [0] * len(ms)))
             continue
         offs = None if offsets is None else [o[j] for o in offsets]

@@ -230,7 +230,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
     recipe = generalized.RECIPES.get(plan.method)
     if recipe is not None and devs[0].platform == "cpu" and plan.names:  # numba loads while the first tensors are read
-        cpu_kernels.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[plan.names[0]])
+        cpu_kernels.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[plan.names[0]], len(plan.models))
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
     write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor behind the merge
