@@ -362,7 +362,9 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     Jittable; leaves keep their sharding.  Called eagerly, each leaf is
     merged by its own compiled call (cached per shape), so peak memory is one
     leaf's working set, not the model's; under ``jit`` the whole tree is one
-    program.
+    program.  Eager merges of bf16/float32 leaves on one CPU device run their
+    slow steps in numba (``cpu_kernels``: TIES and breadcrumbs entirely,
+    DARE's and DELLA's draws and ranks), with XLA's results bit for bit.
     """
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
