@@ -33,20 +33,44 @@ def _flush(v, tiny):
     return np.float32(0.0) if abs(v) < tiny else v  # NaN stays NaN
 
 
-def _hazard(x):
-    """Whether ``x`` is non-zero with magnitude below 2**-32 (see ``cpu_kernels.cut_merge``).
-    (The Python twin of the overload numba compiles.)"""
-    v = abs(_decode(x))
-    return bool(0 < v < 2.0**-32)
+def _low_bits(x):
+    """``x``'s magnitude bits minus 1, wrapping 0 to the top (so that a min over them
+    finds the smallest non-zero magnitude).  (The Python twin of the overload.)"""
+    if isinstance(x, (np.uint16, int)):
+        return np.uint16((int(x) & 0x7FFF) - 1)
+    return np.uint32((int(np.float32(x).view(np.uint32)) & 0x7FFFFFFF) - 1)
 
 
-@overload(_hazard, inline="always")
-def _hazard_impl(x):
-    # on the raw bits: (magnitude bits - 1), wrapping 0 to the top, below those of 2**-32
+@overload(_low_bits, inline="always")
+def _low_bits_impl(x):
     if isinstance(x, types.Integer):  # bf16 bits
-        return lambda x: np.uint16((x & np.uint16(0x7FFF)) - np.uint16(1)) < np.uint16((95 << 7) - 1)
-    return lambda x: np.uint32((np.float32(x).view(np.uint32) & np.uint32(0x7FFFFFFF)) - np.uint32(1)) < (
-        np.uint32((95 << 23) - 1))
+        return lambda x: np.uint16(np.uint16(x & np.uint16(0x7FFF)) - np.uint16(1))
+    return lambda x: np.uint32(np.uint32(np.float32(x).view(np.uint32) & np.uint32(0x7FFFFFFF)) - np.uint32(1))
+
+
+def _low_start(row):
+    """The identity of a min over ``_low_bits`` of ``row``'s elements."""
+    return np.uint16(0xFFFF) if row.dtype == np.uint16 else np.uint32(0xFFFFFFFF)
+
+
+@overload(_low_start, inline="always")
+def _low_start_impl(row):
+    if row.dtype == types.uint16:
+        return lambda row: np.uint16(0xFFFF)
+    return lambda row: np.uint32(0xFFFFFFFF)
+
+
+def _tiny_seen(low, row):
+    """Whether a min of ``_low_bits`` over ``row`` (``low``) shows a non-zero magnitude
+    below 2**-32 (see ``cpu_kernels.cut_merge``)."""
+    return low < ((95 << 7) - 1 if row.dtype == np.uint16 else (95 << 23) - 1)
+
+
+@overload(_tiny_seen, inline="always")
+def _tiny_seen_impl(low, row):
+    if row.dtype == types.uint16:
+        return lambda low, row: low < np.uint16((95 << 7) - 1)
+    return lambda low, row: low < np.uint32((95 << 23) - 1)
 
 
 @numba.njit(nogil=True, cache=True)

@@ -23,16 +23,18 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = "_decode, _encode, _fma, _hazard, _kept, _kept_below, _sign"
+_HELPERS = "_decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _tiny_seen"
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
 
-def merge_mode(consensus: int, normalize: bool, lam_is_one: bool, vote_raw: bool = False, has_top: bool = True) -> int:
+def merge_mode(consensus: int, normalize: bool, lam_is_one: bool, vote_raw: bool = False, has_top: bool = True,
+               unit_weights: bool = False) -> int:
     """The options that shape the loop, as one integer; ``consensus``: 0 none,
     1 the sign of the summed votes, 2 the sign of their signs' sum;
     ``vote_raw``: votes are the unweighted deltas; ``has_top``: some model has
-    a top cut (breadcrumbs)."""
-    return consensus + 3 * normalize + 6 * lam_is_one + 12 * vote_raw + 24 * has_top
+    a top cut (breadcrumbs); ``unit_weights``: every weight is 1 (``1 * x`` is
+    ``x``, so the products are skipped)."""
+    return consensus + 3 * normalize + 6 * lam_is_one + 12 * vote_raw + 24 * has_top + 48 * unit_weights
 
 
 def _span_source(n: int, mode: int) -> str:
@@ -43,7 +45,7 @@ def _span_source(n: int, mode: int) -> str:
     the results are bit for bit XLA's.
     """
     consensus, normalize, lam_is_one = mode % 3, mode // 3 % 2, mode // 6 % 2
-    vote_raw, has_top = mode // 12 % 2, mode // 24 % 2
+    vote_raw, has_top, unit_weights = mode // 12 % 2, mode // 24 % 2, mode // 48 % 2
     m = range(n)
     lines = ["@numba.njit(nogil=True, cache=True)",
              "def span(base, fts, r, lo, hi, kt, tt, w, dw, const_div, lam, out):",
@@ -55,7 +57,7 @@ def _span_source(n: int, mode: int) -> str:
         lines += [f"        e{i} = _kept_below(x{i}[c], b, k{i}, t{i})" for i in m]
     else:
         lines += [f"        e{i} = _kept(x{i}[c], b, k{i})" for i in m]
-    lines += [f"        a{i} = w{i} * e{i}" for i in m]
+    lines += [f"        a{i} = e{i}" if unit_weights else f"        a{i} = w{i} * e{i}" for i in m]
     if consensus == 0:
         lines.append("        num = " + " + ".join(f"a{i}" for i in m))
         mixed = "num / const_div" if normalize else "num"
@@ -102,25 +104,28 @@ def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, 
 
 
 def _probe_source(probe_model: tuple[int, ...]) -> str:
-    """``probe_counts``: ``_cpu_loops.probe_counts_flushed`` without the flushes (the
-    caller counts again with them where ``hazard`` says a subnormal could occur),
-    each model's ``|ft - base|`` computed once for all its probes."""
+    """``probe_counts``: ``_cpu_loops.probe_counts_flushed`` without the flushes, each
+    model's ``|ft - base|`` computed once for all its probes.  Per row, ``hazard``
+    says whether the inputs hold a non-zero magnitude below 2**-32 (a min over
+    their bits) and ``bad`` whether some ``d`` is NaN/Inf (a max over its bits):
+    the caller counts again with the flushing kernel where either could matter."""
     models = sorted(set(probe_model))
     lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
              "def probe_counts(base, fts, t_gt, t_ge, gt, ge, bad, hazard):",
              "    for r in numba.prange(base.shape[0]):",
              "        bt = base[r]",
-             "        haz = False"]
-    lines += [f"        x{i} = fts[{i}][r]; nb{i} = 0" for i in models]
+             "        low = _low_start(bt)",
+             "        top = np.uint32(0)"]
+    lines += [f"        x{i} = fts[{i}][r]" for i in models]
     lines += [f"        g{p} = t_gt[{p}]; e{p} = t_ge[{p}]; ng{p} = 0; ne{p} = 0" for p in range(len(probe_model))]
-    lines += ["        for c in range(len(bt)):", "            b = _decode(bt[c])", "            haz |= _hazard(bt[c])"]
+    lines += ["        for c in range(len(bt)):", "            b = _decode(bt[c])", "            low = min(low, _low_bits(bt[c]))"]
     for i in models:
-        lines += [f"            d{i} = abs(_decode(x{i}[c]) - b)", f"            haz |= _hazard(x{i}[c])",
-                  f"            nb{i} += not d{i} < np.float32(np.inf)"]
+        lines += [f"            d{i} = abs(_decode(x{i}[c]) - b)", f"            low = min(low, _low_bits(x{i}[c]))",
+                  f"            top = max(top, np.float32(d{i}).view(np.uint32))"]
     for p, i in enumerate(probe_model):
         lines += [f"            ng{p} += d{i} > g{p}", f"            ne{p} += d{i} > e{p}"]
-    lines += [f"        gt[{p}, r] = ng{p}; ge[{p}, r] = ne{p}; bad[{p}, r] = nb{i}" for p, i in enumerate(probe_model)]
-    lines.append("        hazard[r] = haz")
+    lines += [f"        gt[{p}, r] = ng{p}; ge[{p}, r] = ne{p}" for p in range(len(probe_model))]
+    lines += ["        bad[r] = top >= np.uint32(0x7F800000)", "        hazard[r] = _tiny_seen(low, bt)"]
     return "\n".join(lines) + "\n"
 
 

@@ -117,22 +117,23 @@ def probe_counts(base, fts, probe_model, t_gt, t_ge):
     below 2**-32 (``cut_merge`` refuses those leaves).
 
     Thresholds are float32; subnormal ones act as 0, and subnormal inputs and
-    differences count as 0, as in XLA:CPU.  The pass skips those flushes, which
-    make it compute-bound, and makes them again only where a hazard shows that
-    a subnormal could occur.
+    differences count as 0, as in XLA:CPU.  The pass skips those flushes and
+    the NaN/Inf counts, which make it compute-bound (it only notes whether
+    either could matter), and counts again with them where they could.
     """
     b = _host_view(base)
     views = tuple(_host_view(f) for f in fts)
     n_probes, rows = len(probe_model), b.shape[0]
-    gt, ge, bad = (np.empty((n_probes, rows), np.int64) for _ in range(3))
-    hazard = np.empty(rows, np.bool_)
+    gt, ge = (np.empty((n_probes, rows), np.int64) for _ in range(2))
+    bad = np.zeros((n_probes, rows), np.int64)
+    any_bad, hazard = np.empty(rows, np.bool_), np.empty(rows, np.bool_)
     flushed = lambda ts: np.array([0.0 if abs(t) < _TINY else t for t in ts], np.float32)
     t_gt, t_ge = flushed(t_gt), flushed(t_ge)
     unrolled = _generated().probe_counts(tuple(int(i) for i in probe_model))
     with _LOCK:
-        unrolled(b, views, t_gt, t_ge, gt, ge, bad, hazard)
+        unrolled(b, views, t_gt, t_ge, gt, ge, any_bad, hazard)
         risky = bool(hazard.any())
-        if risky:
+        if risky or any_bad.any():  # count again, exactly as XLA:CPU does, with NaN/Inf per probe
             _loops().probe_counts_flushed(b, views, np.asarray(probe_model, np.int64), t_gt, t_ge, _TINY, gt, ge, bad)
     return gt, ge, bad, risky
 
@@ -248,7 +249,7 @@ def cut_merge(base, fts, keep, top, weights, *, consensus, vote_on, normalize, d
     chunks = min(b.shape[0], 16 * numba_threads())
     gen = _generated()
     mode = gen.merge_mode({None: 0, "sum": 1, "count": 2}[consensus], bool(normalize), float(lam) == 1.0,
-                          vote_on == "raw", any(t is not None for t in top))
+                          vote_on == "raw", any(t is not None for t in top), all(float(x) == 1.0 for x in weights))
     with _LOCK:
         gen.cut_merge(n, mode)(b, views, kv, kge, kr, kc, tv, tge, tr, tc, w, w if divide_by == "weight" else ones,
                                const_div, np.float32(lam), chunks, out)
@@ -298,7 +299,8 @@ def _warm_trims(x, sparsify: str, n_models: int) -> None:
     if n_models:
         twice = sparsify == "magnitude_outliers"
         _generated().probe_counts(tuple(i for i in range(n_models) for _ in range(1 + twice)))
-        _generated().cut_merge(n_models, _generated().merge_mode(0 if twice else 1, not twice, True, has_top=twice))
+        _generated().cut_merge(n_models, _generated().merge_mode(0 if twice else 1, not twice, True, has_top=twice,
+                                                                 unit_weights=True))
 
 
 _WARM = {  # sparsifier -> a tiny call that loads its kernels
