@@ -397,9 +397,35 @@ def _plateau(count, b: int, c: int, k: int):
     return (b - 1, below) if below is not None and below >= k else None
 
 
-def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 3):
+class _Unsorted:
+    """A sample sorted only once a second order statistic is asked of it: the first
+    guess of a search usually ends it, and one partition is cheaper than a sort."""
+
+    def __init__(self, values: np.ndarray):
+        self.values, self.known, self.ordered = values, {}, False
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def __getitem__(self, rank: int):
+        if rank in self.known:
+            return self.known[rank]
+        if not self.ordered and not self.known:
+            self.known[rank] = np.partition(self.values, rank)[rank]
+            return self.known[rank]
+        return np.asarray(self)[rank]
+
+    def __array__(self, dtype=None, copy=None):
+        if not self.ordered:
+            self.values.sort()
+            self.ordered = True
+        return self.values
+
+
+def _search_host(count, sample, n: int, k: int, sample_steps: int = 3):
     """The host twin of ``kth_largest``'s search: ``(b_lo, c_lo, b_hi, c_hi)``
-    with ``c(lo) >= k > c(hi)`` and either ``c(lo) == k`` or ``hi`` the k-th value."""
+    with ``c(lo) >= k > c(hi)`` and either ``c(lo) == k`` or ``hi`` the k-th value.
+    ``sample``: sorted, or ``_Unsorted``."""
     s = len(sample)
     b_lo, c_lo, b_hi, c_hi = -1, n, _INF_BITS, 0
     i_lo, i_hi = -1, s
@@ -423,8 +449,9 @@ def _search_host(count, sample: np.ndarray, n: int, k: int, sample_steps: int = 
         guess = int(round(i_lo + frac * (i_hi - i_lo)))
         guess = min(max(guess, i_lo + 1), i_hi - 1)
         # on tie plateaus, only sample values strictly inside the bracket are new
-        first = int(np.searchsorted(sample, _bits_f32(b_lo), side="right")) if b_lo >= 0 else 0
-        last = int(np.searchsorted(sample, _bits_f32(b_hi), side="left")) - 1
+        ordered = np.asarray(sample)
+        first = int(np.searchsorted(ordered, _bits_f32(b_lo), side="right")) if b_lo >= 0 else 0
+        last = int(np.searchsorted(ordered, _bits_f32(b_hi), side="left")) - 1
         if first > last:
             break
         guess = min(max(guess, first), last)
@@ -519,12 +546,14 @@ def topk_cuts_host(base, fts: Sequence, ks: Sequence[Sequence[int]], screen: boo
     """
     n = base.size
     counts = [_HostCounts(ft, base, kernel=True) for ft in fts]
-    samples = cpu_kernels.sample_abs_deltas(base, fts, _HOST_SAMPLE) if any(map(any, ks)) else None
+    samples = None
+    if any(map(any, ks)):
+        samples = [_Unsorted(row) for row in cpu_kernels.sample_abs_deltas(base, fts, _HOST_SAMPLE)]
     probes = []
     for i, k_list in enumerate(ks):
         for k in k_list:
             if 0 < k < n:
-                probe = (i, _f32_bits(samples[i][_first_rank(samples.shape[1], n, k)]))
+                probe = (i, _f32_bits(samples[i][_first_rank(len(samples[i]), n, k)]))
                 if probe not in probes:
                     probes.append(probe)
         if not any(p[0] == i for p in probes):
