@@ -271,3 +271,12 @@ def test_generated_kernels_are_written_where_asked(monkeypatch, tmp_path):
     module = _unrolled._load("test_span_n2", source + _unrolled._DRIVER)
     assert (tmp_path / f"{module.__name__}.py").read_text().endswith(_unrolled._DRIVER)
     assert _unrolled._load("test_span_n2", source + _unrolled._DRIVER) is module  # imported once
+
+
+def test_a_search_sample_is_partitioned_for_its_first_guess_and_sorted_for_more():
+    values = np.random.default_rng(15).random(1000).astype(np.float32)
+    sample = select._Unsorted(values.copy())
+    assert sample[300] == np.sort(values)[300] and not sample.ordered  # one partition, no sort
+    assert sample[300] == np.sort(values)[300] and not sample.ordered  # remembered
+    assert sample[10] == np.sort(values)[10] and sample.ordered  # a second rank: sorted once
+    np.testing.assert_array_equal(np.asarray(sample), np.sort(values))
