@@ -41,6 +41,12 @@ def _flush(v, tiny):
     return np.float32(0.0) if abs(v) < tiny else v  # NaN stays NaN
 
 
+@numba.njit(inline="always")
+def _flushed_abs_delta(f, b, tiny):
+    """``|f - b|`` in float32 as XLA:CPU computes it: subnormal inputs and result read as 0."""
+    return _flush(abs(_flush(_decode(f), tiny) - _flush(_decode(b), tiny)), tiny)
+
+
 def _low_bits(x):
     """``x``'s magnitude bits minus 1, wrapping 0 to the top (so that a min over them
     finds the smallest non-zero magnitude).  (The Python twin of the overload.)"""
@@ -89,7 +95,7 @@ def _count_row(ft, b, t_gt, t_ge, tiny):
     n_ge = 0
     n_bad = 0
     for c in range(len(ft)):
-        d = _flush(abs(_flush(_decode(ft[c]), tiny) - _flush(_decode(b[c]), tiny)), tiny)
+        d = _flushed_abs_delta(ft[c], b[c], tiny)
         n_gt += d > t_gt
         n_ge += d > t_ge
         n_bad += not d < np.float32(np.inf)
@@ -117,7 +123,7 @@ def sample_abs_deltas(base, fts, step, run, tiny, out):
         for j in range(out.shape[1] // run):
             for c in range(run):
                 k = j * step + c
-                d = _flush(abs(_flush(_decode(f[k]), tiny) - _flush(_decode(base[k]), tiny)), tiny)
+                d = _flushed_abs_delta(f[k], base[k], tiny)
                 out[i, j * run + c] = d
 
 
@@ -132,7 +138,7 @@ def row_ranks(ft, base, tiny, out):
         key2 = np.empty(cols, np.uint32)
         idx2 = np.empty(cols, np.int32)
         for c in range(cols):
-            d = _flush(abs(_flush(_decode(ft[r, c]), tiny) - _flush(_decode(base[r, c]), tiny)), tiny)
+            d = _flushed_abs_delta(ft[r, c], base[r, c], tiny)
             key[c] = np.float32(d).view(np.uint32)
             idx[c] = c
         for shift in (0, 11, 22):

@@ -10,11 +10,11 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   for several (model, threshold) probes in one pass over the base and every
   model.  The host-driven top-k searches of ``select`` (TIES, breadcrumbs)
   start with one such pass for all models; on bf16 deltas it usually ends
-  them.  A 3-model 5632x2048 bf16 leaf: 2.9 ms, against 3.3 ms for *one*
+  them.  A 3-model 5632x2048 bf16 leaf: 2.7 ms, against 3.3 ms for *one*
   model's count in XLA.
 * ``cut_merge``: the merge pass of TIES and breadcrumbs once their cuts are
-  known (trim, sign vote, disjoint weighted mean, lambda), 3.5 ms for that
-  leaf against 6 ms for XLA's program (a plain ``a + b - c`` takes 1.7 ms).
+  known (trim, sign vote, disjoint weighted mean, lambda), 3.1 ms for that
+  leaf against 6 ms for XLA's program (a plain ``a + b - c`` takes 1.8 ms).
   It and the counting pass are written out per number of models
   (``_unrolled``).
 * ``row_ranks``: the rank of each ``d`` within its row of the

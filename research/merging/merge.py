@@ -213,14 +213,11 @@ def _screen_leaf(ft, base) -> None:
 def _host_cut(ft, base, k: int, screen: bool = False) -> select.Cut:
     """Keep exactly the ``k`` largest ``|ft - base|`` (0 <= k <= size); ``screen``
     also checks ``ft`` and ``base`` for NaN/Inf (in the counting pass when there is one)."""
-    zero = jnp.int32(0)
     if 0 < k < ft.size:
         return select.topk_cut_delta_host(ft, base, k, screen)
     if screen:
         _screen_leaf(ft, base)
-    if k >= ft.size:
-        return select.Cut(jnp.float32(-1.0), zero, zero)  # |x| > -1: everything
-    return select.Cut(jnp.float32(jnp.inf), zero, zero)
+    return select.trivial_cut(ft.size, k)
 
 
 _HOST_PREPARED = ("magnitude", "magnitude_outliers", "random", "della")
@@ -239,13 +236,13 @@ def _host_leaf_state(ft, base, opts, key, j: int, i: int, screen: bool = False):
     (trims only): raise ``select.NonFiniteInput`` on NaN/Inf in ``ft`` or ``base``."""
     density = opts.density[i]
     if opts.sparsify == "magnitude":
-        return _host_cut(ft, base, ft.size if density >= 1 else int(density * ft.size), screen)
+        return _host_cut(ft, base, _cut_ks(opts, i, ft.size)[0], screen)
     if density >= 1:
         if screen:
             _screen_leaf(ft, base)
         return None
     if opts.sparsify == "magnitude_outliers":
-        n_top, n_keep = sparsify.outlier_counts(ft.size, density, opts.gamma[i])
+        n_keep, n_top = _cut_ks(opts, i, ft.size)
         return _host_cut(ft, base, n_keep, screen), _host_cut(ft, base, n_top)
     on_host = cpu_kernels.usable(ft, base)
     draw_on_host = on_host and cpu_kernels.random_ok(key)
@@ -293,7 +290,7 @@ def _merge_cuts_on_host(base, ms, opts, out_dtype, screen: bool):
         keep, top = states, [None] * len(ms)
     else:
         states = [tuple(cuts) if cuts else None for cuts in fused.cuts]
-        keep = [s[0] if s else select.Cut(-1.0, 0, 0) for s in states]
+        keep = [s[0] if s else select.trivial_cut(n, n) for s in states]  # None: keep everything
         top = [s[1] if s else None for s in states]
     out = str(jnp.dtype(out_dtype or ms[0].dtype))
     if not fused.finite or fused.hazard or opts.rescale or out not in ("bfloat16", "float32"):

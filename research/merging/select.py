@@ -429,7 +429,7 @@ def _search_host(count, sample, n: int, k: int, sample_steps: int = 3):
     s = len(sample)
     b_lo, c_lo, b_hi, c_hi = -1, n, _INF_BITS, 0
     i_lo, i_hi = -1, s
-    guess = min(s - 1, max(0, round((1 - k / n) * s)))
+    guess = _first_rank(s, n, k)
     for _ in range(sample_steps):
         if not i_lo < guess < i_hi:
             break
@@ -482,7 +482,7 @@ def _first_rank(s: int, n: int, k: int) -> int:
     return min(s - 1, max(0, round((1 - k / n) * s)))
 
 
-def _resolve(counts: _HostCounts, sample: np.ndarray, k: int) -> Cut:
+def _resolve(counts: _HostCounts, sample, k: int) -> Cut:
     """Search (from what ``counts`` already holds) and break ties: the ``Cut`` keeping
     exactly the ``k`` largest, ``0 < k < n``."""
     b_lo, c_lo, b_hi, c_hi = _search_host(counts, sample, counts.ft.size, k)
@@ -505,7 +505,7 @@ def _resolve(counts: _HostCounts, sample: np.ndarray, k: int) -> Cut:
     return Cut(np.float32(value), np.int32(row), np.int32(col))
 
 
-def _trivial_cut(n: int, k: int) -> Cut:
+def trivial_cut(n: int, k: int) -> Cut:
     """The cut of ``k <= 0`` (keep nothing) or ``k >= n`` (keep everything)."""
     return Cut(np.float32(-1.0 if k >= n else np.inf), np.int32(0), np.int32(0))
 
@@ -566,6 +566,6 @@ def topk_cuts_host(base, fts: Sequence, ks: Sequence[Sequence[int]], screen: boo
         raise NonFiniteInput("NaN or Inf in ft - base")
     for p, (i, b) in enumerate(probes):
         counts[i].store(b, gt[p], ge[p])
-    cuts = [[_resolve(counts[i], samples[i], k) if 0 < k < n else _trivial_cut(n, k) for k in k_list]
+    cuts = [[_resolve(counts[i], samples[i], k) if 0 < k < n else trivial_cut(n, k) for k in k_list]
             for i, k_list in enumerate(ks)]
     return FusedCuts(cuts, finite, hazard)
