@@ -30,7 +30,7 @@ import numpy as np
 
 from research import merging
 
-D_IN, D_OUT, BLOCK, TASKS = 512, 128, 96, ("copy", "reverse", "sort")
+D_IN, D_OUT, BLOCK, TASKS = 512, 128, 96, ("task A", "task B", "task C")  # synthetic: no model is trained
 
 
 def make_problem(seed: int):

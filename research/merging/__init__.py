@@ -9,11 +9,12 @@ Inputs are any pytrees of arrays with one structure: an NNX ``State``, a Linen
 params dict, or a flat ``{name: array}`` dict read from a checkpoint.
 """
 
-from research.merging.analysis import cosine_similarity, kept_fraction, norms, sign_conflicts, trim
+from research.merging.analysis import (cosine_similarity, election_discards, kept_fraction, kept_sign_conflicts, norms,
+                                      sign_conflicts, trim)
 from research.merging.merge import METHODS, NEEDS_BASE, RANDOM_METHODS, apply, merge, task_vector
 from research.merging.tree import MergeError
 
 __all__ = [
-    "METHODS", "NEEDS_BASE", "RANDOM_METHODS", "MergeError", "apply", "cosine_similarity",
-    "kept_fraction", "merge", "norms", "sign_conflicts", "task_vector", "trim",
+    "METHODS", "NEEDS_BASE", "RANDOM_METHODS", "MergeError", "apply", "cosine_similarity", "election_discards",
+    "kept_fraction", "kept_sign_conflicts", "merge", "norms", "sign_conflicts", "task_vector", "trim",
 ]

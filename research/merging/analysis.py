@@ -38,6 +38,14 @@ def _gram(xs):
     return flat @ flat.T
 
 
+@functools.partial(jax.jit, static_argnums=1)
+def _trim_global(leaves, k):
+    mags = [jnp.abs(_f32(x)) for x in leaves]
+    th = select.kth_largest(mags, k)
+    offs = select.ties_before(mags, th)
+    return [jnp.where(select.keep_mask(m, th, o), x, 0) for m, o, x in zip(mags, offs, leaves)]
+
+
 def norms(tv) -> dict:
     """L2 norm per leaf path and ``"total"``."""
     out = {}
@@ -67,11 +75,7 @@ def trim(tv, density: float, trim: str = "tensor"):
         return tv
     leaves, treedef = jax.tree.flatten(tv)
     if trim == "global":
-        mags = [jnp.abs(_f32(x)) for x in leaves]
-        k = int(density * sum(x.size for x in leaves))
-        th = select.kth_largest(mags, max(k, 1))
-        offs = select.ties_before(mags, th)
-        kept = [jnp.where(select.keep_mask(m, th, o), x, 0) for m, o, x in zip(mags, offs, leaves)]
+        kept = _trim_global(leaves, max(int(density * sum(x.size for x in leaves)), 1))
     else:
         kept = [_trim_leaf(x, int(density * x.size)) for x in leaves]
     return jax.tree.unflatten(treedef, kept)
@@ -104,3 +108,61 @@ def kept_fraction(tv, density: float, trim_mode: str = "tensor") -> dict:
     l2 = sum(float(jnp.sum(_f32(x) ** 2)) for x in jax.tree.leaves(tv))
     l2k = sum(float(jnp.sum(_f32(x) ** 2)) for x in jax.tree.leaves(kept))
     return {"l1_mass": l1k / max(l1, 1e-30), "l2_energy": l2k / max(l2, 1e-30)}
+
+
+@jax.jit
+def _pair_signs(a, b):
+    a, b = _f32(a), _f32(b)
+    both = (a != 0) & (b != 0)
+    return (jnp.sum(both), jnp.sum(both & ((a > 0) != (b > 0))), jnp.sum(a > 0), jnp.sum(a != 0),
+            jnp.sum(b > 0), jnp.sum(b != 0))
+
+
+def kept_sign_conflicts(tv_a, tv_b, density: float = 1.0, trim_mode: str = "tensor") -> dict:
+    """Sign disagreement of two task vectors *among the entries both keep* after trimming.
+
+    Returns ``{"overlap", "conflict_rate", "chance_overlap", "chance_conflict_rate"}``:
+
+    * ``overlap``: entries kept by both / all entries;
+    * ``conflict_rate``: entries of opposite sign / entries kept by both;
+    * the two ``chance_`` figures are what independent vectors with the same
+      kept fractions ``k_a, k_b`` and positive fractions ``p_a, p_b`` would
+      give: ``k_a k_b`` and ``p_a (1 - p_b) + (1 - p_a) p_b`` (~0.5).
+
+    ``sign_conflicts`` divides by *all* entries instead, where two independent
+    vectors trimmed to 20% already score ``0.2 * 0.2 * 0.5 = 2%``.
+    """
+    a, b = trim(tv_a, density, trim_mode), trim(tv_b, density, trim_mode)
+    sums = np.zeros(6)
+    total = 0
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        sums += np.asarray([float(s) for s in _pair_signs(x, y)])
+        total += x.size
+    both, conflicts, pos_a, kept_a, pos_b, kept_b = sums
+    p_a, p_b = pos_a / max(kept_a, 1), pos_b / max(kept_b, 1)
+    return {
+        "overlap": both / max(total, 1),
+        "conflict_rate": conflicts / max(both, 1),
+        "chance_overlap": (kept_a / max(total, 1)) * (kept_b / max(total, 1)),
+        "chance_conflict_rate": p_a * (1 - p_b) + (1 - p_a) * p_b,
+    }
+
+
+@jax.jit
+def _discards(xs):
+    xs = [_f32(x) for x in xs]
+    elected = jnp.where(sum(xs) >= 0, 1.0, -1.0)  # consensus.elect_sign("sum"): a zero vote is +
+    return jnp.stack([jnp.sum((x != 0) & (jnp.sign(x) != elected)) for x in xs]), jnp.stack([jnp.sum(x != 0) for x in xs])
+
+
+def election_discards(tvs: Sequence, density: float, trim_mode: str = "tensor") -> list[float]:
+    """TIES: per model, the fraction of its kept (trimmed) entries that the sign
+    election discards, i.e. whose sign differs from the sign of the summed mass
+    (equal weights, mergekit's and the paper's ``sum`` consensus)."""
+    trimmed = [jax.tree.leaves(trim(t, density, trim_mode)) for t in tvs]
+    dropped, kept = np.zeros(len(tvs)), np.zeros(len(tvs))
+    for j in range(len(trimmed[0])):
+        d, k = _discards([ls[j] for ls in trimmed])
+        dropped += np.asarray(d, np.float64)
+        kept += np.asarray(k, np.float64)
+    return (dropped / np.maximum(kept, 1)).tolist()

@@ -88,7 +88,15 @@ class Attention(nnx.Module):
             self.k_bias = _param(rngs, (K * H,), ("kv_heads",), pd, init="zeros")
             self.v_bias = _param(rngs, (K * H,), ("kv_heads",), pd, init="zeros")
 
-    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq):
+    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None):
+        """Attention over the packed row, or, with ``kv_cache``, over a cache.
+
+        ``kv_cache = {"k": [B, S, K, H], "v": [B, S, K, H], "index": [B]}``: this
+        call's ``T`` keys and values are written at ``index .. index + T - 1``
+        of each row, then every query ``t`` attends to cache slots
+        ``<= index + t`` (dense, causal; ``segment_ids_bt`` is not used).
+        Returns ``(out, kv_cache)`` with the cache updated.
+        """
         cfg = self.cfg
         B, T, _ = x_btd.shape
         dt = x_btd.dtype
@@ -98,9 +106,19 @@ class Attention(nnx.Module):
         k = proj(self.k_proj, bias("k_bias")).reshape(B, T, cfg.n_kv_heads, cfg.hd)
         v = proj(self.v_proj, bias("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.hd)
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
-        out = attention(q, k, v, segment_ids_bt, implementation=cfg.attention, segment_mask=cfg.segment_mask,
-                        block_size=cfg.block_size)
-        return out.reshape(B, T, -1) @ self.o_proj.get_value().astype(dt)
+        if kv_cache is None:
+            out = attention(q, k, v, segment_ids_bt, implementation=cfg.attention, segment_mask=cfg.segment_mask,
+                            block_size=cfg.block_size)
+            return out.reshape(B, T, -1) @ self.o_proj.get_value().astype(dt)
+        index = kv_cache["index"]
+        write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), i, axis=0))
+        k_cache, v_cache = write(kv_cache["k"], k, index), write(kv_cache["v"], v, index)
+        slot_s = jnp.arange(k_cache.shape[1])
+        mask_bts = slot_s[None, None, :] <= (index[:, None] + jnp.arange(T)[None, :])[..., None]
+        out = jax.nn.dot_product_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask=mask_bts[:, None],
+                                           implementation="xla")
+        out = out.reshape(B, T, -1) @ self.o_proj.get_value().astype(dt)
+        return out, {"k": k_cache, "v": v_cache, "index": index}
 
 
 class MLP(nnx.Module):
@@ -125,9 +143,13 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq):
-        x_btd = x_btd + self.attn(self.input_norm(x_btd), segment_ids_bt, positions_bt, inv_freq)
-        return x_btd + self.mlp(self.post_attn_norm(x_btd))
+    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None):
+        """The residual block; with ``kv_cache`` (see ``Attention``) returns ``(x, kv_cache)``."""
+        h = self.attn(self.input_norm(x_btd), segment_ids_bt, positions_bt, inv_freq, kv_cache)
+        h, kv_cache = h if kv_cache is not None else (h, None)
+        x_btd = x_btd + h
+        x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd))
+        return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 
 class Transformer(nnx.Module):
@@ -144,14 +166,33 @@ class Transformer(nnx.Module):
         """Token embeddings ``[B, T, D]`` in the activation dtype."""
         return self.embedding.get_value()[tokens_bt].astype(jnp.dtype(self.cfg.dtype))
 
-    def decode(self, x_btd, segment_ids_bt, positions_bt):
-        """Everything after the embedding: blocks, final norm, logits ``[B, T, V]`` (float32)."""
+    def decode(self, x_btd, segment_ids_bt, positions_bt, kv_caches=None):
+        """Everything after the embedding: blocks, final norm, logits ``[B, T, V]`` (float32).
+
+        With ``kv_caches`` (one per layer, see ``Attention``; ``init_cache``)
+        returns ``(logits, kv_caches)``: the incremental decoding of
+        ``research.generate``.
+        """
         inv_freq = rope_frequencies(self.cfg)
-        for layer in self.layers:
-            x_btd = layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
+        new_caches = []
+        for i, layer in enumerate(self.layers):
+            if kv_caches is None:
+                x_btd = layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
+            else:
+                x_btd, c = layer(x_btd, segment_ids_bt, positions_bt, inv_freq, kv_caches[i])
+                new_caches.append(c)
         x_btd = self.final_norm(x_btd)
         head = self.embedding.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
-        return (x_btd @ head.astype(x_btd.dtype)).astype(jnp.float32)
+        logits = (x_btd @ head.astype(x_btd.dtype)).astype(jnp.float32)
+        return logits if kv_caches is None else (logits, new_caches)
+
+    def init_cache(self, batch: int, size: int, index=None):
+        """Empty per-layer KV caches of ``size`` slots, in the activation dtype."""
+        cfg = self.cfg
+        shape = (batch, size, cfg.n_kv_heads, cfg.hd)
+        index = jnp.zeros((batch,), jnp.int32) if index is None else index
+        zeros = jnp.zeros(shape, jnp.dtype(cfg.dtype))
+        return [{"k": zeros, "v": zeros, "index": index} for _ in range(cfg.n_layers)]
 
     def __call__(self, batch):
         tokens = batch["tokens"]

@@ -106,10 +106,7 @@ def _host_batch(batch, batch_sh):
 
 def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume: bool = True, evaluate_at_end: bool = True) -> TrainResult:
     """Train ``cfg`` in ``workdir`` (checkpoints, metrics); resumes from its latest checkpoint."""
-    for t in cfg.tasks:  # fail fast, naming the task
-        from research.data.tasks import make_task
-
-        make_task(t)
+    eval_tasks = pipeline.tasks_of(cfg.tasks, cfg.task_lengths)  # fails fast, naming a bad task
     mesh = sharding.make_mesh(*cfg.mesh)
     tok = tokenizers.ByteTokenizer()
     model = build_model(cfg, mesh)
@@ -169,7 +166,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
                     writer.write(step, {**row, "tokens_per_sec": tps})
                 ckpt.save(step, params, opt_state, data.get_state())
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
-                    res = evaluate(graphdef, params, cfg.tasks, tok, samples=cfg.eval_samples,
+                    res = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
                                    max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
                     writer.write(step, {f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items()})
     except KeyboardInterrupt as stop:
@@ -192,7 +189,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
     ckpt.close()
     results = {}
     if evaluate_at_end and step == cfg.steps:
-        results = evaluate(graphdef, params, cfg.tasks, tok, samples=cfg.eval_samples,
+        results = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
                            max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
         writer.write(step, {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items()})
     writer.close()
