@@ -56,7 +56,8 @@ def test_quickstart_tiny_writes_the_results_schema(tmp_path):
         assert set(r["accuracy"]) == set(r["accuracy_std"]) == set(res["tasks"])
         assert {"avg_normalized_accuracy", "avg_normalized_accuracy_std"} <= set(r)
     assert res["seeds"] == [0, 1]
-    assert {"chosen_hyperparameters", "gates", "diagnostics", "stage_seconds", "config", "neftune"} <= set(res)
+    assert {"chosen_hyperparameters", "gates", "diagnostics", "stage_seconds", "config", "neftune", "claims"} <= set(res)
+    assert "ties > task_arithmetic" in {c["claim"] for c in res["claims"]}
     assert set(res["neftune"]["mean_val_loss_by_alpha"]) == {"0", "1"}
     for t in res["tasks"]:
         assert res["gates"][t]["passed"] and set(res["gates"][t]["per_seed"]) == {"0", "1"}

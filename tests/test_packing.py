@@ -186,3 +186,25 @@ def test_stats_figures():
     assert s["rows"] == 2 and s["lower_bound_rows"] == 2 and s["real_tokens"] == 32
     assert s["efficiency"] == 1.0 and s["segments_per_row"] == 1.5
     assert s["naive_rows"] == 3 and s["padding_saved_tokens"] == 3 * 16 - 32
+
+
+@pytest.mark.parametrize("strategy", packing.STRATEGIES)
+def test_no_samples_or_all_dropped_give_an_empty_batch(strategy):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for batch in (packing.pack([], 16, strategy), packing.pack([[3] * 40], 16, strategy, overlong="drop")):
+            assert batch["tokens"].shape == (0, 16) and batch["segment_ids"].dtype == np.int32
+            assert packing.unpack(batch) == [] and packing.stats(batch)["rows"] == 0
+
+
+@pytest.mark.parametrize("seq_len", [0, -1, 8.0, True])
+def test_bad_seq_len_is_named(seq_len):
+    with pytest.raises(packing.PackingError, match="seq_len"):
+        packing.pack([[3, 4]], seq_len)
+
+
+def test_token_ids_beyond_int32_are_an_error_not_a_wrap():
+    with pytest.raises(packing.PackingError, match=r"sample 1: token id 1099511627783"):
+        packing.pack([np.array([5]), np.array([2**40 + 7])], 16)

@@ -13,7 +13,6 @@ import jax
 import numpy as np
 import pytest
 
-from research.data.tasks import UnknownTaskError
 from research.training import TrainConfig, TrainingDiverged, config as config_lib, train
 from research.training.checkpoint import CheckpointMismatch, Checkpointer
 
@@ -51,12 +50,34 @@ def test_resume_on_another_mesh_reshards(tmp_path):
     assert "tensor" in str(q.sharding.spec)
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_checkpoint(tmp_path):
-    with pytest.raises(TrainingDiverged, match=r"at step \d+.*last good checkpoint is step \d+"):
+def test_divergence_stops_before_saving_and_the_last_good_checkpoint_is_finite(tmp_path):
+    with pytest.raises(TrainingDiverged, match=r"step (\d+): loss .*last good checkpoint is step (\d+)") as e:
         _run(tmp_path, "nan", lr=1e30, save_every=1, steps=50, clip_norm=1e30, warmup_steps=1)
+    import re
+
+    bad, good = map(int, re.search(r"step (\d+):.*step (\d+) in", str(e.value)).groups())
+    assert good < bad
     ck = Checkpointer(str(tmp_path / "nan" / "checkpoints"), save_every=1, keep=3)
-    assert ck.latest() is not None
+    assert ck.latest() == good
+    template = _run(tmp_path, "shape_only", steps=1).params
+    params = ck.restore_params(good, template)
     ck.close()
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+
+
+def test_fresh_start_moves_the_old_runs_checkpoints_aside(tmp_path, capsys):
+    first = _run(tmp_path, "fresh", steps=3, save_every=3)
+    second = train(dataclasses.replace(BASE, steps=3, save_every=3, lr=1e-2), str(tmp_path / "fresh"), resume=False,
+                   evaluate_at_end=False)
+    assert "were moved to" in capsys.readouterr().out
+    aside = [d for d in os.listdir(tmp_path / "fresh") if d.startswith("checkpoints.replaced-")]
+    assert len(aside) == 1
+    ck = Checkpointer(str(tmp_path / "fresh" / "checkpoints"), save_every=3, keep=3)
+    saved = ck.restore_params(3, second.params)
+    ck.close()
+    chex.assert_trees_all_equal(saved, second.params)  # the new run's weights, not the old one's
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_equal(first.params, second.params)
 
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
@@ -82,7 +103,7 @@ def test_disk_full_while_saving_is_reported_and_keeps_earlier_checkpoints(tmp_pa
 
 
 def test_unknown_task_and_config_key_are_named(tmp_path):
-    with pytest.raises(UnknownTaskError, match="unknown task 'nope'"):
+    with pytest.raises(config_lib.ConfigError, match="unknown task .nope."):  # checked before any work
         _run(tmp_path, "t", tasks=("copy", "nope"))
     with pytest.raises(config_lib.ConfigError, match="unknown config key 'learning_rate'"):
         config_lib.override(BASE, ["learning_rate=1e-4"])
@@ -108,3 +129,41 @@ def test_cli_overrides_and_ctrl_c_saves_a_checkpoint(tmp_path):
     ck = Checkpointer(str(tmp_path / "w" / "checkpoints"), save_every=1, keep=2)
     assert ck.latest() and ck.latest() > 0
     ck.close()
+
+
+def test_text_lm_source_trains_next_to_tasks_and_is_scored_by_loss(tmp_path):
+    r = train(dataclasses.replace(BASE, tasks=("text", "copy"), mixing={"text": 0.5, "copy": 0.5}, steps=3,
+                                  task_lengths=(("copy", 3, 6),), eval_samples=4), str(tmp_path / "lm"))
+    assert set(r.history[-1]) >= {"loss/text", "loss/copy"}
+    assert r.eval["text"]["accuracy"] is None and np.isfinite(r.eval["text"]["loss"])
+    assert 0 <= r.eval["copy"]["accuracy"] <= 1
+
+
+def test_gates_report_each_threshold_with_its_value():
+    from research.data.suite import Gates
+
+    g = Gates().check(base_acc=0.1, expert_acc=0.65)
+    assert g["base_at_most"] == {"threshold": 0.2, "value": 0.1, "passed": True}
+    assert not g["expert_at_least"]["passed"] and g["margin_at_least"]["value"] == pytest.approx(0.55)
+    assert all(v["passed"] for v in Gates().check(0.2, 0.7).values())
+    assert not Gates().check(0.25, 0.9)["base_at_most"]["passed"]
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("seq_len=0", "seq_len=0: must be >= 1"), ("batch_size=0", "batch_size=0"), ("tasks=()", "non-empty"),
+    ("model=huge", "model='huge': unknown preset"), ("mesh=(64,1,1)", "needs 64 devices"), ("keep=0", "keep=0"),
+    ("lr=-1", "lr=-1.0: must be > 0"), ("steps=-5", "steps=-5"), ("neftune_alpha=-1", "neftune_alpha=-1.0"),
+    ("tasks=copx", "unknown task 'copx'"), ("b2=1.5", "b2=1.5"),
+])
+def test_bad_config_values_are_named_before_any_work(assignment, message):
+    with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_lib.override(BASE, [assignment])
+
+
+def test_set_parses_paths_and_single_task_names():
+    cfg = config_lib.override(BASE, ["init_from=/abs/path", "tasks=copy"])
+    assert cfg.init_from == "/abs/path" and cfg.tasks == ("copy",)
+    assert config_lib.override(BASE, ["init_from=../x"]).init_from == "../x"
+    assert config_lib.override(BASE, ["init_from=./x", "init_from=None"]).init_from is None
+    assert config_lib.override(BASE, ["tasks=copy,reverse"]).tasks == ("copy", "reverse")
+    assert config_lib.override(BASE, ["tasks=('copy', 'sort')"]).tasks == ("copy", "sort")

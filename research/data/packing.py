@@ -108,6 +108,9 @@ def _as_item(sample, index: int) -> tuple[np.ndarray, np.ndarray, int]:
         raise PackingError(f"sample {index} is empty")
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
         raise PackingError(f"sample {index}: tokens must be a 1-D integer array, got {tokens.dtype}{tokens.shape}")
+    if tokens.min() < 0 or tokens.max() > np.iinfo(np.int32).max:
+        bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
+        raise PackingError(f"sample {index}: token id {bad} is outside [0, 2**31 - 1] (ids are stored as int32)")
     return tokens.astype(np.int32), mask, task_id
 
 
@@ -306,6 +309,9 @@ def pack(samples, seq_len: int, strategy: str = "bfd", *, eos_id: int = 1, add_e
     ``task_id``, ``loss_mask``) into rows of ``seq_len``; see the module docstring."""
     if strategy not in STRATEGIES:
         raise PackingError(f"unknown strategy {strategy!r}; choose from {STRATEGIES}")
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1 + add_eos:
+        raise PackingError(f"seq_len must be an integer >= {1 + add_eos}, got {seq_len!r}")
+    seq_len = int(seq_len)
     if overlong == "drop" and strict_drop:
         samples = list(samples)
         for i, s in enumerate(samples):
@@ -317,7 +323,9 @@ def pack(samples, seq_len: int, strategy: str = "bfd", *, eos_id: int = 1, add_e
     if report.dropped:
         warnings.warn(f"overlong='drop' dropped {report.dropped} sample(s) longer than seq_len={seq_len} "
                       f"({report.tokens_dropped} tokens); see stats(batch)", stacklevel=2)
-    if strategy == "stream":
+    if not items:  # no samples, or every one dropped: an empty batch
+        bins = np.zeros(0, np.int64)
+    elif strategy == "stream":
         bins = plan_stream(np.array([len(i.tokens) for i in items], np.int64), seq_len, buffer_size)
     else:
         bins = plan([len(i.tokens) for i in items], seq_len, strategy)

@@ -57,6 +57,18 @@ class TrainConfig:
 
 def _parse(value: str, typ):
     origin = typing.get_origin(typ)
+    if typ in ("str | None", typing.Optional[str]):  # a path or a name; None to unset
+        return None if value in ("None", "none", "") else value
+    if typ in (tuple, "tuple"):
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        if isinstance(parsed, str):  # tasks=copy or tasks=copy,reverse: names, not characters
+            return tuple(p.strip() for p in parsed.split(",") if p.strip())
+        if not isinstance(parsed, (tuple, list)):
+            raise ValueError(value)
+        return tuple(parsed)
     if typ is bool or typ == "bool":
         if value.lower() in ("1", "true", "yes"):
             return True
@@ -93,7 +105,52 @@ def override(cfg: TrainConfig, assignments: typing.Sequence[str]) -> TrainConfig
             raise ConfigError(f"--set {key}={value}: cannot parse as {fields[key].type}") from None
         if isinstance(changes[key], list):
             changes[key] = tuple(changes[key])
-    return dataclasses.replace(cfg, **changes)
+    return validate(dataclasses.replace(cfg, **changes))
+
+
+_RANGES = {  # field: (lowest allowed, highest allowed, is the lowest excluded)
+    "seq_len": (1, None, False), "batch_size": (1, None, False), "chunk_size": (1, None, False),
+    "steps": (1, None, False), "lr": (0.0, None, True), "warmup_steps": (0, None, False),
+    "end_lr_fraction": (0.0, 1.0, False), "weight_decay": (0.0, None, False), "b1": (0.0, 0.999999, False),
+    "b2": (0.0, 0.999999, False), "clip_norm": (0.0, None, True), "neftune_alpha": (0.0, None, False),
+    "save_every": (0, None, False), "keep": (1, None, False), "log_every": (1, None, False),
+    "eval_every": (0, None, False), "eval_samples": (1, None, False), "max_new_tokens": (1, None, False),
+}
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check every field before any work; a bad one is a ``ConfigError`` naming the
+    key, the value and what is allowed."""
+    for key, (lo, hi, open_lo) in _RANGES.items():
+        v = getattr(cfg, key)
+        want = int if isinstance(lo, int) else (int, float)
+        if isinstance(v, bool) or not isinstance(v, want):
+            raise ConfigError(f"{key}={v!r}: expected {'an integer' if want is int else 'a number'}")
+        if (v <= lo if open_lo else v < lo) or (hi is not None and v > hi):
+            rng = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
+            raise ConfigError(f"{key}={v!r}: must be {rng}")
+    if not isinstance(cfg.tasks, tuple) or not cfg.tasks or not all(isinstance(t, str) for t in cfg.tasks):
+        raise ConfigError(f"tasks={cfg.tasks!r}: expected a non-empty tuple of task names")
+    from research.data.tasks import NAMES
+
+    unknown = [t for t in cfg.tasks if t not in NAMES]
+    if unknown:
+        raise ConfigError(f"tasks: unknown task {unknown[0]!r}; available: {', '.join(NAMES)}")
+    from research.models.config import PRESETS
+
+    if cfg.model not in PRESETS:
+        raise ConfigError(f"model={cfg.model!r}: unknown preset; choose from {', '.join(PRESETS)}")
+    if (not isinstance(cfg.mesh, tuple) or len(cfg.mesh) != 3 or not all(isinstance(a, int) for a in cfg.mesh)
+            or any(a == 0 or a < -1 for a in cfg.mesh) or cfg.mesh.count(-1) > 1):
+        raise ConfigError(f"mesh={cfg.mesh!r}: expected (data, fsdp, tensor), positive integers or one -1")
+    import jax
+
+    fixed = 1
+    for a in cfg.mesh:
+        fixed *= a if a > 0 else 1
+    if fixed > jax.device_count():
+        raise ConfigError(f"mesh={cfg.mesh!r}: needs {fixed} devices, this process has {jax.device_count()}")
+    return cfg
 
 
 def load(path: str, assignments: typing.Sequence[str] = ()) -> TrainConfig:
@@ -108,4 +165,4 @@ def load(path: str, assignments: typing.Sequence[str] = ()) -> TrainConfig:
     cfg = mod.get_config()
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"{path}: get_config() returned {type(cfg).__name__}, not TrainConfig")
-    return override(cfg, assignments)
+    return override(cfg, assignments)  # validated

@@ -41,7 +41,8 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_
         (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates), **aux}
+        return params, opt_state, metrics
 
     return jax.jit(
         step_fn,

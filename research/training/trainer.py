@@ -33,7 +33,7 @@ from research import sharding
 from research.data import pipeline, tokenizers
 from research.models import Transformer, from_hf, preset
 from research.training.checkpoint import Checkpointer
-from research.training.config import TrainConfig
+from research.training.config import TrainConfig, validate
 from research.training.evaluate import evaluate
 from research.training.metrics import MetricWriter
 from research.training.step import make_optimizer, make_train_step
@@ -86,18 +86,28 @@ def model_config(cfg: TrainConfig):
 
 def build_model(cfg: TrainConfig, mesh):
     mcfg = model_config(cfg)
-    model = Transformer(mcfg, rngs=nnx.Rngs(cfg.seed))
-    if cfg.init_from:
-        if os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-            model = from_hf(cfg.init_from, dtype=jnp.dtype(mcfg.param_dtype))
-        else:
-            ck = Checkpointer(os.path.join(cfg.init_from, "checkpoints"), save_every=0, keep=1, async_save=False)
-            if ck.latest() is None:
-                raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there")
-            graphdef, params = nnx.split(model, nnx.Param)
-            model = nnx.merge(graphdef, ck.restore_params(ck.latest(), params))
-            ck.close()
+    make = lambda: Transformer(mcfg, rngs=nnx.Rngs(cfg.seed))
+    if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+        model = from_hf(cfg.init_from, dtype=jnp.dtype(mcfg.param_dtype))
+    elif cfg.init_from:
+        ck = Checkpointer(os.path.join(cfg.init_from, "checkpoints"), save_every=0, keep=1, async_save=False)
+        if ck.latest() is None:
+            raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there")
+        graphdef, params = nnx.split(nnx.eval_shape(make), nnx.Param)  # shapes only: nothing is initialised
+        model = nnx.merge(graphdef, ck.restore_params(ck.latest(), params))
+        ck.close()
+    else:
+        model = nnx.jit(make)()  # one compiled program rather than an eager op per parameter
     return sharding.shard_model(model, mesh)
+
+
+def _move_aside_old_run(workdir: str) -> None:
+    """A fresh start never leaves an older run's checkpoints where a resume would find them."""
+    old = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(old) and os.listdir(old):
+        aside = f"{old}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}"
+        os.replace(old, aside)
+        print(f"fresh start: the previous run's checkpoints in {old} were moved to {aside}")
 
 
 def _host_batch(batch, batch_sh):
@@ -106,7 +116,8 @@ def _host_batch(batch, batch_sh):
 
 def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume: bool = True, evaluate_at_end: bool = True) -> TrainResult:
     """Train ``cfg`` in ``workdir`` (checkpoints, metrics); resumes from its latest checkpoint."""
-    eval_tasks = pipeline.tasks_of(cfg.tasks, cfg.task_lengths)  # fails fast, naming a bad task
+    cfg = validate(cfg)  # every field, before any work
+    eval_tasks = pipeline.tasks_of(cfg.tasks, cfg.task_lengths)
     mesh = sharding.make_mesh(*cfg.mesh)
     tok = tokenizers.ByteTokenizer()
     model = build_model(cfg, mesh)
@@ -126,6 +137,8 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
                                    mixing=cfg.mixing, seed=cfg.seed, chunk_size=cfg.chunk_size,
                                    task_lengths=tuple(cfg.task_lengths))
     data = pipeline.make(pcfg, process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tok)
+    if not resume:
+        _move_aside_old_run(workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.save_every, keep=cfg.keep)
     start = 0
     if resume and ckpt.latest() is not None:
@@ -147,14 +160,16 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
                 batch = next(data)
                 real_tokens += int((batch["segment_ids"] > 0).sum())
                 params, opt_state, m = step_fn(params, opt_state, _host_batch(batch, batch_sh), key, jnp.int32(step))
-                loss = float(m["loss"])
+                loss, gnorm, unorm = float(m["loss"]), float(m["grad_norm"]), float(m["update_norm"])
                 step += 1
-                if not math.isfinite(loss):
+                if not all(map(math.isfinite, (loss, gnorm, unorm))):
+                    # finite loss, gradient and update keep the (finite) parameters finite;
+                    # anything else is never saved, so every checkpoint on disk is good
                     raise TrainingDiverged(
-                        f"loss is {loss} at step {step}; stopping. The last good checkpoint is step "
-                        f"{ckpt.latest()} in {ckpt.directory}"
+                        f"step {step}: loss {loss}, gradient norm {gnorm}, update norm {unorm}; stopping before "
+                        f"saving it. The last good checkpoint is step {ckpt.latest()} in {ckpt.directory}"
                     )
-                row = {"loss": loss, "grad_norm": float(m["grad_norm"])}
+                row = {"loss": loss, "grad_norm": gnorm}
                 tw = np.asarray(m["task_weight_sum"])
                 tl = np.asarray(m["task_loss_sum"])
                 row.update({f"loss/{t}": tl[i] / tw[i] for i, t in enumerate(cfg.tasks) if tw[i] > 0})
@@ -168,7 +183,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
                     res = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
                                    max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
-                    writer.write(step, {f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items()})
+                    writer.write(step, {f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if v is not None})
     except KeyboardInterrupt as stop:
         bar.close()
         if isinstance(stop, _StopAtBoundary):
@@ -191,6 +206,6 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
     if evaluate_at_end and step == cfg.steps:
         results = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
                            max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
-        writer.write(step, {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items()})
+        writer.write(step, {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items() if v is not None})
     writer.close()
     return TrainResult(graphdef, params, step, history, results, real_tokens / max(time.perf_counter() - t0, 1e-9))
