@@ -361,8 +361,9 @@ def main(argv=None):
             per_seed[str(s)] = q.gates.check(b_val, e_val)
         passed = all(g["passed"] for ps in per_seed.values() for g in ps.values())
         gates[task] = {"split": "val", "per_seed": per_seed, "passed": passed}
-        (targets.append(task) if passed else None)
-        if not passed:
+        if passed:
+            targets.append(task)
+        else:
             appendix[task] = {str(s): {"base": ps["base_at_most"]["value"], "expert": ps["expert_at_least"]["value"]}
                               for s, ps in per_seed.items()}
     print("gates (val): " + ", ".join(f"{t} {'pass' if g['passed'] else 'FAIL'}" for t, g in gates.items()))

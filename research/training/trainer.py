@@ -110,6 +110,11 @@ def _move_aside_old_run(workdir: str) -> None:
         print(f"fresh start: the previous run's checkpoints in {old} were moved to {aside}")
 
 
+def _eval_row(results: dict) -> dict:
+    """``evaluate``'s results as metric columns; a text task has no accuracy."""
+    return {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items() if v is not None}
+
+
 def _host_batch(batch, batch_sh):
     return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, batch_sh)
 
@@ -183,7 +188,7 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
                     res = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
                                    max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
-                    writer.write(step, {f"eval/{t}/{k}": v for t, r in res.items() for k, v in r.items() if v is not None})
+                    writer.write(step, _eval_row(res))
     except KeyboardInterrupt as stop:
         bar.close()
         if isinstance(stop, _StopAtBoundary):
@@ -206,6 +211,6 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
     if evaluate_at_end and step == cfg.steps:
         results = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
                            max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
-        writer.write(step, {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items() if v is not None})
+        writer.write(step, _eval_row(results))
     writer.close()
     return TrainResult(graphdef, params, step, history, results, real_tokens / max(time.perf_counter() - t0, 1e-9))
