@@ -11,9 +11,11 @@ runs seeds 0..K-1 and reports mean +- std over them.  Stages:
 
 1. **Pretrain** a small byte-level model on generic data (``research.data.suite``:
    English prose and the ``copy`` format task; no target is ever seen).
-2. **Experts**: one fine-tune per candidate task, packed, with NEFTune at
-   ``neftune_alpha`` and, as its control, at alpha = 0.  The alpha with the
-   lower mean validation loss (noise off) is used from here on.
+2. **Experts**: one fine-tune per candidate task, packed; the
+   ``neftune_control`` tasks are also fine-tuned with NEFTune at
+   ``neftune_alpha``.  The alpha with the lower mean validation loss (noise
+   off) on them, alpha = 0 against ``neftune_alpha``, is used from here on
+   (if NEFTune wins, the other candidates are fine-tuned again with it).
 3. **Gates** on the validation split: base <= 20% and expert >= 70% and
    >= base + 50 points.  A candidate that fails any of them, in any seed, is
    not a target: it goes to the appendix rows and is not merged.
@@ -71,11 +73,13 @@ class QuickstartConfig:
     pretrain_steps: int = 250
     pretrain_lr: float = 3e-3
     finetune_batch: int = 8
-    finetune_steps: int = 100
+    finetune_steps: int = 130
     finetune_lr: float = 3e-3
     # NEFTune's noise norm per token is alpha / sqrt(3 L); at our L ~ 15 tokens
     # alpha = 1 gives ~0.15, the paper's ratio at alpha = 5, L ~ 300.
     neftune_alpha: float = 1.0
+    # the alpha = 0 control is fine-tuned on these candidates (every seed)
+    neftune_control: tuple = ("sort",)
     val_samples: int = 48
     test_samples: int = 200
     max_new_tokens: int = 16
@@ -89,7 +93,7 @@ class QuickstartConfig:
     progress: bool = True
 
 
-TINY = QuickstartConfig(candidates=("reverse", "cipher"), model="tiny", pretrain_steps=30, finetune_steps=10,
+TINY = QuickstartConfig(candidates=("reverse", "cipher"), neftune_control=("cipher",), model="tiny", pretrain_steps=30, finetune_steps=10,
                         val_samples=8, test_samples=8, max_new_tokens=8, lambdas_sum=(0.5, 1.0), lambdas_mean=(1.0,),
                         densities=(0.5,), max_extensions=1,
                         gates=suite.Gates(base_max=1.0, expert_min=0.0, margin=-1.0))  # smoke: every candidate passes
@@ -241,18 +245,23 @@ def run_seed(q: QuickstartConfig, seed: int, out: str, timings: dict) -> dict:
     st.close(f"final loss {base.history[-1]['loss']:.3f}")
     ev = Evaluator(q, base.graphdef)
     base_p = jax.device_get(base.params)
-    alphas = (0.0, q.neftune_alpha) if q.neftune_alpha > 0 else (0.0,)
-    st = Stage(f"seed {seed}: experts", len(q.candidates) * len(alphas), timings)
-    experts, val_loss = {}, {}
-    for alpha in alphas:
-        for task in q.candidates:
-            r = train(_train_cfg(q, seed, [task], q.finetune_steps, q.finetune_lr, q.finetune_batch, alpha,
-                                 init_from=f"{d}/base"), f"{d}/ft_{task}_alpha{alpha:g}", evaluate_at_end=False)
-            experts[alpha, task] = jax.device_get(r.params)
-            val_loss[alpha, task] = ev(experts[alpha, task], [task], "val")[1][task]
-            st.update(f"{task} alpha={alpha:g}")
+    runs = [(0.0, t) for t in q.candidates]  # every candidate without noise; NEFTune on the control tasks
+    if q.neftune_alpha > 0:
+        runs += [(q.neftune_alpha, t) for t in q.neftune_control]
+    st = Stage(f"seed {seed}: experts", len(runs), timings)
+    run = {"graphdef": base.graphdef, "base": base_p, "experts": {}, "val_loss": {}, "dir": d}
+    for alpha, task in runs:
+        train_expert(q, seed, run, alpha, task)
+        st.update(f"{task} alpha={alpha:g}")
     st.close()
-    return {"graphdef": base.graphdef, "base": base_p, "experts": experts, "val_loss": val_loss, "dir": d}
+    return run
+
+
+def train_expert(q: QuickstartConfig, seed: int, run: dict, alpha: float, task: str):
+    r = train(_train_cfg(q, seed, [task], q.finetune_steps, q.finetune_lr, q.finetune_batch, alpha,
+                         init_from=f"{run['dir']}/base"), f"{run['dir']}/ft_{task}_alpha{alpha:g}", evaluate_at_end=False)
+    run["experts"][alpha, task] = jax.device_get(r.params)
+    run["val_loss"][alpha, task] = Evaluator(q, run["graphdef"])(run["experts"][alpha, task], [task], "val")[1][task]
 
 
 def finish_seed(q, seed, run, targets, alpha, timings) -> dict:
@@ -327,6 +336,8 @@ def main(argv=None):
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
     args = ap.parse_args(argv)
     q = TINY if args.tiny else QuickstartConfig()
+    if not set(q.neftune_control) <= set(q.candidates):
+        ap.error(f"neftune_control {q.neftune_control} must be candidates ({q.candidates})")
     seed_list = list(range(args.seeds)) if args.seeds else [args.seed or 0]
     if args.seeds is not None and args.seeds < 1:
         ap.error("--seeds must be >= 1")
@@ -344,11 +355,19 @@ def main(argv=None):
 
     runs = {s: run_seed(q, s, out, timings) for s in seed_list}
 
-    # NEFTune: the control decides alpha (validation loss, noise off, mean over candidates and seeds)
+    # NEFTune: the control decides alpha (validation loss, noise off, mean over the control tasks and seeds)
     alphas = sorted({a for r in runs.values() for a, _ in r["val_loss"]})
-    nef = {f"{a:g}": float(np.mean([r["val_loss"][a, t] for r in runs.values() for t in q.candidates])) for a in alphas}
+    nef = {f"{a:g}": float(np.mean([r["val_loss"][a, t] for r in runs.values() for t in q.neftune_control]))
+           for a in alphas}
     alpha = min(alphas, key=lambda a: nef[f"{a:g}"])
-    print(f"NEFTune control: mean validation loss {nef} -> alpha = {alpha:g}")
+    print(f"NEFTune control on {', '.join(q.neftune_control)}: mean validation loss {nef} -> alpha = {alpha:g}")
+    missing = [(s, t) for s, r in runs.items() for t in q.candidates if (alpha, t) not in r["experts"]]
+    if missing:  # NEFTune won: the other candidates' experts are trained with it too
+        st = Stage("experts at the chosen alpha", len(missing), timings)
+        for s, t in missing:
+            train_expert(q, s, runs[s], alpha, t)
+            st.update(f"seed {s} {t}")
+        st.close()
 
     # gates, on validation, for every seed
     gates, targets, appendix = {}, [], {}
@@ -407,7 +426,8 @@ def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, timin
         "gates": gates,
         "appendix": appendix,
         "neftune": {"candidate_alpha": q.neftune_alpha, "mean_val_loss_by_alpha": nef, "chosen_alpha": alpha,
-                    "measured_on": "validation loss of every candidate's expert, noise off, mean over seeds"},
+                    "control_tasks": list(q.neftune_control),
+                    "measured_on": "validation loss of the control tasks' experts, noise off, mean over tasks and seeds"},
         "diagnostics": {str(s): per_seed[s]["diagnostics"] for s in seeds},
         "seeds": list(seeds),
         "paper_claim": PAPER_CLAIM,

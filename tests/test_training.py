@@ -2,6 +2,7 @@
 
 import dataclasses
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,8 @@ import numpy as np
 import pytest
 
 from research.training import TrainConfig, TrainingDiverged, config as config_lib, train
-from research.training.checkpoint import CheckpointMismatch, Checkpointer
+from research.training.checkpoint import CheckpointMismatch, Checkpointer, CheckpointSaveError
+from research.training.run_config import ResumeMismatch
 
 BASE = TrainConfig(model="tiny", tasks=("copy", "reverse"), seq_len=64, batch_size=8, chunk_size=16, steps=6,
                    warmup_steps=2, save_every=3, keep=3, log_every=1, eval_samples=2, max_new_tokens=4,
@@ -82,8 +84,11 @@ def test_fresh_start_moves_the_old_runs_checkpoints_aside(tmp_path, capsys):
 
 def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
     _run(tmp_path, "shape", steps=3)
-    with pytest.raises(CheckpointMismatch, match="has shape"):
-        _run(tmp_path, "shape", steps=6, model_overrides=(("d_model", 48), ("n_heads", 4)))
+    other = dataclasses.replace(BASE, steps=6, model_overrides=(("d_model", 48), ("n_heads", 4)))
+    with pytest.raises(ResumeMismatch, match="model_overrides"):  # the stored config says so first
+        train(other, str(tmp_path / "shape"), evaluate_at_end=False)
+    with pytest.raises(CheckpointMismatch, match="has shape"):  # and the checkpoint, when that is overridden
+        train(other, str(tmp_path / "shape"), evaluate_at_end=False, override_resume=True)
 
 
 def test_disk_full_while_saving_is_reported_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
@@ -94,12 +99,85 @@ def test_disk_full_while_saving_is_reported_and_keeps_earlier_checkpoints(tmp_pa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", full)
-    with pytest.raises(OSError, match="out of disk space while saving step 6.*step 3.*intact"):
+    with pytest.raises(CheckpointSaveError, match=r"could not save step 6 to .*disk/checkpoints \(out of disk space; "
+                                                   r"the checkpoint needs about .* MiB are free\)\. The last complete "
+                                                   r"checkpoint is step 3"):
         _run(tmp_path, "disk")
     monkeypatch.undo()
     ck = Checkpointer(str(tmp_path / "disk" / "checkpoints"), save_every=1, keep=3)
     assert ck.latest() == 3
     ck.close()
+
+
+def test_too_little_free_space_is_found_before_the_save_starts(tmp_path, monkeypatch, capsys):
+    from research.train import main
+    from research.training import checkpoint
+
+    monkeypatch.setattr(checkpoint, "free_bytes", lambda d: 1000)
+    rc = main(["--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"), "--set", "steps=4",
+               "--set", "save_every=2", "--set", "progress=False", "--set", "mesh=(1,1,1)"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "could not save step 2" in err[0] and "1000" not in err[0]
+    assert "0.0 MiB are free" in err[0] and "No checkpoint is complete yet" in err[0]
+    assert [d for d in os.listdir(tmp_path / "w" / "checkpoints")] == []
+
+
+def test_a_save_that_fails_in_the_background_is_named_and_its_temporary_removed(tmp_path, monkeypatch):
+    import orbax.checkpoint as ocp
+
+    real = ocp.CheckpointManager.wait_until_finished
+
+    failed = []
+
+    def fails_after_writing(self):
+        real(self)
+        if not failed and any(s == 6 for s in (self.all_steps() or [])):
+            failed.append(6)
+            os.makedirs(os.path.join(str(self.directory), "6.orbax-checkpoint-tmp-1"), exist_ok=True)
+            raise OSError(errno.ENOSPC, "No space left on device")  # as orbax's write thread reports it
+
+    monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", fails_after_writing)
+    with pytest.raises(CheckpointSaveError, match="could not save step 6 .*out of disk space"):
+        _run(tmp_path, "bg")
+    assert not any("orbax-checkpoint-tmp" in d for d in os.listdir(tmp_path / "bg" / "checkpoints"))
+
+
+def test_stale_orbax_temporaries_are_removed_on_the_next_start(tmp_path, capsys):
+    _run(tmp_path, "stale", stop_at=3)
+    leftover = tmp_path / "stale" / "checkpoints" / "6.orbax-checkpoint-tmp-1733"
+    os.makedirs(leftover / "state")
+    _run(tmp_path, "stale")
+    assert not leftover.exists() and f"removed {leftover}" in capsys.readouterr().out
+
+
+def test_resuming_with_a_config_that_changes_the_computation_is_refused(tmp_path, capsys):
+    _run(tmp_path, "cfg", stop_at=3)
+    stored = json.load(open(tmp_path / "cfg" / "train_config.json"))
+    assert stored["lr"] == BASE.lr and stored["tasks"] == list(BASE.tasks)
+    with pytest.raises(ResumeMismatch, match=r"lr: 0.003 there, 0.001 now; neftune_alpha: 5.0 there, 0.0 now"):
+        _run(tmp_path, "cfg", lr=1e-3, neftune_alpha=0.0)
+    with pytest.raises(ResumeMismatch, match=r"tasks: \['copy', 'reverse'\] there, \['copy'\] now"):
+        _run(tmp_path, "cfg", tasks=("copy",))
+    # reporting and cadence may change, and so may a larger steps (said so)
+    r = _run(tmp_path, "cfg", log_every=2, eval_samples=3, steps=8, stop_at=6)
+    assert r.step == 6 and "schedule now decays to the new end" in capsys.readouterr().out
+    r = train(dataclasses.replace(BASE, steps=8, lr=1e-3), str(tmp_path / "cfg"), override_resume=True,
+              evaluate_at_end=False)
+    assert r.step == 8 and "with changed lr (--override-resume)" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "cfg" / "train_config.json"))["lr"] == 1e-3  # what the run continues with
+
+
+def test_cli_resume_with_another_lr_names_the_fields(tmp_path, capsys):
+    from research.train import main
+
+    args = ["--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"), "--set", "steps=2", "--set", "mesh=(1,1,1)",
+            "--set", "progress=False"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args + ["--set", "lr=1e-3", "--set", "neftune_alpha=5"]) == 2
+    err = capsys.readouterr().err
+    assert "lr: " in err and "neftune_alpha: " in err and "--override-resume" in err
+    assert main(args) == 0 and "the run is complete at step 2" in capsys.readouterr().out
 
 
 def test_unknown_task_and_config_key_are_named(tmp_path):

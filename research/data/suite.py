@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 
 PRETRAIN_MIXTURE = (("text", 0.5), ("copy", 0.5))
-CANDIDATES = ("reverse", "sort", "cipher", "swap", "upper")
+CANDIDATES = ("reverse", "sort", "cipher", "swap", "upper", "rotl", "double")
 INPUT_LENGTH = (3, 6)  # characters of the letter strings; add: up to 3-digit numbers
 
 

@@ -18,6 +18,8 @@ sort       ``sort: cab`` -> ``abc``               "
 cipher     ``rot3: abc`` -> ``def``               "
 swap       ``swap: abcde`` -> ``badce``           " (adjacent pairs swapped)
 upper      ``upper: abc`` -> ``ABC``              "
+double     ``double: abc`` -> ``aabbcc``          "
+rotl       ``rotl: abcd`` -> ``bcda``             " (rotated left by one)
 add        ``add: 12+345`` -> ``357``             two numbers, ``max_len // 2`` digits at most
 g2p        ``g2p: cat`` -> ``K AE1 T``            a dictionary word
 p2g        ``p2g: K AE1 T`` -> ``cat``            its pronunciation
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import random
 import string
 from functools import lru_cache
 from typing import Callable
@@ -76,7 +79,8 @@ def _check_split(split):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
-    """A generated task: ``draw(rng, task) -> input key`` and ``render(key) -> (prompt, response)``."""
+    """A generated task: ``draw(rng, task) -> input key`` (``rng`` a ``random.Random``)
+    and ``render(key) -> (prompt, response)``."""
 
     name: str
     draw: Callable[[np.random.Generator, "Task"], str]
@@ -87,7 +91,7 @@ class Task:
     generative = True  # evaluated by exact match
 
     def _key(self, split: str, index: int) -> str:
-        rng = np.random.default_rng(_hash(self.name, split, index))
+        rng = random.Random(_hash(self.name, split, index))  # a Mersenne twister per example: cheap to seed
         while True:  # rejection: only inputs of this split
             key = self.draw(rng, self)
             if split_of(self.name, key) == split:
@@ -122,14 +126,13 @@ _HELD_OUT: dict = {}  # (task, lengths, split) -> the distinct held-out inputs d
 
 
 def _letters(rng, task):
-    n = int(rng.integers(task.min_len, task.max_len + 1))
-    return "".join(rng.choice(list(_ALPHABET), size=n))
+    return "".join(rng.choices(_ALPHABET, k=rng.randint(task.min_len, task.max_len)))
 
 
 def _numbers(rng, task):
     digits = max(1, task.max_len // 2)
     lo = max(1, task.min_len // 2)
-    a, b = (int("".join(map(str, rng.integers(0, 10, size=int(rng.integers(lo, digits + 1)))))) for _ in range(2))
+    a, b = (int("".join(rng.choices(string.digits, k=rng.randint(lo, digits)))) for _ in range(2))
     return f"{a}+{b}"
 
 
@@ -149,6 +152,8 @@ _GENERATED = {
     "swap": (_letters, lambda s: (f"swap: {s}\n", _swap(s))),
     "upper": (_letters, lambda s: (f"upper: {s}\n", s.upper())),
     "add": (_numbers, lambda s: (f"add: {s}\n", str(sum(map(int, s.split("+")))))),
+    "double": (_letters, lambda s: (f"double: {s}\n", "".join(c + c for c in s))),
+    "rotl": (_letters, lambda s: (f"rotl: {s}\n", s[1:] + s[:1])),
 }
 
 

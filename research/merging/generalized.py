@@ -137,16 +137,21 @@ def merge_leaf(base, finetuned: Sequence, opts: Options, keys=None, thresholds=N
     return base + opts.lam * mixed if opts.lam != 1 else base + mixed
 
 
-def global_thresholds(base_leaves, model_leaves, opts: Options):
-    """Per model: one top-k threshold over every leaf, and each leaf's tie offset."""
-    ths, offsets = [], []
+def global_keep_counts(base_leaves, opts: Options) -> tuple:
+    """Per model: how many entries of the whole model the global trim keeps."""
     total = sum(b.size for b in base_leaves)
-    for i, leaves in enumerate(model_leaves):
+    return tuple(int(d * total) for d in opts.density)
+
+
+def global_thresholds(base_leaves, model_leaves, ks):
+    """Per model: one top-k threshold over every leaf (``ks[i]`` kept; may be traced),
+    and each leaf's tie offset."""
+    ths, offsets = [], []
+    for leaves, k in zip(model_leaves, ks):
         mags = [jnp.abs(x.astype(jnp.float32) - b.astype(jnp.float32)) for x, b in zip(leaves, base_leaves)]
-        k = int(opts.density[i] * total)
-        th = select.kth_largest(mags, max(k, 1))
-        if k <= 0:  # keep nothing
-            th = select.Threshold(jnp.float32(jnp.inf), jnp.int32(0))
+        th = select.kth_largest(mags, jnp.maximum(k, 1))
+        none = jnp.asarray(k) <= 0  # keep nothing
+        th = select.Threshold(jnp.where(none, jnp.float32(jnp.inf), th.value), jnp.where(none, 0, th.ties))
         ths.append(th)
         offsets.append(select.ties_before(mags, th))
     return ths, offsets

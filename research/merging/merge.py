@@ -7,6 +7,7 @@ Parameters that mergekit sets per model (``weight``, ``density``, ``gamma``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Sequence
 
@@ -106,12 +107,50 @@ def _tv_options(method: str, n: int, params: dict) -> generalized.Options:
         density=density,
         gamma=gamma,
         epsilon=epsilon,
-        lam=float(params.get("lam", 1.0)),
+        lam=per_model(params.get("lam", 1.0), 1, "lam")[0],
         trim=trim,
         vote_on=params.get("vote_on", "weighted"),
         divide_by=params.get("divide_by", "weight"),
         rescale_mode=params.get("rescale_mode", "l1"),
     )
+
+
+def options(method: str, n: int, params: dict):
+    """The validated options of ``method`` over ``n`` models: every check that
+    ``merge`` makes of its parameters, without any tensor (``--dry-run`` uses it)."""
+    if method not in METHODS:
+        raise MergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
+    unknown = set(params) - PARAMS[method] - _COMMON
+    if unknown:
+        raise MergeError(
+            f"unknown parameter(s) {sorted(unknown)} for method {method!r}; "
+            f"accepted: {sorted(PARAMS[method] | _COMMON)}"
+        )
+    if params.get("out_dtype") is not None:
+        try:
+            jnp.dtype(params["out_dtype"])
+        except TypeError:
+            raise MergeError(f"parameter 'out_dtype': not a dtype: {params['out_dtype']!r}") from None
+    scalar = lambda name, default: per_model(params.get(name, default), 1, name)[0]
+    if method in TASK_VECTOR_METHODS:
+        opts = _tv_options(method, n, params)
+        weights, normalize = opts.weight, opts.normalize
+    elif method == "linear":
+        weights, normalize = per_model(params.get("weight", 1.0), n, "weight"), bool(params.get("normalize", True))
+        opts = (("weight", weights), ("normalize", normalize))
+    elif method == "slerp":
+        t = scalar("t", 0.5)
+        if not 0 <= t <= 1:
+            raise MergeError(f"parameter 't' must be in [0, 1], got {t}")
+        return (("t", t),)
+    elif method == "model_stock":
+        return (("filter_wise", bool(params.get("filter_wise", False))),)
+    else:  # negate
+        return (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("lam", scalar("lam", 1.0)))
+    if normalize and abs(sum(weights)) < 1e-8:
+        raise MergeError(f"method {method!r}: the weights {list(weights)} sum to 0, so normalize: true has nothing "
+                         "to divide by; give non-zero weights or normalize: false")
+    return opts
 
 
 def _leaf_fn(method: str, opts):
@@ -143,7 +182,7 @@ def _merge_one_leaf(j, b, ms, key, ths, offs, *, method, opts, out_dtype):
 # One compiled program per (leaf shape, dtype, method, options): merging a model
 # leaf by leaf keeps only one leaf's intermediates alive at a time.
 _merge_leaf_jit = jax.jit(_merge_one_leaf, static_argnames=("method", "opts", "out_dtype"))
-_global_jit = jax.jit(generalized.global_thresholds, static_argnames=("opts",))
+_global_jit = jax.jit(generalized.global_thresholds)  # the keep counts are traced: one program for every density
 
 
 @functools.partial(jax.jit, static_argnames=("density", "shape"))
@@ -320,7 +359,11 @@ def _run(models, base, key, *, method, opts, out_dtype, leafwise: bool, host_pre
     model_leaves = [jax.tree.leaves(m) for m in models]
     ths = offsets = None
     if _uses_global_trim(opts):  # one threshold per model over the whole tree
-        ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(base_leaves, model_leaves, opts)
+        ks = generalized.global_keep_counts(base_leaves, opts)
+        ths, offsets = (_global_jit if leafwise else generalized.global_thresholds)(
+            base_leaves, model_leaves, jnp.asarray(ks, jnp.int32) if leafwise else ks)
+        # the thresholds carry the density: leaf programs compiled for one density serve every other
+        opts = dataclasses.replace(opts, density=(1.0,) * len(opts.density))
     fn = functools.partial(_merge_leaf_jit if leafwise else _merge_one_leaf, method=method, opts=opts, out_dtype=out_dtype)
     out = []
     for j in range(len(ref_leaves)):
@@ -366,12 +409,6 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     if method not in METHODS:
         raise MergeError(f"unknown merge method {method!r}; choose from {', '.join(METHODS)}")
     models = list(models)
-    unknown = set(params) - PARAMS[method] - _COMMON
-    if unknown:
-        raise MergeError(
-            f"unknown parameter(s) {sorted(unknown)} for method {method!r}; "
-            f"accepted: {sorted(PARAMS[method] | _COMMON)}"
-        )
     if method == "slerp" and base is not None and len(models) == 1:
         models, base = [base, models[0]], None
     if method == "slerp" and len(models) != 2:
@@ -392,18 +429,7 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     out_dtype = params.get("out_dtype")
     out_dtype = None if out_dtype is None else jnp.dtype(out_dtype)
 
-    n = len(models)
-    if method in TASK_VECTOR_METHODS:
-        opts = _tv_options(method, n, params)
-    elif method == "linear":
-        opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("normalize", bool(params.get("normalize", True))))
-    elif method == "slerp":
-        t = float(params.get("t", 0.5))
-        opts = (("t", t),)
-    elif method == "model_stock":
-        opts = (("filter_wise", bool(params.get("filter_wise", False))),)
-    else:  # negate
-        opts = (("weight", per_model(params.get("weight", 1.0), n, "weight")), ("lam", float(params.get("lam", 1.0))))
+    opts = options(method, len(models), params)
 
     # NaN/Inf screening costs a pass over every input, unless it rides along:
     # on the output (methods that propagate NaN/Inf), or on the first counting

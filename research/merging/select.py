@@ -114,7 +114,8 @@ def kth_largest(xs: Sequence[jax.Array], k: int, sample_steps: int = 3) -> Thres
 
     ``xs`` are non-negative float32 arrays (magnitudes) treated as one
     population; pass a single array for per-tensor trimming or every leaf of a
-    model for global trimming.  ``1 <= k <= total size`` must hold statically.
+    model for global trimming.  ``1 <= k <= total size`` must hold; ``k`` may
+    be traced (one compiled search serves every density).
 
     Phase 1 interpolates over the *values of a sorted sample* (``sample_steps``
     counting passes, unrolled): on real weights the counts are nearly linear in
@@ -125,8 +126,9 @@ def kth_largest(xs: Sequence[jax.Array], k: int, sample_steps: int = 3) -> Thres
     """
     xs = [jnp.asarray(x, jnp.float32) for x in xs]
     n = sum(x.size for x in xs)
-    if not 1 <= k <= n:
+    if isinstance(k, (int, np.integer)) and not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
+    k = jnp.asarray(k, jnp.int32)
     sample = jnp.sort(jnp.concatenate([_strided_sample(x, max(1, _SAMPLE * x.size // n)) for x in xs]))
     s = sample.shape[0]
 
@@ -134,7 +136,7 @@ def kth_largest(xs: Sequence[jax.Array], k: int, sample_steps: int = 3) -> Thres
     b_lo, c_lo = jnp.int32(-1), jnp.int32(n)
     b_hi, c_hi = jnp.int32(_INF_BITS), jnp.int32(0)
     i_lo, i_hi = jnp.int32(-1), jnp.int32(s)  # the bracket in sample ranks
-    guess = jnp.int32(min(s - 1, max(0, round((1 - k / n) * s))))
+    guess = jnp.clip(jnp.round((1 - k.astype(jnp.float32) / n) * s), 0, s - 1).astype(jnp.int32)
     for _ in range(sample_steps):
         b = _bits(sample[guess])
         c = _count_all(xs, _value(b))
@@ -519,8 +521,9 @@ def topk_cut_delta_host(ft, base, k: int, screen: bool = False, kernel: bool | N
     XLA programs.
     """
     n = ft.size
-    if not 1 <= k <= n:
+    if isinstance(k, (int, np.integer)) and not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
+    k = jnp.asarray(k, jnp.int32)
     counts = _HostCounts(ft, base, screen, kernel)
     sample = np.sort(np.asarray(_sample_abs_delta(ft, base)))
     return _resolve(counts, sample, k)

@@ -87,13 +87,25 @@ def _sum_finite(*xs):
 
 
 def per_model(value, n: int, name: str) -> tuple:
-    """A scalar or a length-``n`` sequence, as an ``n``-tuple of floats."""
-    if isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and np.ndim(value) == 1):
-        vals = tuple(float(v) for v in value)
-        if len(vals) != n:
-            raise MergeError(f"parameter {name!r} has {len(vals)} values for {n} models")
-        return vals
-    return (float(value),) * n
+    """A scalar or a length-``n`` sequence, as an ``n``-tuple of finite floats."""
+    many = isinstance(value, (list, tuple)) or (hasattr(value, "ndim") and np.ndim(value) == 1)
+    vals = tuple(_number(v, name, i) for i, v in enumerate(value)) if many else (_number(value, name),) * n
+    if len(vals) != n:
+        raise MergeError(f"parameter {name!r} has {len(vals)} values for {n} models")
+    return vals
+
+
+def _number(v, name: str, i: int | None = None) -> float:
+    where = f"parameter {name!r}" + (f" (model {i})" if i is not None else "")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number, np.ndarray, jax.Array)):
+        raise MergeError(f"{where} must be a number, got {v!r}")
+    try:
+        x = float(v)
+    except (TypeError, ValueError):
+        raise MergeError(f"{where} must be a number, got {v!r}") from None
+    if not np.isfinite(x):
+        raise MergeError(f"{where} must be finite, got {x}")
+    return x
 
 
 def compute_dtype(dtype) -> jnp.dtype:

@@ -83,6 +83,7 @@ def attention(q, k, v, segment_ids, *, implementation: str | None = None, segmen
     if N % K:
         raise ValueError(f"query heads ({N}) must be a multiple of key/value heads ({K})")
     scale = H**-0.5 if scale is None else scale
+    segment_ids = jnp.asarray(segment_ids)  # a host (numpy) batch works eagerly too
     if impl == "xla":
         return xla_attention(q, k, v, segment_ids, segment_mask=segment_mask, scale=scale)
     if impl == "blockwise":
@@ -225,6 +226,7 @@ def blockwise_attention(q, k, v, segment_ids, *, segment_mask=True, block_size=1
     B, T, N, H = q.shape
     K = k.shape[2]
     scale = H**-0.5 if scale is None else scale
+    segment_ids = jnp.asarray(segment_ids)
     bs = min(block_size, T)
     pad = (-T) % bs
     dtype = q.dtype

@@ -5,12 +5,21 @@ asynchronously; orbax writes each step to a temporary directory and renames
 it when complete, so an interrupted save never replaces a good checkpoint.
 Restoring takes the *current* shardings as the target, so a run saved on one
 mesh resumes on another (orbax reshards).
+
+A save that cannot complete (a full disk, found before it starts or when the
+background write fails) is a ``CheckpointSaveError`` naming the directory, the
+space needed and the last complete step.  Temporary directories of saves that
+never completed (a killed run) are removed when the next run opens the
+directory.
 """
 
 from __future__ import annotations
 
 import errno
+import glob
+import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -21,6 +30,36 @@ class CheckpointMismatch(ValueError):
     """The checkpoint holds a different model than the one being trained."""
 
 
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the message says where, why and what is intact."""
+
+
+def free_bytes(directory: str) -> int:
+    return shutil.disk_usage(directory).free
+
+
+def _nbytes(tree) -> int:
+    return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+class _QuietOrbaxErrors(logging.Filter):
+    """Orbax logs a failed background save as several tracebacks (one per thread) before
+    raising it; the raised error is reported once, named, by ``Checkpointer``."""
+
+    def filter(self, record):
+        return not (record.levelno >= logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname)
+
+
+def _is_no_space(e: BaseException) -> bool:
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if getattr(e, "errno", None) == errno.ENOSPC or "No space left" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def _name(path) -> str:
     """A leaf path as ``a/b/0`` whatever the key kinds (dict keys, attributes, indices)."""
     parts = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
@@ -28,7 +67,10 @@ def _name(path) -> str:
 
 
 class Checkpointer:
-    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, save_every: int, keep: int, async_save: bool = True,
+                 clean_stale: bool = False):
+        """``clean_stale``: this run owns ``directory`` (it trains there), so leftovers of
+        incomplete saves are removed; readers of another run's checkpoints leave them."""
         self.directory = os.path.abspath(directory)
         self.manager = ocp.CheckpointManager(
             self.directory,
@@ -38,6 +80,43 @@ class Checkpointer:
             ),
         )
         self.save_every = save_every
+        self._pending = None  # (step, bytes) of the save being written in the background
+        self._quiet = None
+        if clean_stale:  # this run writes here: its save failures are ours to report
+            self._remove_stale_temporaries()
+            self._quiet = _QuietOrbaxErrors()
+            logging.getLogger("absl").addFilter(self._quiet)
+
+    def _remove_stale_temporaries(self, report: bool = True):
+        """Saves that never completed leave ``<step>.orbax-checkpoint-tmp*``; no save is
+        in flight when a run opens its directory (or after a save failed), so every
+        one of them is stale."""
+        for path in sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*"))):
+            shutil.rmtree(path, ignore_errors=True)
+            if report:
+                print(f"removed {path}: an incomplete checkpoint save of an earlier run")
+
+    def _failed(self, step: int, needed: int, cause: BaseException | None) -> CheckpointSaveError:
+        why = "out of disk space" if cause is None or _is_no_space(cause) else f"{type(cause).__name__}: {cause}"
+        last = self.latest()
+        return CheckpointSaveError(
+            errno.ENOSPC if cause is None or _is_no_space(cause) else errno.EIO,
+            f"could not save step {step} to {self.directory} ({why}; the checkpoint needs about "
+            f"{needed / 2**20:.1f} MiB, {free_bytes(self.directory) / 2**20:.1f} MiB are free). "
+            + (f"The last complete checkpoint is step {last}" if last is not None else "No checkpoint is complete yet"),
+        )
+
+    def _finish_pending(self):
+        """Wait for the background save; its failure is raised here, named."""
+        if self._pending is None:
+            return
+        step, needed = self._pending
+        self._pending = None
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            self._remove_stale_temporaries(report=False)
+            raise self._failed(step, needed, e) from None
 
     def latest(self) -> int | None:
         return self.manager.latest_step()
@@ -47,22 +126,20 @@ class Checkpointer:
             return False
         if step in (self.manager.all_steps() or []):
             return False
+        self._finish_pending()  # the previous save's failure surfaces before anything new is written
+        state = {"params": params, "opt_state": opt_state}
+        needed = int(_nbytes(state) * 1.05) + (1 << 20)  # the arrays, plus orbax's metadata and the data state
+        if free_bytes(self.directory) < needed:
+            raise self._failed(step, needed, None)
         try:
             self.manager.save(
                 step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave({"params": params, "opt_state": opt_state}),
-                    data=ocp.args.JsonSave(data_state),
-                ),
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)),
             )
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                raise OSError(
-                    errno.ENOSPC,
-                    f"out of disk space while saving step {step} to {self.directory}; "
-                    f"the last complete checkpoint (step {self.latest()}) is intact",
-                ) from e
-            raise
+        except Exception as e:
+            self._remove_stale_temporaries(report=False)
+            raise self._failed(step, needed, e) from None
+        self._pending = (step, needed)
         return True
 
     def restore(self, step: int, params_target, opt_target):
@@ -107,8 +184,23 @@ class Checkpointer:
                 )
 
     def wait(self):
-        self.manager.wait_until_finished()
+        self._finish_pending()
 
     def close(self):
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for the save in flight (raising its failure) and release orbax; idempotent."""
+        if self.manager is None:
+            return
+        failed = True
+        try:
+            self._finish_pending()
+            failed = False
+        finally:
+            manager, self.manager = self.manager, None
+            try:
+                manager.close()
+            except Exception:
+                if not failed:  # after a failed save, orbax may raise it again here: it is already reported
+                    raise
+            finally:
+                if self._quiet is not None:
+                    logging.getLogger("absl").removeFilter(self._quiet)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib.util
+import math
 import os
 import typing
 
@@ -126,6 +127,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         want = int if isinstance(lo, int) else (int, float)
         if isinstance(v, bool) or not isinstance(v, want):
             raise ConfigError(f"{key}={v!r}: expected {'an integer' if want is int else 'a number'}")
+        if not math.isfinite(v):
+            raise ConfigError(f"{key}={v!r}: must be finite")
         if (v <= lo if open_lo else v < lo) or (hi is not None and v > hi):
             rng = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
             raise ConfigError(f"{key}={v!r}: must be {rng}")
@@ -140,6 +143,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
 
     if cfg.model not in PRESETS:
         raise ConfigError(f"model={cfg.model!r}: unknown preset; choose from {', '.join(PRESETS)}")
+    _check_model_overrides(cfg)
+    _check_data(cfg, NAMES)
     if (not isinstance(cfg.mesh, tuple) or len(cfg.mesh) != 3 or not all(isinstance(a, int) for a in cfg.mesh)
             or any(a == 0 or a < -1 for a in cfg.mesh) or cfg.mesh.count(-1) > 1):
         raise ConfigError(f"mesh={cfg.mesh!r}: expected (data, fsdp, tensor), positive integers or one -1")
@@ -150,7 +155,65 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         fixed *= a if a > 0 else 1
     if fixed > jax.device_count():
         raise ConfigError(f"mesh={cfg.mesh!r}: needs {fixed} devices, this process has {jax.device_count()}")
+    sizes = [a if a > 0 else jax.device_count() // fixed for a in cfg.mesh]
+    rows = sizes[0] * sizes[1]  # the batch is split over (data, fsdp)
+    if cfg.batch_size % rows:
+        raise ConfigError(f"batch_size={cfg.batch_size}: must be a multiple of {rows}, the data x fsdp size of "
+                          f"mesh={cfg.mesh!r} on {jax.device_count()} devices (or set mesh=(1, 1, 1))")
     return cfg
+
+
+def _check_model_overrides(cfg: TrainConfig) -> None:
+    from research.models.config import PRESETS
+
+    ov = cfg.model_overrides
+    if not isinstance(ov, tuple) or not all(isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], str) for p in ov):
+        raise ConfigError(f"model_overrides={ov!r}: expected ((field, value), ...)")
+    fields = {f.name: f for f in dataclasses.fields(PRESETS[cfg.model])}
+    for name, value in ov:
+        if name not in fields:
+            raise ConfigError(f"model_overrides: unknown model field {name!r}; known: {', '.join(sorted(fields))}")
+        want = type(getattr(PRESETS[cfg.model], name))
+        if want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float)) or
+                                     (want is int and not isinstance(value, int)) or value <= 0):
+            raise ConfigError(f"model_overrides: {name}={value!r}: expected a positive {want.__name__}")
+    m = PRESETS[cfg.model].replace(**dict(ov))
+    import jax.numpy as jnp
+
+    from research.models.attention import IMPLEMENTATIONS
+
+    for name in ("dtype", "param_dtype"):
+        try:
+            jnp.dtype(getattr(m, name))
+        except TypeError:
+            raise ConfigError(f"model_overrides: {name}={getattr(m, name)!r} is not a dtype") from None
+    if m.attention is not None and m.attention not in IMPLEMENTATIONS:
+        raise ConfigError(f"model_overrides: attention={m.attention!r}; choose from {', '.join(IMPLEMENTATIONS)}")
+    if m.d_model % m.n_heads or m.n_heads % m.n_kv_heads:
+        raise ConfigError(f"model_overrides: d_model={m.d_model}, n_heads={m.n_heads}, n_kv_heads={m.n_kv_heads}: "
+                          "d_model must be a multiple of n_heads, and n_heads of n_kv_heads")
+
+
+def _check_data(cfg: TrainConfig, names) -> None:
+    mixing = cfg.mixing
+    if isinstance(mixing, dict):
+        bad = [k for k in mixing if k not in cfg.tasks]
+        if bad:
+            raise ConfigError(f"mixing: {bad[0]!r} is not one of tasks={cfg.tasks!r}")
+        w = list(mixing.values())
+        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w) \
+                or not any(w):
+            raise ConfigError(f"mixing={mixing!r}: weights must be finite numbers >= 0, not all 0")
+    elif mixing not in ("size", "temperature"):
+        raise ConfigError(f"mixing={mixing!r}: expected 'size', 'temperature' or {{task: weight}}")
+    tl = cfg.task_lengths
+    if not isinstance(tl, tuple) or not all(
+            isinstance(e, tuple) and len(e) == 3 and e[0] in names and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                           for x in e[1:]) and 1 <= e[1] <= e[2]
+            for e in tl):
+        raise ConfigError(f"task_lengths={tl!r}: expected ((task, min_len, max_len), ...) with 1 <= min_len <= max_len")
+    if cfg.init_from is not None and not isinstance(cfg.init_from, str):
+        raise ConfigError(f"init_from={cfg.init_from!r}: expected a path")
 
 
 def load(path: str, assignments: typing.Sequence[str] = ()) -> TrainConfig:

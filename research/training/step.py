@@ -52,6 +52,28 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_
     )
 
 
+# the fields of TrainConfig that the compiled step depends on (optimizer, schedule, NEFTune)
+STEP_FIELDS = ("lr", "warmup_steps", "steps", "end_lr_fraction", "weight_decay", "b1", "b2", "clip_norm",
+               "neftune_alpha")
+_STEPS: dict = {}  # a few recent steps, by what they compile from
+
+
+def train_step_for(graphdef, cfg: TrainConfig, n_tasks: int, param_sh, opt_sh, batch_sh):
+    """``make_train_step`` for ``cfg``, shared by every run whose step compiles to the same program.
+
+    Runs in one process that differ only in data, seed or workdir (the experts
+    of a sweep) reuse one jitted function, so they trace and compile once.
+    """
+    key = (graphdef, n_tasks, tuple(getattr(cfg, f) for f in STEP_FIELDS),
+           *(jax.tree.structure(t) for t in (param_sh, opt_sh, batch_sh)),
+           *(tuple(jax.tree.leaves(t)) for t in (param_sh, opt_sh, batch_sh)))
+    if key not in _STEPS:
+        _STEPS[key] = make_train_step(graphdef, make_optimizer(cfg), cfg, n_tasks, param_sh, opt_sh, batch_sh)
+        while len(_STEPS) > 8:
+            _STEPS.pop(next(iter(_STEPS)))
+    return _STEPS[key]
+
+
 def make_eval_loss(graphdef, n_tasks: int):
     return jax.jit(
         lambda params, batch: loss_and_aux(graphdef, params, batch, jax.random.key(0), 0, alpha=0.0, n_tasks=n_tasks, train=False)

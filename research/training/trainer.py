@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import signal
@@ -32,11 +33,12 @@ from tqdm.auto import tqdm
 from research import sharding
 from research.data import pipeline, tokenizers
 from research.models import Transformer, from_hf, preset
-from research.training.checkpoint import Checkpointer
+from research.training import run_config
+from research.training.checkpoint import Checkpointer, CheckpointSaveError
 from research.training.config import TrainConfig, validate
 from research.training.evaluate import evaluate
 from research.training.metrics import MetricWriter
-from research.training.step import make_optimizer, make_train_step
+from research.training.step import make_optimizer, train_step_for
 
 
 class TrainingDiverged(RuntimeError):
@@ -119,9 +121,37 @@ def _host_batch(batch, batch_sh):
     return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, batch_sh)
 
 
-def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume: bool = True, evaluate_at_end: bool = True) -> TrainResult:
-    """Train ``cfg`` in ``workdir`` (checkpoints, metrics); resumes from its latest checkpoint."""
+def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume: bool = True,
+          evaluate_at_end: bool = True, override_resume: bool = False) -> TrainResult:
+    """Train ``cfg`` in ``workdir`` (checkpoints, metrics); resumes from its latest checkpoint.
+
+    The resolved config is stored in ``workdir/train_config.json``; resuming with a
+    config that changes the computation is a ``run_config.ResumeMismatch``
+    unless ``override_resume`` (see ``research.training.run_config``).
+    """
     cfg = validate(cfg)  # every field, before any work
+    if not resume:
+        _move_aside_old_run(workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.save_every, keep=cfg.keep,
+                        clean_stale=True)
+    start = ckpt.latest() if resume else None
+    try:
+        if start is not None:
+            run_config.check_resume(cfg, workdir, start, override=override_resume)
+            if start >= cfg.steps:
+                print(f"{workdir}: the run is complete at step {start} (steps={cfg.steps}); nothing to train. "
+                      "Raise steps to continue it")
+        run_config.write(cfg, workdir)
+        return _train(cfg, workdir, ckpt, start or 0, stop_at, evaluate_at_end)
+    except BaseException:
+        with contextlib.suppress(Exception):  # the error in flight is the one to report
+            ckpt.close()
+        raise
+    finally:
+        ckpt.close()  # waits for a save in flight; never leaves orbax's threads running at exit
+
+
+def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_at, evaluate_at_end) -> TrainResult:
     eval_tasks = pipeline.tasks_of(cfg.tasks, cfg.task_lengths)
     mesh = sharding.make_mesh(*cfg.mesh)
     tok = tokenizers.ByteTokenizer()
@@ -136,18 +166,13 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     batch_sh = sharding.batch_sharding(mesh)
     n_tasks = len(cfg.tasks)
-    step_fn = make_train_step(graphdef, tx, cfg, n_tasks, param_sh, opt_sh, batch_sh)
+    step_fn = train_step_for(graphdef, cfg, n_tasks, param_sh, opt_sh, batch_sh)
 
     pcfg = pipeline.PipelineConfig(tasks=tuple(cfg.tasks), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                    mixing=cfg.mixing, seed=cfg.seed, chunk_size=cfg.chunk_size,
                                    task_lengths=tuple(cfg.task_lengths))
     data = pipeline.make(pcfg, process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tok)
-    if not resume:
-        _move_aside_old_run(workdir)
-    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.save_every, keep=cfg.keep)
-    start = 0
-    if resume and ckpt.latest() is not None:
-        start = ckpt.latest()
+    if start:
         params, opt_state, data_state = ckpt.restore(start, params, opt_state)
         data.set_state(data_state)
     writer = MetricWriter(os.path.join(workdir, "logs"))
@@ -199,10 +224,13 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
         ckpt.close()
         writer.close()
         raise KeyboardInterrupt from None
-    except TrainingDiverged:
+    except BaseException as e:  # divergence, a failed save, ...: the caller closes the checkpointer
         bar.close()
-        ckpt.close()
-        writer.close()
+        with contextlib.suppress(Exception):
+            writer.close()
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC and not isinstance(e, CheckpointSaveError):
+            raise CheckpointSaveError(errno.ENOSPC, f"out of disk space writing the run's logs in {workdir}; the last "
+                                                    f"complete checkpoint is step {ckpt.latest()}") from None
         raise
     bar.close()
     ckpt.save(step, params, opt_state, data.get_state(), force=True)

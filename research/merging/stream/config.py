@@ -74,6 +74,12 @@ class MergeConfig:
     out_dtype: str | None
     source: str = ""
     raw: Any = None
+    tokenizer_source: str | None = None  # a model directory whose tokenizer files the output gets
+
+
+DTYPES = ("float32", "float16", "bfloat16")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json")
 
 
 def _where(path, m, key):
@@ -107,19 +113,51 @@ def load(path: str) -> MergeConfig:
         for key in m:
             if key not in MODEL_KEYS:
                 raise ConfigError(f"{_where(path, m, key)}: unknown key {key!r} in models[{i}] (accepted: model, parameters)")
+        if m.get("parameters") is not None and not isinstance(m["parameters"], dict):
+            raise ConfigError(f"{_where(path, m, 'parameters')}: models[{i}].parameters must be a mapping")
         params = dict(m.get("parameters") or {})
         entries.append(ModelEntry(resolve(str(m["model"])), params))
     base = doc.get("base_model")
+    for key in ("dtype", "out_dtype"):
+        if doc.get(key) is not None and doc[key] not in DTYPES:
+            raise ConfigError(f"{_where(path, doc, key)}: {key} {doc[key]!r} is not supported; choose from "
+                              f"{', '.join(DTYPES)}")
+    params = doc.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError(f"{_where(path, doc, 'parameters')}: 'parameters' must be a mapping, got {params!r}")
+    tok = doc.get("tokenizer_source")
+    if tok is not None:
+        if tok == "union":
+            raise ConfigError(f"{_where(path, doc, 'tokenizer_source')}: tokenizer_source: union (a vocabulary built "
+                              "from every model, with embedding rows mapped by token) is not supported; use 'base' "
+                              "or the path of one model")
+        if tok == "base":
+            if not base:
+                raise ConfigError(f"{_where(path, doc, 'tokenizer_source')}: tokenizer_source: base needs a base_model")
+            tok = base
+        tok = resolve(str(tok))
     return MergeConfig(
         merge_method=str(doc["merge_method"]),
         models=tuple(entries),
         base_model=resolve(str(base)) if base else None,
-        parameters=dict(doc.get("parameters") or {}),
+        parameters=dict(params or {}),
         dtype=doc.get("dtype"),
         out_dtype=doc.get("out_dtype"),
         source=path,
         raw=_plain(doc),
+        tokenizer_source=tok,
     )
+
+
+def rerunnable(mc: MergeConfig) -> dict:
+    """The config as a YAML document that reruns this merge from anywhere: model paths absolute."""
+    doc = dict(mc.raw)
+    doc["models"] = [{**m, "model": e.path} for m, e in zip(mc.raw["models"], mc.models)]
+    if mc.base_model:
+        doc["base_model"] = mc.base_model
+    if mc.tokenizer_source:
+        doc["tokenizer_source"] = mc.tokenizer_source
+    return doc
 
 
 def _plain(x):

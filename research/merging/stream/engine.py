@@ -5,8 +5,8 @@ thread reads the next tensor from the safetensors files (``pread``, no
 memory map) while the current one merges; another writes the previous one
 straight to its place in the output shards, which are laid out up front.
 Peak memory is a few times the largest tensor times the number of models,
-whatever the model size.  Output goes to ``OUT.tmp-*`` and is renamed to
-``OUT`` only when complete.
+whatever the model size.  Output goes to ``OUT.tmp-<pid>-*`` under a lock
+on ``OUT`` and is renamed to ``OUT`` only when complete (``output.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import os
 import re
 import shutil
-import tempfile
+import sys
 import time
 
 import jax
@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from research import merging
 from research.merging import cpu_kernels, generalized
 from research.merging.stream import config as cfg_lib
+from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource
 from research.safetensors_io import CheckpointError, ShardWriter
 
@@ -121,7 +122,37 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
         if bad:
             raise MergeFailed(f"{src.path}: tensor shapes differ from {ref.path}: {bad[:3]}")
     n_layers = _n_layers(ref, names)
+    accepted = merging.PARAMS[method]
+    for where, params in [("parameters", mc.parameters)] + [(f"models[{mc.models.index(e)}].parameters", e.parameters)
+                                                             for e in entries]:
+        for k in params:
+            if k not in _IGNORED and _GLOBAL_RENAME.get(k, k) not in accepted:
+                spelled = sorted({"lambda" if a == "lam" else a for a in accepted})
+                raise MergeFailed(f"{mc.source}: {where}: unknown parameter {k!r} for merge_method {method!r}; "
+                                  f"accepted: {', '.join(spelled)}")
+    if mc.parameters.get("trim") == "global":
+        raise MergeFailed(f"{mc.source}: parameters.trim: global ranks entries across the whole model, but this "
+                          "command merges one tensor at a time; use trim: tensor here, or merging.merge(..., "
+                          "trim='global') on models in memory")
+    if mc.tokenizer_source:
+        _check_tokenizer_source(mc, ref, names)
     return Plan(method, base, models, [e.parameters for e in entries], dict(mc.parameters), names, n_layers, vocab_rows)
+
+
+def _check_tokenizer_source(mc, ref: TensorSource, names):
+    tok = mc.tokenizer_source
+    d = tok if os.path.isdir(tok) else os.path.dirname(tok)
+    if not any(os.path.isfile(os.path.join(d, f)) for f in cfg_lib.TOKENIZER_FILES):
+        raise MergeFailed(f"{mc.source}: tokenizer_source {tok}: no tokenizer files there "
+                          f"({', '.join(cfg_lib.TOKENIZER_FILES)})")
+    cj = os.path.join(d, "config.json")
+    if os.path.isfile(cj):
+        with open(cj) as f:
+            vocab = json.load(f).get("vocab_size")
+        rows = {ref.shapes[n][0] for n in names if _VOCAB.search(n) and ref.shapes[n]}
+        if vocab and rows and vocab not in rows:
+            raise MergeFailed(f"{mc.source}: tokenizer_source {tok} has vocab_size {vocab}, but the merged "
+                              f"embeddings have {sorted(rows)} rows; its tokenizer would not fit them")
 
 
 def _n_layers(ref: TensorSource, names) -> int:
@@ -160,6 +191,16 @@ def tensor_params(plan: Plan, name: str, source: str) -> dict:
     return out
 
 
+def check_tensor_params(plan: Plan, name: str, source: str) -> dict:
+    """``tensor_params``, checked by ``merging.options`` as ``merge`` will check them."""
+    params = tensor_params(plan, name, source)
+    try:
+        merging.options(plan.method, len(plan.models), params)
+    except merging.MergeError as e:
+        raise MergeFailed(f"{source}: tensor {name}: {_name_models(str(e), plan)}") from None
+    return params
+
+
 def describe(plan: Plan) -> str:
     ref = plan.base or plan.models[0]
     lines = [f"merge_method: {plan.method}", f"base: {plan.base.path if plan.base else '-'}"]
@@ -196,27 +237,25 @@ def _place(arr: np.ndarray, devs):
 def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 2**30, force: bool = False,
         seed: int = 0, dry_run: bool = False, allow_vocab_mismatch: bool = False, progress: bool = True) -> str | None:
     plan = make_plan(mc, allow_vocab_mismatch)
+    for name in plan.names:  # resolve and check every parameter as the merge will, before reading any tensor
+        check_tensor_params(plan, name, mc.source)
     if dry_run:
-        for name in plan.names:  # resolve every parameter now, so bad values surface
-            tensor_params(plan, name, mc.source)
         print(describe(plan))
         return None
-    out_dir = os.path.abspath(out_dir)
-    if os.path.exists(out_dir) and not force:
-        raise MergeFailed(f"{out_dir} exists; pass --force to replace it")
-    devs = _devices(device)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
+    inputs = [src.path for src in ([plan.base] if plan.base else []) + plan.models]
+    if mc.tokenizer_source:
+        inputs.append(mc.tokenizer_source)
     try:
-        _merge_into(plan, mc, tmp, devs, shard_size, seed, progress)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+        output = Output(out_dir, inputs=inputs, force=force, log=lambda m: print(m, file=sys.stderr))
+    except OutputError as e:
+        raise MergeFailed(str(e)) from None
+    devs = _devices(device)
+    try:
+        with output:
+            _merge_into(plan, mc, output.tmp, devs, shard_size, seed, progress)
+            return output.commit()
+    except OutputError as e:
+        raise MergeFailed(str(e)) from None
 
 
 def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool):
@@ -274,12 +313,31 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
         pool.shutdown(cancel_futures=True)
         write_pool.shutdown()
     writer.finish()
-    cj = (plan.base or plan.models[0]).config_json()
+    _write_metadata(plan, mc, tmp, out_dtype, seed, time.perf_counter() - t0)
+
+
+def _write_metadata(plan: Plan, mc, tmp: str, out_dtype, seed: int, seconds: float):
+    """config.json (its dtype the output's), the tokenizer files, and a rerunnable merge_config.yaml."""
+    ref = plan.base or plan.models[0]
+    cj = ref.config_json()
     if cj:
-        shutil.copy(cj, os.path.join(tmp, "config.json"))
+        with open(cj) as f:
+            config = json.load(f)
+        if out_dtype is not None:
+            name = str(jnp.dtype(out_dtype))
+            config["torch_dtype"] = name
+            if "dtype" in config:
+                config["dtype"] = name
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+    tok_dir = mc.tokenizer_source or (ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path))
+    for fname in cfg_lib.TOKENIZER_FILES:
+        if os.path.isfile(os.path.join(tok_dir, fname)):
+            shutil.copyfile(os.path.join(tok_dir, fname), os.path.join(tmp, fname))
     with open(os.path.join(tmp, "merge_config.yaml"), "w") as f:
-        yaml.safe_dump({**mc.raw, "_resolved": {"seed": seed, "n_layers": plan.n_layers,
-                                                "seconds": round(time.perf_counter() - t0, 2)}}, f, sort_keys=False)
+        f.write(f"# written by research-merge in {seconds:.1f} s; rerun with: research-merge THIS_FILE OUT"
+                + (f" --seed {seed}" if plan.method in merging.RANDOM_METHODS else "") + "\n")
+        yaml.safe_dump(cfg_lib.rerunnable(mc), f, sort_keys=False)
 
 
 def _merge_tensor(plan: Plan, mc, name: str, work, key, out_dtype) -> np.ndarray:

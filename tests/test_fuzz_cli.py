@@ -1,0 +1,138 @@
+"""Standing fuzz tests: random mergekit YAML documents through ``research-merge``
+(dry run and real merge), random ``--set`` overrides through the trainer's
+config.  Each either succeeds or fails with exit code 2 and one line; never a
+traceback, never a partial output directory."""
+
+import os
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings, strategies as st
+
+from research.merging import METHODS
+from research.merging.__main__ import main as merge_main
+from research.training import TrainConfig, config as config_lib
+from test_merge_stream import make_ckpt
+
+FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    root = tmp_path_factory.mktemp("zoo")
+    base = make_ckpt(root / "base", 0, layers=2, d=8, vocab=16, shards=1)
+    for i in range(2):
+        make_ckpt(root / f"ft{i}", i + 1, layers=2, d=8, vocab=16, base=base, shards=1)
+    make_ckpt(root / "other", 9, layers=1, d=8, vocab=16, shards=1)  # a different architecture
+    return root
+
+
+numbers = st.one_of(st.floats(-2, 3, allow_nan=False), st.integers(-2, 3), st.sampled_from([0, 1, 0.5, 1e-9, 1e9]))
+values = st.one_of(
+    numbers, st.booleans(), st.none(), st.sampled_from(["abc", "", "tensor", "global", "sum", "count"]),
+    st.lists(numbers, max_size=4),
+    st.lists(st.fixed_dictionaries({"value": numbers}, optional={"filter": st.sampled_from(["mlp", "attn", "x"])}),
+             max_size=3),
+    st.dictionaries(st.sampled_from(["a", "value"]), numbers, max_size=2),
+)
+param_names = st.sampled_from(["weight", "density", "lambda", "lam", "epsilon", "gamma", "t", "normalize", "rescale",
+                               "trim", "consensus", "filter_wise", "densty", "int8_mask", "k"])
+params = st.dictionaries(param_names, values, max_size=4)
+model_entry = st.one_of(
+    st.fixed_dictionaries({"model": st.sampled_from(["ft0", "ft1", "base", "other", "missing"])},
+                          optional={"parameters": st.one_of(params, st.just("x"), st.none())}),
+    st.just("ft0"), st.just({"parameters": {}}), st.just({"model": "ft0", "extra": 1}),
+)
+random_documents = st.fixed_dictionaries(
+    {"merge_method": st.sampled_from([*METHODS, "tie", ""])},
+    optional={
+        "base_model": st.sampled_from(["base", "ft0", "missing", ""]),
+        "models": st.one_of(st.lists(model_entry, max_size=3), st.just("ft0"), st.none()),
+        "parameters": st.one_of(params, st.just([1, 2])),
+        "dtype": st.sampled_from(["float32", "bfloat16", "float16", "float8", "int4"]),
+        "out_dtype": st.sampled_from(["float32", "bfloat16", "x"]),
+        "tokenizer_source": st.sampled_from(["base", "union", "ft1", "missing"]),
+        "merge_methd": st.just("ties"),
+    },
+)
+
+
+_VALID = {"weight": st.floats(0.1, 1.0), "density": st.floats(0.3, 1.0), "lambda": st.floats(0.5, 1.5),
+          "t": st.floats(0, 1), "normalize": st.booleans(), "epsilon": st.just(0.05)}
+
+
+@st.composite
+def plausible_documents(draw):
+    """Mostly valid configs, then one field of them replaced by anything."""
+    from research.merging import PARAMS
+
+    method = draw(st.sampled_from(METHODS))
+    names = ["ft0"] if method == "slerp" else ["ft0", "ft1"]
+    allowed = [k for k in _VALID if (k if k != "lambda" else "lam") in PARAMS[method]]
+    per_model = [k for k in allowed if k in ("weight", "density", "epsilon")]
+    keys = [k for k in per_model if draw(st.booleans())]
+    doc = {"merge_method": method, "base_model": "base",
+           "models": [{"model": n, "parameters": {k: draw(_VALID[k]) for k in keys}} for n in names],
+           "parameters": {k: draw(_VALID[k]) for k in allowed if k not in per_model and draw(st.booleans())},
+           "dtype": draw(st.sampled_from(["float32", "bfloat16"]))}
+    if method == "della" or method == "della_linear":
+        for m in doc["models"]:
+            m["parameters"]["density"] = 0.5
+    if draw(st.booleans()):  # mutate one field
+        key = draw(st.sampled_from(["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
+                                    "tokenizer_source"]))
+        doc[key] = draw(random_documents).get(key, draw(values))
+    return doc
+
+
+documents = st.one_of(plausible_documents(), random_documents)
+
+
+def _check(rc, err, out_dir):
+    assert rc in (0, 2), (rc, err)
+    parent, name = os.path.split(out_dir)
+    leftovers = [d for d in os.listdir(parent) if d.startswith(name + ".")]
+    assert leftovers == [], leftovers
+    if rc == 2:
+        lines = [ln for ln in err.strip().splitlines() if ln]
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        assert not os.path.exists(out_dir)
+
+
+@FUZZ
+@given(doc=documents)
+def test_random_merge_configs_succeed_or_fail_in_one_line(zoo, capsys, doc):
+    cfg = zoo / "fuzz.yaml"
+    cfg.write_text(yaml.safe_dump(doc))
+    out = str(zoo / "out")
+    for extra in (["--dry-run"], []):
+        capsys.readouterr()
+        rc = merge_main([str(cfg), out, "--no-progress", *extra])
+        event(f"{extra[0] if extra else 'merge'}: rc {rc}")
+        _check(rc, capsys.readouterr().err, out)
+        if rc == 0 and not extra:
+            assert os.path.isfile(os.path.join(out, "merge_config.yaml"))
+            os.rename(out, str(zoo / "done"))
+            import shutil
+
+            shutil.rmtree(str(zoo / "done"))
+
+
+keys = st.sampled_from([f.name for f in TrainConfig.__dataclass_fields__.values()] + ["lr_typo", "", "model.d"])
+raw = st.one_of(st.sampled_from(["0", "-1", "1e-3", "abc", "", "None", "()", "(1,2,3)", "(-1,1,1)", "[]", "{}",
+                                 "copy", "copy,nope", "/abs/path", "./x", "1e400", "nan", "inf", "True", "2**40",
+                                 "(('d_model', 48),)", "{'copy': 1.0}", "tiny", "huge"]),
+                st.text(max_size=8))
+
+
+@FUZZ
+@given(assignments=st.lists(st.builds(lambda k, v, eq: f"{k}{'=' if eq else ''}{v}", keys, raw, st.booleans()),
+                            max_size=3))
+def test_random_set_overrides_give_a_config_or_a_named_error(assignments):
+    base = TrainConfig(model="tiny", tasks=("copy",), batch_size=8, mesh=(1, 1, 1))
+    try:
+        cfg = config_lib.override(base, assignments)
+    except config_lib.ConfigError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    assert config_lib.validate(cfg) == cfg  # what is accepted is valid

@@ -1,0 +1,186 @@
+"""The merge CLI never loses, mixes or poisons an output: locks, stale temporaries,
+inputs inside OUT, rerunnable configs, and bad values named before any work."""
+
+import fcntl
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from research.merging import stream
+from research.merging.__main__ import main as merge_main
+from test_merge_stream import TIES, cli, make_ckpt, read_out, write_cfg
+
+
+@pytest.fixture
+def models(tmp_path):
+    base = make_ckpt(tmp_path / "base", 0)
+    fts = [make_ckpt(tmp_path / f"ft{i}", i + 1, base=base) for i in range(3)]
+    return tmp_path, base, fts
+
+
+@pytest.fixture
+def main(capsys):
+    """``research-merge ARGS`` in this process: ``(exit code, stderr)``; a traceback fails the test."""
+
+    def run(*args):
+        capsys.readouterr()
+        rc = merge_main([*args, "--no-progress"])
+        return rc, capsys.readouterr().err
+
+    return run
+
+
+def _fails(result, match):
+    rc, err = result
+    assert rc == 2, (rc, err)
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1, err
+    assert match in lines[0], lines[0]
+
+
+def test_a_second_merge_to_a_locked_output_fails_naming_the_holder(models, main):
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    with open(tmp / "out.lock", "w") as f:  # a merge in progress holds the lock
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _fails(main(cfg, str(tmp / "out")), f"another merge (pid {os.getpid()}) is writing it")
+    assert not (tmp / "out").exists()
+    # the holder is gone (the kernel released its lock): the next merge runs, and removes the lock file
+    assert main(cfg, str(tmp / "out"))[0] == 0
+    assert not (tmp / "out.lock").exists()
+
+
+def test_two_concurrent_merges_to_one_output_give_one_success(models):
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    env = {**os.environ, "XLA_FLAGS": ""}
+    procs = [subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp / "out"), "--no-progress"],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 2], results
+    loser = next(err for rc, err in results if rc == 2)
+    assert "another merge" in loser or "exists" in loser
+    read_out(str(tmp / "out"))  # the winner's output is complete
+
+
+def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_path):
+    base = make_ckpt(tmp_path / "base", 0, layers=24, d=256, vocab=512)
+    for i in range(2):
+        make_ckpt(tmp_path / f"ft{i}", i + 1, layers=24, d=256, vocab=512, base=base)
+    cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n"
+                              "parameters: {density: 0.2}\n")
+    env = {**os.environ, "XLA_FLAGS": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp_path / "out"), "--shard-size",
+                             "100KB"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        tmps = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]
+        if tmps and len(os.listdir(tmp_path / tmps[0])) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "out").exists()  # nothing that looks finished
+    stale = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]
+    assert stale and stale[0].startswith(f"out.tmp-{proc.pid}-")  # the dead run's pid is in the name
+    assert "model.safetensors.index.json" not in os.listdir(tmp_path / stale[0])
+    r = cli(cfg, str(tmp_path / "out"), "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert f"removed {tmp_path / stale[0]}" in r.stderr and f"pid {proc.pid}" in r.stderr
+    assert [d for d in os.listdir(tmp_path) if d.startswith("out.")] == []
+    read_out(str(tmp_path / "out"))
+
+
+def test_force_never_replaces_an_input(models, main):
+    tmp, base, _ = models
+    cfg = write_cfg(tmp, TIES)
+    before = read_out(str(tmp / "base"))
+    _fails(main(cfg, str(tmp / "base"), "--force"), "is, or contains, the input")
+    _fails(main(cfg, str(tmp), "--force"), "is, or contains, the input")
+    after = read_out(str(tmp / "base"))
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_force_replaces_an_existing_output_whole(models, main):
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    os.makedirs(tmp / "out")
+    (tmp / "out" / "stale.txt").write_text("old")
+    assert main(cfg, str(tmp / "out"), "--force")[0] == 0
+    assert not (tmp / "out" / "stale.txt").exists()
+    assert [d for d in os.listdir(tmp) if d.startswith("out.")] == []
+
+
+def test_the_written_merge_config_reruns_from_anywhere(models, tmp_path_factory):
+    tmp, *_ = models
+    text = TIES.replace("merge_method: ties", "merge_method: dare_ties")
+    first = stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "first"), seed=3, progress=False)
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    shutil.copy(os.path.join(first, "merge_config.yaml"), elsewhere / "again.yaml")
+    assert "--seed 3" in (elsewhere / "again.yaml").read_text()
+    r = cli(str(elsewhere / "again.yaml"), str(elsewhere / "second"), "--seed", "3", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    a, b = read_out(first), read_out(str(elsewhere / "second"))
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (("density: 0.3}\n  - model: ft2", "density: 1.5}\n  - model: ft2"), "'density' must be in (0, 1], got 1.5"),
+    (("merge_method: ties", "merge_method: della"), "density +/- epsilon must lie in (0, 1)"),
+    (("weight: 0.5", "weight: abc"), "must be a number, got 'abc'"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\ndtype: float8"), "dtype 'float8' is not supported"),
+    (("weight: 0.5, density: 0.3", "weight: 0.5, densty: 0.3"), "unknown parameter 'densty'"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8, trim: global}"), "merges one tensor at a time"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\ntokenizer_source: union"), "union"),
+])
+def test_dry_run_refuses_what_the_merge_would_refuse(models, main, edit, match):
+    tmp, *_ = models
+    text = TIES.replace(*edit)
+    if "della" in text:
+        text = text.replace("density: 0.3", "density: 0.9").replace("{lambda: 0.8}", "{lambda: 0.8, epsilon: 0.2}")
+    assert text != TIES
+    cfg = write_cfg(tmp, text)
+    for extra in (["--dry-run"], []):
+        _fails(main(cfg, str(tmp / "out"), *extra), match)
+        assert [d for d in os.listdir(tmp) if d.startswith("out")] == []
+
+
+def test_linear_with_weights_summing_to_zero_and_normalize_is_an_error(models, main):
+    tmp, *_ = models
+    text = "merge_method: linear\nmodels:\n  - model: ft0\n    parameters: {weight: 0}\n  - model: ft1\n" \
+           "    parameters: {weight: 0}\nparameters: {normalize: true}\n"
+    _fails(main(write_cfg(tmp, text), str(tmp / "out"), "--dry-run"), "sum to 0")
+    _fails(main(write_cfg(tmp, text), str(tmp / "out")), "sum to 0")
+
+
+def test_output_metadata_dtype_tokenizer_and_permissions(models):
+    tmp, *_ = models
+    for d in ("base", "ft0"):
+        (tmp / d / "tokenizer.json").write_text(json.dumps({"from": d}))
+        (tmp / d / "tokenizer_config.json").write_text("{}")
+    text = TIES.replace("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\nout_dtype: bfloat16\ndtype: float32")
+    (tmp / "base" / "config.json").write_text(json.dumps({"num_hidden_layers": 3, "torch_dtype": "float32",
+                                                          "vocab_size": 32}))
+    old = os.umask(0o022)
+    try:
+        out = stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "o1"), progress=False)
+    finally:
+        os.umask(old)
+    assert json.load(open(os.path.join(out, "config.json")))["torch_dtype"] == "bfloat16"
+    assert json.load(open(os.path.join(out, "tokenizer.json"))) == {"from": "base"}  # the base's by default
+    assert os.path.isfile(os.path.join(out, "tokenizer_config.json"))
+    assert os.stat(out).st_mode & 0o777 == 0o755
+    out = stream.run(stream.load(write_cfg(tmp, text + "tokenizer_source: ft0\n")), str(tmp / "o2"), progress=False)
+    assert json.load(open(os.path.join(out, "tokenizer.json"))) == {"from": "ft0"}
+    os.remove(tmp / "ft1" / "config.json")
+    with pytest.raises(stream.MergeFailed, match="no tokenizer files"):
+        stream.run(stream.load(write_cfg(tmp, text + "tokenizer_source: ft1\n")), str(tmp / "o3"), progress=False)
