@@ -2,7 +2,7 @@
 expert per target task, a multi-task fine-tune, task vectors, merges, and the
 TIES paper's table with error bars.
 
-    python experiments/quickstart.py --force              # one seed, 10-13 min on a 2-core CPU (make demo)
+    python experiments/quickstart.py --force              # one seed, ~11 min on a 2-core CPU (make demo)
     python experiments/quickstart.py --seeds 3 --force    # results/quickstart_3seeds.json (the README table)
     python experiments/quickstart.py --tiny --force       # smoke variant for the tests (~1 min)
 
