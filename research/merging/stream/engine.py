@@ -123,8 +123,8 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
             raise MergeFailed(f"{src.path}: tensor shapes differ from {ref.path}: {bad[:3]}")
     n_layers = _n_layers(ref, names)
     accepted = merging.PARAMS[method]
-    for where, params in [("parameters", mc.parameters)] + [(f"models[{mc.models.index(e)}].parameters", e.parameters)
-                                                             for e in entries]:
+    for where, params in [("parameters", mc.parameters),
+                          *((f"models[{i}].parameters", e.parameters) for i, e in enumerate(mc.models))]:
         for k in params:
             if k not in _IGNORED and _GLOBAL_RENAME.get(k, k) not in accepted:
                 spelled = sorted({"lambda" if a == "lam" else a for a in accepted})
