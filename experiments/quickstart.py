@@ -78,7 +78,7 @@ class QuickstartConfig:
     # NEFTune's noise norm per token is alpha / sqrt(3 L); at our L ~ 15 tokens
     # alpha = 1 gives ~0.15, the paper's ratio at alpha = 5, L ~ 300.
     neftune_alpha: float = 1.0
-    # the alpha = 0 control is fine-tuned on these candidates (every seed)
+    # these candidates are also fine-tuned at neftune_alpha (every seed): the control that picks alpha
     neftune_control: tuple = ("sort",)
     val_samples: int = 48
     test_samples: int = 200
@@ -243,7 +243,6 @@ def run_seed(q: QuickstartConfig, seed: int, out: str, timings: dict) -> dict:
                             q.pretrain_batch, 0.0, mixing=dict(q.pretrain_mixture)), f"{d}/base", evaluate_at_end=False)
     st.update()
     st.close(f"final loss {base.history[-1]['loss']:.3f}")
-    ev = Evaluator(q, base.graphdef)
     base_p = jax.device_get(base.params)
     runs = [(0.0, t) for t in q.candidates]  # every candidate without noise; NEFTune on the control tasks
     if q.neftune_alpha > 0:

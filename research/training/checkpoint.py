@@ -97,10 +97,11 @@ class Checkpointer:
                 print(f"removed {path}: an incomplete checkpoint save of an earlier run")
 
     def _failed(self, step: int, needed: int, cause: BaseException | None) -> CheckpointSaveError:
-        why = "out of disk space" if cause is None or _is_no_space(cause) else f"{type(cause).__name__}: {cause}"
+        no_space = cause is None or _is_no_space(cause)
+        why = "out of disk space" if no_space else f"{type(cause).__name__}: {cause}"
         last = self.latest()
         return CheckpointSaveError(
-            errno.ENOSPC if cause is None or _is_no_space(cause) else errno.EIO,
+            errno.ENOSPC if no_space else errno.EIO,
             f"could not save step {step} to {self.directory} ({why}; the checkpoint needs about "
             f"{needed / 2**20:.1f} MiB, {free_bytes(self.directory) / 2**20:.1f} MiB are free). "
             + (f"The last complete checkpoint is step {last}" if last is not None else "No checkpoint is complete yet"),
