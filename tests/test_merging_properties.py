@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from research import merging
-from research.merging import select
+from research.merging import topk
+from research.merging.cpu import search
 
 SHAPES = [(5,), (3, 4), (2, 3, 4)]
 SPARSE = {"ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear"}
@@ -87,7 +88,7 @@ def test_trimming_keeps_exactly_k_entries(shape, density, seed, discrete):
     if discrete:  # many ties
         x = np.round(x * 2) / 2
     k = int(density * x.size)
-    mask = np.asarray(select.topk_mask(jnp.asarray(x), k))
+    mask = np.asarray(topk.topk_mask(jnp.asarray(x), k))
     assert mask.sum() == k
     if 0 < k < x.size:  # every kept magnitude >= every dropped one
         assert np.abs(x)[mask].min() >= np.abs(x)[~mask].max()
@@ -119,11 +120,11 @@ def test_host_driven_cut_keeps_exactly_the_k_largest_deltas(shape, density, seed
     k = int(density * base.size)
     if k < 1:
         return
-    cut = select.topk_cut_delta_host(jnp.asarray(ft), jnp.asarray(base), k, kernel=kernel)
+    cut = search.topk_cut_delta_host(jnp.asarray(ft), jnp.asarray(base), k, kernel=kernel)
     # the magnitudes as XLA:CPU sees them: subnormals flushed to zero
     flush = lambda x: np.where(np.abs(x) < np.finfo(np.float32).tiny, np.float32(0), x)
     mag = flush(np.abs(flush(ft.astype(np.float32)) - flush(base.astype(np.float32))))
-    mask = np.asarray(select.keep_mask_cut(jnp.asarray(mag), cut))
+    mask = np.asarray(search.keep_mask_cut(jnp.asarray(mag), cut))
     assert mask.sum() == k
     if k < base.size:
         assert mag[mask].min() >= mag[~mask].max()

@@ -11,10 +11,11 @@ params dict, or a flat ``{name: array}`` dict read from a checkpoint.
 
 from research.merging.analysis import (cosine_similarity, election_discards, kept_fraction, kept_sign_conflicts, norms,
                                       sign_conflicts, trim)
-from research.merging.merge import METHODS, NEEDS_BASE, PARAMS, RANDOM_METHODS, apply, merge, options, task_vector
+from research.merging.merge import METHODS, NEEDS_BASE, PARAMS, RANDOM_METHODS, apply, merge, model_keys, task_vector
+from research.merging.registry import options
 from research.merging.tree import MergeError
 
 __all__ = [
     "METHODS", "NEEDS_BASE", "PARAMS", "RANDOM_METHODS", "MergeError", "apply", "cosine_similarity", "election_discards",
-    "kept_fraction", "kept_sign_conflicts", "merge", "norms", "options", "sign_conflicts", "task_vector", "trim",
+    "kept_fraction", "kept_sign_conflicts", "merge", "model_keys", "norms", "options", "sign_conflicts", "task_vector", "trim",
 ]

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.merging import select
+from research.merging import topk
 
 
 def _f32(x):
@@ -22,7 +22,7 @@ def _f32(x):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _trim_leaf(x, k):
-    return jnp.where(select.topk_mask(x, k), x, 0)
+    return jnp.where(topk.topk_mask(x, k), x, 0)
 
 
 @jax.jit
@@ -41,9 +41,9 @@ def _gram(xs):
 @functools.partial(jax.jit, static_argnums=1)
 def _trim_global(leaves, k):
     mags = [jnp.abs(_f32(x)) for x in leaves]
-    th = select.kth_largest(mags, k)
-    offs = select.ties_before(mags, th)
-    return [jnp.where(select.keep_mask(m, th, o), x, 0) for m, o, x in zip(mags, offs, leaves)]
+    th = topk.kth_largest(mags, k)
+    offs = topk.ties_before(mags, th)
+    return [jnp.where(topk.keep_mask(m, th, o), x, 0) for m, o, x in zip(mags, offs, leaves)]
 
 
 def norms(tv) -> dict:

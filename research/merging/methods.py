@@ -1,4 +1,5 @@
-"""Merges outside the task-vector family: linear (model soup), SLERP, Model Stock.
+"""Merges outside the task-vector family: linear (model soup), SLERP, Model Stock,
+negation.
 
 Leaf functions on float32 tensors; ``merge.py`` lifts them over pytrees.
 """
@@ -83,3 +84,8 @@ def model_stock(base, models: Sequence, filter_wise: bool = False):
     t = n * cos / (1 + (n - 1) * cos)
     avg = sum(models) / n
     return t * avg + (1 - t) * base
+
+
+def negate(base, models: Sequence, weights: Sequence[float], lam: float = 1.0):
+    """Task negation (Ilharco et al. 2023): ``theta_base - lam * sum_i w_i (theta_i - theta_base)``."""
+    return base - lam * sum(w * (m - base) for w, m in zip(weights, models))

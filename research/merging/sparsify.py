@@ -1,8 +1,8 @@
 """Sparsifiers: leaf functions that zero out part of one task vector.
 
 Each takes a float32 delta ``tau`` (one tensor of one model) and returns the
-sparsified delta.  They are the first stage of the task-vector composition in
-``generalized.py``.
+sparsified delta, same shape and dtype.  They are the first stage of the
+task-vector composition in ``task_vectors.py``; all are jittable.
 
 =====================  ==========================================  =================
 name                   keeps                                       papers / peers
@@ -32,7 +32,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from research.merging import select
+from research.merging import topk
 from research.merging.tree import like, replicate
 
 RESCALE_MODES = ("l1", "inverse")
@@ -50,22 +50,19 @@ def _l1_rescale(tau, kept, eps: float = 1e-7):
     return kept * l1_factor(tau, kept, eps)
 
 
-def magnitude(tau, density: float, *, rescale: bool = False, threshold=None, tie_offset=0):
-    """Keep the ``int(density * tau.size)`` largest magnitudes (exactly; ties by flat index).
+def magnitude(tau, density: float, *, rescale: bool = False):
+    """TIES's trim: keep the ``int(density * tau.size)`` largest magnitudes (exactly;
+    ties by flat index)."""
+    if density >= 1:
+        return tau
+    kept = jnp.where(topk.topk_mask(tau, int(density * tau.size)), tau, 0.0)
+    return _l1_rescale(tau, kept) if rescale else kept
 
-    ``threshold`` (a ``select.Threshold``) overrides the per-tensor one, for
-    trimming over the whole model at once.
-    """
-    if threshold is None:
-        if density >= 1:
-            return tau
-        k = int(density * tau.size)
-        mask = select.topk_mask(tau, k)
-    elif isinstance(threshold, select.Cut):
-        mask = select.keep_mask_cut(jnp.abs(tau), threshold)
-    else:
-        mask = select.keep_mask(jnp.abs(tau), threshold, tie_offset)
-    kept = jnp.where(mask, tau, 0.0)
+
+def magnitude_global(tau, threshold: topk.Threshold, tie_offset=0, *, rescale: bool = False):
+    """TIES's trim over the whole model: keep what ``threshold`` keeps (found by
+    ``topk.kth_largest`` over every leaf), ``tie_offset`` ties earlier in the model."""
+    kept = jnp.where(topk.keep_mask(jnp.abs(tau), threshold, tie_offset), tau, 0.0)
     return _l1_rescale(tau, kept) if rescale else kept
 
 
@@ -104,26 +101,14 @@ def dare_mask(key, density: float, shape):
     return blocked_draw(lambda k, s: jax.random.bernoulli(k, density, s), key, shape)
 
 
-def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1", mask=None):
-    """DARE: keep each entry with probability ``density``.
-
-    ``mask``: that draw made beforehand, or ``(mask, factor)`` with the L1
-    rescale factor too (eager merges compute both in separate passes, so the
-    merge itself is one elementwise pass).
-    """
+def random(tau, density: float, key, *, rescale: bool = False, rescale_mode: str = "l1"):
+    """DARE: keep each entry with probability ``density`` (``dare_mask``)."""
     if density >= 1:
         return tau
-    factor = None
-    if isinstance(mask, tuple):
-        mask, factor = mask
-    if mask is None:
-        mask = dare_mask(key, density, tau.shape)
-    kept = jnp.where(mask, tau, 0.0)
+    kept = jnp.where(dare_mask(key, density, tau.shape), tau, 0.0)
     if not rescale:
         return kept
-    if rescale_mode == "inverse":
-        return kept / density
-    return kept * factor if factor is not None else _l1_rescale(tau, kept)
+    return kept / density if rescale_mode == "inverse" else _l1_rescale(tau, kept)
 
 
 def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
@@ -137,21 +122,13 @@ def outlier_counts(n: int, density: float, gamma: float) -> tuple[int, int]:
     return n_top, n - n_bot
 
 
-def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: bool = False, cuts=None):
+def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: bool = False):
     """Model Breadcrumbs: drop the ``gamma`` fraction of largest magnitudes, then the
-    smallest, keeping ``int(density * n)`` entries.
-
-    ``cuts``: ``(keep, top)`` ``select.Cut``s found from the host (eager merges).
-    """
+    smallest, keeping ``int(density * n)`` entries."""
     if density >= 1:
         return tau
-    if cuts is not None:
-        mag = jnp.abs(tau)
-        mask = select.keep_mask_cut(mag, cuts[0]) & ~select.keep_mask_cut(mag, cuts[1])
-    else:
-        n_top, n_keep = outlier_counts(tau.size, density, gamma)
-        mask = select.topk_mask(tau, n_keep) & ~select.topk_mask(tau, n_top)
-    kept = jnp.where(mask, tau, 0.0)
+    n_top, n_keep = outlier_counts(tau.size, density, gamma)
+    kept = jnp.where(topk.topk_mask(tau, n_keep) & ~topk.topk_mask(tau, n_top), tau, 0.0)
     return _l1_rescale(tau, kept) if rescale else kept
 
 
@@ -180,30 +157,20 @@ def della_mask(key, ranks, density: float, epsilon: float):
     return blocked_draw(jax.random.uniform, key, ranks.shape) < della_probs(ranks, density, epsilon)
 
 
-def della(tau, density: float, epsilon: float, key, *, rescale: bool = True, rescale_mode: str = "l1", drawn=None):
+def della(tau, density: float, epsilon: float, key, *, rescale: bool = True, rescale_mode: str = "l1"):
     """DELLA MagPrune: keep probability grows linearly with the magnitude rank in each row.
 
-    Rows are ``della_rows(tau)``; ranks go from ``density - epsilon`` (smallest)
-    to ``density + epsilon`` (largest).  ``drawn``: the keep mask made
-    beforehand (eager merges), alone or as ``(mask, factor)`` with the L1
-    rescale factor, or ``(mask, ranks)`` for ``rescale_mode="inverse"``.
+    Rows are ``della_rows(tau)``; probabilities go from ``density - epsilon``
+    (smallest) to ``density + epsilon`` (largest), see ``della_probs``.
     """
     if density >= 1:
         return tau
     rows = replicate(della_rows(tau), axes=[1])  # ranks need whole rows
-    ranks = factor = None
-    if drawn is None:
-        ranks = della_ranks(rows)
-        mask = della_mask(key, ranks, density, epsilon)
-    elif isinstance(drawn, tuple):
-        mask, extra = drawn
-        ranks, factor = (extra, None) if rescale_mode == "inverse" else (None, extra)
+    ranks = della_ranks(rows)
+    mask = della_mask(key, ranks, density, epsilon)
+    if rescale and rescale_mode == "inverse":
+        kept = jnp.where(mask, rows / della_probs(ranks, density, epsilon), 0.0)
     else:
-        mask = drawn
-    kept = jnp.where(mask, rows, 0.0)
-    if rescale:
-        if rescale_mode == "inverse":
-            kept = jnp.where(mask, rows / della_probs(ranks, density, epsilon), 0.0)
-        else:
-            kept = kept * factor if factor is not None else _l1_rescale(rows, kept)
+        kept = jnp.where(mask, rows, 0.0)
+        kept = _l1_rescale(rows, kept) if rescale else kept
     return like(kept.reshape(tau.shape), tau)

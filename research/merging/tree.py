@@ -19,6 +19,19 @@ def leaf_paths(tree: PyTree) -> list[str]:
     return [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def leaf_names(tree: PyTree) -> list[str]:
+    """Each leaf's path joined by dots, in leaf order: ``{"a": {"b": x}}`` -> ``"a.b"``; a
+    flat ``{tensor name: array}`` dict -> the tensor names."""
+    return [".".join(_key_name(k) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
 def check_compatible(models: Sequence[PyTree], names: Sequence[str]) -> None:
     """Same tree structure, leaf shapes and dtypes across ``models``, or a MergeError."""
     ref = models[0]

@@ -27,7 +27,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from research import merging
-from research.merging import cpu_kernels, generalized
+from research.merging import cpu, registry, task_vectors
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource
@@ -122,14 +122,13 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
         if bad:
             raise MergeFailed(f"{src.path}: tensor shapes differ from {ref.path}: {bad[:3]}")
     n_layers = _n_layers(ref, names)
-    accepted = merging.PARAMS[method]
+    spell = lambda p: "lambda" if p == "lam" else p
     for where, params in [("parameters", mc.parameters),
                           *((f"models[{i}].parameters", e.parameters) for i, e in enumerate(mc.models))]:
-        for k in params:
-            if k not in _IGNORED and _GLOBAL_RENAME.get(k, k) not in accepted:
-                spelled = sorted({"lambda" if a == "lam" else a for a in accepted})
-                raise MergeFailed(f"{mc.source}: {where}: unknown parameter {k!r} for merge_method {method!r}; "
-                                  f"accepted: {', '.join(spelled)}")
+        try:
+            registry.check_names(method, [_GLOBAL_RENAME.get(k, k) for k in params if k not in _IGNORED], spell)
+        except merging.MergeError as e:
+            raise MergeFailed(f"{mc.source}: {where}: {e}") from None
     if mc.parameters.get("trim") == "global":
         raise MergeFailed(f"{mc.source}: parameters.trim: global ranks entries across the whole model, but this "
                           "command merges one tensor at a time; use trim: tensor here, or merging.merge(..., "
@@ -267,9 +266,9 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in plan.names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
-    recipe = generalized.RECIPES.get(plan.method)
+    recipe = task_vectors.RECIPES.get(plan.method)
     if recipe is not None and devs[0].platform == "cpu" and plan.names:  # numba loads while the first tensors are read
-        cpu_kernels.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[plan.names[0]], len(plan.models))
+        cpu.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[plan.names[0]], len(plan.models))
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
     write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor behind the merge
@@ -295,7 +294,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
                 out = ref  # integer buffers (e.g. position ids) are copied from the base
             else:
                 work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]
-                key = jax.random.fold_in(root, j) if plan.method in merging.RANDOM_METHODS else None
+                key = root if plan.method in merging.RANDOM_METHODS else None  # merge() folds in the tensor's name
                 out = _merge_tensor(plan, mc, name, work, key, out_dtype or ref.dtype)
                 if rows:
                     full = np.array(ref, copy=True).astype(out.dtype)

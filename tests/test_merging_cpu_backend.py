@@ -1,4 +1,5 @@
-"""The numba kernels behind eager merges on the CPU (``merging.cpu_kernels``): top-k counts, DELLA ranks."""
+"""The CPU backend of eager merges (``merging.cpu``): its numba kernels and host top-k search, bit for bit
+against the plain-JAX algorithms run under ``jit``."""
 
 import chex
 import jax
@@ -8,7 +9,9 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from research import merging
-from research.merging import cpu_kernels, select, sparsify
+from research.merging import sparsify
+from research.merging.cpu import kernels as cpu_kernels
+from research.merging.cpu import search
 
 TINY = np.finfo(np.float32).tiny
 
@@ -41,7 +44,7 @@ def test_pair_counts_agree_with_the_xla_counting_program():
     ft = jnp.asarray(np.asarray(base, np.float32) + rng.normal(size=(40, 300)) * 0.002, jnp.bfloat16)
     t = np.float32(0.002)
     below = np.nextafter(t, np.float32(0))
-    packed = np.asarray(select._row_pair_abs_delta(ft, base, t, below)).astype(np.int64)
+    packed = np.asarray(search._row_pair_abs_delta(ft, base, t, below)).astype(np.int64)
     gt, ge, _ = cpu_kernels.pair_counts(ft, base, t, below)
     np.testing.assert_array_equal(np.divmod(packed, 301), (gt, ge))
 
@@ -81,7 +84,7 @@ def test_eager_trim_results_do_not_depend_on_the_counting_backend():
     base = jnp.asarray(rng.normal(size=(64, 96)) * 0.02, jnp.bfloat16)
     ft = jnp.asarray(np.asarray(base, np.float32) + rng.normal(size=(64, 96)) * 0.002, jnp.bfloat16)
     for k in [1, 100, 1229, 6000]:
-        assert select.topk_cut_delta_host(ft, base, k, kernel=True) == select.topk_cut_delta_host(ft, base, k, kernel=False)
+        assert search.topk_cut_delta_host(ft, base, k, kernel=True) == search.topk_cut_delta_host(ft, base, k, kernel=False)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -225,10 +228,10 @@ def test_fused_cuts_equal_the_cuts_of_one_search_per_model():
     base, fts = _llama_like(np.random.default_rng(12), jnp.bfloat16)
     b, ms = base["w0"], [f["w0"] for f in fts]
     ks = [[1, 2000], [614], [3071]]
-    fused = select.topk_cuts_host(b, ms, ks)
+    fused = search.topk_cuts_host(b, ms, ks)
     assert fused.finite and not fused.hazard
     for i, k_list in enumerate(ks):
-        assert fused.cuts[i] == [select.topk_cut_delta_host(ms[i], b, k) for k in k_list]
+        assert fused.cuts[i] == [search.topk_cut_delta_host(ms[i], b, k) for k in k_list]
 
 
 def test_probe_counts_recount_with_flushing_where_subnormals_could_occur():
@@ -267,7 +270,7 @@ def test_trim_merges_the_kernel_cannot_match_exactly_fall_back_to_xla(kernel_cal
 
 
 def test_generated_kernels_are_written_where_asked(monkeypatch, tmp_path):
-    from research.merging import _unrolled
+    from research.merging.cpu import _unrolled
 
     monkeypatch.setenv("RESEARCH_KERNEL_DIR", str(tmp_path))
     source = _unrolled._span_source(2, _unrolled.merge_mode(1, True, False))
@@ -278,7 +281,7 @@ def test_generated_kernels_are_written_where_asked(monkeypatch, tmp_path):
 
 def test_a_search_sample_is_partitioned_for_its_first_guess_and_sorted_for_more():
     values = np.random.default_rng(15).random(1000).astype(np.float32)
-    sample = select._Unsorted(values.copy())
+    sample = search._Unsorted(values.copy())
     assert sample[300] == np.sort(values)[300] and not sample.ordered  # one partition, no sort
     assert sample[300] == np.sort(values)[300] and not sample.ordered  # remembered
     assert sample[10] == np.sort(values)[10] and sample.ordered  # a second rank: sorted once

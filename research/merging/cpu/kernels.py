@@ -67,13 +67,13 @@ def _has_numba() -> bool:
 
 @functools.cache
 def _loops():
-    return importlib.import_module("research.merging._cpu_loops")
+    return importlib.import_module("research.merging.cpu._loops")
 
 
 @functools.cache
 def _generated():
     _loops()  # numba set up first
-    return importlib.import_module("research.merging._unrolled")
+    return importlib.import_module("research.merging.cpu._unrolled")
 
 
 def usable(*arrays) -> bool:
@@ -216,7 +216,7 @@ def cut_merge(base, fts, keep, top, weights, *, consensus, vote_on, normalize, d
     """The task-vector merge of trims given as cuts (TIES, breadcrumbs), one pass.
 
     ``keep[i]``/``top[i]``: model ``i`` keeps ``|d|`` passing cut ``keep[i]``
-    (``(value, row, col)``, see ``select.Cut``) and not passing ``top[i]``
+    (``(value, row, col)``, see ``search.Cut``) and not passing ``top[i]``
     (``None``: nothing removed).  The options are ``consensus.disjoint_sum``'s.
     Returns the merged leaf as NumPy (``out_dtype``: bf16 or float32), or None
     where the result could differ from XLA's: weights or ``lam`` outside

@@ -1,4 +1,4 @@
-"""The numba loops of ``cpu_kernels`` (imported on first use: importing numba
+"""The numba loops of ``kernels`` (imported on first use: importing numba
 costs ~0.15 s, which merges that never trim or rank should not pay)."""
 
 import os
@@ -76,7 +76,7 @@ def _low_start_impl(row):
 
 def _tiny_seen(low, row):
     """Whether a min of ``_low_bits`` over ``row`` (``low``) shows a non-zero magnitude
-    below 2**-32 (see ``cpu_kernels.cut_merge``)."""
+    below 2**-32 (see ``kernels.cut_merge``)."""
     return low < ((95 << 7) - 1 if row.dtype == np.uint16 else (95 << 23) - 1)
 
 

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from research.merging import consensus as cons
-from research.merging import select, sparsify
+from research.merging import sparsify, topk
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,38 +96,30 @@ class Options:
     rescale_mode: str = "l1"
 
 
-def sparsify_leaf(tau, i: int, opts: Options, key=None, threshold=None, tie_offset=0):
-    """Stage 1 for model ``i`` on one float32 delta tensor."""
+def sparsify_leaf(tau, i: int, opts: Options, key=None, global_trim=None):
+    """Stage 1 for model ``i`` on one float32 delta tensor.  ``global_trim``: the
+    model's ``(topk.Threshold, tie_offset)`` when trimming over the whole model."""
     d = opts.density[i]
     if opts.sparsify is None:
         return tau
     if opts.sparsify == "magnitude":
-        return sparsify.magnitude(tau, d, rescale=opts.rescale, threshold=threshold, tie_offset=tie_offset)
+        if global_trim is not None:
+            return sparsify.magnitude_global(tau, *global_trim, rescale=opts.rescale)
+        return sparsify.magnitude(tau, d, rescale=opts.rescale)
     if opts.sparsify == "random":
-        return sparsify.random(tau, d, key, rescale=opts.rescale, rescale_mode=opts.rescale_mode, mask=threshold)
+        return sparsify.random(tau, d, key, rescale=opts.rescale, rescale_mode=opts.rescale_mode)
     if opts.sparsify == "magnitude_outliers":
-        return sparsify.magnitude_outliers(tau, d, opts.gamma[i], rescale=opts.rescale, cuts=threshold)
+        return sparsify.magnitude_outliers(tau, d, opts.gamma[i], rescale=opts.rescale)
     if opts.sparsify == "della":
-        return sparsify.della(tau, d, opts.epsilon[i], key, rescale=opts.rescale, rescale_mode=opts.rescale_mode,
-                              drawn=threshold)
+        return sparsify.della(tau, d, opts.epsilon[i], key, rescale=opts.rescale, rescale_mode=opts.rescale_mode)
     raise ValueError(f"unknown sparsification {opts.sparsify!r}")
 
 
-def merge_leaf(base, finetuned: Sequence, opts: Options, keys=None, thresholds=None, tie_offsets=None):
-    """All four stages on one tensor; returns the merged tensor in float32.
-
-    ``keys``: one PRNG key per model (random sparsifiers); ``thresholds`` and
-    ``tie_offsets``: per-model global trimming state (``trim="global"``).
-    """
-    base = base.astype(jnp.float32)
-    taus = []
-    for i, ft in enumerate(finetuned):
-        tau = ft.astype(jnp.float32) - base
-        th = None if thresholds is None else thresholds[i]
-        off = 0 if tie_offsets is None else tie_offsets[i]
-        taus.append(sparsify_leaf(tau, i, opts, None if keys is None else keys[i], th, off))
+def mix(base, kept: Sequence, opts: Options):
+    """Stages 2-4 on the sparsified deltas of one tensor: consensus, the (disjoint)
+    weighted sum, lambda."""
     mixed = cons.disjoint_sum(
-        taus,
+        kept,
         opts.weight,
         consensus=opts.consensus,
         vote_on=opts.vote_on,
@@ -135,6 +127,26 @@ def merge_leaf(base, finetuned: Sequence, opts: Options, keys=None, thresholds=N
         divide_by=opts.divide_by,
     )
     return base + opts.lam * mixed if opts.lam != 1 else base + mixed
+
+
+def merge_leaf(base, finetuned: Sequence, opts: Options, keys=None, global_trim=None):
+    """All four stages on one tensor; returns the merged tensor in float32.
+
+    ``keys``: one PRNG key per model (random sparsifiers); ``global_trim``: per
+    model, ``(threshold, tie_offset)`` of ``global_thresholds`` (``trim="global"``).
+    """
+    base = base.astype(jnp.float32)
+    kept = []
+    for i, ft in enumerate(finetuned):
+        tau = ft.astype(jnp.float32) - base
+        kept.append(sparsify_leaf(tau, i, opts, None if keys is None else keys[i],
+                                  None if global_trim is None else global_trim[i]))
+    return mix(base, kept, opts)
+
+
+def uses_global_trim(opts) -> bool:
+    return (isinstance(opts, Options) and opts.trim == "global" and opts.sparsify == "magnitude"
+            and any(d < 1 for d in opts.density))
 
 
 def global_keep_counts(base_leaves, opts: Options) -> tuple:
@@ -145,13 +157,13 @@ def global_keep_counts(base_leaves, opts: Options) -> tuple:
 
 def global_thresholds(base_leaves, model_leaves, ks):
     """Per model: one top-k threshold over every leaf (``ks[i]`` kept; may be traced),
-    and each leaf's tie offset."""
+    and each leaf's tie offset: ``(thresholds, offsets)``, ``offsets[i][j]`` for leaf ``j``."""
     ths, offsets = [], []
     for leaves, k in zip(model_leaves, ks):
         mags = [jnp.abs(x.astype(jnp.float32) - b.astype(jnp.float32)) for x, b in zip(leaves, base_leaves)]
-        th = select.kth_largest(mags, jnp.maximum(k, 1))
+        th = topk.kth_largest(mags, jnp.maximum(k, 1))
         none = jnp.asarray(k) <= 0  # keep nothing
-        th = select.Threshold(jnp.where(none, jnp.float32(jnp.inf), th.value), jnp.where(none, 0, th.ties))
+        th = topk.Threshold(jnp.where(none, jnp.float32(jnp.inf), th.value), jnp.where(none, 0, th.ties))
         ths.append(th)
-        offsets.append(select.ties_before(mags, th))
+        offsets.append(topk.ties_before(mags, th))
     return ths, offsets

@@ -1,0 +1,215 @@
+"""One leaf of an eager task-vector merge on the CPU: sparsifier state worked out
+first (cuts, masks, rescale factors), then one merge pass.
+
+Each model's state is a ``Kept``: what ``task_vectors.sparsify_leaf`` would
+keep, given as a mask or as top-k cuts, and the rescale it would apply.  The
+merge pass is ``task_vectors.mix`` over those kept deltas (an XLA program),
+or for TIES and breadcrumbs, where it applies, the numba ``kernels.cut_merge``.
+Each mask is drawn by its own call, so the random bits of all models are
+never alive together.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from research.merging import sparsify, task_vectors, tree
+from research.merging.cpu import kernels, search
+from research.merging.cpu.search import NonFiniteInput
+
+_SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
+_CUTS = ("magnitude", "magnitude_outliers")  # their counting passes screen for NaN/Inf
+
+
+class Kept(NamedTuple):
+    """What one model keeps of one leaf: ``mask`` (a bool array, the leaf's shape) or
+    ``cuts`` (``search.Cut``s: keep the first, minus the second if given); then the
+    kept entries are divided by ``div`` and multiplied by ``mul`` (None: not).
+    Trims with ``rescale`` restore the L1 norm inside the merge program."""
+
+    mask: object = None
+    cuts: tuple = ()
+    mul: object = None
+    div: object = None
+
+
+def applies(opts, ref_leaf) -> bool:
+    return (isinstance(opts, task_vectors.Options) and opts.sparsify in _SPARSIFIERS
+            and not task_vectors.uses_global_trim(opts) and not isinstance(ref_leaf, jax.core.Tracer)
+            and _on_cpu(ref_leaf))
+
+
+def screens_inputs(opts) -> bool:
+    return opts.sparsify in _CUTS
+
+
+def _on_cpu(x) -> bool:
+    """Host-prepared state pays off on XLA:CPU only; on an accelerator a host round
+    trip per counting pass costs more than the in-graph search."""
+    devices = x.devices() if isinstance(x, jax.Array) else jax.devices()
+    return next(iter(devices)).platform == "cpu"
+
+
+def _kept_delta(ft, base, kept: Kept, opts):
+    tau = ft - base
+    if kept.cuts:
+        mag = jnp.abs(tau)
+        mask = search.keep_mask_cut(mag, kept.cuts[0])
+        if len(kept.cuts) > 1:
+            mask = mask & ~search.keep_mask_cut(mag, kept.cuts[1])
+    else:
+        mask = kept.mask
+    if mask is None:
+        return tau
+    out = jnp.where(mask, tau if kept.div is None else tau / kept.div, 0.0)
+    if kept.mul is not None:
+        out = out * kept.mul
+    elif opts.rescale and opts.sparsify in _CUTS:
+        out = out * sparsify.l1_factor(tau, out)
+    return out
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "out_dtype"))
+def _mix_jit(base, models, kept, *, opts, out_dtype):
+    base = base.astype(jnp.float32)
+    deltas = [_kept_delta(m.astype(jnp.float32), base, k, opts) for m, k in zip(models, kept)]
+    return task_vectors.mix(base, deltas, opts).astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "shape"))
+def _dare_mask_jit(key, density: float, shape):
+    return sparsify.dare_mask(key, density, shape)
+
+
+@jax.jit
+def _l1_factor_jit(ft, base, mask):
+    """The L1 rescale factor of a DARE or DELLA keep mask (shaped as its sparsifier's view)."""
+    tau = (ft.astype(jnp.float32) - base.astype(jnp.float32)).reshape(mask.shape)
+    return sparsify.l1_factor(tau, jnp.where(mask, tau, 0.0))
+
+
+@jax.jit
+def _della_ranks_jit(ft, base):
+    return sparsify.della_ranks(sparsify.della_rows(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+
+
+@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
+def _della_mask_jit(key, ranks, density, epsilon):
+    return sparsify.della_mask(key, ranks, density, epsilon)
+
+
+@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
+def _della_probs_jit(ranks, density, epsilon):
+    return sparsify.della_probs(ranks, density, epsilon)
+
+
+@functools.partial(jax.jit, static_argnames=("cols", "density", "epsilon"))
+def _della_probs_table(cols, density, epsilon):
+    """DELLA's keep probability of each rank, as the merge program computes it."""
+    return sparsify.della_probs(jnp.arange(cols, dtype=jnp.int32)[None], density, epsilon)[0]
+
+
+@functools.partial(jax.jit, static_argnames="blocks")
+def _block_key_data(key, blocks):
+    """Raw data of the keys ``sparsify.blocked_draw`` uses with ``key``."""
+    if blocks == 1:
+        return jax.random.key_data(key)[None]
+    return jax.random.key_data(jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(blocks)))
+
+
+def _mask_on_host(key, shape, density: float, ranks=None, epsilon: float = 0.0):
+    """The keep mask drawn by the numba threefry (bit for bit JAX's): DARE's
+    ``bernoulli(density)`` over ``shape``, or DELLA's from ``ranks``."""
+    shape = shape if ranks is None else ranks.shape
+    blocks, rows = sparsify.draw_blocks(shape)
+    keys = np.asarray(_block_key_data(key, blocks))
+    if ranks is None:
+        return kernels.bernoulli(keys, rows, density, shape)
+    return kernels.below_table(keys, rows, ranks, _della_probs_table(ranks.shape[1], density, epsilon))
+
+
+def _screen_leaf(ft, base) -> None:
+    if not tree.all_finite([ft, base]):
+        raise NonFiniteInput("NaN or Inf in a leaf")
+
+
+def _cut(ft, base, k: int, screen: bool = False) -> search.Cut:
+    """Keep exactly the ``k`` largest ``|ft - base|`` (0 <= k <= size)."""
+    if 0 < k < ft.size:
+        return search.topk_cut_delta_host(ft, base, k, screen)
+    if screen:
+        _screen_leaf(ft, base)
+    return search.trivial_cut(ft.size, k)
+
+
+def _cut_ks(opts, i: int, n: int) -> list[int]:
+    """The top-k sizes of model ``i``'s cuts: TIES one, breadcrumbs ``(keep, top)``."""
+    density = opts.density[i]
+    if opts.sparsify == "magnitude":
+        return [n if density >= 1 else int(density * n)]
+    if density >= 1:
+        return []
+    n_top, n_keep = sparsify.outlier_counts(n, density, opts.gamma[i])
+    return [n_keep, n_top]
+
+
+def _random_state(ft, base, opts, key, i: int) -> Kept:
+    """DARE's or DELLA's keep mask for model ``i`` (drawn by numba where it can),
+    with what its rescale needs."""
+    density = opts.density[i]
+    if density >= 1:
+        return Kept()
+    on_host = kernels.usable(ft, base)
+    draw_on_host = on_host and kernels.random_ok(key)
+    if opts.sparsify == "della":
+        ranks = kernels.row_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
+        eps = opts.epsilon[i]
+        mask = _mask_on_host(key, None, density, ranks, eps) if draw_on_host else _della_mask_jit(key, ranks, density, eps)
+        if opts.rescale and opts.rescale_mode == "inverse":
+            return Kept(mask=jnp.reshape(mask, ft.shape), div=jnp.reshape(_della_probs_jit(ranks, density, eps), ft.shape))
+    else:
+        mask = _mask_on_host(key, ft.shape, density) if draw_on_host else _dare_mask_jit(key, density, ft.shape)
+        if opts.rescale and opts.rescale_mode == "inverse":
+            return Kept(mask=mask, div=jnp.float32(density))
+    mul = _l1_factor_jit(ft, base, mask) if opts.rescale else None
+    return Kept(mask=jnp.reshape(mask, ft.shape), mul=mul)
+
+
+def _cuts_merge(base, ms, opts, out_dtype, screen: bool):
+    """TIES/breadcrumbs: every model's cuts from one fused counting pass, then the
+    numba merge pass where it applies.  Returns ``(leaf or None, states)``."""
+    n = base.size
+    fused = search.topk_cuts_host(base, ms, [_cut_ks(opts, i, n) for i in range(len(ms))], screen)
+    states = [Kept(cuts=tuple(cuts)) if cuts else Kept() for cuts in fused.cuts]
+    out = str(jnp.dtype(out_dtype))
+    if not fused.finite or fused.hazard or opts.rescale or out not in ("bfloat16", "float32"):
+        return None, states  # the XLA merge pass: NaN/Inf or tiny inputs, a rescale, another dtype
+    keep = [c[0] if c else search.trivial_cut(n, n) for c in fused.cuts]  # no cut: keep everything
+    top = [c[1] if len(c) > 1 else None for c in fused.cuts]
+    leaf = kernels.cut_merge(base, ms, keep, top, opts.weight, consensus=opts.consensus, vote_on=opts.vote_on,
+                             normalize=opts.normalize, divide_by=opts.divide_by, lam=opts.lam, out_dtype=out)
+    return (None if leaf is None else jax.device_put(leaf)), states
+
+
+def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
+    out_dtype = jnp.dtype(out_dtype or ms[0].dtype)
+    if opts.sparsify in _CUTS:
+        if kernels.usable(base, *ms):
+            leaf, states = _cuts_merge(base, ms, opts, out_dtype, screen)
+            if leaf is not None:
+                return leaf
+        else:
+            states = []
+            for i, m in enumerate(ms):
+                cuts = tuple(_cut(m, base, k, screen) for k in _cut_ks(opts, i, m.size))
+                states.append(Kept(cuts=cuts) if cuts else Kept())
+                if screen and not cuts:
+                    _screen_leaf(m, base)
+    else:
+        states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
+    return _mix_jit(base, ms, states, opts=opts, out_dtype=out_dtype)
