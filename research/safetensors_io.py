@@ -86,8 +86,14 @@ class SafetensorsFile:
     def keys(self):
         return list(self.entries)
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or its leading-axis slice ``rows = (start, stop)``."""
         dtype, shape, begin = self.entries[name]
+        if rows is not None:
+            start, stop = rows
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            begin += start * row_bytes
+            shape = (stop - start, *shape[1:])
         out = aligned_empty(shape, dtype)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         done, total = 0, out.nbytes
@@ -174,18 +180,28 @@ class ShardWriter:
         self._file.write(_header(entries, self.metadata))
 
     def add(self, name: str, arr: np.ndarray) -> None:
+        self.add_rows(name, arr, whole=True)
+
+    def add_rows(self, name: str, arr: np.ndarray, whole: bool = False) -> None:
+        """The next leading-axis rows of tensor ``name`` (``add`` them in order, all of them)."""
         arr = np.ascontiguousarray(arr)
         if arr.dtype not in CODES:
             raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors code")
         want = self._plan[self._next] if self._next < len(self._plan) else None
-        if want is None or want[0] != name or want[1] != arr.shape or want[2] != arr.dtype:
+        done = getattr(self, "_rows_done", 0)
+        fits = want is not None and want[0] == name and want[2] == arr.dtype and (
+            arr.shape == want[1] if whole else (arr.shape[1:] == want[1][1:] and done + arr.shape[0] <= want[1][0]))
+        if not fits:
             raise SafetensorsError(f"tensor {name!r} {arr.shape} {arr.dtype} arrived where the layout expects {want}")
         i = self._shard_of[name]
         if self._file is None or self._file_index != i:
             self._open_shard(i)
         self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self.total += arr.nbytes
-        self._next += 1
+        self._rows_done = 0 if whole else done + arr.shape[0]
+        if whole or self._rows_done == want[1][0]:
+            self._rows_done = 0
+            self._next += 1
 
     def _close_file(self):
         if self._file is not None:

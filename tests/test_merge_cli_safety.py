@@ -139,7 +139,8 @@ def test_the_written_merge_config_reruns_from_anywhere(models, tmp_path_factory)
     (("weight: 0.5", "weight: abc"), "must be a number, got 'abc'"),
     (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\ndtype: float8"), "dtype 'float8' is not supported"),
     (("weight: 0.5, density: 0.3", "weight: 0.5, densty: 0.3"), "unknown parameter 'densty'"),
-    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8, trim: global}"), "merges one tensor at a time"),
+    (("weight: 0.5, density: 0.3", "weight: 0.5, density: 0.3, trim: global"), "one value for the whole merge"),
+    (("weight: 0.5, density: 0.3", "weight: 0.5, density: 0.3, gamma: 0.1"), "parameter 'gamma' applies to breadcrumbs"),
     (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\ntokenizer_source: union"), "union"),
 ])
 def test_dry_run_refuses_what_the_merge_would_refuse(models, main, edit, match):

@@ -282,3 +282,66 @@ def test_memory_stays_bounded_on_a_model_larger_than_the_bound(tmp_path):
     grew = (after - before) * 1024
     assert rc == 0
     assert grew < 4 * model_bytes * 0.55, (grew, 4 * model_bytes)
+
+
+def _every_method_config(method, density="0.3"):
+    params = {"slerp": "t: 0.3", "della": "density: 0.5\n  epsilon: 0.1", "della_linear": "density: 0.5\n  epsilon: 0.1",
+              "model_stock": "filter_wise: false", "negate": "lambda: 0.5"}
+    extra = params.get(method, f"density: {density}" if method in ("dare_ties", "dare_linear", "breadcrumbs",
+                                                                  "breadcrumbs_ties", "ties") else "")
+    ms = ["ft0"] if method == "slerp" else ["ft0", "ft1", "ft2"]
+    text = f"merge_method: {method}\nbase_model: base\nmodels:\n" + "".join(f"  - model: {m}\n" for m in ms)
+    return text + (f"parameters:\n  {extra}\n" if extra else "")
+
+
+@pytest.fixture
+def wide_models(tmp_path):
+    base = make_ckpt(tmp_path / "base", 0, d=24, vocab=40)
+    fts = [make_ckpt(tmp_path / f"ft{i}", i + 1, base=base, d=24, vocab=40) for i in range(3)]
+    return tmp_path, base, fts
+
+
+@pytest.mark.parametrize("method", merging.METHODS)
+def test_row_blocks_give_the_tensors_of_whole_tensor_merges(wide_models, monkeypatch, method):
+    """Every method, merged in blocks of 4 rows (thresholds, rescale sums, SLERP's and
+    Model Stock's cosines streamed over the blocks), equals the whole-tensor merge."""
+    from research.merging import sparsify
+    from research.merging.stream import chunked
+    tmp, *_ = wide_models
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)  # several draw blocks per tensor, in both runs
+    cfg = write_cfg(tmp, _every_method_config(method))
+    whole = read_out(stream.run(stream.load(cfg), str(tmp / "whole"), progress=False, seed=1))
+    monkeypatch.setattr(chunked, "MIN_ENTRIES", 300)  # every matrix but norms is merged in blocks
+    monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
+    calls = []
+    real = chunked.merge_blocks
+    monkeypatch.setattr(chunked, "merge_blocks", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
+    blocks = read_out(stream.run(stream.load(cfg), str(tmp / "blocks"), progress=False, seed=1))
+    assert len(calls) == 2 + 2 * 3  # embeddings, lm_head, and q/up of 3 layers went through blocks
+    for name in whole:
+        np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
+
+
+@pytest.mark.parametrize("blocks", [False, True])
+def test_cli_global_trim_equals_the_api_s(wide_models, monkeypatch, blocks):
+    """``trim: global`` in the CLI: one threshold per model over every tensor (ties
+    broken in tensor-name order, as the API's dict leaves are), then the merge."""
+    from research.merging.stream import chunked
+    tmp, base, fts = wide_models
+    if blocks:
+        monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
+    text = TIES.replace("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8, trim: global}")
+    got = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "out"), progress=False))
+    expect = merging.merge("ties", fts, base=base, weight=[1.0, 0.5, 1.0], density=0.3, lam=0.8, trim="global")
+    per_tensor = merging.merge("ties", fts, base=base, weight=[1.0, 0.5, 1.0], density=0.3, lam=0.8)
+    assert any((np.asarray(per_tensor[n]) != got[n]).any() for n in base)  # a different merge from trim: tensor
+    for name in base:
+        np.testing.assert_array_equal(got[name], np.asarray(expect[name]), err_msg=name)
+
+
+def test_cli_global_trim_refuses_a_density_that_varies_by_tensor(models):
+    tmp, *_ = models
+    text = TIES.replace("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8, trim: global}").replace(
+        "{weight: 1.0, density: 0.3}", "{weight: 1.0, density: [0.3, 0.5]}")
+    _err(tmp, text, "trim: global .* density cannot vary by tensor")
+    _err(tmp, text, "trim: global .* density cannot vary by tensor", dry_run=True)

@@ -32,15 +32,18 @@ def slerp(t: float, v0, v1, eps: float = 1e-8):
     """
     u0 = v0 / jnp.maximum(jnp.linalg.norm(v0), eps)
     u1 = v1 / jnp.maximum(jnp.linalg.norm(v1), eps)
-    dot = jnp.sum(u0 * u1)
+    s0, s1 = slerp_coefficients(t, jnp.sum(u0 * u1))
+    return s0 * v0 + s1 * v1
+
+
+def slerp_coefficients(t: float, dot):
+    """``(s0, s1)`` of ``s0 v0 + s1 v1`` for the cosine ``dot`` of the two tensors."""
     colinear = jnp.abs(dot) > SLERP_DOT_THRESHOLD
     theta0 = jnp.arccos(jnp.clip(dot, -1.0, 1.0))
     sin0 = jnp.where(colinear, 1.0, jnp.sin(theta0))
     s0 = jnp.sin(theta0 * (1 - t)) / sin0
     s1 = jnp.sin(theta0 * t) / sin0
-    s0 = jnp.where(colinear, 1 - t, s0)
-    s1 = jnp.where(colinear, t, s1)
-    return s0 * v0 + s1 * v1
+    return jnp.where(colinear, 1 - t, s0), jnp.where(colinear, t, s1)
 
 
 def _gram(taus, axes):
@@ -73,17 +76,21 @@ def model_stock(base, models: Sequence, filter_wise: bool = False):
     # Reduce over every axis (or every axis but the first, filter-wise) without
     # reshaping, so sharded leaves stay sharded.
     axes = tuple(range(1 if filter_wise and base.ndim >= 2 else 0, base.ndim))
-    gram = _gram([m - base for m in models], axes)
+    n = len(models)
+    t = model_stock_ratio(_gram([m - base for m in models], axes), n)
+    avg = sum(models) / n
+    return t * avg + (1 - t) * base
+
+
+def model_stock_ratio(gram, n: int):
+    """Model Stock's ``t = N cos / (1 + (N-1) cos)`` from the Gram sums ``gram[i, j]``."""
     cosines = []
-    for i in range(len(models)):
-        for j in range(i + 1, len(models)):
+    for i in range(n):
+        for j in range(i + 1, n):
             den = jnp.sqrt(gram[i, i] * gram[j, j])
             cosines.append(jnp.clip(gram[i, j] / jnp.maximum(den, 1e-6), -1.0, 1.0))
     cos = sum(cosines) / len(cosines)
-    n = len(models)
-    t = n * cos / (1 + (n - 1) * cos)
-    avg = sum(models) / n
-    return t * avg + (1 - t) * base
+    return n * cos / (1 + (n - 1) * cos)
 
 
 def negate(base, models: Sequence, weights: Sequence[float], lam: float = 1.0):

@@ -159,6 +159,36 @@ def row_ranks(ft, base, tiny, out):
             out[r, idx[i]] = i
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def magnitude_histogram(ft, base, shift, mask, match, match_shift, tiny, hist, vmin, vmax, bad):
+    """Adds to ``hist[t, key]`` the entries of ``d = |ft - base|`` (flushed as XLA:CPU)
+    whose float bits ``b`` give ``key = (b >> shift) & mask``, among those with
+    ``b >> match_shift == match`` (all when ``match < 0``); ``vmin``/``vmax`` keep
+    the smallest and largest ``b`` per key, ``bad[t]`` counts NaN/Inf.  Rows are
+    split over ``hist.shape[0]`` workers ``t``."""
+    workers = hist.shape[0]
+    rows, cols = ft.shape
+    for t in numba.prange(workers):
+        h, lo, hi = hist[t], vmin[t], vmax[t]
+        n_bad = 0
+        for r in range(t * rows // workers, (t + 1) * rows // workers):
+            for c in range(cols):
+                d = _flushed_abs_delta(ft[r, c], base[r, c], tiny)
+                if not d < np.float32(np.inf):
+                    n_bad += 1
+                    continue
+                b = np.float32(d).view(np.uint32)
+                if match >= 0 and (b >> np.uint32(match_shift)) != np.uint32(match):
+                    continue
+                key = (b >> np.uint32(shift)) & np.uint32(mask)
+                h[key] += 1
+                if b < lo[key]:
+                    lo[key] = b
+                if b > hi[key]:
+                    hi[key] = b
+        bad[t] += n_bad
+
+
 @numba.njit(inline="always")
 def _rotl(x, d):
     return np.uint32((x << np.uint32(d)) | (x >> np.uint32(32 - d)))

@@ -198,6 +198,38 @@ _NO_CUT = (np.float32(np.inf), 0, 0)  # a top cut that removes nothing
 _SAFE_SCALE = (2.0**-16, 2.0**16)
 
 
+class MagnitudeHistogram:
+    """A histogram of ``|ft - base|``'s float32 bits over blocks of one tensor (or many),
+    for exact top-k selection in streaming passes: ``add`` each block, then
+    ``arrays()``.  Level 1 keys the top bits (``bits >> 11``); level 2 the low 11
+    bits of the entries in one level-1 bin (``within``).  Subnormals count as 0,
+    as in XLA:CPU; NaN/Inf are counted apart."""
+
+    LOW = 11
+
+    def __init__(self, within: int | None = None):
+        self.within = within
+        bins = 1 << (self.LOW if within is not None else 31 - self.LOW)
+        w = max(1, numba_threads())
+        self.hist = np.zeros((w, bins), np.int64)
+        self.vmin = np.full((w, bins), 0xFFFFFFFF, np.uint32)
+        self.vmax = np.zeros((w, bins), np.uint32)
+        self.bad = np.zeros(w, np.int64)
+
+    def add(self, ft, base) -> None:
+        f, b = _host_view(ft), _host_view(base)
+        if self.within is None:
+            args = (self.LOW, (1 << (31 - self.LOW)) - 1, -1, 0)
+        else:
+            args = (0, (1 << self.LOW) - 1, self.within, self.LOW)
+        with _LOCK:
+            _loops().magnitude_histogram(f, b, *args, _TINY, self.hist, self.vmin, self.vmax, self.bad)
+
+    def arrays(self):
+        """``(counts, min bits, max bits)`` per bin, and the NaN/Inf count."""
+        return self.hist.sum(0), self.vmin.min(0), self.vmax.max(0), int(self.bad.sum())
+
+
 def _cut_arrays(cuts):
     """Per model ``(value, value_ge, row, col)`` arrays: ``|d| > value_ge`` is ``|d| >= value``
     for the non-negative, non-subnormal ``|d|`` that ``cut_merge`` meets."""

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from research import merging
 from research.merging import cpu, registry, task_vectors
+from research.merging.stream import chunked
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource
@@ -125,14 +126,15 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
     spell = lambda p: "lambda" if p == "lam" else p
     for where, params in [("parameters", mc.parameters),
                           *((f"models[{i}].parameters", e.parameters) for i, e in enumerate(mc.models))]:
+        given = [_GLOBAL_RENAME.get(k, k) for k in params if k not in _IGNORED]
         try:
-            registry.check_names(method, [_GLOBAL_RENAME.get(k, k) for k in params if k not in _IGNORED], spell)
+            registry.check_names(method, given, spell)
         except merging.MergeError as e:
             raise MergeFailed(f"{mc.source}: {where}: {e}") from None
-    if mc.parameters.get("trim") == "global":
-        raise MergeFailed(f"{mc.source}: parameters.trim: global ranks entries across the whole model, but this "
-                          "command merges one tensor at a time; use trim: tensor here, or merging.merge(..., "
-                          "trim='global') on models in memory")
+        shared = [spell(k) for k in given if where != "parameters" and not registry.PARAMS_DEF[k].per_model]
+        if shared:
+            raise MergeFailed(f"{mc.source}: {where}: {', '.join(shared)} is one value for the whole merge; set it "
+                              "under the top-level parameters")
     if mc.tokenizer_source:
         _check_tokenizer_source(mc, ref, names)
     return Plan(method, base, models, [e.parameters for e in entries], dict(mc.parameters), names, n_layers, vocab_rows)
@@ -238,6 +240,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     plan = make_plan(mc, allow_vocab_mismatch)
     for name in plan.names:  # resolve and check every parameter as the merge will, before reading any tensor
         check_tensor_params(plan, name, mc.source)
+    _global_trim(plan, mc)
     if dry_run:
         print(describe(plan))
         return None
@@ -257,54 +260,101 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
         raise MergeFailed(str(e)) from None
 
 
+def _global_trim(plan: Plan, mc) -> tuple | None:
+    """The options of a ``trim: global`` merge (one density per model for the whole model), or None."""
+    trims = {tensor_params(plan, n, mc.source).get("trim", "tensor") for n in plan.names}
+    if plan.method != "ties" or "global" not in trims:
+        return None
+    if len(trims) > 1:
+        raise MergeFailed(f"{mc.source}: trim: global ranks each model over the whole model, so it cannot be set "
+                          "for some tensors only")
+    opts = None
+    for name in plan.names:
+        o = merging.options(plan.method, len(plan.models), tensor_params(plan, name, mc.source))
+        if opts is not None and o.density != opts.density:
+            raise MergeFailed(f"{mc.source}: trim: global keeps the top density of each model over the whole model, "
+                              f"so density cannot vary by tensor; {name} has {list(o.density)}, other tensors "
+                              f"{list(opts.density)}")
+        opts = o
+    return opts if opts is not None and task_vectors.uses_global_trim(opts) else None
+
+
 def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool):
     srcs = ([plan.base] if plan.base else []) + plan.models
     in_dtype = jnp.dtype(mc.dtype) if mc.dtype else None
     out_dtype = mc.out_dtype or mc.dtype
     ref_src = srcs[0]
     _float = lambda d: np.issubdtype(d, np.floating) or d == jnp.bfloat16
+    global_opts = _global_trim(plan, mc)
+    names = sorted(plan.names) if global_opts else plan.names  # the global trim breaks ties in name order
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _float(ref_src.dtypes[n])
-               else ref_src.dtypes[n]) for n in plan.names]
+               else ref_src.dtypes[n]) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
     recipe = task_vectors.RECIPES.get(plan.method)
-    if recipe is not None and devs[0].platform == "cpu" and plan.names:  # numba loads while the first tensors are read
-        cpu.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[plan.names[0]], len(plan.models))
+    if recipe is not None and devs[0].platform == "cpu" and names:  # numba loads while the first tensors are read
+        cpu.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[names[0]], len(plan.models))
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
-    write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor behind the merge
+    write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor (or block) behind the merge
     written = None
+
+    def write(fn, *args):
+        nonlocal written
+        if written is not None:
+            written.result()  # at most one finished tensor or block waits for the disk
+        written = write_pool.submit(fn, *args)
+
+    cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _float(a.dtype) else a
     read = lambda n: [s.read(n) for s in srcs]
-    total = plan.bytes_read()
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merge", disable=not progress)
+    blocks = {n: _blocks(plan, n, srcs, cast) for n in names
+              if _float(ref_src.dtypes[n]) and (global_opts or chunked.chunked(ref_src.shapes[n]))}
+    bar = tqdm(total=plan.bytes_read(), unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
+               disable=not progress)
     set_bytes = lambda n: sum(s.nbytes(n) for s in srcs)
-    pending = pool.submit(read, plan.names[0]) if plan.names else None
+    whole = lambda j: j < len(names) and names[j] not in blocks
+    pending = pool.submit(read, names[0]) if names and whole(0) else None
     t0 = time.perf_counter()
     try:
-        for j, name in enumerate(plan.names):
+        trims = offsets = None
+        if global_opts:  # first pass: each model's threshold over the whole model
+            try:
+                trims = [[th] for th in chunked.global_thresholds([blocks[n] for n in names if n in blocks], global_opts)]
+            except merging.MergeError as e:
+                _screen_all(plan, mc, blocks, names)
+                raise MergeFailed(f"{mc.source}: {e}") from None
+            offsets = [[0] for _ in plan.models]
+        for j, name in enumerate(names):
+            if name in blocks:
+                offsets = _merge_blocks(plan, mc, blocks[name], root, out_dtype or ref_src.dtypes[name],
+                                        lambda a, name=name: write(writer.add_rows, name, a), global_opts, trims,
+                                        offsets)
+                pending = pool.submit(read, names[j + 1]) if whole(j + 1) else None
+                bar.update(set_bytes(name))
+                bar.set_postfix(tensors=f"{j + 1}/{len(names)}")
+                continue
             arrays = pending.result() if pending is not None else read(name)
             pending = None
             # read the next tensor while merging this one, unless the two sets together
-            # would exceed the prefetch budget (the embeddings: read those in turn)
-            if j + 1 < len(plan.names) and set_bytes(name) + set_bytes(plan.names[j + 1]) <= _PREFETCH_BUDGET:
-                pending = pool.submit(read, plan.names[j + 1])
+            # would exceed the prefetch budget (large tensors: read those in turn)
+            if whole(j + 1) and set_bytes(name) + set_bytes(names[j + 1]) <= _PREFETCH_BUDGET:
+                pending = pool.submit(read, names[j + 1])
             ref = arrays[0]
             rows = plan.vocab_rows.get(name)
             work = [a[:rows] if rows else a for a in arrays]
             if not _float(ref.dtype):
                 out = ref  # integer buffers (e.g. position ids) are copied from the base
             else:
-                work = [_place(a.astype(in_dtype) if in_dtype else a, devs) for a in work]
+                work = [_place(cast(a), devs) for a in work]
                 key = root if plan.method in merging.RANDOM_METHODS else None  # merge() folds in the tensor's name
                 out = _merge_tensor(plan, mc, name, work, key, out_dtype or ref.dtype)
                 if rows:
                     full = np.array(ref, copy=True).astype(out.dtype)
                     full[:rows] = out
                     out = full
-            if written is not None:
-                written.result()  # at most one finished tensor waits for the disk
-            written = write_pool.submit(writer.add, name, out)
-            bar.update(sum(a.nbytes for a in arrays))
-            bar.set_postfix(tensors=f"{j + 1}/{len(plan.names)}")
+            del arrays, work
+            write(writer.add, name, out)
+            bar.update(set_bytes(name))
+            bar.set_postfix(tensors=f"{j + 1}/{len(names)}")
         if written is not None:
             written.result()
     finally:  # never leave a thread writing into a directory that is being removed
@@ -313,6 +363,45 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
         write_pool.shutdown()
     writer.finish()
     _write_metadata(plan, mc, tmp, out_dtype, seed, time.perf_counter() - t0)
+
+
+def _blocks(plan: Plan, name: str, srcs, cast) -> chunked.Tensor:
+    """Tensor ``name`` of every input, read in row blocks (and cast to the config's dtype)."""
+    reader = lambda src: (lambda start, stop: cast(src.read(name, (start, stop)))) if src.shapes[name] else (
+        lambda start, stop: cast(src.read(name)).reshape(1))
+    base = reader(plan.base) if plan.base else None
+    return chunked.Tensor(name, srcs[0].shapes[name], base, [reader(m) for m in plan.models],
+                          rows=plan.vocab_rows.get(name))
+
+
+def _screen_all(plan: Plan, mc, blocks, names) -> None:
+    for n in names:
+        if n in blocks:
+            try:
+                chunked._screen_all(blocks[n])
+            except merging.MergeError as e:
+                raise MergeFailed(f"{mc.source}: tensor {n}: {_name_models(str(e), plan)}") from None
+
+
+def _merge_blocks(plan: Plan, mc, t: chunked.Tensor, root, out_dtype, write, global_opts, trims, offsets):
+    """One tensor merged and written in row blocks; the rows past ``t.rows`` (vocabularies
+    that differ) are copied from the first input.  Returns the global trim's tie offsets."""
+    params = tensor_params(plan, t.name, mc.source)
+    out_dtype = jnp.dtype(params.pop("out_dtype", None) or out_dtype)
+    try:
+        if global_opts is not None:
+            offsets = chunked.merge_trimmed(dataclasses.replace(global_opts, density=(1.0,) * len(plan.models)),
+                                            t, trims, out_dtype, write, offsets)
+        else:
+            opts = merging.options(plan.method, len(plan.models), params)
+            chunked.merge_blocks(plan.method, opts, t, root, out_dtype, write)
+    except merging.MergeError as e:
+        raise MergeFailed(f"{mc.source}: tensor {t.name}: {_name_models(str(e), plan)}") from None
+    if t.rows < t.shape[0]:
+        first = t.base or t.models[0]
+        for start, stop in chunked.spans(t.shape[0] - t.rows, t.step):
+            write(np.asarray(first(t.rows + start, t.rows + stop)).astype(out_dtype))
+    return offsets
 
 
 def _write_metadata(plan: Plan, mc, tmp: str, out_dtype, seed: int, seconds: float):

@@ -69,12 +69,14 @@ class TensorSource:
     def nbytes(self, name: str) -> int:
         return int(np.prod(self.shapes[name])) * self.dtypes[name].itemsize
 
-    def read(self, name: str) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """One tensor, or its leading-axis slice ``rows = (start, stop)``."""
         if self._arrays is not None:
-            return self._arrays[name]
+            a = self._arrays[name]
+            return a if rows is None else a[rows[0]:rows[1]]
         fp = self._files[name]
         try:
-            return self._handle(fp).read(name)
+            return self._handle(fp).read(name, rows)
         except (SafetensorsError, OSError) as e:
             raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
 
