@@ -56,7 +56,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--block", type=int, default=128)
+    ap.add_argument("--docs", action="store_true", help="also write the output into docs/performance.md")
     args = ap.parse_args(argv)
+    import perfdoc
+
+    with perfdoc.recorded(args.docs, "attention", "Attention on packed rows (`experiments/bench_attention.py`)", "experiments/bench_attention.py", argv):
+        _main(args)
+
+
+def _main(args):
     platform = jax.devices()[0].platform
     impls = ["xla", "blockwise"] + {"gpu": ["pallas_gpu", "cudnn"], "cuda": ["pallas_gpu", "cudnn"], "tpu": ["splash"]}.get(platform, [])
     L, N, K, H = args.seq, 8, 4, 64

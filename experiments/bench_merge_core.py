@@ -107,7 +107,15 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=500e6)
     ap.add_argument("--methods", nargs="*", default=list(PER_METHOD))
+    ap.add_argument("--docs", action="store_true", help="also write the output into docs/performance.md")
     args = ap.parse_args(argv)
+    import perfdoc
+
+    with perfdoc.recorded(args.docs, "merge_core", "Merging core, eager `merging.merge` (`experiments/bench_merge_core.py`)", "experiments/bench_merge_core.py", argv):
+        _main(args)
+
+
+def _main(args):
 
     shapes = llama_shapes(args.params)
     base, models = make_models(shapes)

@@ -1,7 +1,8 @@
 """Streaming checkpoint merges vs the I/O floor, on the issue's reference workload.
 
-    python experiments/bench_merge_io.py --scale 1.0     # the README table (~540M params x 4 models, ~10 min)
-    python experiments/bench_merge_io.py --scale 0.01    # smoke
+    python experiments/bench_merge_io.py --dtypes bfloat16 float32 --docs       # 542M x 4 models
+    python experiments/bench_merge_io.py --preset llama3_8b_slice --docs        # 8B-width tensors, 1.3B x 4
+    python experiments/bench_merge_io.py --scale 0.01 --rounds 1                # smoke
 
 Generates a Llama-shaped bf16 model (hidden 2048, 8 layers, intermediate 5632,
 vocab 32000 at scale 1; widths scale by sqrt(scale)) as 2 safetensors shards:
@@ -33,32 +34,52 @@ import numpy as np
 from safetensors.numpy import save_file
 
 GOALS = ("linear", "task_arithmetic", "ties")  # the methods with a speed goal (the issue's table)
-METHODS = {  # every method of merging.merge, with its parameters
-    "linear": "",
-    "task_arithmetic": "",
-    "ties": "parameters: {density: 0.2}\n",
-    "dare_linear": "parameters: {density: 0.2}\n",
-    "dare_ties": "parameters: {density: 0.2}\n",
-    "breadcrumbs": "parameters: {density: 0.2, gamma: 0.01}\n",
-    "breadcrumbs_ties": "parameters: {density: 0.2, gamma: 0.01}\n",
-    "della": "parameters: {density: 0.4, epsilon: 0.1}\n",
-    "della_linear": "parameters: {density: 0.4, epsilon: 0.1}\n",
-    "slerp": "parameters: {t: 0.3}\n",  # two models, no base
-    "model_stock": "",
-    "negate": "parameters: {lambda: 0.5}\n",
+# Every method, configured as users write mergekit YAML: a weight and (where the
+# method takes them) a density per model, normalize where it applies, and a dtype line.
+METHODS = {  # method: (per-model parameters, global parameters)
+    "linear": ("weight: 1.0", "normalize: true"),
+    "task_arithmetic": ("weight: 1.0", "normalize: true"),
+    "ties": ("weight: 1.0, density: 0.2", "normalize: true"),
+    "dare_linear": ("weight: 1.0, density: 0.2", "normalize: true"),
+    "dare_ties": ("weight: 1.0, density: 0.2", "normalize: true"),
+    "breadcrumbs": ("weight: 1.0, density: 0.2, gamma: 0.01", "normalize: true"),
+    "breadcrumbs_ties": ("weight: 1.0, density: 0.2, gamma: 0.01", "normalize: true"),
+    "della": ("weight: 1.0, density: 0.4, epsilon: 0.1", "normalize: true"),
+    "della_linear": ("weight: 1.0, density: 0.4, epsilon: 0.1", "normalize: true"),
+    "slerp": ("", "t: 0.3"),  # two models, no base
+    "model_stock": ("", ""),
+    "negate": ("weight: 1.0", "lambda: 0.5"),
 }
 
 
-def shapes(scale):
+def config(method: str, dtype: str | None) -> str:
+    per_model, shared = METHODS[method]
+    models = ("ft0", "ft1") if method == "slerp" else ("ft0", "ft1", "ft2")
+    text = f"merge_method: {method}\n" + ("" if method == "slerp" else "base_model: base\n") + "models:\n"
+    for m in models:
+        text += f"  - model: {m}\n" + (f"    parameters: {{{per_model}}}\n" if per_model else "")
+    text += f"parameters: {{{shared}}}\n" if shared else ""
+    return text + (f"dtype: {dtype}\n" if dtype else "")
+
+
+PRESETS = {  # hidden, layers, intermediate, vocab, kv width
+    "llama_542m": (2048, 8, 5632, 32000, 2048),
+    "llama3_8b_slice": (4096, 1, 14336, 128256, 1024),  # 8B's embeddings and lm_head, one 8B layer
+}
+
+
+def shapes(scale, preset="llama_542m"):
     s = math.sqrt(scale)
-    h = max(64, int(2048 * s) // 64 * 64)
-    inter = max(64, int(5632 * s) // 64 * 64)
-    vocab = max(64, int(32000 * s) // 64 * 64)
+    hidden, layers, inter, vocab, kv = PRESETS[preset]
+    h = max(64, int(hidden * s) // 64 * 64)
+    inter = max(64, int(inter * s) // 64 * 64)
+    vocab = max(64, int(vocab * s) // 64 * 64)
+    kv = max(64, int(kv * s) // 64 * 64)
     out = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,), "lm_head.weight": (vocab, h)}
-    for i in range(8):
+    for i in range(layers):
         p = f"model.layers.{i}"
-        for n in ("q", "k", "v", "o"):
-            out[f"{p}.self_attn.{n}_proj.weight"] = (h, h)
+        for n, rows in (("q", h), ("k", kv), ("v", kv), ("o", h)):
+            out[f"{p}.self_attn.{n}_proj.weight"] = (rows, h)
         out[f"{p}.mlp.gate_proj.weight"] = (inter, h)
         out[f"{p}.mlp.up_proj.weight"] = (inter, h)
         out[f"{p}.mlp.down_proj.weight"] = (h, inter)
@@ -86,7 +107,7 @@ def write_model(path, shp, rng, base=None):
     with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": 0}, "weight_map": wm}, f)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump({"num_hidden_layers": 8, "model_type": "llama"}, f)
+        json.dump({"num_hidden_layers": sum(n.endswith("q_proj.weight") for n in shp), "model_type": "llama"}, f)
 
 
 # Peak RSS is the child's own VmHWM, read at exit: wait4's ru_maxrss is not
@@ -142,27 +163,37 @@ save_file(shard, f'{out}/part{k}.safetensors')
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama_542m", choices=list(PRESETS))
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
-                    help=f"default: all; the goals concern {', '.join(GOALS)}")
+                    help=f"default: all; the speed goals concern {', '.join(GOALS)}")
+    ap.add_argument("--dtypes", nargs="*", default=["bfloat16"], choices=["bfloat16", "float32", "none"],
+                    help="the configs' dtype line, one table each ('none': no dtype line)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best time is reported)")
     ap.add_argument("--dir", default=None, help="where to write the workload (default: a temp dir)")
+    ap.add_argument("--docs", action="store_true", help="write the tables into docs/performance.md")
     args = ap.parse_args(argv)
     work = args.dir or tempfile.mkdtemp(prefix="bench_merge_io-")
-    shp = shapes(args.scale)
+    os.makedirs(work, exist_ok=True)
+    shp = shapes(args.scale, args.preset)
     n_params = sum(math.prod(s) for s in shp.values())
     rng = np.random.default_rng(0)
-    print(f"generating 4 models of {n_params / 1e6:.0f}M bf16 parameters in {work}", flush=True)
-    write_model(f"{work}/base", shp, rng)
-    from safetensors.numpy import load_file
+    stamp = f"{work}/workload.json"  # a --dir that already holds this workload is reused
+    if not (os.path.isfile(stamp) and json.load(open(stamp)) == {"preset": args.preset, "scale": args.scale}):
+        print(f"generating 4 models of {n_params / 1e6:.0f}M bf16 parameters in {work}", flush=True)
+        for m in ("base", "ft0", "ft1", "ft2"):
+            shutil.rmtree(f"{work}/{m}", ignore_errors=True)
+        write_model(f"{work}/base", shp, rng)
+        from safetensors.numpy import load_file
 
-    base = {}
-    for fn in os.listdir(f"{work}/base"):
-        if fn.endswith(".safetensors"):
-            base.update(load_file(f"{work}/base/{fn}"))
-    for i in range(3):
-        write_model(f"{work}/ft{i}", shp, rng, base)
-    del base
+        base = {}
+        for fn in os.listdir(f"{work}/base"):
+            if fn.endswith(".safetensors"):
+                base.update(load_file(f"{work}/base/{fn}"))
+        for i in range(3):
+            write_model(f"{work}/ft{i}", shp, rng, base)
+        del base
+        json.dump({"preset": args.preset, "scale": args.scale}, open(stamp, "w"))
     inputs = [f"{work}/{m}" for m in ("base", "ft0", "ft1", "ft2")]
     for p in inputs:  # warm the page cache
         for fn in os.listdir(p):
@@ -170,16 +201,15 @@ def main(argv=None):
                 while f.read(1 << 24):
                     pass
     hwm = f"{work}/hwm"
-    runs = {"read 4 inputs + write 1 output (floor)": [sys.executable, "-c", _HWM + COPY, *inputs, f"{work}/out"]}
-    for method in args.methods:
-        cfg = f"{work}/{method}.yaml"
-        with open(cfg, "w") as f:
-            if method == "slerp":
-                f.write(f"merge_method: {method}\nmodels:\n  - model: ft0\n  - model: ft1\n")
-            else:
-                f.write(f"merge_method: {method}\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n  - model: ft2\n")
-            f.write(METHODS.get(method, ""))
-        runs[method] = [sys.executable, "-c", _MODULE, "research.merging", cfg, f"{work}/out", "--no-progress"]
+    floor_name = "read 4 inputs + write 1 output (floor)"
+    runs = {(floor_name, None): [sys.executable, "-c", _HWM + COPY, *inputs, f"{work}/out"]}
+    for dtype in args.dtypes:
+        for method in args.methods:
+            cfg = f"{work}/{method}-{dtype}.yaml"
+            with open(cfg, "w") as f:
+                f.write(config(method, None if dtype == "none" else dtype))
+            runs[(method, dtype)] = [sys.executable, "-c", _MODULE, "research.merging", cfg, f"{work}/out",
+                                     "--no-progress"]
     cache = f"{work}/compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     best = {name: (math.inf, 0) for name in runs}
@@ -188,16 +218,32 @@ def main(argv=None):
         for name, cmd in runs.items():
             os.sync()  # start every run with no dirty pages waiting for write-back
             secs, rss = timed_process(cmd, hwm, cache)
+            print(f"  {name[0]} ({name[1]}): {secs:.1f} s, {rss / 1e9:.2f} GB", flush=True)
             first.setdefault(name, secs)
             best[name] = (min(best[name][0], secs), max(best[name][1], rss))
             shutil.rmtree(f"{work}/out")
-    rows = [(name, *best[name]) for name in runs]
-    floor = rows[0][1]
-    print(f"\n{n_params / 1e6:.0f}M parameters per model, bf16, 2 shards each, 3 fine-tunes + base; "
-          f"best wall time of {args.rounds} interleaved rounds, largest peak RSS\n")
-    print("| run | wall (s) | ratio to floor | first run (s), compiling | peak RSS (GB) |\n|---|---:|---:|---:|---:|")
-    for name, secs, rss in rows:
-        print(f"| {name} | {secs:.1f} | {secs / floor:.2f}x | {first[name]:.1f} | {rss / 1e9:.2f} |")
+    floor, floor_rss = best[(floor_name, None)]
+    largest = max(shp.values(), key=math.prod)
+    out = [f"{n_params / 1e6:.0f}M parameters per model (largest tensor {largest[0]}x{largest[1]}), bf16 on disk, "
+           f"2 shards each, 3 fine-tunes + base; best wall time of {args.rounds} interleaved rounds, largest peak "
+           f"RSS.  The floor reads the 4 inputs and writes one bf16 output: {floor:.1f} s, {floor_rss / 1e9:.2f} GB.",
+           "", "Configs as users write them: `weight: 1.0` (and the density) per model, `normalize: true` where "
+           "the method takes it, and the dtype line of each table.", ""]
+    for dtype in args.dtypes:
+        line = "no dtype line" if dtype == "none" else f"`dtype: {dtype}`"
+        out += [f"**{line}**", "", "| method | wall (s) | ratio to floor | first run (s), compiling | peak RSS (GB) |",
+                "|---|---:|---:|---:|---:|"]
+        for method in args.methods:
+            secs, rss = best[(method, dtype)]
+            out.append(f"| {method} | {secs:.1f} | {secs / floor:.2f}x | {first[(method, dtype)]:.1f} | "
+                       f"{rss / 1e9:.2f} |")
+        out.append("")
+    print("\n" + "\n".join(out))
+    if args.docs:
+        cmd = "python experiments/bench_merge_io.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        import perfdoc
+        print("wrote", perfdoc.update(f"merge_io_{args.preset}", f"Streaming merges, {args.preset} "
+                                      "(`experiments/bench_merge_io.py`)", cmd.replace(" --docs", ""), "\n".join(out)))
     if not args.dir:
         shutil.rmtree(work)
 

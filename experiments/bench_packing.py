@@ -55,7 +55,15 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=1_000_000)
     ap.add_argument("--grain-n", type=int, default=100_000)
     ap.add_argument("--buffer", type=int, default=10_000)
+    ap.add_argument("--docs", action="store_true", help="also write the output into docs/performance.md")
     args = ap.parse_args(argv)
+    import perfdoc
+
+    with perfdoc.recorded(args.docs, "packing", "Packing (`experiments/bench_packing.py`)", "experiments/bench_packing.py", argv):
+        _main(args)
+
+
+def _main(args):
 
     lengths = seed_mixture(args.n)
     total = int(lengths.sum())

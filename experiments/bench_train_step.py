@@ -92,7 +92,15 @@ def main(argv=None):
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--batch", type=int, default=4, help="samples per padded batch")
     ap.add_argument("--steps", type=int, default=1, help="steps per batch")
+    ap.add_argument("--docs", action="store_true", help="also write the output into docs/performance.md")
     args = ap.parse_args(argv)
+    import perfdoc
+
+    with perfdoc.recorded(args.docs, "train_step", "A full training step (`experiments/bench_train_step.py`)", "experiments/bench_train_step.py", argv):
+        _main(args)
+
+
+def _main(args):
     samples = mixture(args.samples, max_len=args.seq)
     padded = padded_batches(samples, args.batch)
     real = sum(int((b["segment_ids"] > 0).sum()) for b in padded)

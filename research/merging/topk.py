@@ -19,7 +19,7 @@ k entries are kept.
 A count is written as ``sum(min(max(x - t, 0) * 2**126, 1))`` (with ``x``
 and ``t`` scaled up first, see ``_gt_step``) rather than ``sum(x > t)``
 because XLA:CPU fuses the former into a single pass and materialises a mask
-for the latter (4-5x slower).  Magnitudes and thresholds both above 2**104
+for the latter.  Magnitudes and thresholds both above 2**104
 (~2e31) are not told apart.  (Eager merges on the CPU run the same search
 from the host, in ``cpu/search.py``.)
 

@@ -1,13 +1,12 @@
 """The numba loops of ``kernels`` (imported on first use: importing numba
-costs ~0.15 s, which merges that never trim or rank should not pay)."""
+costs time that merges which never trim or rank should not pay)."""
 
 import os
 
 # numba's thread pool, unless the user picked one: OpenMP where its runtime is
 # installed, else numba's own ("workqueue").  OpenMP's workers spin a moment
-# after each kernel, so the next one starts at once: TIES at 491M takes 0.30 s
-# against 0.39 s with the workqueue pool, whose workers sleep between the
-# ~120 kernels (on this 2-core VM, waking them is slow).  The spin is kept
+# after each kernel, so the next one starts at once, where the workqueue
+# pool's workers sleep between kernels and waking them is slow.  The spin is kept
 # short (libgomp reads this when numba loads it), so that an XLA program
 # running next, as in DARE's merges, keeps its cores.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
@@ -160,33 +159,31 @@ def row_ranks(ft, base, tiny, out):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def magnitude_histogram(ft, base, shift, mask, match, match_shift, tiny, hist, vmin, vmax, bad):
-    """Adds to ``hist[t, key]`` the entries of ``d = |ft - base|`` (flushed as XLA:CPU)
-    whose float bits ``b`` give ``key = (b >> shift) & mask``, among those with
-    ``b >> match_shift == match`` (all when ``match < 0``); ``vmin``/``vmax`` keep
-    the smallest and largest ``b`` per key, ``bad[t]`` counts NaN/Inf.  Rows are
-    split over ``hist.shape[0]`` workers ``t``."""
+def magnitude_histograms(base, fts, shift, mask, match, match_shift, tiny, hist, bad):
+    """Adds to ``hist[t, i, key]`` the entries of ``d = |fts[i] - base|`` (flushed as
+    XLA:CPU) whose float bits ``b`` give ``key = (b >> shift) & mask``, among those
+    with ``b >> match_shift == match[i]`` (all when ``match[i] < 0``); ``bad[t, i]``
+    counts NaN/Inf.  One pass over ``base`` and every model; rows are split over
+    ``hist.shape[0]`` workers ``t``."""
     workers = hist.shape[0]
-    rows, cols = ft.shape
+    rows, cols = base.shape
     for t in numba.prange(workers):
-        h, lo, hi = hist[t], vmin[t], vmax[t]
-        n_bad = 0
         for r in range(t * rows // workers, (t + 1) * rows // workers):
-            for c in range(cols):
-                d = _flushed_abs_delta(ft[r, c], base[r, c], tiny)
-                if not d < np.float32(np.inf):
-                    n_bad += 1
-                    continue
-                b = np.float32(d).view(np.uint32)
-                if match >= 0 and (b >> np.uint32(match_shift)) != np.uint32(match):
-                    continue
-                key = (b >> np.uint32(shift)) & np.uint32(mask)
-                h[key] += 1
-                if b < lo[key]:
-                    lo[key] = b
-                if b > hi[key]:
-                    hi[key] = b
-        bad[t] += n_bad
+            for i in range(len(fts)):
+                f = fts[i]
+                h = hist[t, i]
+                m = match[i]
+                n_bad = 0
+                for c in range(cols):
+                    d = _flushed_abs_delta(f[r, c], base[r, c], tiny)
+                    if not d < np.float32(np.inf):
+                        n_bad += 1
+                        continue
+                    b = np.float32(d).view(np.uint32)
+                    if m >= 0 and np.int64(b >> np.uint32(match_shift)) != m:
+                        continue
+                    h[(b >> np.uint32(shift)) & np.uint32(mask)] += 1
+                bad[t, i] += n_bad
 
 
 @numba.njit(inline="always")

@@ -10,17 +10,15 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   for several (model, threshold) probes in one pass over the base and every
   model.  The host-driven top-k searches of ``select`` (TIES, breadcrumbs)
   start with one such pass for all models; on bf16 deltas it usually ends
-  them.  A 3-model 5632x2048 bf16 leaf: 2.7 ms, against 3.3 ms for *one*
-  model's count in XLA.
+  them.
 * ``cut_merge``: the merge pass of TIES and breadcrumbs once their cuts are
-  known (trim, sign vote, disjoint weighted mean, lambda), 3.1 ms for that
-  leaf against 6 ms for XLA's program (a plain ``a + b - c`` takes 1.8 ms).
+  known (trim, sign vote, disjoint weighted mean, lambda).
   It and the counting pass are written out per number of models
   (``_unrolled``).
 * ``row_ranks``: the rank of each ``d`` within its row of the
   ``[shape[0], -1]`` view (stable: ties by column), which DELLA's keep
-  probabilities need.  XLA sorts twice (``argsort(argsort(d))``, 5 s for that
-  tensor); the kernel radix-sorts the float bits, 33 ms.
+  probabilities need.  XLA sorts twice (``argsort(argsort(d))``); the kernel
+  radix-sorts the float bits.
 * ``bernoulli``/``below_table``: DARE's and DELLA's keep masks, drawn by a
   threefry2x32 that gives JAX's bits exactly.
 
@@ -198,36 +196,36 @@ _NO_CUT = (np.float32(np.inf), 0, 0)  # a top cut that removes nothing
 _SAFE_SCALE = (2.0**-16, 2.0**16)
 
 
-class MagnitudeHistogram:
-    """A histogram of ``|ft - base|``'s float32 bits over blocks of one tensor (or many),
-    for exact top-k selection in streaming passes: ``add`` each block, then
-    ``arrays()``.  Level 1 keys the top bits (``bits >> 11``); level 2 the low 11
-    bits of the entries in one level-1 bin (``within``).  Subnormals count as 0,
-    as in XLA:CPU; NaN/Inf are counted apart."""
+class MagnitudeHistograms:
+    """Histograms of ``|ft_i - base|``'s float32 bits, one per model, over blocks of one
+    tensor (or many), for exact top-k selection in streaming passes: ``add`` each
+    block (one pass over the base and every model), then ``counts()``.  Level 1
+    keys the high 15 bits (``bits >> 16``); level 2 the low 16 bits of the entries
+    in one level-1 bin per model (``within``).  Subnormals count as 0, as in
+    XLA:CPU; NaN/Inf are counted apart (``bad()``)."""
 
-    LOW = 11
+    LOW = 16
 
-    def __init__(self, within: int | None = None):
-        self.within = within
-        bins = 1 << (self.LOW if within is not None else 31 - self.LOW)
+    def __init__(self, n_models: int, within=None):
+        self.within = np.full(n_models, -1, np.int64) if within is None else np.asarray(within, np.int64)
+        self.level = 1 if within is None else 2
+        bins = 1 << (15 if within is None else self.LOW)
         w = max(1, numba_threads())
-        self.hist = np.zeros((w, bins), np.int64)
-        self.vmin = np.full((w, bins), 0xFFFFFFFF, np.uint32)
-        self.vmax = np.zeros((w, bins), np.uint32)
-        self.bad = np.zeros(w, np.int64)
+        self.hist = np.zeros((w, n_models, bins), np.int64)
+        self._bad = np.zeros((w, n_models), np.int64)
 
-    def add(self, ft, base) -> None:
-        f, b = _host_view(ft), _host_view(base)
-        if self.within is None:
-            args = (self.LOW, (1 << (31 - self.LOW)) - 1, -1, 0)
-        else:
-            args = (0, (1 << self.LOW) - 1, self.within, self.LOW)
+    def add(self, base, fts) -> None:
+        b, views = _host_view(base), tuple(_host_view(f) for f in fts)
+        shift, mask = (self.LOW, (1 << 15) - 1) if self.level == 1 else (0, (1 << self.LOW) - 1)
         with _LOCK:
-            _loops().magnitude_histogram(f, b, *args, _TINY, self.hist, self.vmin, self.vmax, self.bad)
+            _loops().magnitude_histograms(b, views, shift, mask, self.within, self.LOW, _TINY, self.hist, self._bad)
 
-    def arrays(self):
-        """``(counts, min bits, max bits)`` per bin, and the NaN/Inf count."""
-        return self.hist.sum(0), self.vmin.min(0), self.vmax.max(0), int(self.bad.sum())
+    def counts(self) -> np.ndarray:
+        """``[models, bins]`` counts."""
+        return self.hist.sum(0)
+
+    def bad(self) -> np.ndarray:
+        return self._bad.sum(0)
 
 
 def _cut_arrays(cuts):
@@ -346,9 +344,9 @@ def warm_up(sparsify: str | None, dtype="bfloat16", n_models: int = 0) -> thread
     """Load numba and the kernels ``sparsify`` needs in a background thread
     (for trims, those of an ``n_models`` merge too).
 
-    numba's first call in a process costs ~0.3 s (its type registries, then
-    the cached machine code), and each generated kernel ~0.2 s more; a
-    streaming merge spends them while reading its first tensors.  Returns the
+    numba's first call in a process loads its type registries and the cached
+    machine code, and each generated kernel more; a streaming merge spends
+    that time while reading its first tensors.  Returns the
     thread, or None when nothing is to be loaded.
     """
     if sparsify not in _WARM or str(jnp.dtype(dtype)) not in _DTYPES or not _has_numba():

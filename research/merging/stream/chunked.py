@@ -40,7 +40,7 @@ import numpy as np
 
 from research.merging.merge import merge as _merge, model_keys
 from research.merging import methods, registry, sparsify, task_vectors, topk, tree
-from research.merging.cpu import kernels
+from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table,
                                        _della_ranks_jit, _mix_jit)
 
@@ -69,55 +69,143 @@ def spans(rows: int, step: int):
 # --- exact top-k thresholds from histograms -------------------------------------------
 
 
-def _level1(counts, k: int):
-    """The level-1 bin holding the k-th largest and how many entries lie above it."""
+def _level(counts, k: int):
+    """The bin holding the k-th largest and how many entries lie in higher bins."""
     above = np.cumsum(counts[::-1])[::-1] - counts  # entries in higher bins
     b = int(np.nonzero((above < k) & (above + counts >= k))[0][-1])
     return b, int(above[b])
 
 
-def select(read_pairs, n: int, k: int) -> topk.Threshold:
-    """The threshold keeping exactly the ``k`` largest ``|ft - base|`` (ties by flat
-    order) over the blocks that ``read_pairs()`` yields as ``(ft, base)``, ``n``
-    entries in all.  One pass, or two when the k-th value's bin holds several values."""
-    if k <= 0:
-        return topk.Threshold(np.float32(np.inf), np.int32(0))
-    if k >= n:
-        return topk.Threshold(np.float32(-1.0), np.int32(0))
-    h1 = kernels.MagnitudeHistogram()
-    for ft, base in read_pairs():
-        h1.add(ft, base)
-    counts, lo, hi, bad = h1.arrays()
-    if bad:
+SAMPLE = 1 << 16  # entries per model in the sample that guesses each k-th value
+
+
+def _guess(sample: np.ndarray, n: int, k: int) -> float:
+    """The sample's estimate of the k-th largest of ``n`` (as ``cpu.search`` starts)."""
+    rank = search._first_rank(len(sample), n, k)
+    return float(np.partition(sample, rank)[rank])
+
+
+def _probe(blocks, probes, guesses):
+    """One counting pass: per probe ``(model, k)``, ``#[d > guess]`` and ``#[d >= guess]``."""
+    below = [float(np.nextafter(np.float32(g), np.float32(-1))) if g > 0 else -1.0 for g in guesses]
+    gt = np.zeros(len(probes), np.int64)
+    ge = np.zeros(len(probes), np.int64)
+    for base, fts in blocks():
+        g, e, bad, _ = kernels.probe_counts(base, fts, [i for i, _, _ in probes], guesses, below)
+        if bad.any():
+            raise tree.MergeError("NaN or Inf in ft - base")
+        gt += g.sum(1)
+        ge += np.where(np.asarray(guesses)[:, None] > 0, e, kernels._host_view(base).shape[1]).sum(1)
+    return gt, ge
+
+
+def thresholds(blocks, n: int, ks, sample=None) -> list:
+    """Per model ``i``, the ``topk.Threshold`` keeping exactly the ``k`` largest
+    ``|ft_i - base|`` (ties by flat order) for each ``k`` in ``ks[i]``, over the
+    blocks that ``blocks()`` yields as ``(base, [ft_i])``, ``n`` entries in all.
+
+    ``sample`` (``[models, m]`` of ``|ft_i - base|``) guesses each k-th value;
+    one counting pass checks the guess, which on low-precision deltas usually
+    lands on the k-th value's tie plateau.  Otherwise two histogram passes
+    find it: the high 15 float bits give its bin, the low 16 bits inside that
+    bin the value (the bits of a non-negative float order like its value)."""
+    out = [[None] * len(kl) for kl in ks]
+    probes = []
+    for i, kl in enumerate(ks):
+        for j, k in enumerate(kl):
+            if k <= 0:
+                out[i][j] = topk.Threshold(np.float32(np.inf), np.int32(0))
+            elif k >= n:
+                out[i][j] = topk.Threshold(np.float32(-1.0), np.int32(0))
+            else:
+                probes.append((i, j, k))
+    if probes and sample is not None:
+        guesses = [_guess(sample[i], n, k) for i, _, k in probes]
+        gt, ge = _probe(blocks, probes, guesses)
+        left = []
+        for p, (i, j, k) in enumerate(probes):
+            if gt[p] < k <= ge[p]:  # the guess is the k-th value
+                out[i][j] = topk.Threshold(np.float32(guesses[p]), np.int32(k - gt[p]))
+            else:
+                left.append((i, j, k))
+        probes = left
+    if not probes:
+        return out
+    models = sorted({i for i, _, _ in probes})
+    h1 = kernels.MagnitudeHistograms(len(models))
+    for base, fts in blocks():
+        h1.add(base, [fts[i] for i in models])
+    if h1.bad().any():
         raise tree.MergeError("NaN or Inf in ft - base")
-    b, above = _level1(counts, k)
-    if lo[b] == hi[b]:
-        value_bits, greater = int(lo[b]), above
-    else:
-        h2 = kernels.MagnitudeHistogram(within=b)
-        for ft, base in read_pairs():
-            h2.add(ft, base)
-        low_counts = h2.arrays()[0]
-        low, greater = _level1(low_counts, k - above)
-        value_bits, greater = (b << kernels.MagnitudeHistogram.LOW) | low, above + greater
-    value = np.asarray(value_bits, np.uint32).view(np.float32)
-    return topk.Threshold(np.float32(value), np.int32(k - greater))
+    c1 = h1.counts()
+    level1 = [_level(c1[models.index(i)], k) for i, _, k in probes]
+    h2 = kernels.MagnitudeHistograms(len(probes), within=[b for b, _ in level1])
+    for base, fts in blocks():
+        h2.add(base, [fts[i] for i, _, _ in probes])
+    c2 = h2.counts()
+    for p, ((i, j, k), (b, above)) in enumerate(zip(probes, level1)):
+        low, in_bin_above = _level(c2[p], k - above)
+        value = np.asarray((b << kernels.MagnitudeHistograms.LOW) | low, np.uint32).view(np.float32)
+        out[i][j] = topk.Threshold(np.float32(value), np.int32(k - above - in_bin_above))
+    return out
+
+
+def _block_cut(th, offset: int, ft, base, gt, ge):
+    """``th`` over the whole tensor, with ``offset`` of its ties in earlier blocks, as a
+    ``search.Cut`` of this block (``gt``/``ge``: per-row counts of ``> value`` and
+    ``>= value``); returns ``(cut, ties in this block)``."""
+    value = float(th.value)
+    if not 0 <= value < np.inf:  # keep everything (-1) or nothing (inf)
+        return search.Cut(np.float32(value), np.int32(0), np.int32(0)), 0
+    per_row = ge - gt
+    total = int(per_row.sum())
+    need = int(th.ties) - offset
+    rows = per_row.shape[0]
+    if need <= 0:
+        return search.Cut(np.float32(value), np.int32(0), np.int32(0)), total
+    if need >= total:
+        return search.Cut(np.float32(value), np.int32(rows), np.int32(0)), total
+    cum = np.cumsum(per_row)
+    row = int(np.searchsorted(cum, need, side="left"))
+    left = need - (int(cum[row - 1]) if row else 0)
+    eq = kernels.abs_delta_row(ft, base, row) == np.float32(value)
+    col = int(np.flatnonzero(eq)[left - 1]) + 1
+    return search.Cut(np.float32(value), np.int32(row), np.int32(col)), total
+
+
+def _cuts(base, models, trims, offsets):
+    """Every model's block-local cuts, from one counting pass over the block (numba):
+    ``(cuts, offsets after, finite, hazard)``."""
+    probes = [(i, j) for i, tr in enumerate(trims) for j, th in enumerate(tr) if 0 <= float(th.value) < np.inf]
+    gt = ge = None
+    finite, hazard = True, False
+    if probes:
+        vals = [float(trims[i][j].value) for i, j in probes]
+        below = [float(np.nextafter(np.float32(v), np.float32(-1))) if v > 0 else -1.0 for v in vals]
+        gt, ge, bad, hazard = kernels.probe_counts(base, models, [i for i, _ in probes], vals, below)
+        finite = not bad.any()
+    cols = kernels._host_view(base).shape[1]
+    cuts, new = [[] for _ in trims], [list(o) for o in offsets]
+    for i, tr in enumerate(trims):
+        for j, th in enumerate(tr):
+            if (i, j) in probes:
+                p = probes.index((i, j))
+                g, e = gt[p], (ge[p] if float(th.value) > 0 else np.full_like(gt[p], cols))
+            else:
+                g = e = None
+            cut, ties = _block_cut(th, offsets[i][j], models[i], base, g, e)
+            cuts[i].append(cut)
+            new[i][j] += ties
+    return cuts, new, finite, hazard
+
+
+def select(read_pairs, n: int, k: int) -> topk.Threshold:
+    """One model's threshold keeping exactly the ``k`` largest ``|ft - base|`` over the
+    blocks ``read_pairs()`` yields as ``(ft, base)`` (see ``thresholds``)."""
+    return thresholds(lambda: ((b, [f]) for f, b in read_pairs()), n, [[k]])[0][0]
 
 
 # --- per-block programs ----------------------------------------------------------------
-
-
-@jax.jit
-def _trim_mask(ft, base, trims):
-    """Per model, ``(mask, ties in this block)`` for ``trims = [(keep, offset), (top, offset)?]``
-    (breadcrumbs drop its top cut); ties are the entries equal to each threshold."""
-    mag = jnp.abs(ft.astype(jnp.float32) - base.astype(jnp.float32))
-    masks, ties = [], []
-    for th, off in trims:
-        masks.append(topk.keep_mask(mag, th, off))
-        ties.append(jnp.sum(mag == th.value, dtype=jnp.int32))
-    mask = masks[0] if len(masks) == 1 else masks[0] & ~masks[1]
-    return mask, ties
 
 
 @jax.jit
@@ -172,6 +260,27 @@ class Tensor:
         base = None if self.base is None else self.base(*sp)
         return base, [m(*sp) for m in self.models]
 
+    def sample_rows(self, rows: int):
+        """``rows`` rows spread evenly over the tensor, as one block ``(base, models)``."""
+        picks = np.unique(np.linspace(0, self.rows - 1, max(1, min(rows, self.rows))).astype(int))
+        parts = [self.read((r, r + 1)) for r in picks]
+        base = np.concatenate([p[0] for p in parts])
+        return base, [np.concatenate([p[1][i] for p in parts]) for i in range(len(self.models))]
+
+
+def sample(tensors, size: int = SAMPLE) -> np.ndarray:
+    """``[models, ~size]`` of ``|ft_i - base|`` from rows of every tensor, in proportion
+    to the tensors' sizes (the guesses of ``thresholds``)."""
+    total = sum(t.rows * math.prod(t.shape[1:]) for t in tensors)
+    parts = []
+    for t in tensors:
+        cols = math.prod(t.shape[1:])
+        want = size * t.rows * cols / total / cols  # rows of this tensor in the sample
+        if want >= 0.5 or t is tensors[0]:
+            base, models = t.sample_rows(max(1, round(want)))
+            parts.append(kernels.sample_abs_deltas(base, models, base.size))
+    return np.concatenate(parts, axis=1)
+
 
 def _screen(t: Tensor, base, models) -> None:
     names = ["base"] * (base is not None) + [f"model {i}" for i in range(len(models))]
@@ -193,8 +302,7 @@ def merge_blocks(method: str, opts, t: Tensor, key, out_dtype, write) -> None:
     if method in ("slerp", "model_stock"):
         return _merge_by_coefficients(method, opts, t, out_dtype, write)
     if opts.sparsify in ("magnitude", "magnitude_outliers"):
-        trims = [trim_thresholds(t, i, opts) for i in range(n)]
-        return merge_trimmed(opts, t, trims, out_dtype, write)
+        return merge_trimmed(opts, t, tensor_thresholds(t, opts), out_dtype, write)
     return _merge_random(opts, t, model_keys(key, t.name, n), out_dtype, write)
 
 
@@ -202,19 +310,24 @@ def _tv_params(opts) -> dict:
     return {"weight": list(opts.weight), "lam": opts.lam, "normalize": opts.normalize, "divide_by": opts.divide_by}
 
 
-def trim_thresholds(t: Tensor, i: int, opts) -> list:
-    """Model ``i``'s thresholds for this tensor: TIES one, breadcrumbs ``(keep, top)``."""
-    size = t.rows * math.prod(t.shape[1:])
+def trim_ks(opts, i: int, size: int) -> list:
+    """Model ``i``'s top-k sizes for a tensor of ``size`` entries: TIES one, breadcrumbs
+    ``(keep, top)``, none when nothing is trimmed."""
     d = opts.density[i]
     if opts.sparsify == "magnitude":
-        ks = [size if d >= 1 else int(d * size)]
-    elif d >= 1:
+        return [size if d >= 1 else int(d * size)]
+    if d >= 1:
         return []
-    else:
-        n_top, n_keep = sparsify.outlier_counts(size, d, opts.gamma[i])
-        ks = [n_keep, n_top]
+    n_top, n_keep = sparsify.outlier_counts(size, d, opts.gamma[i])
+    return [n_keep, n_top]
+
+
+def tensor_thresholds(t: Tensor, opts) -> list:
+    """Every model's thresholds for this tensor (two streaming passes)."""
+    size = t.rows * math.prod(t.shape[1:])
+    blocks = lambda: (t.read(sp) for sp in t.spans())
     try:
-        return [select(t.pairs(i), size, k) for k in ks]
+        return thresholds(blocks, size, [trim_ks(opts, i, size) for i in range(len(t.models))], sample([t]))
     except tree.MergeError:
         _screen_all(t)
         raise
@@ -225,41 +338,60 @@ def _screen_all(t: Tensor) -> None:
         _screen(t, *t.read(sp))
 
 
-def merge_trimmed(opts, t: Tensor, trims, out_dtype, write, offsets=None) -> list:
-    """The merge pass of a trim: ``trims[i]`` model ``i``'s thresholds, ``offsets[i]`` the
-    ties at each that come before this tensor (global trim).  Returns the offsets
-    after it."""
-    offsets = [list(o) for o in offsets] if offsets else [[0] * len(tr) for tr in trims]
-    factors = _trim_l1_factors(t, trims, offsets) if opts.rescale else None
+def _trimmed_blocks(t: Tensor, trims, offsets):
+    """Each block with every model's cuts: ``(base, models, cuts, finite, hazard)``;
+    ``offsets`` (ties before the block, per model and threshold) advance in place."""
     for sp in t.spans():
         base, models = t.read(sp)
-        kept = []
-        for i, m in enumerate(models):
-            if not trims[i]:
-                kept.append(Kept())
-                continue
-            mask, ties = _trim_mask(m, base, [(th, np.int32(o)) for th, o in zip(trims[i], offsets[i])])
-            offsets[i] = [o + int(c) for o, c in zip(offsets[i], ties)]
-            kept.append(Kept(mask=mask, mul=None if factors is None else factors[i]))
-        write(np.asarray(_mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype)))
+        cuts, offsets[:], finite, hazard = _cuts(base, models, trims, offsets)
+        yield base, models, cuts, finite, hazard
+
+
+@jax.jit
+def _cut_sums(ft, base, cuts):
+    tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
+    mag = jnp.abs(tau)
+    mask = search.keep_mask_cut(mag, cuts[0])
+    if len(cuts) > 1:
+        mask = mask & ~search.keep_mask_cut(mag, cuts[1])
+    return jnp.sum(mag), jnp.sum(jnp.where(mask, mag, 0.0))
+
+
+def merge_trimmed(opts, t: Tensor, trims, out_dtype, write, offsets=None) -> list:
+    """The merge pass of a trim: ``trims[i]`` model ``i``'s thresholds, ``offsets[i]`` the
+    ties at each that come before this tensor (global trim).  Each block is merged
+    by the numba pass where it applies, else by XLA.  Returns the offsets after it."""
+    offsets = [list(o) for o in offsets] if offsets else [[0] * len(tr) for tr in trims]
+    factors = None
+    if opts.rescale:  # the L1 factor of each model's whole trimmed tensor, streamed
+        sums = [[0.0, 0.0] for _ in trims]
+        for base, models, cuts, _, _ in _trimmed_blocks(t, trims, [list(o) for o in offsets]):
+            for i, m in enumerate(models):
+                if cuts[i]:
+                    _add_sums(sums[i], _cut_sums(m, base, tuple(cuts[i])))
+        factors = [_factor(x) for x in sums]
+    name = str(out_dtype)
+    for base, models, cuts, finite, hazard in _trimmed_blocks(t, trims, offsets):
+        leaf = None
+        if finite and not hazard and not opts.rescale and name in ("bfloat16", "float32"):
+            n = base.size
+            keep = [c[0] if c else search.trivial_cut(n, n) for c in cuts]
+            top = [c[1] if len(c) > 1 else None for c in cuts]
+            leaf = kernels.cut_merge(base, models, keep, top, opts.weight, consensus=opts.consensus,
+                                     vote_on=opts.vote_on, normalize=opts.normalize, divide_by=opts.divide_by,
+                                     lam=opts.lam, out_dtype=name)
+        if leaf is None:
+            if not finite:
+                _screen(t, base, models)
+            kept = [Kept(cuts=tuple(c), mul=None if factors is None else factors[i]) if c else Kept()
+                    for i, c in enumerate(cuts)]
+            leaf = _mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype)
+        write(np.asarray(leaf))
     return offsets
 
 
 def _no_rescale(opts):
     return dataclasses.replace(opts, rescale=False)  # the L1 factor comes with the masks
-
-
-def _trim_l1_factors(t: Tensor, trims, offsets) -> list:
-    sums = [[0.0, 0.0] for _ in trims]
-    offs = [list(o) for o in offsets]
-    for sp in t.spans():
-        base, models = t.read(sp)
-        for i, m in enumerate(models):
-            if trims[i]:
-                mask, ties = _trim_mask(m, base, [(th, np.int32(o)) for th, o in zip(trims[i], offs[i])])
-                offs[i] = [o + int(c) for o, c in zip(offs[i], ties)]
-                _add_sums(sums[i], _kept_sums(m, base, mask))
-    return [_factor(s) for s in sums]
 
 
 def _add_sums(acc, pair):
@@ -373,9 +505,6 @@ def global_thresholds(tensors, opts) -> list:
     """Per model, one ``topk.Threshold`` over every tensor of ``tensors`` (``Tensor``s, in
     the order their ties are counted): the global trim's exact top-k."""
     n_total = sum(t.rows * math.prod(t.shape[1:]) for t in tensors)
-    out = []
-    for i in range(len(tensors[0].models)):
-        k = int(opts.density[i] * n_total)
-        pairs = lambda i=i: (pair for t in tensors for pair in t.pairs(i)())
-        out.append(select(pairs, n_total, k))
-    return out
+    blocks = lambda: (t.read(sp) for t in tensors for sp in t.spans())
+    ks = [[int(d * n_total)] for d in opts.density]
+    return [tr[0] for tr in thresholds(blocks, n_total, ks, sample(tensors))]

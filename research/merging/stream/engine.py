@@ -4,9 +4,11 @@ Each output tensor is computed from the same tensor of every input.  One
 thread reads the next tensor from the safetensors files (``pread``, no
 memory map) while the current one merges; another writes the previous one
 straight to its place in the output shards, which are laid out up front.
-Peak memory is a few times the largest tensor times the number of models,
-whatever the model size.  Output goes to ``OUT.tmp-<pid>-*`` under a lock
-on ``OUT`` and is renamed to ``OUT`` only when complete (``output.py``).
+Tensors above ``chunked.MIN_ENTRIES`` entries are read, merged and written
+in row blocks (``chunked.py``), so peak memory is bounded by the block size
+and the largest tensor below that size, not by the model's largest tensor.
+Output goes to ``OUT.tmp-<pid>-*`` under a lock on ``OUT`` and is renamed to
+``OUT`` only when complete (``output.py``).
 """
 
 from __future__ import annotations
@@ -73,11 +75,15 @@ class Plan:
 
     def peak_estimate(self) -> int:
         ref = self.base or self.models[0]
-        largest = max(int(np.prod(ref.shapes[n])) for n in self.names)
         n_in = len(self.models) + (self.base is not None)
+        # the largest unit in flight: a whole tensor, or one row block of a large one
+        unit = lambda n: (min(chunked.block_rows(ref.shapes[n]), ref.shapes[n][0]) * int(np.prod(ref.shapes[n][1:]))
+                          if chunked.chunked(ref.shapes[n]) else int(np.prod(ref.shapes[n])))
+        largest = max(unit(n) for n in self.names)
+        itemsize = max(ref.dtypes[n].itemsize for n in self.names)
         # inputs (+ the prefetched next set, within its budget) at their dtype, float32
         # working copies, the previous output waiting for the disk
-        out_bytes = max(ref.nbytes(n) for n in self.names)
+        out_bytes = largest * itemsize
         in_bytes = n_in * out_bytes
         return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * largest * 4 + out_bytes
 
