@@ -304,3 +304,32 @@ def test_dare_mask_on_large_tensors_is_drawn_in_independent_blocks():
     eager = merging.merge("dare_linear", fts, base=base, key=key, density=0.3)
     jitted = jax.jit(lambda f, b, k: merging.merge("dare_linear", f, base=b, key=k, density=0.3))(fts, base, key)
     chex.assert_trees_all_close(eager, jitted, atol=1e-6)
+
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 7), st.sampled_from([0.0, 0.01, 0.3, 0.97, 1.0]))
+def test_streamed_thresholds_keep_exactly_the_top_k_of_every_block_together(seed, rows_per_block, density):
+    """``stream.chunked.thresholds`` (a sample's guess checked by one count, else two
+    histogram passes) with tie offsets carried over blocks keeps the same entries
+    as ``topk.topk_mask`` on the whole tensor, ties (bf16 deltas, zeros) included."""
+    from research.merging.stream import chunked
+
+    rng = np.random.default_rng(seed)
+    base = rng.normal(size=(13, 24)).astype(np.float32)
+    delta = np.round(rng.normal(size=base.shape) * 4) / 64  # few distinct values: many ties
+    delta[rng.random(base.shape) < 0.2] = 0.0
+    ft = (base + delta).astype(jnp.bfloat16)
+    base = base.astype(jnp.bfloat16)
+    n, k = base.size, int(density * base.size)
+    spans = chunked.spans(13, rows_per_block)
+    blocks = lambda: ((base[a:b], [ft[a:b]]) for a, b in spans)
+    tau = ft.astype(np.float32) - base.astype(np.float32)
+    sample = np.abs(tau).reshape(1, -1)[:, ::3]
+    for guess in (sample, None):
+        (th,), = chunked.thresholds(blocks, n, [[k]], guess)
+        masks, offset = [], 0
+        for a, b in spans:
+            mag = jnp.abs(jnp.asarray(tau[a:b]))
+            masks.append(np.asarray(topk.keep_mask(mag, th, offset)))
+            offset += int(np.sum(np.asarray(mag) == th.value))
+        np.testing.assert_array_equal(np.concatenate(masks), np.asarray(topk.topk_mask(jnp.asarray(tau), k)))

@@ -26,10 +26,16 @@ def _key_name(k) -> str:
     return str(k)
 
 
+def path_name(path) -> str:
+    """A leaf path joined by dots, whatever the key kinds (dict keys, attributes,
+    indices), without NNX's ``value`` attribute: ``a.b.0``."""
+    return ".".join(p for p in map(_key_name, path) if p != "value")
+
+
 def leaf_names(tree: PyTree) -> list[str]:
-    """Each leaf's path joined by dots, in leaf order: ``{"a": {"b": x}}`` -> ``"a.b"``; a
-    flat ``{tensor name: array}`` dict -> the tensor names."""
-    return [".".join(_key_name(k) for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+    """Each leaf's ``path_name``, in leaf order: ``{"a": {"b": x}}`` -> ``"a.b"``; a flat
+    ``{tensor name: array}`` dict -> the tensor names."""
+    return [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
 def check_compatible(models: Sequence[PyTree], names: Sequence[str]) -> None:

@@ -25,15 +25,14 @@ CPU, ``pallas_gpu`` on GPU, ``splash`` on TPU):
     about 1/40 of the dense work, and memory is O(T * block).  Requires
     segment ids in contiguous runs, as ``research.data.packing`` writes them
     (with ``segment_mask=False`` every block pair on or below the diagonal is
-    computed).  The CPU path: on a GPU its loops run 4-14x slower than dense
-    ``xla`` (H200, 4096 tokens), so use ``pallas_gpu`` there.
+    computed).  The CPU path; on GPUs use ``pallas_gpu``
+    (``docs/performance.md`` has the figures).
 ``pallas_gpu``
     ``jax.experimental.pallas.ops.gpu.attention.mha`` with ``segment_ids``
     (key/value heads are repeated for GQA).  Off GPU it runs in Pallas
     interpret mode, which is how the test suite checks it; on an H200
     (``experiments/gpu_check.py``) its outputs and gradients match the float32
-    reference to bf16 precision and forward+backward is ~4x faster than dense
-    ``xla`` on a 4096-token row.
+    reference to bf16 precision.
 ``splash``
     TPU splash attention (``make_splash_mha`` with a causal ``MultiHeadMask``
     and ``SegmentIds``), vmapped over the batch.  Off TPU it runs in
@@ -44,8 +43,8 @@ CPU, ``pallas_gpu`` on GPU, ``splash`` on TPU):
     segments turned into offsets (room for ``max_segments`` per row, default
     one per token).  GPU only, bf16/fp16 (float32 inputs are cast).  Checked on
     an H200 with ``experiments/gpu_check.py``: outputs and gradients match the
-    reference once padding, which cuDNN leaves unwritten, is zeroed; but it is
-    3-4x *slower* than dense ``xla`` at 4096 tokens, so it is not a default.
+    reference once padding, which cuDNN leaves unwritten, is zeroed.  Not a
+    default: it is slower than dense ``xla`` there (``docs/performance.md``).
 """
 
 from __future__ import annotations

@@ -55,10 +55,10 @@ class TensorSource:
 
         state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
         ck.close()
-        from research.training.checkpoint import _name
+        from research.merging.tree import path_name
 
         flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-        self._arrays = {_name(p).replace("/", "."): np.asarray(v) for p, v in flat}
+        self._arrays = {path_name(p): np.asarray(v) for p, v in flat}
         self.shapes = {k: v.shape for k, v in self._arrays.items()}
         self.dtypes = {k: v.dtype for k, v in self._arrays.items()}
 
