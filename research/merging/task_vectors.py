@@ -144,6 +144,18 @@ def merge_leaf(base, finetuned: Sequence, opts: Options, keys=None, global_trim=
     return mix(base, kept, opts)
 
 
+def trim_ks(opts: Options, i: int, n: int) -> list[int]:
+    """Model ``i``'s top-k sizes on a tensor of ``n`` entries: TIES one, breadcrumbs
+    ``(keep, top)``, none when breadcrumbs trims nothing."""
+    density = opts.density[i]
+    if opts.sparsify == "magnitude":
+        return [n if density >= 1 else int(density * n)]
+    if density >= 1:
+        return []
+    n_top, n_keep = sparsify.outlier_counts(n, density, opts.gamma[i])
+    return [n_keep, n_top]
+
+
 def uses_global_trim(opts) -> bool:
     return (isinstance(opts, Options) and opts.trim == "global" and opts.sparsify == "magnitude"
             and any(d < 1 for d in opts.density))

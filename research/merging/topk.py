@@ -29,7 +29,6 @@ reductions (partial sums plus an all-reduce of scalars), never a gather.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple, Sequence
 

@@ -147,17 +147,6 @@ def _cut(ft, base, k: int, screen: bool = False) -> search.Cut:
     return search.trivial_cut(ft.size, k)
 
 
-def _cut_ks(opts, i: int, n: int) -> list[int]:
-    """The top-k sizes of model ``i``'s cuts: TIES one, breadcrumbs ``(keep, top)``."""
-    density = opts.density[i]
-    if opts.sparsify == "magnitude":
-        return [n if density >= 1 else int(density * n)]
-    if density >= 1:
-        return []
-    n_top, n_keep = sparsify.outlier_counts(n, density, opts.gamma[i])
-    return [n_keep, n_top]
-
-
 def _random_state(ft, base, opts, key, i: int) -> Kept:
     """DARE's or DELLA's keep mask for model ``i`` (drawn by numba where it can),
     with what its rescale needs."""
@@ -184,7 +173,7 @@ def _cuts_merge(base, ms, opts, out_dtype, screen: bool):
     """TIES/breadcrumbs: every model's cuts from one fused counting pass, then the
     numba merge pass where it applies.  Returns ``(leaf or None, states)``."""
     n = base.size
-    fused = search.topk_cuts_host(base, ms, [_cut_ks(opts, i, n) for i in range(len(ms))], screen)
+    fused = search.topk_cuts_host(base, ms, [task_vectors.trim_ks(opts, i, n) for i in range(len(ms))], screen)
     states = [Kept(cuts=tuple(cuts)) if cuts else Kept() for cuts in fused.cuts]
     out = str(jnp.dtype(out_dtype))
     if not fused.finite or fused.hazard or opts.rescale or out not in ("bfloat16", "float32"):
@@ -206,7 +195,7 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
         else:
             states = []
             for i, m in enumerate(ms):
-                cuts = tuple(_cut(m, base, k, screen) for k in _cut_ks(opts, i, m.size))
+                cuts = tuple(_cut(m, base, k, screen) for k in task_vectors.trim_ks(opts, i, m.size))
                 states.append(Kept(cuts=cuts) if cuts else Kept())
                 if screen and not cuts:
                     _screen_leaf(m, base)

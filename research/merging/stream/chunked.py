@@ -199,12 +199,6 @@ def _cuts(base, models, trims, offsets):
     return cuts, new, finite, hazard
 
 
-def select(read_pairs, n: int, k: int) -> topk.Threshold:
-    """One model's threshold keeping exactly the ``k`` largest ``|ft - base|`` over the
-    blocks ``read_pairs()`` yields as ``(ft, base)`` (see ``thresholds``)."""
-    return thresholds(lambda: ((b, [f]) for f, b in read_pairs()), n, [[k]])[0][0]
-
-
 # --- per-block programs ----------------------------------------------------------------
 
 
@@ -310,24 +304,12 @@ def _tv_params(opts) -> dict:
     return {"weight": list(opts.weight), "lam": opts.lam, "normalize": opts.normalize, "divide_by": opts.divide_by}
 
 
-def trim_ks(opts, i: int, size: int) -> list:
-    """Model ``i``'s top-k sizes for a tensor of ``size`` entries: TIES one, breadcrumbs
-    ``(keep, top)``, none when nothing is trimmed."""
-    d = opts.density[i]
-    if opts.sparsify == "magnitude":
-        return [size if d >= 1 else int(d * size)]
-    if d >= 1:
-        return []
-    n_top, n_keep = sparsify.outlier_counts(size, d, opts.gamma[i])
-    return [n_keep, n_top]
-
-
 def tensor_thresholds(t: Tensor, opts) -> list:
     """Every model's thresholds for this tensor (two streaming passes)."""
     size = t.rows * math.prod(t.shape[1:])
     blocks = lambda: (t.read(sp) for sp in t.spans())
     try:
-        return thresholds(blocks, size, [trim_ks(opts, i, size) for i in range(len(t.models))], sample([t]))
+        return thresholds(blocks, size, [task_vectors.trim_ks(opts, i, size) for i in range(len(t.models))], sample([t]))
     except tree.MergeError:
         _screen_all(t)
         raise
