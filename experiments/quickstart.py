@@ -2,16 +2,17 @@
 expert per target task, a multi-task fine-tune, task vectors, merges, and the
 TIES paper's table with error bars.
 
-    python experiments/quickstart.py --force              # one seed, ~11 min on a 2-core CPU (make demo)
+    python experiments/quickstart.py --force              # one seed (make demo)
     python experiments/quickstart.py --seeds 3 --force    # results/quickstart_3seeds.json (the README table)
-    python experiments/quickstart.py --tiny --force       # smoke variant for the tests (~1 min)
+    python experiments/quickstart.py --tiny --force       # smoke variant for the tests
 
 One seed is one full pipeline (pretrain -> fine-tune -> merge); ``--seeds K``
 runs seeds 0..K-1 and reports mean +- std over them.  Stages:
 
 1. **Pretrain** a small byte-level model on generic data (``research.data.suite``:
-   English prose and the ``copy`` format task; no target is ever seen).
-2. **Experts**: one fine-tune per candidate task, packed; the
+   English prose and six string-operation format tasks; no target is ever seen).
+2. **Experts**: one fine-tune per candidate task, packed, with ``replay`` of
+   each batch replaying the format tasks and the tied embedding frozen; the
    ``neftune_control`` tasks are also fine-tuned with NEFTune at
    ``neftune_alpha``.  The alpha with the lower mean validation loss (noise
    off) on them, alpha = 0 against ``neftune_alpha``, is used from here on
@@ -70,11 +71,13 @@ class QuickstartConfig:
     model: str = "small"
     seq_len: int = 128
     pretrain_batch: int = 16
-    pretrain_steps: int = 250
+    pretrain_steps: int = 400
     pretrain_lr: float = 3e-3
     finetune_batch: int = 8
     finetune_steps: int = 130
-    finetune_lr: float = 3e-3
+    finetune_lr: float = 1e-3
+    replay: float = suite.REPLAY  # share of each fine-tune batch replaying the pretraining format tasks
+    finetune_freeze: tuple = suite.FINETUNE_FREEZE
     # NEFTune's noise norm per token is alpha / sqrt(3 L); at our L ~ 15 tokens
     # alpha = 1 gives ~0.15, the paper's ratio at alpha = 5, L ~ 300.
     neftune_alpha: float = 1.0
@@ -121,9 +124,10 @@ class Stage:
         print(f"[{self.name}] done in {dt:.0f} s{'; ' + summary if summary else ''}", flush=True)
 
 
-def _train_cfg(q: QuickstartConfig, seed, tasks, steps, lr, batch, alpha, init_from=None, mixing="temperature"):
+def _train_cfg(q: QuickstartConfig, seed, tasks, steps, lr, batch, alpha, init_from=None, mixing="temperature",
+               freeze=()):
     return TrainConfig(
-        model=q.model, tasks=tuple(tasks), task_lengths=suite.task_lengths(tasks), mixing=mixing,
+        model=q.model, tasks=tuple(tasks), task_lengths=suite.task_lengths(tasks), mixing=mixing, freeze=tuple(freeze),
         seq_len=q.seq_len, batch_size=batch, chunk_size=64, steps=steps, lr=lr, warmup_steps=max(1, steps // 10),
         neftune_alpha=alpha, seed=seed, save_every=0, keep=1, log_every=max(1, steps // 10), init_from=init_from,
         mesh=(-1, 1, 1), progress=False,
@@ -256,9 +260,15 @@ def run_seed(q: QuickstartConfig, seed: int, out: str, timings: dict) -> dict:
     return run
 
 
+def _finetune_cfg(q: QuickstartConfig, seed, targets, steps, alpha, base_dir):
+    mix = suite.finetune_mixture(targets, q.replay)
+    return _train_cfg(q, seed, list(mix), steps, q.finetune_lr, q.finetune_batch, alpha, init_from=base_dir,
+                      mixing=mix, freeze=q.finetune_freeze)
+
+
 def train_expert(q: QuickstartConfig, seed: int, run: dict, alpha: float, task: str):
-    r = train(_train_cfg(q, seed, [task], q.finetune_steps, q.finetune_lr, q.finetune_batch, alpha,
-                         init_from=f"{run['dir']}/base"), f"{run['dir']}/ft_{task}_alpha{alpha:g}", evaluate_at_end=False)
+    r = train(_finetune_cfg(q, seed, [task], q.finetune_steps, alpha, f"{run['dir']}/base"),
+              f"{run['dir']}/ft_{task}_alpha{alpha:g}", evaluate_at_end=False)
     run["experts"][alpha, task] = jax.device_get(r.params)
     run["val_loss"][alpha, task] = Evaluator(q, run["graphdef"])(run["experts"][alpha, task], [task], "val")[1][task]
 
@@ -269,14 +279,14 @@ def finish_seed(q, seed, run, targets, alpha, timings) -> dict:
     base, d = run["base"], run["dir"]
     fts = [run["experts"][alpha, t] for t in targets]
     st = Stage(f"seed {seed}: multitask", 1, timings)
-    mt = train(_train_cfg(q, seed, targets, q.finetune_steps * len(targets), q.finetune_lr, q.finetune_batch, alpha,
-                          init_from=f"{d}/base", mixing={t: 1.0 for t in targets}), f"{d}/multitask",
-               evaluate_at_end=False)
+    mt = train(_finetune_cfg(q, seed, targets, q.finetune_steps * len(targets), alpha, f"{d}/base"),
+               f"{d}/multitask", evaluate_at_end=False)
     st.update()
     st.close()
 
     st = Stage(f"seed {seed}: diagnostics", 1, timings)
     diag = diagnostics(q, base, fts, targets)
+    diag.update(behaviour(q, ev, base, fts, targets))
     st.update()
     st.close()
 
@@ -318,6 +328,38 @@ def diagnostics(q, base, fts, targets):
         "ties_election_discards": dict(zip(targets, merging.election_discards(kept, density=1.0))),
         "ties_global_election_discards": dict(zip(targets, merging.election_discards(tvs, density=d, trim_mode="global"))),
     }
+
+
+SCALES = (0.25, 0.5, 0.75, 1.0)
+
+
+def behaviour(q, ev, base, fts, targets):
+    """What the merges inherit, measured on validation:
+
+    * ``scale_curve[task][s]``: exact match of ``theta_0 + s * tau_task`` on its own
+      task.  A merge that averages (or scales by lambda < 1) gives each task
+      vector a share ``s < 1``; this is what that share alone keeps.
+    * ``format_retention``: mean exact match over the pretraining format tasks
+      of the base and of each expert (did the expert keep the base's other
+      instructions, or does it apply its operation to every prompt?).
+    * ``merge_size_curve[method][k]``: mean exact match over the first ``k``
+      targets of ``task_arithmetic`` (the sum, lambda = 1) and ``ties``
+      (density 0.2, lambda = 1) of their ``k`` experts; ``k = 1`` is the
+      expert itself.  Fixed settings, not validated: it shows how the skills
+      survive as experts are added.
+    """
+    tvs = [merging.task_vector(f, base) for f in fts]
+    curve = {t: {f"{s:g}": ev(merging.apply(base, tv, s), [t], "val")[0][t] for s in SCALES}
+             for t, tv in zip(targets, tvs)}
+    fmt = list(suite.FORMAT_TASKS)
+    mean_fmt = lambda p: float(np.mean(list(ev(p, fmt, "val")[0].values())))
+    retention = {"base": mean_fmt(base), **{t: mean_fmt(f) for t, f in zip(targets, fts)}}
+    size_curve = {"task_arithmetic": {}, "ties": {}}
+    for k in range(1, len(targets) + 1):
+        for name, kw in (("task_arithmetic", {}), ("ties", {"density": 0.2})):
+            m = merging.merge(name, fts[:k], base=base, weight=1.0, lam=1.0, **kw)
+            size_curve[name][str(k)] = float(np.mean(list(ev(m, targets[:k], "val")[0].values())))
+    return {"scale_curve": curve, "format_retention": retention, "merge_size_curve": size_curve}
 
 
 # --- the whole run -----------------------------------------------------------------
@@ -474,6 +516,13 @@ def print_table(report):
                   f"opposite signs among them {100 * c['conflict_rate']:.1f}% (chance {100 * c['chance_conflict_rate']:.1f}%)")
         print("  TIES election discards (share of kept entries): "
               + ", ".join(f"{t} {100 * v:.1f}%" for t, v in d["ties_election_discards"].items()))
+        print("  own-task exact match of theta0 + s * tau at s = " + "/".join(f"{x:g}" for x in SCALES) + ": "
+              + ", ".join(f"{t} " + "/".join(f"{100 * v:.0f}" for v in c.values()) for t, c in d["scale_curve"].items()))
+        for name, c in d["merge_size_curve"].items():
+            print(f"  {name} (lambda 1) of the first k experts, mean exact match for k = 1..{len(c)}: "
+                  + "/".join(f"{100 * v:.0f}" for v in c.values()))
+        print("  format tasks kept (mean exact match): "
+              + ", ".join(f"{m} {100 * v:.0f}%" for m, v in d["format_retention"].items()))
 
 
 def _write_json(report, path):

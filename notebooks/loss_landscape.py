@@ -15,8 +15,9 @@
 # # Loss landscape of task arithmetic
 #
 # Pretrain a tiny model on the embedded suite's generic data (English prose and
-# the `copy` format task, `research.data.suite`), fine-tune one expert on each of
-# two target tasks it never saw, then walk the plane the two task vectors span:
+# six string-operation format tasks, `research.data.suite`), fine-tune one expert
+# on each of two target tasks it never saw (the suite's recipe: format-task
+# replay, tied embedding frozen), then walk the plane the two task vectors span:
 # $\theta(a, b) = \theta_{base} + a\,\tau_A + b\,\tau_B$.
 # Each task's held-out loss over the plane shows where the two skills coexist,
 # and where TIES (trim, elect sign, disjoint mean) lands compared with plain
@@ -41,7 +42,7 @@ STEPS = int(os.environ.get("NOTEBOOK_STEPS", "40"))
 OUT = os.environ.get("NOTEBOOK_OUT", "runs/notebook_landscape")
 TARGETS = ("reverse", "cipher")
 common = dict(model="tiny", seq_len=96, batch_size=8, chunk_size=32, save_every=0, progress=False, lr=3e-3,
-              task_lengths=suite.task_lengths(("copy", *TARGETS)))
+              task_lengths=suite.task_lengths((*suite.FORMAT_TASKS, *TARGETS)))
 
 # %% [markdown]
 # A base pretrained on the generic mixture, then one expert per target.
@@ -49,8 +50,10 @@ common = dict(model="tiny", seq_len=96, batch_size=8, chunk_size=32, save_every=
 # %%
 base = train(TrainConfig(tasks=tuple(t for t, _ in suite.PRETRAIN_MIXTURE), mixing=dict(suite.PRETRAIN_MIXTURE),
                          steps=STEPS, **common), f"{OUT}/base", resume=False, evaluate_at_end=False)
-ft = {t: train(TrainConfig(tasks=(t,), steps=STEPS // 2, init_from=f"{OUT}/base", **common), f"{OUT}/{t}", resume=False,
-               evaluate_at_end=False) for t in TARGETS}
+mixes = {t: suite.finetune_mixture([t]) for t in TARGETS}
+ft = {t: train(TrainConfig(tasks=tuple(mixes[t]), mixing=mixes[t], freeze=suite.FINETUNE_FREEZE, steps=STEPS // 2,
+                           init_from=f"{OUT}/base", **common), f"{OUT}/{t}", resume=False, evaluate_at_end=False)
+      for t in TARGETS}
 theta0 = jax.device_get(base.params)
 tau = {t: merging.task_vector(jax.device_get(r.params), theta0) for t, r in ft.items()}
 print(f"cosine(tau_{TARGETS[0]}, tau_{TARGETS[1]}) =", merging.cosine_similarity(list(tau.values()))[0, 1])

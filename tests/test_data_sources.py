@@ -73,6 +73,33 @@ def test_algorithmic_answers_are_right():
     assert tasks.make_task("swap").render("abcde") == ("swap: abcde\n", "badce")
 
 
+def test_format_tasks_answers_by_hand():
+    render = lambda name: tasks.make_task(name).render("abcz")
+    assert render("rot1") == ("rot1: abcz\n", "bcda")
+    assert render("rotr") == ("rotr: abcz\n", "zabc")
+    assert render("repeat") == ("repeat: abcz\n", "abczabcz")
+    assert render("skip") == ("skip: abcz\n", "ac")
+    assert render("capfirst") == ("capfirst: abcz\n", "Abcz")
+
+
+def test_pretraining_never_shows_a_target_prompt_prefix():
+    pretrain = [t for t, _ in suite.PRETRAIN_MIXTURE]
+    assert not set(pretrain) & set(suite.CANDIDATES) and set(suite.FORMAT_TASKS) <= set(pretrain)
+    prefix = lambda name: tasks.make_task(name).example("train", 0)[0].split(":")[0] + ":"
+    seen = {prefix(t) for t in suite.FORMAT_TASKS}
+    assert all(prefix(t) not in seen for t in suite.CANDIDATES)
+    assert sum(w for _, w in suite.PRETRAIN_MIXTURE) == pytest.approx(1.0)
+
+
+def test_finetune_mixture_gives_the_replay_share_to_the_format_tasks():
+    mix = suite.finetune_mixture(["swap", "rotl"], replay=0.5)
+    assert mix["swap"] == mix["rotl"] == 0.25 and sum(mix.values()) == pytest.approx(1.0)
+    assert sum(mix[t] for t in suite.FORMAT_TASKS) == pytest.approx(0.5)
+    assert suite.finetune_mixture(["swap"], replay=0.0) == {"swap": 1.0}
+    with pytest.raises(ValueError, match="replay must be in"):
+        suite.finetune_mixture(["swap"], replay=1.0)
+
+
 @pytest.mark.parametrize("name", ["copy", *suite.CANDIDATES, "add"])
 def test_no_held_out_prompt_occurs_among_the_first_100k_training_draws(name):
     t = tasks.make_task(name, min_len=3, max_len=6)  # the suite's lengths: the smallest input space

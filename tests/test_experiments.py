@@ -66,6 +66,9 @@ def test_quickstart_tiny_writes_the_results_schema(tmp_path):
     pair = next(iter(d["kept_sign_conflicts"].values()))
     assert {"conflict_rate", "chance_conflict_rate", "overlap", "chance_overlap"} == set(pair)
     assert set(d["ties_election_discards"]) == set(res["tasks"])
+    assert set(d["scale_curve"]) == set(res["tasks"]) and set(d["scale_curve"][res["tasks"][0]]) == {"0.25", "0.5", "0.75", "1"}
+    assert set(d["format_retention"]) == {"base", *res["tasks"]}
+    assert set(d["merge_size_curve"]["ties"]) == {str(k) for k in range(1, len(res["tasks"]) + 1)}
     search = res["search"]["0"]["ties"]
     assert set(search["grid"]) == {"lam", "density"} and "extensions" in search
     assert res["search"]["0"]["task_arithmetic"]["extensions"]  # a two-point grid has its optimum on an edge
@@ -99,3 +102,10 @@ def test_notebook_pair_is_in_sync():
 def test_bench_merge_io_smoke():
     out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "linear", "ties", "della", "slerp", "--rounds", "1"])
     assert "(floor)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out
+
+
+def test_plan_memory_compiles_ahead_of_time_on_fake_devices():
+    out = _run(["experiments/plan_memory.py", "--preset", "tiny", "--mesh", "2,2,2", "--seq", "64", "--batch", "8",
+                "--remat", "full"])
+    assert "remat full; mesh data,fsdp,tensor = 2,2,2" in out and "per device: arguments" in out
+    assert "temporaries" in out and "compile" in out

@@ -242,3 +242,22 @@ def test_hf_bad_checkpoints_are_named(tmp_path):
         models.from_hf(str(tmp_path / "wide"))
     with pytest.raises(FileExistsError):
         models.save_hf(models.Transformer(CFG, rngs=nnx.Rngs(0)), str(tmp_path / "m"))
+
+
+@pytest.mark.parametrize("mode", ["full", "dots_saveable"])
+def test_remat_recomputes_the_same_loss_and_gradients(mode):
+    batch = _packed()
+
+    def loss_grads(cfg):
+        graphdef, params = nnx.split(models.Transformer(cfg, rngs=nnx.Rngs(0)), nnx.Param)
+        fn = lambda p: _token_losses(nnx.merge(graphdef, p), batch).sum()
+        return jax.jit(jax.value_and_grad(fn))(params), jax.make_jaxpr(jax.grad(fn))(params)
+
+    (l0, g0), plain = loss_grads(CFG)
+    (l1, g1), remat = loss_grads(CFG.replace(remat=mode))
+    assert "checkpoint" in str(remat) or "remat" in str(remat)
+    assert "checkpoint" not in str(plain) and "remat" not in str(plain)
+    np.testing.assert_allclose(l1, l0, rtol=1e-6)
+    chex.assert_trees_all_close(g1, g0, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="remat='some': choose one of none, full, dots_saveable"):
+        CFG.replace(remat="some")

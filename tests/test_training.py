@@ -246,3 +246,28 @@ def test_set_parses_paths_and_single_task_names():
     assert config_lib.override(BASE, ["init_from=./x", "init_from=None"]).init_from is None
     assert config_lib.override(BASE, ["tasks=copy,reverse"]).tasks == ("copy", "reverse")
     assert config_lib.override(BASE, ["tasks=('copy', 'sort')"]).tasks == ("copy", "sort")
+
+
+def test_frozen_parameters_stay_bitwise_and_hold_no_moments(tmp_path):
+    base = _run(tmp_path, "base", steps=2, save_every=0)
+    ft = _run(tmp_path, "ft", steps=3, save_every=0, init_from=str(tmp_path / "base"), freeze=("embedding", "*norm*"))
+    before, after = jax.device_get(base.params), jax.device_get(ft.params)
+    np.testing.assert_array_equal(after["embedding"].get_value(), before["embedding"].get_value())
+    np.testing.assert_array_equal(after["final_norm"]["scale"].get_value(), before["final_norm"]["scale"].get_value())
+    assert not np.array_equal(after["layers"][0]["attn"]["q_proj"].get_value(),
+                              before["layers"][0]["attn"]["q_proj"].get_value())
+    from research.training.step import make_optimizer
+
+    cfg = dataclasses.replace(BASE, freeze=("embedding",))
+    state = make_optimizer(cfg).init(before)
+    n_moments = sum(x.size for x in jax.tree.leaves(state) if getattr(x, "ndim", 0) > 0)
+    n_params = sum(x.size for x in jax.tree.leaves(before))
+    assert n_moments == 2 * (n_params - before["embedding"].get_value().size)  # mu and nu, trainable leaves only
+
+
+def test_a_freeze_pattern_that_matches_nothing_or_everything_is_named(tmp_path):
+    with pytest.raises(config_lib.ConfigError, match=r"freeze: pattern 'embeddings' matches no parameter"):
+        _run(tmp_path, "a", steps=1, save_every=0, freeze=("embeddings",))
+    with pytest.raises(config_lib.ConfigError, match="freezes every parameter"):
+        _run(tmp_path, "b", steps=1, save_every=0, freeze=("*",))
+    assert config_lib.override(BASE, ["freeze=embedding"]).freeze == ("embedding",)

@@ -154,6 +154,12 @@ _GENERATED = {
     "add": (_numbers, lambda s: (f"add: {s}\n", str(sum(map(int, s.split("+")))))),
     "double": (_letters, lambda s: (f"double: {s}\n", "".join(c + c for c in s))),
     "rotl": (_letters, lambda s: (f"rotl: {s}\n", s[1:] + s[:1])),
+    # string operations of the suite's general pretraining (research.data.suite); never targets
+    "rot1": (_letters, lambda s: (f"rot1: {s}\n", _rot(s, 1))),
+    "rotr": (_letters, lambda s: (f"rotr: {s}\n", s[-1:] + s[:-1])),
+    "repeat": (_letters, lambda s: (f"repeat: {s}\n", s + s)),
+    "skip": (_letters, lambda s: (f"skip: {s}\n", s[::2])),
+    "capfirst": (_letters, lambda s: (f"capfirst: {s}\n", s[:1].upper() + s[1:])),
 }
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import dataclasses
 
 
+REMAT_POLICIES = ("none", "full", "dots_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int = 259
@@ -25,6 +28,13 @@ class ModelConfig:
     dtype: str = "float32"  # activations
     param_dtype: str = "float32"
     max_position: int = 8192
+    # activation rematerialisation per decoder layer, in training (jax.checkpoint):
+    # "none"; "full" (keep only each layer's input); "dots_saveable" (keep matmul outputs)
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
 
     @property
     def hd(self) -> int:

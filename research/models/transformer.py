@@ -152,6 +152,19 @@ class Block(nnx.Module):
         return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 
+def _call_block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq):
+    return layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
+
+
+def _remat(mode: str):
+    """A block call under ``jax.checkpoint`` with the named policy (``ModelConfig.remat``):
+    the backward pass recomputes what the policy does not save."""
+    if mode == "none":
+        return _call_block
+    policy = jax.checkpoint_policies.dots_saveable if mode == "dots_saveable" else None
+    return nnx.remat(_call_block, policy=policy)
+
+
 class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
@@ -175,9 +188,10 @@ class Transformer(nnx.Module):
         """
         inv_freq = rope_frequencies(self.cfg)
         new_caches = []
+        block = _remat(self.cfg.remat)
         for i, layer in enumerate(self.layers):
             if kv_caches is None:
-                x_btd = layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
+                x_btd = block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq)
             else:
                 x_btd, c = layer(x_btd, segment_ids_bt, positions_bt, inv_freq, kv_caches[i])
                 new_caches.append(c)

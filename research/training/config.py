@@ -43,6 +43,9 @@ class TrainConfig:
     b2: float = 0.98
     clip_norm: float = 1.0
     neftune_alpha: float = 0.0  # 0 = off
+    # parameters left as they are: globs over dotted leaf names ("embedding", "layers.*.mlp.*");
+    # they get no update, no weight decay, no optimizer moments, and no share of the clipping norm
+    freeze: tuple = ()
     seed: int = 0
     # parallelism: (data, fsdp, tensor); -1 = the remaining devices
     mesh: tuple = (-1, 1, 1)
@@ -132,6 +135,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if (v <= lo if open_lo else v < lo) or (hi is not None and v > hi):
             rng = f"{'>' if open_lo else '>='} {lo}" + (f" and <= {hi}" if hi is not None else "")
             raise ConfigError(f"{key}={v!r}: must be {rng}")
+    if not isinstance(cfg.freeze, tuple) or not all(isinstance(f, str) and f for f in cfg.freeze):
+        raise ConfigError(f"freeze={cfg.freeze!r}: expected a tuple of glob patterns over parameter names")
     if not isinstance(cfg.tasks, tuple) or not cfg.tasks or not all(isinstance(t, str) for t in cfg.tasks):
         raise ConfigError(f"tasks={cfg.tasks!r}: expected a non-empty tuple of task names")
     from research.data.tasks import NAMES

@@ -55,6 +55,8 @@ def check_resume(cfg: TrainConfig, workdir: str, step: int, *, override: bool = 
         except json.JSONDecodeError:
             raise ResumeMismatch(f"{path} is not valid JSON; move it away to resume without the check") from None
     new = _plain(cfg)
+    # a field that the stored run predates had its default there
+    stored = {**_plain(TrainConfig()), **stored}
     changed = sorted(k for k in set(stored) | set(new) if stored.get(k) != new.get(k))
     unsafe = [k for k in changed if k not in SAFE_TO_CHANGE and not (k == "steps" and new[k] >= stored.get(k, 0))]
     if unsafe and not override:

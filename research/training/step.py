@@ -3,25 +3,51 @@ with explicit shardings."""
 
 from __future__ import annotations
 
+import fnmatch
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from research.merging.tree import path_name
 from research.neftune import neftune
-from research.training.config import TrainConfig
+from research.training.config import ConfigError, TrainConfig
 from research.training.loss import packed_loss
 
 
 def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup, cosine decay to ``end_lr_fraction``, global-norm clipping."""
+    """AdamW with linear warmup, cosine decay to ``end_lr_fraction``, global-norm clipping.
+
+    Parameters named by ``cfg.freeze`` are routed to ``optax.set_to_zero``: their
+    update is exactly zero, and they hold no moments and take no part in the
+    clipping norm.
+    """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * cfg.end_lr_fraction
     )
-    return optax.chain(
+    adamw = optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
     )
+    if not cfg.freeze:
+        return adamw
+    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
+                                 lambda params: trainable_labels(params, cfg.freeze))
+
+
+def trainable_labels(params, freeze: tuple):
+    """``"frozen"`` for each leaf whose dotted name matches a glob of ``freeze``, else
+    ``"train"``.  A pattern that matches nothing, or freezing every leaf, is a ``ConfigError``."""
+    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in freeze:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise ConfigError(f"freeze: pattern {pattern!r} matches no parameter; names look like "
+                              f"{', '.join(names[:4])}, ...")
+    labels = ["frozen" if any(fnmatch.fnmatchcase(n, p) for p in freeze) else "train" for n in names]
+    if "train" not in labels:
+        raise ConfigError(f"freeze={freeze!r} freezes every parameter: nothing to train")
+    return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
 def loss_and_aux(graphdef, params, batch, key, step, *, alpha: float, n_tasks: int, train: bool):
@@ -54,7 +80,7 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_
 
 # the fields of TrainConfig that the compiled step depends on (optimizer, schedule, NEFTune)
 STEP_FIELDS = ("lr", "warmup_steps", "steps", "end_lr_fraction", "weight_decay", "b1", "b2", "clip_norm",
-               "neftune_alpha")
+               "neftune_alpha", "freeze")
 _STEPS: dict = {}  # a few recent steps, by what they compile from
 
 

@@ -1,0 +1,107 @@
+"""Ahead-of-time memory plan of one training step: per-device bytes of a model
+preset on a mesh of fake CPU devices, with no weight allocated.
+
+    python experiments/plan_memory.py --preset llama3_8b --mesh 1,8,1 --seq 4096 --batch 8
+    python experiments/plan_memory.py --preset llama3_8b --mesh 1,8,1 --seq 4096 --batch 8 --remat full
+    python experiments/plan_memory.py --preset tiny --mesh 2,2,2 --seq 64 --batch 8    # smoke (the tests)
+
+The train step (``research.training.step``: forward, backward, AdamW) is
+lowered from abstract inputs (``nnx.eval_shape``, ``jax.eval_shape``: shapes,
+dtypes and shardings, no data) and compiled for the mesh with
+``jax.jit(...).lower(...).compile()``.  ``memory_analysis()`` of the compiled
+program gives, per device: the arguments (parameters, optimizer state,
+batch), the outputs (the same, donated: they alias the arguments) and the
+temporaries (activations kept for the backward pass, gradients, workspace).
+
+These are XLA:CPU estimates: XLA:TPU and XLA:GPU schedule, fuse and lay out
+memory differently, and the CPU picks the blockwise attention backend, not a
+fused kernel.  Treat them as the size of the problem, not as a promise that a
+chip of that size suffices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+
+def _parse_mesh(s: str) -> tuple:
+    parts = tuple(int(x) for x in s.split(","))
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"--mesh {s!r}: expected data,fsdp,tensor (three positive integers)")
+    return parts
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="llama3_8b")
+    ap.add_argument("--mesh", type=_parse_mesh, default=(1, 8, 1), help="data,fsdp,tensor")
+    ap.add_argument("--seq", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=8, help="global batch (rows of --seq tokens)")
+    ap.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
+    ap.add_argument("--dtype", default="bfloat16", help="activations")
+    ap.add_argument("--param-dtype", default="float32", help="parameters and AdamW moments")
+    args = ap.parse_args(argv)
+    n_dev = math.prod(args.mesh)
+    if args.batch % (args.mesh[0] * args.mesh[1]):
+        ap.error(f"--batch {args.batch} must divide by data x fsdp = {args.mesh[0] * args.mesh[1]}")
+    # fake devices: must be set before JAX initialises its backends
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n_dev}").strip()
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    from research import sharding
+    from research.models import Transformer, preset
+    from research.training import TrainConfig
+    from research.training.step import make_optimizer, make_train_step
+
+    if jax.device_count() < n_dev:
+        sys.exit(f"--mesh {args.mesh} needs {n_dev} devices; JAX has {jax.device_count()} (was it imported before?)")
+    mcfg = preset(args.preset, remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype)
+    mesh = sharding.make_mesh(*args.mesh)
+    graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
+    param_sh = sharding.state_shardings(abs_params, mesh)
+    abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, param_sh)
+    cfg = TrainConfig(model=args.preset, seq_len=args.seq, batch_size=args.batch)
+    tx = make_optimizer(cfg)
+    init = jax.jit(tx.init).lower(abs_params).compile()  # where the moments go: after their parameters
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())  # step counts, as the trainer places them
+    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
+                          init.output_shardings)
+    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                           jax.eval_shape(tx.init, abs_params), opt_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    shape = (args.batch, args.seq)
+    abs_batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32, sharding=batch_sh)
+                 for k in ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")}
+    step = make_train_step(graphdef, tx, cfg, 1, param_sh, opt_sh, batch_sh)
+    t0 = time.perf_counter()
+    lowered = step.lower(abs_params, abs_opt, abs_batch, jax.random.key(0), jnp.int32(0))
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    mem = compiled.memory_analysis()
+
+    n_params = sum(math.prod(a.shape) for a in jax.tree.leaves(abs_params))
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB"
+    args_b, out_b, temp_b = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
+    alias_b = getattr(mem, "alias_size_in_bytes", 0)
+    peak = args_b + out_b - alias_b + temp_b
+    print(f"{args.preset}: {n_params / 1e6:,.1f}M parameters ({args.param_dtype}), activations {args.dtype}, "
+          f"remat {args.remat}; mesh data,fsdp,tensor = {','.join(map(str, args.mesh))}; batch {args.batch} x {args.seq}")
+    print(f"per device: arguments {gib(args_b)}, outputs {gib(out_b)} (aliased {gib(alias_b)}), "
+          f"temporaries {gib(temp_b)}; total {gib(peak)}")
+    print(f"lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s (XLA:CPU estimates)")
+    return {"arguments": args_b, "outputs": out_b, "aliased": alias_b, "temporaries": temp_b, "total": peak,
+            "compile_s": t2 - t1, "params": n_params}
+
+
+if __name__ == "__main__":
+    main()
