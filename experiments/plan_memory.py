@@ -54,6 +54,7 @@ def main(argv=None):
 
     import jax
     import jax.numpy as jnp
+    import optax
     from flax import nnx
     from jax.sharding import NamedSharding
 
@@ -71,12 +72,12 @@ def main(argv=None):
     abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, param_sh)
     cfg = TrainConfig(model=args.preset, seq_len=args.seq, batch_size=args.batch)
     tx = make_optimizer(cfg)
-    init = jax.jit(tx.init).lower(abs_params).compile()  # where the moments go: after their parameters
-    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())  # step counts, as the trainer places them
-    opt_sh = jax.tree.map(lambda s: s if isinstance(s, NamedSharding) and s.mesh == mesh else replicated,
-                          init.output_shardings)
-    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                           jax.eval_shape(tx.init, abs_params), opt_sh)
+    # the moments follow their parameters' shardings; step counts are replicated (as in the trainer)
+    replicated = NamedSharding(mesh, jax.sharding.PartitionSpec())
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abs_opt, param_sh,
+                                   transform_non_params=lambda _: replicated)
+    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
     batch_sh = sharding.batch_sharding(mesh)
     shape = (args.batch, args.seq)
     abs_batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32, sharding=batch_sh)
@@ -94,7 +95,7 @@ def main(argv=None):
     args_b, out_b, temp_b = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
     alias_b = getattr(mem, "alias_size_in_bytes", 0)
     peak = args_b + out_b - alias_b + temp_b
-    print(f"{args.preset}: {n_params / 1e6:,.1f}M parameters ({args.param_dtype}), activations {args.dtype}, "
+    print(f"{args.preset}: {n_params / 1e6:,.2f}M parameters ({args.param_dtype}), activations {args.dtype}, "
           f"remat {args.remat}; mesh data,fsdp,tensor = {','.join(map(str, args.mesh))}; batch {args.batch} x {args.seq}")
     print(f"per device: arguments {gib(args_b)}, outputs {gib(out_b)} (aliased {gib(alias_b)}), "
           f"temporaries {gib(temp_b)}; total {gib(peak)}")
