@@ -286,7 +286,7 @@ def finish_seed(q, seed, run, targets, alpha, timings) -> dict:
 
     st = Stage(f"seed {seed}: diagnostics", 1, timings)
     diag = diagnostics(q, base, fts, targets)
-    diag.update(behaviour(q, ev, base, fts, targets))
+    diag.update(behaviour(ev, base, fts, targets))
     st.update()
     st.close()
 
@@ -333,7 +333,7 @@ def diagnostics(q, base, fts, targets):
 SCALES = (0.25, 0.5, 0.75, 1.0)
 
 
-def behaviour(q, ev, base, fts, targets):
+def behaviour(ev, base, fts, targets):
     """What the merges inherit, measured on validation:
 
     * ``scale_curve[task][s]``: exact match of ``theta_0 + s * tau_task`` on its own

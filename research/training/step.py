@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from research.merging.tree import path_name
+from research.merging.tree import leaf_names
 from research.neftune import neftune
 from research.training.config import ConfigError, TrainConfig
 from research.training.loss import packed_loss
@@ -39,7 +39,7 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 def trainable_labels(params, freeze: tuple):
     """``"frozen"`` for each leaf whose dotted name matches a glob of ``freeze``, else
     ``"train"``.  A pattern that matches nothing, or freezing every leaf, is a ``ConfigError``."""
-    names = [path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    names = leaf_names(params)
     for pattern in freeze:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             raise ConfigError(f"freeze: pattern {pattern!r} matches no parameter; names look like "
