@@ -69,7 +69,8 @@ def main(argv=None):
     mesh = sharding.make_mesh(*args.mesh)
     graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
     param_sh = sharding.state_shardings(abs_params, mesh)
-    abs_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_params, param_sh)
+    placed = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # abstract, on the mesh
+    abs_params = jax.tree.map(placed, abs_params, param_sh)
     cfg = TrainConfig(model=args.preset, seq_len=args.seq, batch_size=args.batch)
     tx = make_optimizer(cfg)
     # the moments follow their parameters' shardings; step counts are replicated (as in the trainer)
@@ -77,7 +78,7 @@ def main(argv=None):
     abs_opt = jax.eval_shape(tx.init, abs_params)
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abs_opt, param_sh,
                                    transform_non_params=lambda _: replicated)
-    abs_opt = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abs_opt, opt_sh)
+    abs_opt = jax.tree.map(placed, abs_opt, opt_sh)
     batch_sh = sharding.batch_sharding(mesh)
     shape = (args.batch, args.seq)
     abs_batch = {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "loss_weights" else jnp.int32, sharding=batch_sh)
