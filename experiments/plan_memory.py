@@ -4,6 +4,12 @@ preset on a mesh of fake CPU devices, with no weight allocated.
     python experiments/plan_memory.py --preset llama3_8b --mesh 1,8,1 --seq 4096 --batch 8
     python experiments/plan_memory.py --preset llama3_8b --mesh 1,8,1 --seq 4096 --batch 8 --remat full
     python experiments/plan_memory.py --preset tiny --mesh 2,2,2 --seq 64 --batch 8    # smoke (the tests)
+    python experiments/plan_memory.py --preset tiny --n-layers 2,8,32 --mesh 1,1,1 --seq 64 --batch 8
+                                                      # compile time against depth, loop vs scan
+
+Each configuration is compiled twice, with the decoder layers as a Python loop
+(``scan_layers=False``) and scanned (``scan_layers=True``; ``--layouts`` picks
+one), and both compile times are printed.
 
 The train step (``research.training.step``: forward, backward, AdamW) is
 lowered from abstract inputs (``nnx.eval_shape``, ``jax.eval_shape``: shapes,
@@ -44,6 +50,10 @@ def main(argv=None):
     ap.add_argument("--remat", default="none", choices=("none", "full", "dots_saveable"))
     ap.add_argument("--dtype", default="bfloat16", help="activations")
     ap.add_argument("--param-dtype", default="float32", help="parameters and AdamW moments")
+    ap.add_argument("--layouts", default="both", choices=("both", "loop", "scan"),
+                    help="decoder layers as a Python loop, scanned, or both (each compiled and timed)")
+    ap.add_argument("--n-layers", type=lambda s: tuple(int(x) for x in s.split(",")), default=(),
+                    help="depths to plan (comma-separated); default the preset's")
     args = ap.parse_args(argv)
     n_dev = math.prod(args.mesh)
     if args.batch % (args.mesh[0] * args.mesh[1]):
@@ -53,19 +63,35 @@ def main(argv=None):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
     import jax
+
+    from research.models import PRESETS, preset
+
+    if jax.device_count() < n_dev:
+        sys.exit(f"--mesh {args.mesh} needs {n_dev} devices; JAX has {jax.device_count()} (was it imported before?)")
+    if args.preset not in PRESETS:
+        ap.error(f"--preset {args.preset!r}: choose from {', '.join(PRESETS)}")
+    depths = args.n_layers or (PRESETS[args.preset].n_layers,)
+    rows = []
+    for n_layers in depths:
+        for scanned in {"both": (False, True), "loop": (False,), "scan": (True,)}[args.layouts]:
+            mcfg = preset(args.preset, remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype,
+                          n_layers=n_layers, scan_layers=scanned)
+            rows.append(_plan(args, mcfg))
+    return rows
+
+
+def _plan(args, mcfg):
+    import jax
     import jax.numpy as jnp
     import optax
     from flax import nnx
     from jax.sharding import NamedSharding
 
     from research import sharding
-    from research.models import Transformer, preset
+    from research.models import Transformer
     from research.training import TrainConfig
     from research.training.step import make_optimizer, make_train_step
 
-    if jax.device_count() < n_dev:
-        sys.exit(f"--mesh {args.mesh} needs {n_dev} devices; JAX has {jax.device_count()} (was it imported before?)")
-    mcfg = preset(args.preset, remat=args.remat, dtype=args.dtype, param_dtype=args.param_dtype)
     mesh = sharding.make_mesh(*args.mesh)
     graphdef, abs_params = nnx.split(nnx.eval_shape(lambda: Transformer(mcfg, rngs=nnx.Rngs(0))), nnx.Param)
     param_sh = sharding.state_shardings(abs_params, mesh)
@@ -96,13 +122,15 @@ def main(argv=None):
     args_b, out_b, temp_b = mem.argument_size_in_bytes, mem.output_size_in_bytes, mem.temp_size_in_bytes
     alias_b = getattr(mem, "alias_size_in_bytes", 0)
     peak = args_b + out_b - alias_b + temp_b
-    print(f"{args.preset}: {n_params / 1e6:,.2f}M parameters ({args.param_dtype}), activations {args.dtype}, "
-          f"remat {args.remat}; mesh data,fsdp,tensor = {','.join(map(str, args.mesh))}; batch {args.batch} x {args.seq}")
-    print(f"per device: arguments {gib(args_b)}, outputs {gib(out_b)} (aliased {gib(alias_b)}), "
+    layout = "scan" if mcfg.scan_layers else "loop"
+    print(f"{args.preset} ({mcfg.n_layers} layers, {layout}): {n_params / 1e6:,.2f}M parameters ({args.param_dtype}), "
+          f"activations {args.dtype}, remat {args.remat}; mesh data,fsdp,tensor = {','.join(map(str, args.mesh))}; "
+          f"batch {args.batch} x {args.seq}")
+    print(f"  per device: arguments {gib(args_b)}, outputs {gib(out_b)} (aliased {gib(alias_b)}), "
           f"temporaries {gib(temp_b)}; total {gib(peak)}")
-    print(f"lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s (XLA:CPU estimates)")
-    return {"arguments": args_b, "outputs": out_b, "aliased": alias_b, "temporaries": temp_b, "total": peak,
-            "compile_s": t2 - t1, "params": n_params}
+    print(f"  lower {t1 - t0:.1f} s, compile {t2 - t1:.1f} s (XLA:CPU estimates)", flush=True)
+    return {"layout": layout, "n_layers": mcfg.n_layers, "arguments": args_b, "outputs": out_b, "aliased": alias_b,
+            "temporaries": temp_b, "total": peak, "lower_s": t1 - t0, "compile_s": t2 - t1, "params": n_params}
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ LOGICAL_RULES = {
     "mlp": "tensor",
     "norm": None,
     "length": None,
+    "layers": None,  # the stacked axis of scanned decoder layers
 }
 
 
@@ -89,3 +90,22 @@ def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh) -> nnx.Module:
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """``[B, L]`` batch arrays: the batch over ``data`` x ``fsdp``."""
     return NamedSharding(mesh, logical_to_spec(("batch", "length")))
+
+
+def process_rows(sharding: NamedSharding, global_rows: int) -> list[tuple[int, int]]:
+    """The ``[start, stop)`` row ranges of a ``[global_rows, ...]`` array that this
+    process's devices hold under ``sharding``, in order (replicas counted once)."""
+    index = sharding.addressable_devices_indices_map((global_rows, 1))
+    return sorted({(s[0].start or 0, global_rows if s[0].stop is None else s[0].stop) for s in index.values()})
+
+
+def global_batch(batch: dict, sharding: NamedSharding) -> dict:
+    """A global batch (each field ``[B, ...]``, the same numpy values on every
+    process) as global arrays; each process copies only its own rows to its devices
+    (``jax.make_array_from_process_local_data``)."""
+    out = {}
+    for k, v in batch.items():
+        v = np.asarray(v)
+        local = np.concatenate([v[a:b] for a, b in process_rows(sharding, v.shape[0])])
+        out[k] = jax.make_array_from_process_local_data(sharding, local, v.shape)
+    return out

@@ -183,7 +183,7 @@ def test_tfds_source_with_mock_data():
         prompt, text = src[2]
         assert prompt == "" and isinstance(text, str) and text
         cfg = pipeline.PipelineConfig(seq_len=64, batch_size=2, chunk_size=8)
-        it = pipeline.make(cfg, [pipeline.Source("imdb", src.__getitem__, len(src))], process_index=0, process_count=1)
+        it = pipeline.make(cfg, [pipeline.Source("imdb", src.__getitem__, len(src))])
         assert next(it)["tokens"].shape == (2, 64)
 
 
@@ -221,37 +221,43 @@ def _take(it, n):
 
 
 def test_pipeline_is_deterministic_for_a_seed():
-    a = _take(pipeline.make(CFG, process_index=0, process_count=1), 4)
-    b = _take(pipeline.make(CFG, process_index=0, process_count=1), 4)
+    a = _take(pipeline.make(CFG), 4)
+    b = _take(pipeline.make(CFG), 4)
     for x, y in zip(a, b):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
-    c = next(pipeline.make(pipeline.PipelineConfig(**{**CFG.__dict__, "seed": 1}), process_index=0, process_count=1))
+    c = next(pipeline.make(pipeline.PipelineConfig(**{**CFG.__dict__, "seed": 1})))
     assert not np.array_equal(c["tokens"], a[0]["tokens"])
 
 
 def test_pipeline_resumes_exactly_mid_epoch():
-    it = pipeline.make(CFG, process_index=0, process_count=1)
+    it = pipeline.make(CFG)
     _take(it, 5)
     state = it.get_state()
     expect = _take(it, 6)
-    again = pipeline.make(CFG, process_index=0, process_count=1)
+    again = pipeline.make(CFG)
     again.set_state(state)
     for x, y in zip(expect, _take(again, 6)):
         for k in x:
             np.testing.assert_array_equal(x[k], y[k])
 
 
-def test_pipeline_shards_per_process():
-    ds0 = pipeline.sample_dataset(CFG, process_index=0, process_count=2)
-    ds1 = pipeline.sample_dataset(CFG, process_index=1, process_count=2)
-    full = pipeline.sample_dataset(CFG, process_index=0, process_count=1)
-    for i in range(5):
-        np.testing.assert_array_equal(ds0[i]["tokens"], full[2 * i]["tokens"])
-        np.testing.assert_array_equal(ds1[i]["tokens"], full[2 * i + 1]["tokens"])
+def test_global_batch_places_each_row_once_whatever_the_mesh():
+    from research import sharding
+
+    b = next(pipeline.make(pipeline.PipelineConfig(**{**CFG.__dict__, "batch_size": 8})))
+    rows = {(8, 1, 1): [(i, i + 1) for i in range(8)], (2, 2, 2): [(0, 2), (2, 4), (4, 6), (6, 8)],
+            (1, 1, 8): [(0, 8)]}  # the batch is split over data x fsdp; tensor replicas hold the same rows
+    for mesh, expect in rows.items():
+        sh = sharding.batch_sharding(sharding.make_mesh(*mesh))
+        assert sharding.process_rows(sh, 8) == expect
+        placed = sharding.global_batch(b, sh)
+        for k in b:
+            assert placed[k].sharding == sh
+            np.testing.assert_array_equal(np.asarray(placed[k]), b[k])
 
 
 def test_pipeline_batches_follow_the_contract():
-    b = next(pipeline.make(CFG, process_index=0, process_count=1))
+    b = next(pipeline.make(CFG))
     assert set(b) == set(pipeline.BATCH_FIELDS) and b["tokens"].dtype == np.int32
     assert b["loss_weights"].dtype == np.float32 and set(np.unique(b["task_ids"])) <= {-1, 0, 1, 2}

@@ -109,3 +109,4 @@ def test_plan_memory_compiles_ahead_of_time_on_fake_devices():
                 "--remat", "full"])
     assert "remat full; mesh data,fsdp,tensor = 2,2,2" in out and "per device: arguments" in out
     assert "temporaries" in out and "compile" in out
+    assert "(2 layers, loop)" in out and "(2 layers, scan)" in out  # both layouts, each compiled

@@ -168,7 +168,7 @@ def _write_hf(path, cfg, dtype=np.float32, seed=0):
     tensors = {}
     for ours, (name, transpose) in models.hf.hf_names(cfg).items():
         model = nnx.eval_shape(lambda: models.Transformer(cfg, rngs=nnx.Rngs(0)))
-        shape = models.hf._flat_params(model)[ours].get_value().shape
+        shape = models.hf.flat_params(model)[ours].get_value().shape
         shape = shape[::-1] if transpose else shape
         tensors[name] = (rng.normal(size=shape) * 0.1).astype(dtype)
     os.makedirs(path, exist_ok=True)

@@ -1,18 +1,27 @@
 """grain input pipelines: a task mixture, tokenized, packed, batched; deterministic,
-sharded per process, and exactly resumable.
+process-count independent, and exactly resumable.
 
     it = pipeline.make(PipelineConfig(tasks=("copy", "g2p"), seq_len=512, batch_size=8))
-    batch = next(it)             # dict of [8, 512] arrays (the packed format)
+    batch = next(it)             # dict of [8, 512] arrays (the packed format): the *global* batch
     state = it.get_state()       # store next to the weights
     it.set_state(state)          # ... and later resume exactly here
 
-Stages: ``grain.MapDataset.range`` over sample indices -> shard
-``[process_index::process_count]`` -> map to (task, example) through the
-``Mixture`` -> tokenize -> pack ``chunk_size`` consecutive samples at a time
-with best-fit decreasing -> batch rows.  Every stage is a pure function of the
-index, so the iterator state is just ``(chunk, row)``: a restored pipeline
-recomputes its chunk and skips the rows already served, yielding exactly the
-batches the uninterrupted one would have.
+Stages: ``grain.MapDataset.range`` over sample indices -> map to (task,
+example) through the ``Mixture`` -> tokenize -> pack ``chunk_size``
+consecutive samples at a time with best-fit decreasing -> batch rows.  Every
+stage is a pure function of the index, so the iterator state is just
+``(chunk, row)``: a restored pipeline recomputes its chunk and skips the rows
+already served, yielding exactly the batches the uninterrupted one would have.
+
+Multi-process runs.  The global batch at step ``s`` is a pure function of
+``(seed, s)`` and this config, never of the number of processes: every
+process runs this same iterator, and ``sharding.global_batch`` copies only
+that process's rows of it to its devices.  The batches, and the iterator
+state in a checkpoint, are therefore the same whether 1 or N processes train,
+so a run saved by N processes resumes exactly in M.  The price is that each
+process tokenizes and packs the whole global batch (host work that is small
+next to a train step for the embedded tasks and byte tokenizer; it grows with
+the global batch for an expensive tokenizer).
 """
 
 from __future__ import annotations
@@ -115,9 +124,8 @@ class PackedBatchDataset(grain.IterDataset):
         return _PackedBatches(self._samples, self._cfg, *self._ids)
 
 
-def sample_dataset(cfg: PipelineConfig, sources: Sequence[Source] | None = None, *, process_index: int = 0,
-                   process_count: int = 1, tokenizer=None) -> grain.MapDataset:
-    """The tokenized, mixed, sharded sample stream (before packing)."""
+def sample_dataset(cfg: PipelineConfig, sources: Sequence[Source] | None = None, *, tokenizer=None) -> grain.MapDataset:
+    """The tokenized, mixed sample stream (before packing)."""
     sources = list(sources) if sources is not None else task_sources(cfg.tasks, cfg.split, {t: (a, b) for t, a, b in cfg.task_lengths})
     tok = tokenizer or tokenizers.load(cfg.tokenizer)
     mix = Mixture({s.name: s.size for s in sources}, cfg.mixing, temperature=cfg.temperature, seed=cfg.seed)
@@ -127,17 +135,11 @@ def sample_dataset(cfg: PipelineConfig, sources: Sequence[Source] | None = None,
         prompt, response = sources[t][j]
         return tasks_lib.encode(prompt, response, tok, task_id=t)
 
-    ds = grain.MapDataset.range(0, 1 << 40)[process_index::process_count]
-    return ds.map(to_sample)
+    return grain.MapDataset.range(0, 1 << 40).map(to_sample)
 
 
-def make(cfg: PipelineConfig, sources: Sequence[Source] | None = None, *, process_index: int | None = None,
-         process_count: int | None = None, tokenizer=None) -> _PackedBatches:
-    """An iterator of packed batches; shards by ``jax.process_index()`` unless told."""
-    if process_index is None or process_count is None:
-        import jax
-
-        process_index, process_count = jax.process_index(), jax.process_count()
+def make(cfg: PipelineConfig, sources: Sequence[Source] | None = None, *, tokenizer=None) -> _PackedBatches:
+    """An iterator of global packed batches (``[batch_size, seq_len]`` per field)."""
     tok = tokenizer or tokenizers.load(cfg.tokenizer)
-    samples = sample_dataset(cfg, sources, process_index=process_index, process_count=process_count, tokenizer=tok)
+    samples = sample_dataset(cfg, sources, tokenizer=tok)
     return iter(PackedBatchDataset(samples, cfg, tok.pad_id, tok.eos_id))

@@ -31,6 +31,9 @@ class ModelConfig:
     # activation rematerialisation per decoder layer, in training (jax.checkpoint):
     # "none"; "full" (keep only each layer's input); "dots_saveable" (keep matmul outputs)
     remat: str = "none"
+    # the decoder stack as one Block with [L, ...] parameters under jax.lax.scan
+    # (research.models.scan): compile time independent of depth; names layers.attn.q_proj, ...
+    scan_layers: bool = False
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:

@@ -27,6 +27,10 @@ lm_head.weight                     [V, D]      lm_head                        [D
 q/k rows are in the HF "rotate-half" order (HF's conversion script already
 permuted Meta's interleaved layout), which is the RoPE our model applies, so
 no permutation happens here.  ``lm_head`` is absent when embeddings are tied.
+
+A model with ``scan_layers`` reads and writes the same files: HF layer ``i``
+is row ``i`` of the stacked parameter (``layers.attn.q_proj[i]``,
+``research.models.scan``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from research.models import scan
 from research.models.config import ModelConfig
 from research.safetensors_io import CheckpointError, SafetensorsError, ShardWriter, checkpoint_files
 from research.safetensors_io import open_checked as _open
@@ -97,7 +102,7 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
 
 
 def hf_names(cfg: ModelConfig) -> dict:
-    """Our flat parameter path -> (HF tensor name, transpose?)."""
+    """Our flat parameter path (unscanned layout) -> (HF tensor name, transpose?)."""
     names = {"embedding": ("model.embed_tokens.weight", False), "final_norm.scale": ("model.norm.weight", False)}
     if not cfg.tie_embeddings:
         names["lm_head"] = ("lm_head.weight", True)
@@ -115,7 +120,8 @@ def hf_names(cfg: ModelConfig) -> dict:
     return names
 
 
-def _flat_params(model: nnx.Module) -> dict:
+def flat_params(model: nnx.Module) -> dict:
+    """``{dotted name: nnx.Param}`` of ``model``, in its own layout."""
     state = nnx.state(model, nnx.Param)
     flat = {}
     for path, v in jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
@@ -133,7 +139,11 @@ def from_hf(path: str, dtype=jnp.float32, **overrides) -> Transformer:
         cfg = config_from_hf(json.load(f), param_dtype=jnp.dtype(dtype).name, **overrides)
     files = checkpoint_files(path)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
-    params = _flat_params(model)
+    params = flat_params(model)
+    if cfg.scan_layers:  # filled layer by layer, then set whole
+        stacked = {n: np.empty(v.get_value().shape, jnp.dtype(dtype)) for n, v in params.items() if scan.is_scanned_name(n)}
+        params = {u: _Row(stacked[n], i) for n in stacked for i, u in enumerate(scan.layer_names(n, cfg.n_layers))} | {
+            n: v for n, v in params.items() if n not in stacked}
     handles = {}
     for ours, (theirs, transpose) in hf_names(cfg).items():
         if theirs not in files:
@@ -152,7 +162,24 @@ def from_hf(path: str, dtype=jnp.float32, **overrides) -> Transformer:
         params[ours].set_value(jnp.asarray(arr, dtype=dtype))
     for h in handles.values():
         h.close()
+    if cfg.scan_layers:
+        for name, var in flat_params(model).items():
+            if name in stacked:
+                var.set_value(jnp.asarray(stacked.pop(name)))
     return model
+
+
+class _Row:
+    """Row ``i`` of a stacked numpy buffer, standing in for one layer's parameter."""
+
+    def __init__(self, buf, i):
+        self.buf, self.i = buf, i
+
+    def get_value(self):
+        return self.buf[self.i]
+
+    def set_value(self, value):
+        self.buf[self.i] = np.asarray(value)
 
 
 def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 2**30, force: bool = False) -> None:
@@ -162,10 +189,10 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} exists; pass force=True to overwrite")
     cfg = model.cfg
-    params = _flat_params(model)
+    params = scan.to_flat_layout({n: v.get_value() for n, v in flat_params(model).items()}, scanned=False)
     tensors = {}
     for ours, (theirs, transpose) in hf_names(cfg).items():
-        value = params[ours].get_value()
+        value = params[ours]
         arr = np.asarray(value if dtype is None else value.astype(dtype))
         tensors[theirs] = np.ascontiguousarray(arr.T if transpose else arr)
     out_dtype = str(next(iter(tensors.values())).dtype)

@@ -9,6 +9,10 @@ same segment), tied or untied embeddings, optional q/k/v biases (Qwen2).
     x_btd = model.embed(batch["tokens"])          # the embedding step alone ...
     logits_btv = model.decode(x_btd, segment_ids, positions)   # ... then the rest
 
+``cfg.scan_layers`` stacks the decoder layers and runs them with
+``jax.lax.scan`` (``research.models.scan``); ``cfg.remat`` rematerialises each
+layer in the backward pass.  Logits are float32 in every dtype.
+
 Splitting ``embed`` from ``decode`` is what lets a transform (NEFTune) sit
 between them without patching anything.  Kernels are stored ``[in, out]``.
 """
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from research.models import scan
 from research.models.attention import attention
 from research.models.config import ModelConfig
 
@@ -156,13 +161,16 @@ def _call_block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq):
     return layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
 
 
+def _remat_policy(mode: str):
+    return jax.checkpoint_policies.dots_saveable if mode == "dots_saveable" else None
+
+
 def _remat(mode: str):
     """A block call under ``jax.checkpoint`` with the named policy (``ModelConfig.remat``):
     the backward pass recomputes what the policy does not save."""
     if mode == "none":
         return _call_block
-    policy = jax.checkpoint_policies.dots_saveable if mode == "dots_saveable" else None
-    return nnx.remat(_call_block, policy=policy)
+    return nnx.remat(_call_block, policy=_remat_policy(mode))
 
 
 class Transformer(nnx.Module):
@@ -170,7 +178,10 @@ class Transformer(nnx.Module):
         pd = jnp.dtype(cfg.param_dtype)
         self.cfg = cfg
         self.embedding = _param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), pd, scale=0.02)
-        self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        if cfg.scan_layers:  # one Block with [L, ...] parameters (research.models.scan)
+            self.layers = scan.stacked_block(lambda: Block(cfg, rngs=rngs), cfg.n_layers)
+        else:
+            self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
@@ -188,16 +199,23 @@ class Transformer(nnx.Module):
         """
         inv_freq = rope_frequencies(self.cfg)
         new_caches = []
-        block = _remat(self.cfg.remat)
-        for i, layer in enumerate(self.layers):
-            if kv_caches is None:
+        if self.cfg.scan_layers:
+            call = lambda layer, x, cache: layer(x, segment_ids_bt, positions_bt, inv_freq, cache)
+            out = scan.scan_blocks(self.layers, x_btd, call, kv_caches, remat=self.cfg.remat != "none",
+                                   remat_policy=_remat_policy(self.cfg.remat))
+            x_btd, new_caches = out if kv_caches is not None else (out, None)
+        elif kv_caches is None:
+            block = _remat(self.cfg.remat)
+            for layer in self.layers:
                 x_btd = block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq)
-            else:
-                x_btd, c = layer(x_btd, segment_ids_bt, positions_bt, inv_freq, kv_caches[i])
-                new_caches.append(c)
+        else:
+            for layer, cache in zip(self.layers, kv_caches):
+                x_btd, cache = layer(x_btd, segment_ids_bt, positions_bt, inv_freq, cache)
+                new_caches.append(cache)
         x_btd = self.final_norm(x_btd)
         head = self.embedding.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()
-        logits = (x_btd @ head.astype(x_btd.dtype)).astype(jnp.float32)
+        # float32 logits: the head matmul accumulates and returns float32 whatever the activation dtype
+        logits = jnp.matmul(x_btd, head.astype(x_btd.dtype), preferred_element_type=jnp.float32)
         return logits if kv_caches is None else (logits, new_caches)
 
     def init_cache(self, batch: int, size: int, index=None):

@@ -11,6 +11,11 @@ background write fails) is a ``CheckpointSaveError`` naming the directory, the
 space needed and the last complete step.  Temporary directories of saves that
 never completed (a killed run) are removed when the next run opens the
 directory.
+
+In a multi-process run every process opens the ``Checkpointer`` and calls
+``save``/``restore`` at the same steps: orbax writes each process's shards
+and process 0 the metadata and the data state.  Process 0 alone removes
+stale temporaries, and the others wait for it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import shutil
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from research import distributed
 
 
 class CheckpointMismatch(ValueError):
@@ -84,6 +91,7 @@ class Checkpointer:
         self._quiet = None
         if clean_stale:  # this run writes here: its save failures are ours to report
             self._remove_stale_temporaries()
+            distributed.barrier("research: stale checkpoint temporaries removed")
             self._quiet = _QuietOrbaxErrors()
             logging.getLogger("absl").addFilter(self._quiet)
 
@@ -91,6 +99,8 @@ class Checkpointer:
         """Saves that never completed leave ``<step>.orbax-checkpoint-tmp*``; no save is
         in flight when a run opens its directory (or after a save failed), so every
         one of them is stale."""
+        if not distributed.is_lead():
+            return
         for path in sorted(glob.glob(os.path.join(self.directory, "*.orbax-checkpoint-tmp*"))):
             shutil.rmtree(path, ignore_errors=True)
             if report:
@@ -156,24 +166,26 @@ class Checkpointer:
         return out["state"]["params"], out["state"]["opt_state"], out["data"]
 
     def restore_params(self, step: int, params_target):
+        """The parameters alone, onto ``params_target``'s shardings; the optimizer state is not read."""
         self._check_shapes(step, params_target)
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), params_target
         )
-        meta = self.manager.item_metadata(step)["state"]
-        opt_abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta["opt_state"])
-        out = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore({"params": abstract, "opt_state": opt_abstract}),
-                data=ocp.args.JsonRestore(),
-            ),
-        )
-        return out["state"]["params"]
+        restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
+        state_dir = os.path.join(self.directory, str(step), "state")
+        with ocp.PyTreeCheckpointer() as reader:
+            out = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
+                item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
+        return out["params"]
+
+    def param_shapes(self, step: int) -> dict:
+        """``{parameter name (``layers/0/attn/q_proj``): shape}`` as saved at ``step``
+        (from the metadata alone)."""
+        meta = self.manager.item_metadata(step)["state"]["params"]
+        return {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
 
     def _check_shapes(self, step, params_target):
-        meta = self.manager.item_metadata(step)["state"]["params"]
-        saved = {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+        saved = self.param_shapes(step)
         want = {_name(p): tuple(np.shape(x)) for p, x in jax.tree_util.tree_flatten_with_path(params_target)[0]}
         if saved.keys() != want.keys():
             diff = sorted(set(saved) ^ set(want))[:5]

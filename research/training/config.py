@@ -46,6 +46,8 @@ class TrainConfig:
     # parameters left as they are: globs over dotted leaf names ("embedding", "layers.*.mlp.*");
     # they get no update, no weight decay, no optimizer moments, and no share of the clipping norm
     freeze: tuple = ()
+    # float32 master weights and AdamW moments for bf16/fp16 parameters (research.training.precision)
+    master_weights: bool = False
     seed: int = 0
     # parallelism: (data, fsdp, tensor); -1 = the remaining devices
     mesh: tuple = (-1, 1, 1)
@@ -137,6 +139,8 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise ConfigError(f"{key}={v!r}: must be {rng}")
     if not isinstance(cfg.freeze, tuple) or not all(isinstance(f, str) and f for f in cfg.freeze):
         raise ConfigError(f"freeze={cfg.freeze!r}: expected a tuple of glob patterns over parameter names")
+    if not isinstance(cfg.master_weights, bool):
+        raise ConfigError(f"master_weights={cfg.master_weights!r}: expected True or False")
     if not isinstance(cfg.tasks, tuple) or not cfg.tasks or not all(isinstance(t, str) for t in cfg.tasks):
         raise ConfigError(f"tasks={cfg.tasks!r}: expected a non-empty tuple of task names")
     from research.data.tasks import NAMES
@@ -179,6 +183,8 @@ def _check_model_overrides(cfg: TrainConfig) -> None:
         if name not in fields:
             raise ConfigError(f"model_overrides: unknown model field {name!r}; known: {', '.join(sorted(fields))}")
         want = type(getattr(PRESETS[cfg.model], name))
+        if want is bool and not isinstance(value, bool):
+            raise ConfigError(f"model_overrides: {name}={value!r}: expected True or False")
         if want in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float)) or
                                      (want is int and not isinstance(value, int)) or value <= 0):
             raise ConfigError(f"model_overrides: {name}={value!r}: expected a positive {want.__name__}")
@@ -192,6 +198,9 @@ def _check_model_overrides(cfg: TrainConfig) -> None:
             jnp.dtype(getattr(m, name))
         except TypeError:
             raise ConfigError(f"model_overrides: {name}={getattr(m, name)!r} is not a dtype") from None
+    if cfg.master_weights and jnp.dtype(m.param_dtype).itemsize >= 4:
+        raise ConfigError(f"master_weights=True: the parameters are already {m.param_dtype}; set model_overrides "
+                          "param_dtype='bfloat16' (or 'float16') to keep low-precision parameters with float32 masters")
     if m.attention is not None and m.attention not in IMPLEMENTATIONS:
         raise ConfigError(f"model_overrides: attention={m.attention!r}; choose from {', '.join(IMPLEMENTATIONS)}")
     if m.d_model % m.n_heads or m.n_heads % m.n_kv_heads:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.data import packing, tasks as tasks_lib
+from research.distributed import to_host
 from research.models.decoding import greedy
 from research.training.step import make_eval_loss
 
@@ -45,7 +46,7 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
         fields = {k: jnp.asarray(np.pad(batch[k], ((0, extra), (0, 0)), constant_values=-1 if k == "task_ids" else 0))
                   for k in ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")}
         loss, aux = eval_loss(params, fields)
-        out[name]["loss"] = float(loss)
+        out[name]["loss"] = float(to_host(loss))
     return out
 
 
@@ -60,7 +61,7 @@ def _exact_match(gen, params, examples, tokenizer, max_new_tokens, seq_len):
     for i, p in enumerate(prompts):
         toks[i, : len(p)] = p[:width]
     lengths = np.array([min(len(p), width - 1) for p in prompts], np.int32)
-    done = np.asarray(gen(params, jnp.asarray(toks), jnp.asarray(lengths), max_new))
+    done = np.asarray(to_host(gen(params, jnp.asarray(toks), jnp.asarray(lengths), max_new)))
     correct = 0
     for i, (_, response) in enumerate(examples):
         new = done[i, lengths[i] :].tolist()

@@ -1,4 +1,5 @@
-"""Metric sinks: a CSV file and TensorBoard event files (tensorboardX)."""
+"""Metric sinks: a CSV file and TensorBoard event files (tensorboardX); ``NullWriter``
+for the processes of a multi-process run other than process 0."""
 
 from __future__ import annotations
 
@@ -38,3 +39,13 @@ class MetricWriter:
 
     def close(self) -> None:
         self._tb.close()
+
+
+class NullWriter:
+    """Takes metrics and writes nothing."""
+
+    def write(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

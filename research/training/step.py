@@ -7,11 +7,15 @@ import fnmatch
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from research.merging.tree import leaf_names
+from research.models import scan
 from research.neftune import neftune
+from research.training import precision
 from research.training.config import ConfigError, TrainConfig
 from research.training.loss import packed_loss
 
@@ -21,7 +25,8 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
 
     Parameters named by ``cfg.freeze`` are routed to ``optax.set_to_zero``: their
     update is exactly zero, and they hold no moments and take no part in the
-    clipping norm.
+    clipping norm.  With ``cfg.master_weights`` it runs on a float32 master copy
+    of the parameters (``research.training.precision``).
     """
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, cfg.lr, max(cfg.warmup_steps, 1), max(cfg.steps, cfg.warmup_steps + 1), cfg.lr * cfg.end_lr_fraction
@@ -30,21 +35,40 @@ def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
         optax.clip_by_global_norm(cfg.clip_norm),
         optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay),
     )
-    if not cfg.freeze:
-        return adamw
-    return optax.multi_transform({"train": adamw, "frozen": optax.set_to_zero()},
-                                 lambda params: trainable_labels(params, cfg.freeze))
+    tx = adamw if not cfg.freeze else optax.multi_transform(
+        {"train": adamw, "frozen": optax.set_to_zero()}, lambda params: trainable_labels(params, cfg.freeze))
+    return precision.master_weights(tx) if cfg.master_weights else tx
 
 
 def trainable_labels(params, freeze: tuple):
     """``"frozen"`` for each leaf whose dotted name matches a glob of ``freeze``, else
-    ``"train"``.  A pattern that matches nothing, or freezing every leaf, is a ``ConfigError``."""
+    ``"train"``.  A pattern that matches nothing, or freezing every leaf, is a ``ConfigError``.
+
+    Patterns read the same in both layer layouts: a stacked leaf of a
+    ``scan_layers`` model (``layers.mlp.up_proj``) stands for its per-layer names
+    (``layers.0.mlp.up_proj``, ...) and is frozen when the pattern selects all
+    of them, or names it directly; selecting only some of its layers is a
+    ``ConfigError`` (one leaf has one optimizer label).
+    """
     names = leaf_names(params)
+    layer_counts = [np.shape(x)[0] if scan.is_scanned_name(n) else 0
+                    for n, x in zip(names, jax.tree.leaves(params))]
+    expanded = [scan.layer_names(n, L) if L else [n] for n, L in zip(names, layer_counts)]
+    selects = lambda pattern, i: [fnmatch.fnmatchcase(u, pattern) for u in expanded[i]]
     for pattern in freeze:
-        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+        if not any(fnmatch.fnmatchcase(n, pattern) or any(selects(pattern, i)) for i, n in enumerate(names)):
             raise ConfigError(f"freeze: pattern {pattern!r} matches no parameter; names look like "
                               f"{', '.join(names[:4])}, ...")
-    labels = ["frozen" if any(fnmatch.fnmatchcase(n, p) for p in freeze) else "train" for n in names]
+    labels = []
+    for i, n in enumerate(names):
+        direct = any(fnmatch.fnmatchcase(n, p) for p in freeze)
+        hit = [any(h) for h in zip(*(selects(p, i) for p in freeze))] if freeze else [False]
+        if not direct and any(hit) and not all(hit):
+            chosen = [j for j, h in enumerate(hit) if h]
+            raise ConfigError(f"freeze={freeze!r} selects layers {chosen} of the stacked parameter {n} "
+                              f"({len(hit)} layers, scan_layers=True): freeze all of its layers, or set "
+                              "model_overrides scan_layers=False to freeze single layers")
+        labels.append("frozen" if direct or all(hit) else "train")
     if "train" not in labels:
         raise ConfigError(f"freeze={freeze!r} freezes every parameter: nothing to train")
     return jax.tree.unflatten(jax.tree.structure(params), labels)
@@ -66,21 +90,21 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_
         fn = lambda p: loss_and_aux(graphdef, p, batch, key, step, alpha=cfg.neftune_alpha, n_tasks=n_tasks, train=True)
         (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params = precision.apply_updates(params, updates, opt_state)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates), **aux}
         return params, opt_state, metrics
 
     return jax.jit(
         step_fn,
         in_shardings=(param_sh, opt_sh, batch_sh, None, None),
-        out_shardings=(param_sh, opt_sh, None),
+        out_shardings=(param_sh, opt_sh, NamedSharding(batch_sh.mesh, P())),  # metrics: on every process
         donate_argnums=(0, 1),
     )
 
 
 # the fields of TrainConfig that the compiled step depends on (optimizer, schedule, NEFTune)
 STEP_FIELDS = ("lr", "warmup_steps", "steps", "end_lr_fraction", "weight_decay", "b1", "b2", "clip_norm",
-               "neftune_alpha", "freeze")
+               "neftune_alpha", "freeze", "master_weights")
 _STEPS: dict = {}  # a few recent steps, by what they compile from
 
 

@@ -10,6 +10,16 @@ A NaN/Inf loss stops training naming the step (the last good checkpoint
 stays); Ctrl-C is deferred to the next step boundary (the step being computed
 has donated its inputs), saves a consistent checkpoint there and exits; a
 second Ctrl-C exits at once without saving.
+
+Multi-process runs (``research.distributed``) run this same loop in every
+process.  The global batch is the same whatever the process count (see
+``research.data.pipeline``); each process places its rows.  Checkpoints are
+written collectively by orbax (each process its shards, process 0 the
+metadata and the data state).  Process 0 alone writes the run's config,
+metrics and progress bar.  Evaluation is SPMD: every process runs the same
+jitted generation over the sharded parameters and gets the gathered
+results; process 0 records them.  A Ctrl-C seen by any process stops all of
+them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -30,14 +40,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from research import sharding
+from research import distributed, sharding
 from research.data import pipeline, tokenizers
-from research.models import Transformer, from_hf, preset
+from research.models import Transformer, from_hf, preset, scan
 from research.training import run_config
 from research.training.checkpoint import Checkpointer, CheckpointSaveError
 from research.training.config import TrainConfig, validate
 from research.training.evaluate import evaluate
-from research.training.metrics import MetricWriter
+from research.training.metrics import MetricWriter, NullWriter
 from research.training.step import make_optimizer, train_step_for
 
 
@@ -86,21 +96,42 @@ def model_config(cfg: TrainConfig):
     return preset(cfg.model, **dict(cfg.model_overrides))
 
 
+# model_overrides that shape the computation, not the weights: they apply to an HF init too
+_RUNTIME_FIELDS = ("attention", "segment_mask", "block_size", "dtype", "remat", "scan_layers")
+
+
 def build_model(cfg: TrainConfig, mesh):
+    """The model of ``cfg`` on ``mesh``: initialised in place, or read from ``init_from``
+    (an HF directory, or a run directory's latest parameters in either layer layout)."""
     mcfg = model_config(cfg)
-    make = lambda: Transformer(mcfg, rngs=nnx.Rngs(cfg.seed))
+    make = lambda c=mcfg: Transformer(c, rngs=nnx.Rngs(cfg.seed))
     if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json")):
-        model = from_hf(cfg.init_from, dtype=jnp.dtype(mcfg.param_dtype))
-    elif cfg.init_from:
+        runtime = {k: v for k, v in cfg.model_overrides if k in _RUNTIME_FIELDS}
+        model = from_hf(cfg.init_from, dtype=jnp.dtype(mcfg.param_dtype), **runtime)
+        return sharding.shard_model(model, mesh)
+    if cfg.init_from:
         ck = Checkpointer(os.path.join(cfg.init_from, "checkpoints"), save_every=0, keep=1, async_save=False)
-        if ck.latest() is None:
-            raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there")
-        graphdef, params = nnx.split(nnx.eval_shape(make), nnx.Param)  # shapes only: nothing is initialised
-        model = nnx.merge(graphdef, ck.restore_params(ck.latest(), params))
-        ck.close()
-    else:
-        model = nnx.jit(make)()  # one compiled program rather than an eager op per parameter
-    return sharding.shard_model(model, mesh)
+        try:
+            if ck.latest() is None:
+                raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there")
+            saved_scanned = any(scan.is_scanned_name(n.replace("/", ".")) for n in ck.param_shapes(ck.latest()))
+            graphdef, params = nnx.split(nnx.eval_shape(lambda: make(mcfg.replace(scan_layers=saved_scanned))), nnx.Param)
+            target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                  params, sharding.state_shardings(params, mesh))
+            params = ck.restore_params(ck.latest(), target)  # read straight into its shards
+        finally:
+            ck.close()
+        if saved_scanned == mcfg.scan_layers:
+            return nnx.merge(graphdef, params)
+        # the other layer layout: stacked or unstacked on the mesh, in one compiled program
+        out_graphdef, out_abstract = nnx.split(nnx.eval_shape(make), nnx.Param)
+        convert = jax.jit(lambda p: nnx.state(scan.to_layout(nnx.merge(graphdef, p), mcfg.scan_layers), nnx.Param),
+                          out_shardings=sharding.state_shardings(out_abstract, mesh))
+        return nnx.merge(out_graphdef, convert(params))
+    # initialised in place: one compiled program, each device computing only its shards
+    graphdef, abstract = nnx.split(nnx.eval_shape(make))
+    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=sharding.state_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)
 
 
 def _move_aside_old_run(workdir: str) -> None:
@@ -117,8 +148,13 @@ def _eval_row(results: dict) -> dict:
     return {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items() if v is not None}
 
 
-def _host_batch(batch, batch_sh):
-    return jax.device_put({k: jnp.asarray(v) for k, v in batch.items()}, batch_sh)
+def _stop_requested(interrupt) -> bool:
+    """Whether any process saw Ctrl-C: all of them stop (and save) at the same step."""
+    if jax.process_count() == 1:
+        return interrupt.requested
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.int32(interrupt.requested))))
 
 
 def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume: bool = True,
@@ -130,18 +166,21 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
     unless ``override_resume`` (see ``research.training.run_config``).
     """
     cfg = validate(cfg)  # every field, before any work
-    if not resume:
+    lead = distributed.is_lead()
+    if not resume and lead:
         _move_aside_old_run(workdir)
+    distributed.barrier("research.train: workdir ready")
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.save_every, keep=cfg.keep,
                         clean_stale=True)
     start = ckpt.latest() if resume else None
     try:
         if start is not None:
             run_config.check_resume(cfg, workdir, start, override=override_resume)
-            if start >= cfg.steps:
+            if start >= cfg.steps and lead:
                 print(f"{workdir}: the run is complete at step {start} (steps={cfg.steps}); nothing to train. "
                       "Raise steps to continue it")
-        run_config.write(cfg, workdir)
+        if lead:
+            run_config.write(cfg, workdir)
         return _train(cfg, workdir, ckpt, start or 0, stop_at, evaluate_at_end)
     except BaseException:
         with contextlib.suppress(Exception):  # the error in flight is the one to report
@@ -171,25 +210,27 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
     pcfg = pipeline.PipelineConfig(tasks=tuple(cfg.tasks), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                    mixing=cfg.mixing, seed=cfg.seed, chunk_size=cfg.chunk_size,
                                    task_lengths=tuple(cfg.task_lengths))
-    data = pipeline.make(pcfg, process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tok)
+    data = pipeline.make(pcfg, tokenizer=tok)  # the global batches; each process places its rows
     if start:
         params, opt_state, data_state = ckpt.restore(start, params, opt_state)
         data.set_state(data_state)
-    writer = MetricWriter(os.path.join(workdir, "logs"))
+    lead = distributed.is_lead()
+    writer = MetricWriter(os.path.join(workdir, "logs")) if lead else NullWriter()
     key = jax.random.key(cfg.seed)
     end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
     history, real_tokens, t0 = [], 0, time.perf_counter()
-    bar = tqdm(total=end, initial=start, desc="train", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=end, initial=start, desc="train", disable=not (cfg.progress and lead),
+                dynamic_ncols=True)
     step = start
     interrupt = _DeferredInterrupt()
     try:
         with interrupt.installed():
             while step < end:
-                if interrupt.requested:
+                if _stop_requested(interrupt):
                     raise _StopAtBoundary
                 batch = next(data)
                 real_tokens += int((batch["segment_ids"] > 0).sum())
-                params, opt_state, m = step_fn(params, opt_state, _host_batch(batch, batch_sh), key, jnp.int32(step))
+                params, opt_state, m = step_fn(params, opt_state, sharding.global_batch(batch, batch_sh), key, jnp.int32(step))
                 loss, gnorm, unorm = float(m["loss"]), float(m["grad_norm"]), float(m["update_norm"])
                 step += 1
                 if not all(map(math.isfinite, (loss, gnorm, unorm))):
@@ -200,8 +241,8 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
                         f"saving it. The last good checkpoint is step {ckpt.latest()} in {ckpt.directory}"
                     )
                 row = {"loss": loss, "grad_norm": gnorm}
-                tw = np.asarray(m["task_weight_sum"])
-                tl = np.asarray(m["task_loss_sum"])
+                tw = np.asarray(distributed.to_host(m["task_weight_sum"]))
+                tl = np.asarray(distributed.to_host(m["task_loss_sum"]))
                 row.update({f"loss/{t}": tl[i] / tw[i] for i, t in enumerate(cfg.tasks) if tw[i] > 0})
                 history.append(row)
                 tps = real_tokens / max(time.perf_counter() - t0, 1e-9)
@@ -218,7 +259,8 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
         bar.close()
         if isinstance(stop, _StopAtBoundary):
             ckpt.save(step, params, opt_state, data.get_state(), force=True)
-            print(f"\ninterrupted: saved step {step} to {ckpt.directory}")
+            if lead:
+                print(f"\ninterrupted: saved step {step} to {ckpt.directory}")
         else:  # a second Ctrl-C, mid-step: the in-flight state may be donated
             print(f"\ninterrupted twice: not saving; the last checkpoint is step {ckpt.latest()}")
         ckpt.close()

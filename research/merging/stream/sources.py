@@ -39,26 +39,30 @@ class TensorSource:
         return self._handles[fp]
 
     def _load_orbax(self, path):
-        """Our training runs: the latest step's parameters (read whole, not streamed)."""
+        """Our training runs: the latest step's parameters (read whole, not streamed; the
+        optimizer state is not read), on this process's first device.  A ``scan_layers``
+        run's stacked tensors are split per layer (``layers.3.attn.q_proj``), so the
+        merge sees the same names whichever layout the run trained in."""
         import jax
 
+        from research.merging.tree import path_name
+        from research.models import scan
         from research.training.checkpoint import Checkpointer
 
         ck_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path)
         ck = Checkpointer(ck_dir, save_every=0, keep=1, async_save=False)
-        step = ck.latest() if not _is_orbax_step(path) else int(os.path.basename(path))
-        if step is None:
-            raise CheckpointError(f"{path}: an orbax directory without checkpoints")
-        meta = ck.manager.item_metadata(step)["state"]
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
-        import orbax.checkpoint as ocp
-
-        state = ck.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-        ck.close()
-        from research.merging.tree import path_name
-
-        flat = jax.tree_util.tree_flatten_with_path(state["params"])[0]
-        self._arrays = {path_name(p): np.asarray(v) for p, v in flat}
+        try:
+            step = ck.latest() if not _is_orbax_step(path) else int(os.path.basename(path))
+            if step is None:
+                raise CheckpointError(f"{path}: an orbax directory without checkpoints")
+            here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            meta = ck.manager.item_metadata(step)["state"]["params"]
+            target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
+            params = ck.restore_params(step, target)
+        finally:
+            ck.close()
+        flat = {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+        self._arrays = scan.to_flat_layout(flat, scanned=False)
         self.shapes = {k: v.shape for k, v in self._arrays.items()}
         self.dtypes = {k: v.dtype for k, v in self._arrays.items()}
 
