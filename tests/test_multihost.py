@@ -9,6 +9,7 @@ has 8 fake CPU devices (conftest), on the same (2, 2, 2) mesh.
 import csv
 import dataclasses
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -93,7 +94,7 @@ def _assert_params_close(got, want, atol):
 ATOL = 1e-6
 
 
-def test_two_processes_train_what_one_process_trains(tmp_path, reference):
+def test_two_processes_train_what_one_process_trains_and_their_checkpoint_resumes_in_one(tmp_path, reference):
     ref, ref_losses = reference
     workdir = tmp_path / "two"
     outs = _finish(_launch(tmp_path, workdir))
@@ -103,13 +104,12 @@ def test_two_processes_train_what_one_process_trains(tmp_path, reference):
     _assert_params_close(_params_at(workdir, 4, ref.params), jax.device_get(ref.params), ATOL)
     assert not os.path.exists(workdir / "logs" / "metrics.csv.tmp")
 
-
-def test_a_checkpoint_of_two_processes_resumes_in_one(tmp_path, reference):
-    ref, ref_losses = reference
-    workdir = tmp_path / "resumed"
-    _finish(_launch(tmp_path, workdir, "--stop-at", "2"))
-    assert Checkpointer(str(workdir / "checkpoints"), save_every=0, keep=1, async_save=False).latest() == 2
-    res = train(CFG, str(workdir), evaluate_at_end=False)  # this process: 8 devices, one process
+    # the step-2 checkpoint the two processes wrote, resumed by this process alone (8 devices)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(workdir, resumed)
+    shutil.rmtree(resumed / "checkpoints" / "4")
+    assert Checkpointer(str(resumed / "checkpoints"), save_every=0, keep=1, async_save=False).latest() == 2
+    res = train(CFG, str(resumed), evaluate_at_end=False)
     assert res.step == 4
     np.testing.assert_allclose([h["loss"] for h in res.history], ref_losses[2:], rtol=0, atol=ATOL)
     _assert_params_close(jax.device_get(res.params), jax.device_get(ref.params), ATOL)
