@@ -15,10 +15,13 @@ shard is ever held in memory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import struct
+import tempfile
 
 import ml_dtypes
 import numpy as np
@@ -270,3 +273,23 @@ def open_checked(fp: str) -> SafetensorsFile:
         raise CheckpointError(str(e)) from None
     except OSError as e:
         raise CheckpointError(f"{fp}: cannot open ({e.strerror})") from None
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, *, force: bool = False):
+    """A temporary directory beside ``path``, renamed to ``path`` when the block
+    completes and removed if it fails (or is interrupted).  An existing ``path``
+    is a ``FileExistsError`` unless ``force``, and is replaced only at the end."""
+    if os.path.exists(path) and not force:
+        raise FileExistsError(f"{path} exists; pass force=True to overwrite")
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -92,6 +92,17 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("batch", "length")))
 
 
+def constrain(x, logical_axes, mesh: jax.sharding.Mesh):
+    """``x`` pinned to the sharding of its logical axes (``jax.lax.with_sharding_constraint``).
+
+    The train step pins the activations to the batch sharding (``("batch",
+    "length", "embed")``: rows over ``data`` x ``fsdp``) and the logits to
+    ``("batch", "length", "vocab")``; left to itself, XLA may shard them like the
+    FSDP-sharded weights they meet and replicate the batch instead.
+    """
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_to_spec(logical_axes, mesh, x.shape)))
+
+
 def process_rows(sharding: NamedSharding, global_rows: int) -> list[tuple[int, int]]:
     """The ``[start, stop)`` row ranges of a ``[global_rows, ...]`` array that this
     process's devices hold under ``sharding``, in order (replicas counted once)."""

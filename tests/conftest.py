@@ -1,12 +1,30 @@
-"""Test set-up: 8 fake CPU devices for the sharding tests (before JAX starts)."""
+"""Test set-up: 8 fake CPU devices for the sharding tests (before JAX starts), and
+one compilation cache for the whole run, shared by the xdist workers and the
+subprocesses they start (the CLI, multi-process workers), so the same train
+step is compiled once per run rather than once per test.  The cache is a
+fresh temporary directory, removed by the process that made it."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _shared_tmp(var: str, prefix: str) -> None:
+    if var not in os.environ:  # the first process (the xdist controller) makes it; workers inherit it
+        os.environ[var] = tempfile.mkdtemp(prefix=prefix)
+        atexit.register(shutil.rmtree, os.environ[var], True)
+
+
 # merge CLI runs keep compiled programs here, not in the user's ~/.cache
-os.environ.setdefault("RESEARCH_MERGE_CACHE", tempfile.mkdtemp(prefix="research-merge-cache-"))
+_shared_tmp("RESEARCH_MERGE_CACHE", "research-merge-cache-")
+_shared_tmp("JAX_COMPILATION_CACHE_DIR", "research-jax-cache-")
+os.environ.setdefault("RESEARCH_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])  # experiments/quickstart.py
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 

@@ -110,3 +110,7 @@ def test_plan_memory_compiles_ahead_of_time_on_fake_devices():
     assert "remat full; mesh data,fsdp,tensor = 2,2,2" in out and "per device: arguments" in out
     assert "temporaries" in out and "compile" in out
     assert "(2 layers, loop)" in out and "(2 layers, scan)" in out  # both layouts, each compiled
+    lora = _run(["experiments/plan_memory.py", "--preset", "tiny", "--mesh", "1,2,1", "--seq", "32", "--batch", "2",
+                 "--layouts", "scan", "--param-dtype", "bfloat16", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj"])
+    # adapters alone are trained: 2 layers x (q: 32x4 + 4x32, v: 32x4 + 4x16)
+    assert "LoRA r=4 on q_proj,v_proj: 896 float32 adapter entries trained" in lora, lora

@@ -230,6 +230,7 @@ def test_compiled_programs_are_kept_between_cli_runs(models, tmp_path_factory):
     cfg = write_cfg(tmp, ta)  # an XLA merge program
     cache = tmp_path_factory.mktemp("cache")
     env = {**os.environ, "XLA_FLAGS": "", "RESEARCH_MERGE_CACHE": str(cache)}
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the test run's shared cache (conftest) would take precedence
     run = lambda out, *extra: subprocess.run([sys.executable, "-m", "research.merging", cfg, str(tmp / out), "--no-progress", *extra],
                                              capture_output=True, text=True, env=env, timeout=300)
     assert run("off", "--no-compile-cache").returncode == 0

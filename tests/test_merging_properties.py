@@ -76,7 +76,7 @@ def test_deterministic_methods_ignore_model_order(method, seed, perm):
     chex.assert_trees_all_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=20, deadline=None)
 @given(
     shape=st.sampled_from(SHAPES + [(64, 33), (1000,)]),
     density=st.floats(0.01, 1.0),

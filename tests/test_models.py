@@ -40,19 +40,26 @@ def _token_losses(model, batch):
 
 def _unpacked_reference(model, batch):
     """Each sample alone, unpadded (dense attention): logits, losses, summed loss."""
-    seg = np.asarray(batch["segment_ids"][0])
-    logits, losses = [], []
-    for s in range(1, seg.max() + 1):
-        cols = np.flatnonzero(seg == s)
-        one = {k: v[:, cols] for k, v in batch.items() if k != "segment_ids" and k != "positions"}
-        logits.append(model(one))
-        losses.append(_token_losses(model, one))
-    return jnp.concatenate(logits, 1), jnp.concatenate(losses, 1)
+    seg = np.asarray(batch["segment_ids"])[0]
+    graphdef, state = nnx.split(model)
+
+    @jax.jit  # one program for all samples (eager, each op of each length compiles on its own)
+    def alone(state, batch):
+        m = nnx.merge(graphdef, state)
+        logits, losses = [], []
+        for s in range(1, seg.max() + 1):
+            cols = np.flatnonzero(seg == s)
+            one = {k: v[:, cols] for k, v in batch.items() if k != "segment_ids" and k != "positions"}
+            logits.append(m(one))
+            losses.append(_token_losses(m, one))
+        return jnp.concatenate(logits, 1), jnp.concatenate(losses, 1)
+
+    return alone(state, batch)
 
 
 def _grads(model, loss_fn):
     graphdef, params = nnx.split(model, nnx.Param)
-    return jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p)))(params)
+    return jax.jit(jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p))))(params)
 
 
 BACKENDS = ["xla", "blockwise", "pallas_gpu"]

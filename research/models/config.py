@@ -3,9 +3,34 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters (``research.models.lora``) on the kernels named in ``targets``."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple = ("q_proj", "v_proj")  # peft's default for Llama
+    dropout: float = 0.0  # on the adapter's input, in training
+    rslora: bool = False  # scale alpha / sqrt(rank) instead of alpha / rank
+
+    def __post_init__(self):
+        bad = [t for t in self.targets if t not in LORA_TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"LoRA targets {self.targets!r}: choose among {', '.join(LORA_TARGETS)}")
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA rank={self.rank}, alpha={self.alpha}, dropout={self.dropout}: "
+                             "need rank >= 1, alpha > 0, 0 <= dropout < 1")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rslora else self.rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +59,8 @@ class ModelConfig:
     # the decoder stack as one Block with [L, ...] parameters under jax.lax.scan
     # (research.models.scan): compile time independent of depth; names layers.attn.q_proj, ...
     scan_layers: bool = False
+    # low-rank adapters on the decoder's kernels (research.models.lora); None = none
+    lora: LoRAConfig | None = None
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +46,7 @@ from flax import nnx
 
 from research.models import scan
 from research.models.config import ModelConfig
-from research.safetensors_io import CheckpointError, SafetensorsError, ShardWriter, checkpoint_files
+from research.safetensors_io import CheckpointError, SafetensorsError, ShardWriter, atomic_directory, checkpoint_files
 from research.safetensors_io import open_checked as _open
 from research.models.transformer import Transformer
 
@@ -182,10 +181,17 @@ class _Row:
         self.buf[self.i] = np.asarray(value)
 
 
-def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 2**30, force: bool = False) -> None:
+def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 2**30, force: bool = False,
+            extra_files: dict | None = None, copy_files=()) -> None:
     """Write ``model`` as an HF directory: config.json plus safetensors (sharded
-    with an index above ``shard_size`` bytes).  Written to a temporary directory
-    and renamed when complete; an existing ``path`` is refused unless ``force``."""
+    with an index above ``shard_size`` bytes), ``extra_files`` (``{name: text}``)
+    and copies of ``copy_files`` (tokenizer files).  Written to a temporary
+    directory and renamed when complete; an existing ``path`` is refused unless
+    ``force``.  A LoRA model is refused: save ``lora.merged(model)``, or its
+    adapters with ``lora.save_peft``."""
+    if model.cfg.lora is not None:
+        raise ValueError("save_hf: the model has LoRA adapters; save research.models.lora.merged(model) "
+                         "(or the adapters alone with lora.save_peft)")
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} exists; pass force=True to overwrite")
     cfg = model.cfg
@@ -196,19 +202,15 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
         arr = np.asarray(value if dtype is None else value.astype(dtype))
         tensors[theirs] = np.ascontiguousarray(arr.T if transpose else arr)
     out_dtype = str(next(iter(tensors.values())).dtype)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
-    try:
+    with atomic_directory(path, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size, layout=[(n, a.shape, a.dtype) for n, a in tensors.items()])
         for name, arr in tensors.items():
             writer.add(name, arr)
         writer.finish()
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config_to_hf(cfg, {"bfloat16": "bfloat16", "float16": "float16"}.get(out_dtype, "float32")), f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+        for src in copy_files:
+            shutil.copy2(src, os.path.join(tmp, os.path.basename(src)))

@@ -46,31 +46,33 @@ def stacked_block(make_block, n_layers: int) -> nnx.Module:
     return nnx.merge(graphdef, jax.tree.map(stack, *states, is_leaf=_is_var))
 
 
-def scan_blocks(layers: nnx.Module, x_btd, call, kv_caches=None, remat_policy=None, remat: bool = False):
+def scan_blocks(layers: nnx.Module, x_btd, call, kv_caches=None, keys=None, remat_policy=None, remat: bool = False):
     """Run the stacked ``layers`` over ``x_btd`` with ``jax.lax.scan``.
 
-    ``call(layer, x_btd, kv_cache)`` applies one (unstacked) block and returns
-    ``x_btd``, or ``(x_btd, kv_cache)`` when ``kv_cache`` is given.
+    ``call(layer, x_btd, kv_cache, key)`` applies one (unstacked) block and
+    returns ``x_btd``, or ``(x_btd, kv_cache)`` when ``kv_cache`` is given.
     ``kv_caches`` is the per-layer list of ``Attention`` caches; it is stacked
-    for the scan and returned as a list again.  With ``remat`` the layer body is
+    for the scan and returned as a list again.  ``keys`` (``[L]`` random keys
+    or ``None``) gives layer ``i`` its key.  With ``remat`` the layer body is
     under ``jax.checkpoint(policy=remat_policy)``.
     """
     graphdef, state = nnx.split(layers)
     if kv_caches is None:
-        def body(x, layer_state):
-            return call(nnx.merge(graphdef, layer_state), x, None)
+        def body(x, xs):
+            layer_state, key = xs
+            return call(nnx.merge(graphdef, layer_state), x, None, key)
         if remat:
             body = jax.checkpoint(body, policy=remat_policy, prevent_cse=False)
-        x_btd, _ = jax.lax.scan(lambda x, s: (body(x, s), None), x_btd, state)
+        x_btd, _ = jax.lax.scan(lambda x, xs: (body(x, xs), None), x_btd, (state, keys))
         return x_btd
 
     stacked = jax.tree.map(lambda *cs: jnp.stack(cs), *kv_caches)
 
     def body(x, xs):
-        layer_state, cache = xs
-        return call(nnx.merge(graphdef, layer_state), x, cache)
+        layer_state, cache, key = xs
+        return call(nnx.merge(graphdef, layer_state), x, cache, key)
 
-    x_btd, new = jax.lax.scan(body, x_btd, (state, stacked))
+    x_btd, new = jax.lax.scan(body, x_btd, (state, stacked, keys))
     return x_btd, [jax.tree.map(lambda a: a[i], new) for i in range(len(kv_caches))]
 
 

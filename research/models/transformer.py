@@ -11,7 +11,10 @@ same segment), tied or untied embeddings, optional q/k/v biases (Qwen2).
 
 ``cfg.scan_layers`` stacks the decoder layers and runs them with
 ``jax.lax.scan`` (``research.models.scan``); ``cfg.remat`` rematerialises each
-layer in the backward pass.  Logits are float32 in every dtype.
+layer in the backward pass.  Logits are float32 in every dtype.  ``cfg.lora``
+adds low-rank adapters to the targeted kernels (``research.models.lora``);
+``decode(..., key=k)`` switches their dropout on (layer ``i`` uses
+``fold_in(k, i)``, in either layout).
 
 Splitting ``embed`` from ``decode`` is what lets a transform (NEFTune) sit
 between them without patching anything.  Kernels are stored ``[in, out]``.
@@ -25,7 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from research.models import scan
+from research.models import lora, scan
 from research.models.attention import attention
 from research.models.config import ModelConfig
 
@@ -92,29 +95,37 @@ class Attention(nnx.Module):
             self.q_bias = _param(rngs, (N * H,), ("q_heads",), pd, init="zeros")
             self.k_bias = _param(rngs, (K * H,), ("kv_heads",), pd, init="zeros")
             self.v_bias = _param(rngs, (K * H,), ("kv_heads",), pd, init="zeros")
+        self.lora = lora.adapters(cfg, {"q_proj": (D, N * H, ("embed", "q_heads")), "k_proj": (D, K * H, ("embed", "kv_heads")),
+                                        "v_proj": (D, K * H, ("embed", "kv_heads")), "o_proj": (N * H, D, ("q_heads", "embed"))},
+                                  rngs=rngs)
 
-    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None):
+    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None, key=None):
         """Attention over the packed row, or, with ``kv_cache``, over a cache.
 
         ``kv_cache = {"k": [B, S, K, H], "v": [B, S, K, H], "index": [B]}``: this
         call's ``T`` keys and values are written at ``index .. index + T - 1``
         of each row, then every query ``t`` attends to cache slots
         ``<= index + t`` (dense, causal; ``segment_ids_bt`` is not used).
-        Returns ``(out, kv_cache)`` with the cache updated.
+        Returns ``(out, kv_cache)`` with the cache updated.  ``key``: the layer's
+        adapter-dropout key (``None``: no dropout).
         """
         cfg = self.cfg
         B, T, _ = x_btd.shape
         dt = x_btd.dtype
-        proj = lambda w, b=None: (x_btd @ w.get_value().astype(dt)) + (0 if b is None else b.get_value().astype(dt))
-        bias = (lambda n: getattr(self, n)) if cfg.qkv_bias else (lambda n: None)
-        q = proj(self.q_proj, bias("q_bias")).reshape(B, T, cfg.n_heads, cfg.hd)
-        k = proj(self.k_proj, bias("k_bias")).reshape(B, T, cfg.n_kv_heads, cfg.hd)
-        v = proj(self.v_proj, bias("v_bias")).reshape(B, T, cfg.n_kv_heads, cfg.hd)
+
+        def proj(name):
+            y = lora.project(x_btd, getattr(self, name), self.lora, name, key)
+            return y + getattr(self, name[0] + "_bias").get_value().astype(dt) if cfg.qkv_bias else y
+
+        q = proj("q_proj").reshape(B, T, cfg.n_heads, cfg.hd)
+        k = proj("k_proj").reshape(B, T, cfg.n_kv_heads, cfg.hd)
+        v = proj("v_proj").reshape(B, T, cfg.n_kv_heads, cfg.hd)
+        out_proj = lambda o: lora.project(o.reshape(B, T, -1), self.o_proj, self.lora, "o_proj", key)
         q, k = apply_rope(q, positions_bt, inv_freq), apply_rope(k, positions_bt, inv_freq)
         if kv_cache is None:
             out = attention(q, k, v, segment_ids_bt, implementation=cfg.attention, segment_mask=cfg.segment_mask,
                             block_size=cfg.block_size)
-            return out.reshape(B, T, -1) @ self.o_proj.get_value().astype(dt)
+            return out_proj(out)
         index = kv_cache["index"]
         write = jax.vmap(lambda c, new, i: jax.lax.dynamic_update_slice_in_dim(c, new.astype(c.dtype), i, axis=0))
         k_cache, v_cache = write(kv_cache["k"], k, index), write(kv_cache["v"], v, index)
@@ -122,8 +133,7 @@ class Attention(nnx.Module):
         mask_bts = slot_s[None, None, :] <= (index[:, None] + jnp.arange(T)[None, :])[..., None]
         out = jax.nn.dot_product_attention(q, k_cache.astype(dt), v_cache.astype(dt), mask=mask_bts[:, None],
                                            implementation="xla")
-        out = out.reshape(B, T, -1) @ self.o_proj.get_value().astype(dt)
-        return out, {"k": k_cache, "v": v_cache, "index": index}
+        return out_proj(out), {"k": k_cache, "v": v_cache, "index": index}
 
 
 class MLP(nnx.Module):
@@ -133,11 +143,13 @@ class MLP(nnx.Module):
         self.gate_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (F, D), ("mlp", "embed"), pd)
+        self.lora = lora.adapters(cfg, {"gate_proj": (D, F, ("embed", "mlp")), "up_proj": (D, F, ("embed", "mlp")),
+                                        "down_proj": (F, D, ("mlp", "embed"))}, rngs=rngs)
 
-    def __call__(self, x_btd):
-        dt = x_btd.dtype
-        h = jax.nn.silu(x_btd @ self.gate_proj.get_value().astype(dt)) * (x_btd @ self.up_proj.get_value().astype(dt))
-        return h @ self.down_proj.get_value().astype(dt)
+    def __call__(self, x_btd, key=None):
+        proj = lambda x, name: lora.project(x, getattr(self, name), self.lora, name, key)
+        h = jax.nn.silu(proj(x_btd, "gate_proj")) * proj(x_btd, "up_proj")
+        return proj(h, "down_proj")
 
 
 class Block(nnx.Module):
@@ -148,17 +160,17 @@ class Block(nnx.Module):
         self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
-    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None):
+    def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None, key=None):
         """The residual block; with ``kv_cache`` (see ``Attention``) returns ``(x, kv_cache)``."""
-        h = self.attn(self.input_norm(x_btd), segment_ids_bt, positions_bt, inv_freq, kv_cache)
+        h = self.attn(self.input_norm(x_btd), segment_ids_bt, positions_bt, inv_freq, kv_cache, key)
         h, kv_cache = h if kv_cache is not None else (h, None)
         x_btd = x_btd + h
-        x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd))
+        x_btd = x_btd + self.mlp(self.post_attn_norm(x_btd), key)
         return x_btd if kv_cache is None else (x_btd, kv_cache)
 
 
-def _call_block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq):
-    return layer(x_btd, segment_ids_bt, positions_bt, inv_freq)
+def _call_block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq, key):
+    return layer(x_btd, segment_ids_bt, positions_bt, inv_freq, key=key)
 
 
 def _remat_policy(mode: str):
@@ -190,27 +202,29 @@ class Transformer(nnx.Module):
         """Token embeddings ``[B, T, D]`` in the activation dtype."""
         return self.embedding.get_value()[tokens_bt].astype(jnp.dtype(self.cfg.dtype))
 
-    def decode(self, x_btd, segment_ids_bt, positions_bt, kv_caches=None):
+    def decode(self, x_btd, segment_ids_bt, positions_bt, kv_caches=None, *, key=None):
         """Everything after the embedding: blocks, final norm, logits ``[B, T, V]`` (float32).
 
         With ``kv_caches`` (one per layer, see ``Attention``; ``init_cache``)
         returns ``(logits, kv_caches)``: the incremental decoding of
-        ``research.generate``.
+        ``research.generate``.  ``key`` switches adapter dropout on (training).
         """
         inv_freq = rope_frequencies(self.cfg)
+        L = self.cfg.n_layers
+        keys = [None] * L if key is None else [jax.random.fold_in(key, i) for i in range(L)]
         new_caches = []
         if self.cfg.scan_layers:
-            call = lambda layer, x, cache: layer(x, segment_ids_bt, positions_bt, inv_freq, cache)
-            out = scan.scan_blocks(self.layers, x_btd, call, kv_caches, remat=self.cfg.remat != "none",
-                                   remat_policy=_remat_policy(self.cfg.remat))
+            call = lambda layer, x, cache, k: layer(x, segment_ids_bt, positions_bt, inv_freq, cache, k)
+            out = scan.scan_blocks(self.layers, x_btd, call, kv_caches, None if key is None else jnp.stack(keys),
+                                   remat=self.cfg.remat != "none", remat_policy=_remat_policy(self.cfg.remat))
             x_btd, new_caches = out if kv_caches is not None else (out, None)
         elif kv_caches is None:
             block = _remat(self.cfg.remat)
-            for layer in self.layers:
-                x_btd = block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq)
+            for layer, k in zip(self.layers, keys):
+                x_btd = block(layer, x_btd, segment_ids_bt, positions_bt, inv_freq, k)
         else:
-            for layer, cache in zip(self.layers, kv_caches):
-                x_btd, cache = layer(x_btd, segment_ids_bt, positions_bt, inv_freq, cache)
+            for layer, cache, k in zip(self.layers, kv_caches, keys):
+                x_btd, cache = layer(x_btd, segment_ids_bt, positions_bt, inv_freq, cache, k)
                 new_caches.append(cache)
         x_btd = self.final_norm(x_btd)
         head = self.embedding.get_value().T if self.cfg.tie_embeddings else self.lm_head.get_value()

@@ -48,6 +48,12 @@ class TrainConfig:
     freeze: tuple = ()
     # float32 master weights and AdamW moments for bf16/fp16 parameters (research.training.precision)
     master_weights: bool = False
+    # LoRA (research.models.lora): rank 0 = full fine-tuning; else only the adapters on
+    # lora_targets train (float32, with their own optimizer state) and the base stays frozen
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple = ("q_proj", "v_proj")
+    lora_dropout: float = 0.0
     seed: int = 0
     # parallelism: (data, fsdp, tensor); -1 = the remaining devices
     mesh: tuple = (-1, 1, 1)
@@ -121,6 +127,7 @@ _RANGES = {  # field: (lowest allowed, highest allowed, is the lowest excluded)
     "b2": (0.0, 0.999999, False), "clip_norm": (0.0, None, True), "neftune_alpha": (0.0, None, False),
     "save_every": (0, None, False), "keep": (1, None, False), "log_every": (1, None, False),
     "eval_every": (0, None, False), "eval_samples": (1, None, False), "max_new_tokens": (1, None, False),
+    "lora_rank": (0, None, False), "lora_alpha": (0.0, None, True),
 }
 
 
@@ -141,6 +148,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise ConfigError(f"freeze={cfg.freeze!r}: expected a tuple of glob patterns over parameter names")
     if not isinstance(cfg.master_weights, bool):
         raise ConfigError(f"master_weights={cfg.master_weights!r}: expected True or False")
+    _check_lora(cfg)
     if not isinstance(cfg.tasks, tuple) or not cfg.tasks or not all(isinstance(t, str) for t in cfg.tasks):
         raise ConfigError(f"tasks={cfg.tasks!r}: expected a non-empty tuple of task names")
     from research.data.tasks import NAMES
@@ -172,6 +180,26 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     return cfg
 
 
+def _check_lora(cfg: TrainConfig) -> None:
+    from research.models.config import LORA_TARGETS
+
+    d = cfg.lora_dropout
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d < 1:
+        raise ConfigError(f"lora_dropout={d!r}: must be >= 0 and < 1")
+    t = cfg.lora_targets
+    if not isinstance(t, tuple) or not t or not all(isinstance(x, str) for x in t):
+        raise ConfigError(f"lora_targets={t!r}: expected a tuple of kernel names among {', '.join(LORA_TARGETS)}")
+    bad = [x for x in t if x not in LORA_TARGETS]
+    if bad:
+        raise ConfigError(f"lora_targets: {bad[0]!r} is not a target; choose from {', '.join(LORA_TARGETS)}")
+    if cfg.lora_rank and cfg.freeze:
+        raise ConfigError(f"freeze={cfg.freeze!r} with lora_rank={cfg.lora_rank}: a LoRA run already freezes the "
+                          "whole base and trains only the adapters; drop freeze (or set lora_rank=0)")
+    if cfg.lora_rank and cfg.master_weights:
+        raise ConfigError(f"master_weights=True with lora_rank={cfg.lora_rank}: the trained adapters are float32 "
+                          "already (the frozen base keeps param_dtype); drop master_weights")
+
+
 def _check_model_overrides(cfg: TrainConfig) -> None:
     from research.models.config import PRESETS
 
@@ -182,6 +210,9 @@ def _check_model_overrides(cfg: TrainConfig) -> None:
     for name, value in ov:
         if name not in fields:
             raise ConfigError(f"model_overrides: unknown model field {name!r}; known: {', '.join(sorted(fields))}")
+        if name == "lora":
+            raise ConfigError("model_overrides: set LoRA with the lora_rank, lora_alpha, lora_targets and "
+                              "lora_dropout keys, not the model field 'lora'")
         want = type(getattr(PRESETS[cfg.model], name))
         if want is bool and not isinstance(value, bool):
             raise ConfigError(f"model_overrides: {name}={value!r}: expected True or False")

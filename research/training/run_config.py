@@ -43,6 +43,27 @@ def write(cfg: TrainConfig, workdir: str) -> None:
     os.replace(f"{path}.tmp", path)
 
 
+def _tuples(v):
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def read(workdir: str) -> TrainConfig:
+    """The ``TrainConfig`` a run stored in ``workdir`` (JSON lists back to tuples)."""
+    path = os.path.join(workdir, FILE)
+    if not os.path.isfile(path):
+        raise ConfigError(f"{workdir}: no {FILE} (not a training run directory)")
+    with open(path) as f:
+        try:
+            stored = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(stored) - fields)
+    if unknown:
+        raise ConfigError(f"{path}: unknown config key {unknown[0]!r} (written by another version?)")
+    return TrainConfig(**{k: _tuples(v) for k, v in stored.items()})
+
+
 def check_resume(cfg: TrainConfig, workdir: str, step: int, *, override: bool = False, log=print) -> None:
     """Compare ``cfg`` with the stored config of the run being resumed at ``step``."""
     path = os.path.join(workdir, FILE)

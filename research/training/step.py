@@ -12,8 +12,9 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from research import sharding
 from research.merging.tree import leaf_names
-from research.models import scan
+from research.models import lora, scan
 from research.neftune import neftune
 from research.training import precision
 from research.training.config import ConfigError, TrainConfig
@@ -74,29 +75,54 @@ def trainable_labels(params, freeze: tuple):
     return jax.tree.unflatten(jax.tree.structure(params), labels)
 
 
-def loss_and_aux(graphdef, params, batch, key, step, *, alpha: float, n_tasks: int, train: bool):
-    model = nnx.merge(graphdef, params)
-    x_btd = model.embed(batch["tokens"])
+def split_trainable(model):
+    """``(graphdef, trained, frozen)``: a LoRA model's adapters and its base
+    (``research.models.lora``); otherwise every parameter, and an empty state."""
+    if model.cfg.lora is not None:
+        return lora.split(model)
+    graphdef, params = nnx.split(model, nnx.Param)
+    return graphdef, params, nnx.State({})
+
+
+def loss_and_aux(graphdef, params, batch, key, step, *, alpha: float, n_tasks: int, train: bool, frozen=None,
+                 mesh=None):
+    """The packed loss of ``nnx.merge(graphdef, params, frozen)``.  NEFTune's noise
+    uses ``fold_in(key, step)``; adapter dropout ``fold_in(fold_in(key, step), 1)``.
+    On a ``mesh``, the embeddings and logits are pinned to the batch sharding
+    (``sharding.constrain``)."""
+    model = nnx.merge(graphdef, params) if frozen is None else nnx.merge(graphdef, params, frozen)
+    pin = (lambda x, axes: x) if mesh is None else (lambda x, axes: sharding.constrain(x, axes, mesh))
+    step_key = jax.random.fold_in(key, step)
+    x_btd = pin(model.embed(batch["tokens"]), ("batch", "length", "embed"))
     if alpha > 0:
-        x_btd = neftune(x_btd, batch["segment_ids"], jax.random.fold_in(key, step), alpha, train=train)
-    logits = model.decode(x_btd, batch["segment_ids"], batch["positions"])
-    return packed_loss(logits, batch, n_tasks)
+        x_btd = neftune(x_btd, batch["segment_ids"], step_key, alpha, train=train)
+    dropout = train and model.cfg.lora is not None and model.cfg.lora.dropout > 0
+    logits_btv = model.decode(x_btd, batch["segment_ids"], batch["positions"],
+                              key=jax.random.fold_in(step_key, 1) if dropout else None)
+    return packed_loss(pin(logits_btv, ("batch", "length", "vocab")), batch, n_tasks)
 
 
-def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_sh, batch_sh):
-    """``(params, opt_state, batch, key, step) -> (params, opt_state, metrics)``, jitted."""
+def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_sh, batch_sh, frozen_sh=None):
+    """``(params, opt_state, frozen, batch, key, step) -> (params, opt_state, metrics)``, jitted.
 
-    def step_fn(params, opt_state, batch, key, step):
-        fn = lambda p: loss_and_aux(graphdef, p, batch, key, step, alpha=cfg.neftune_alpha, n_tasks=n_tasks, train=True)
+    ``params`` are the trained parameters (the adapters of a LoRA run) and
+    ``frozen`` the rest (an empty state in full fine-tuning): no gradient, no
+    optimizer state, not donated.
+    """
+
+    def step_fn(params, opt_state, frozen, batch, key, step):
+        fn = lambda p: loss_and_aux(graphdef, p, batch, key, step, alpha=cfg.neftune_alpha, n_tasks=n_tasks,
+                                    train=True, frozen=frozen, mesh=batch_sh.mesh)
         (loss, aux), grads = jax.value_and_grad(fn, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = precision.apply_updates(params, updates, opt_state)
         metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates), **aux}
         return params, opt_state, metrics
 
+    frozen_sh = nnx.State({}) if frozen_sh is None else frozen_sh
     return jax.jit(
         step_fn,
-        in_shardings=(param_sh, opt_sh, batch_sh, None, None),
+        in_shardings=(param_sh, opt_sh, frozen_sh, batch_sh, None, None),
         out_shardings=(param_sh, opt_sh, NamedSharding(batch_sh.mesh, P())),  # metrics: on every process
         donate_argnums=(0, 1),
     )
@@ -104,21 +130,23 @@ def make_train_step(graphdef, tx, cfg: TrainConfig, n_tasks: int, param_sh, opt_
 
 # the fields of TrainConfig that the compiled step depends on (optimizer, schedule, NEFTune)
 STEP_FIELDS = ("lr", "warmup_steps", "steps", "end_lr_fraction", "weight_decay", "b1", "b2", "clip_norm",
-               "neftune_alpha", "freeze", "master_weights")
+               "neftune_alpha", "freeze", "master_weights", "lora_rank", "lora_alpha", "lora_targets", "lora_dropout")
 _STEPS: dict = {}  # a few recent steps, by what they compile from
 
 
-def train_step_for(graphdef, cfg: TrainConfig, n_tasks: int, param_sh, opt_sh, batch_sh):
+def train_step_for(graphdef, cfg: TrainConfig, n_tasks: int, param_sh, opt_sh, batch_sh, frozen_sh=None):
     """``make_train_step`` for ``cfg``, shared by every run whose step compiles to the same program.
 
     Runs in one process that differ only in data, seed or workdir (the experts
     of a sweep) reuse one jitted function, so they trace and compile once.
     """
+    frozen_sh = nnx.State({}) if frozen_sh is None else frozen_sh
+    trees = (param_sh, opt_sh, batch_sh, frozen_sh)
     key = (graphdef, n_tasks, tuple(getattr(cfg, f) for f in STEP_FIELDS),
-           *(jax.tree.structure(t) for t in (param_sh, opt_sh, batch_sh)),
-           *(tuple(jax.tree.leaves(t)) for t in (param_sh, opt_sh, batch_sh)))
+           *(jax.tree.structure(t) for t in trees), *(tuple(jax.tree.leaves(t)) for t in trees))
     if key not in _STEPS:
-        _STEPS[key] = make_train_step(graphdef, make_optimizer(cfg), cfg, n_tasks, param_sh, opt_sh, batch_sh)
+        _STEPS[key] = make_train_step(graphdef, make_optimizer(cfg), cfg, n_tasks, param_sh, opt_sh, batch_sh,
+                                      frozen_sh)
         while len(_STEPS) > 8:
             _STEPS.pop(next(iter(_STEPS)))
     return _STEPS[key]

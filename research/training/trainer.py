@@ -42,13 +42,14 @@ from tqdm.auto import tqdm
 
 from research import distributed, sharding
 from research.data import pipeline, tokenizers
-from research.models import Transformer, from_hf, preset, scan
+from research.models import Transformer, from_hf, lora, preset, scan
+from research.models.config import LoRAConfig
 from research.training import run_config
 from research.training.checkpoint import Checkpointer, CheckpointSaveError
-from research.training.config import TrainConfig, validate
+from research.training.config import ConfigError, TrainConfig, validate
 from research.training.evaluate import evaluate
 from research.training.metrics import MetricWriter, NullWriter
-from research.training.step import make_optimizer, train_step_for
+from research.training.step import make_optimizer, split_trainable, train_step_for
 
 
 class TrainingDiverged(RuntimeError):
@@ -93,7 +94,15 @@ class _DeferredInterrupt:
 
 
 def model_config(cfg: TrainConfig):
+    """The base model's config (without adapters; see ``lora_config``)."""
     return preset(cfg.model, **dict(cfg.model_overrides))
+
+
+def lora_config(cfg: TrainConfig) -> LoRAConfig | None:
+    if not cfg.lora_rank:
+        return None
+    return LoRAConfig(rank=cfg.lora_rank, alpha=float(cfg.lora_alpha), targets=tuple(cfg.lora_targets),
+                      dropout=float(cfg.lora_dropout))
 
 
 # model_overrides that shape the computation, not the weights: they apply to an HF init too
@@ -101,8 +110,18 @@ _RUNTIME_FIELDS = ("attention", "segment_mask", "block_size", "dtype", "remat", 
 
 
 def build_model(cfg: TrainConfig, mesh):
-    """The model of ``cfg`` on ``mesh``: initialised in place, or read from ``init_from``
-    (an HF directory, or a run directory's latest parameters in either layer layout)."""
+    """The model of ``cfg`` on ``mesh``: the base (initialised in place, or read from
+    ``init_from``), with fresh adapters drawn from ``cfg.seed`` for a LoRA run."""
+    model = _build_base(cfg, mesh)
+    if not cfg.lora_rank:
+        return model
+    return lora.with_lora(model, lora_config(cfg), seed=cfg.seed,
+                          shardings=lambda abstract: sharding.state_shardings(abstract, mesh))
+
+
+def _build_base(cfg: TrainConfig, mesh):
+    """Initialised in place, or read from ``init_from`` (an HF directory, or a run
+    directory's latest parameters in either layer layout)."""
     mcfg = model_config(cfg)
     make = lambda c=mcfg: Transformer(c, rngs=nnx.Rngs(cfg.seed))
     if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json")):
@@ -114,7 +133,12 @@ def build_model(cfg: TrainConfig, mesh):
         try:
             if ck.latest() is None:
                 raise FileNotFoundError(f"init_from={cfg.init_from}: no checkpoint there")
-            saved_scanned = any(scan.is_scanned_name(n.replace("/", ".")) for n in ck.param_shapes(ck.latest()))
+            saved = ck.param_shapes(ck.latest())
+            if any("/lora/" in n for n in saved):
+                raise ConfigError(f"init_from={cfg.init_from}: a LoRA run (its checkpoints hold adapters only). "
+                                  f"Start from its merged model instead: research.models.lora.merged, or "
+                                  f"research-merge with its adapter directory {os.path.join(cfg.init_from, 'adapter')}")
+            saved_scanned = any(scan.is_scanned_name(n.replace("/", ".")) for n in saved)
             graphdef, params = nnx.split(nnx.eval_shape(lambda: make(mcfg.replace(scan_layers=saved_scanned))), nnx.Param)
             target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                                   params, sharding.state_shardings(params, mesh))
@@ -195,7 +219,7 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
     mesh = sharding.make_mesh(*cfg.mesh)
     tok = tokenizers.ByteTokenizer()
     model = build_model(cfg, mesh)
-    graphdef, params = nnx.split(model, nnx.Param)
+    graphdef, params, frozen = split_trainable(model)  # a LoRA run trains the adapters alone
     tx = make_optimizer(cfg)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     opt_state = jax.jit(tx.init)(params)
@@ -205,7 +229,7 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     batch_sh = sharding.batch_sharding(mesh)
     n_tasks = len(cfg.tasks)
-    step_fn = train_step_for(graphdef, cfg, n_tasks, param_sh, opt_sh, batch_sh)
+    step_fn = train_step_for(graphdef, cfg, n_tasks, param_sh, opt_sh, batch_sh, jax.tree.map(lambda x: x.sharding, frozen))
 
     pcfg = pipeline.PipelineConfig(tasks=tuple(cfg.tasks), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                                    mixing=cfg.mixing, seed=cfg.seed, chunk_size=cfg.chunk_size,
@@ -230,7 +254,8 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
                     raise _StopAtBoundary
                 batch = next(data)
                 real_tokens += int((batch["segment_ids"] > 0).sum())
-                params, opt_state, m = step_fn(params, opt_state, sharding.global_batch(batch, batch_sh), key, jnp.int32(step))
+                params, opt_state, m = step_fn(params, opt_state, frozen, sharding.global_batch(batch, batch_sh), key,
+                                               jnp.int32(step))
                 loss, gnorm, unorm = float(m["loss"]), float(m["grad_norm"]), float(m["update_norm"])
                 step += 1
                 if not all(map(math.isfinite, (loss, gnorm, unorm))):
@@ -252,7 +277,7 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
                     writer.write(step, {**row, "tokens_per_sec": tps})
                 ckpt.save(step, params, opt_state, data.get_state())
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
-                    res = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
+                    res = evaluate(graphdef, nnx.merge_state(params, frozen), eval_tasks, tok, samples=cfg.eval_samples,
                                    max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
                     writer.write(step, _eval_row(res))
     except KeyboardInterrupt as stop:
@@ -277,6 +302,9 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
     bar.close()
     ckpt.save(step, params, opt_state, data.get_state(), force=True)
     ckpt.close()
+    params = nnx.merge_state(params, frozen)  # the whole model from here on
+    if cfg.lora_rank:
+        _save_adapter(cfg, workdir, graphdef, params)
     results = {}
     if evaluate_at_end and step == cfg.steps:
         results = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
@@ -284,3 +312,14 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
         writer.write(step, _eval_row(results))
     writer.close()
     return TrainResult(graphdef, params, step, history, results, real_tokens / max(time.perf_counter() - t0, 1e-9))
+
+
+def _save_adapter(cfg: TrainConfig, workdir: str, graphdef, params) -> None:
+    """``workdir/adapter``: the trained adapters in peft's format (gathered by every
+    process, written by process 0)."""
+    model = nnx.merge(graphdef, params)
+    arrays = {n: distributed.to_host(a) for n, a in lora.adapter_arrays(model).items()}
+    if distributed.is_lead():
+        hf_base = cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json"))
+        lora.write_peft(lora.peft_tensors(model.cfg, arrays), model.cfg.lora, os.path.join(workdir, "adapter"),
+                        base_model_name_or_path=os.path.abspath(cfg.init_from) if hf_base else None, force=True)

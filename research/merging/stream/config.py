@@ -12,6 +12,10 @@
     dtype: bfloat16
     out_dtype: bfloat16
 
+A model is an HF directory, a ``.safetensors`` file, a training run of ours, or a
+peft LoRA adapter on its base, ``model: ./llama-base+./math-adapter`` (or the
+adapter directory alone when its ``adapter_config.json`` names a local base).
+
 A parameter value is a scalar, a list interpolated across layers (mergekit's
 "gradient"), or a list of ``{filter: SUBSTRING, value: V}`` whose first entry
 whose filter occurs in the tensor name wins (an entry without ``filter`` matches
@@ -105,7 +109,9 @@ def load(path: str) -> MergeConfig:
     if not isinstance(doc.get("models"), list) or not doc["models"]:
         raise ConfigError(f"{_where(path, doc, 'models')}: 'models' must be a non-empty list")
     base_dir = os.path.dirname(os.path.abspath(path))
-    resolve = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+    one = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
+    # "BASE+ADAPTER" (mergekit's syntax for a LoRA adapter on a base): each part resolved
+    resolve = lambda p: one(p) if "+" not in p or os.path.exists(one(p)) else "+".join(one(q) for q in p.rsplit("+", 1))
     entries = []
     for i, m in enumerate(doc["models"]):
         if not isinstance(m, dict) or "model" not in m:

@@ -33,7 +33,7 @@ from research.merging import cpu, registry, task_vectors
 from research.merging.stream import chunked
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
-from research.merging.stream.sources import TensorSource
+from research.merging.stream.sources import TensorSource, open_source
 from research.safetensors_io import CheckpointError, ShardWriter
 
 _VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
@@ -98,8 +98,8 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
         raise MergeFailed(f"{mc.source}: merge_method {method!r} needs a base_model")
     if mc.base_model:  # mergekit configs often list the base among the models too
         entries = [e for e in entries if os.path.abspath(e.path) != os.path.abspath(mc.base_model)]
-    base = TensorSource(mc.base_model) if mc.base_model and method != "linear" else None
-    models = [TensorSource(e.path) for e in entries]
+    base = open_source(mc.base_model) if mc.base_model and method != "linear" else None
+    models = [open_source(e.path) for e in entries]
     if not models:
         raise MergeFailed(f"{mc.source}: no models to merge besides the base")
     ref = base or models[0]

@@ -1,9 +1,11 @@
 """Read checkpoints tensor by tensor: HF directories (single or sharded
-safetensors), single ``.safetensors`` files, and this project's orbax runs."""
+safetensors), single ``.safetensors`` files, this project's orbax runs, and
+peft LoRA adapters on a base (``open_source``)."""
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 
@@ -88,6 +90,87 @@ class TensorSource:
         d = self.path if os.path.isdir(self.path) else os.path.dirname(self.path)
         p = os.path.join(d, "config.json")
         return p if os.path.isfile(p) else None
+
+
+def open_source(path: str):
+    """A ``TensorSource``, or an ``AdapterSource`` for a peft LoRA adapter: written
+    ``BASE+ADAPTER`` (mergekit's syntax), or an adapter directory alone when its
+    ``base_model_name_or_path`` is a local directory."""
+    from research.models import lora
+
+    if not os.path.exists(path) and "+" in path:
+        base, adapter = path.rsplit("+", 1)
+        if not lora.is_adapter_dir(adapter):
+            raise CheckpointError(f"{path}: {adapter} is not a peft adapter directory (no {lora.ADAPTER_CONFIG})")
+        return AdapterSource(TensorSource(base), adapter)
+    if os.path.isdir(path) and lora.is_adapter_dir(path):
+        _, raw = lora.read_peft_config(path)
+        base = raw.get("base_model_name_or_path")
+        if not base or not os.path.isdir(base):
+            raise CheckpointError(f"{path}: a LoRA adapter whose base_model_name_or_path ({base!r}) is not a local "
+                                  f"directory; name its base as BASE+ADAPTER, e.g. model: path/to/base+{path}")
+        return AdapterSource(TensorSource(base), path)
+    return TensorSource(path)
+
+
+_LORA_A = re.compile(r"^base_model\.model\.(.+)\.lora_A(?:\.[^.]+)?\.weight$")
+
+
+class AdapterSource:
+    """A base model with a peft LoRA adapter folded in, tensor by tensor: an
+    adapted weight ``[out, in]`` reads as ``W + s * B @ A`` (float32 sum, rounded
+    once to ``W``'s dtype); a row block reads ``B``'s rows of it.  Every other
+    tensor is the base's."""
+
+    def __init__(self, base: TensorSource, adapter: str):
+        from safetensors.numpy import load_file
+
+        from research.models import lora
+
+        cfg, _ = lora.read_peft_config(adapter)
+        file = os.path.join(adapter, lora.ADAPTER_WEIGHTS)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{adapter}: {lora.ADAPTER_WEIGHTS} is missing")
+        tensors = load_file(file)
+        self.base, self.path, self.scale = base, f"{base.path}+{adapter}", cfg.scale
+        self.shapes, self.dtypes = base.shapes, base.dtypes
+        self._factors = {}
+        for name_a in sorted(tensors):
+            m = _LORA_A.match(name_a)
+            if not m:
+                if ".lora_B" not in name_a:
+                    raise CheckpointError(f"{file}: tensor {name_a} is not a LoRA factor (only lora_A/lora_B)")
+                continue
+            name_b = name_a.replace(".lora_A", ".lora_B")
+            target = f"{m.group(1)}.weight"
+            if name_b not in tensors:
+                raise CheckpointError(f"{file}: tensor {name_b} is missing (its lora_A is there)")
+            if target not in base.shapes:
+                raise CheckpointError(f"{file}: tensor {name_a} adapts {target}, which {base.path} does not hold")
+            a, b = tensors[name_a].astype(np.float32), tensors[name_b].astype(np.float32)
+            out, inp = base.shapes[target]
+            if a.shape != (cfg.rank, inp) or b.shape != (out, cfg.rank):
+                raise CheckpointError(f"{file}: {name_a} {a.shape} and {name_b} {b.shape} do not fit {target} "
+                                      f"{(out, inp)} at r={cfg.rank}")
+            self._factors[target] = (a, b)
+
+    @property
+    def names(self) -> list[str]:
+        return self.base.names
+
+    def nbytes(self, name: str) -> int:
+        return self.base.nbytes(name)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        w = self.base.read(name, rows)
+        if name not in self._factors:
+            return w
+        a, b = self._factors[name]
+        b = b if rows is None else b[rows[0]:rows[1]]
+        return (w.astype(np.float32) + self.scale * (b @ a)).astype(w.dtype)
+
+    def config_json(self) -> str | None:
+        return self.base.config_json()
 
 
 def _is_orbax_step(path: str) -> bool:
