@@ -44,6 +44,7 @@ from flax import nnx
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
+from research.merging.tree import path_name
 from research.models import scan
 from research.models.config import LORA_TARGETS, LoRAConfig
 from research.safetensors_io import CheckpointError, atomic_directory
@@ -104,7 +105,7 @@ def project(x_btd, kernel: nnx.Param, lora, name: str, key=None):
 def _flat(state) -> dict:
     """``{dotted name: Variable}`` of an ``nnx.State`` (the Variables themselves)."""
     leaves = jax.tree_util.tree_flatten_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
-    return {".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path): v for path, v in leaves}
+    return {path_name(path): v for path, v in leaves}
 
 
 def split(model):
@@ -144,8 +145,7 @@ def deltas(model) -> dict:
 
 def _with_values(state, fn):
     """``state`` with each Variable's value replaced by ``fn(dotted name, value)``."""
-    name = lambda path: ".".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path)
-    return jax.tree_util.tree_map_with_path(lambda path, v: v.replace(fn(name(path), v.get_value())), state,
+    return jax.tree_util.tree_map_with_path(lambda path, v: v.replace(fn(path_name(path), v.get_value())), state,
                                             is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
