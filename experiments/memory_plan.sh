@@ -16,5 +16,6 @@ for p in llama2_7b llama3_8b; do
   run "${p}_full_bf16_master" --preset $p --mesh 1,8,1 --seq 4096 --batch 8 --remat full --layouts scan --param-dtype bfloat16 --master-weights
   run "${p}_lora16_bf16" --preset $p --mesh 1,8,1 --seq 4096 --batch 8 --remat full --layouts scan --param-dtype bfloat16 --lora-rank 16
 done
+run llama3_8b_full_f32_loop --preset llama3_8b --mesh 1,8,1 --seq 4096 --batch 8 --remat full --layouts loop
 } > "$out"
 mv "$out" results/memory_plan.txt

@@ -6,8 +6,10 @@
 The run's parameters at its latest (or ``--step``) checkpoint become
 safetensors (sharded with an index above ``--shard-size``) with
 ``config.json`` and ``generation_config.json``; a LoRA run is exported merged
-(``W + (α/r)·A B``; its peft adapter is ``RUN/adapter``).  Tokenizer files of
-an HF ``init_from`` are copied alongside.  The directory is written under a
+(``W + (α/r)·A B``; its peft adapter is ``RUN/adapter``).  The run's
+tokenizer files (its ``tokenizer``, or an HF ``init_from``'s) are copied
+alongside, the tokenizer itself as ``tokenizer.json`` / ``tokenizer.model``;
+a byte-tokenizer run has none.  The directory is written under a
 temporary name and renamed when complete; an existing ``OUT`` is refused
 unless ``--force``.
 """
@@ -20,8 +22,23 @@ import json
 import os
 import sys
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+TOKENIZER_SIDE_FILES = ("tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                        "added_tokens.json", "chat_template.jinja")
+
+
+def tokenizer_files(cfg) -> list:
+    """``[(path, name in the export)]``: the run's tokenizer and the files beside it."""
+    from research.data.tokenizers import hf_tokenizer_file
+    from research.training.data import tokenizer_spec
+
+    spec = tokenizer_spec(cfg)
+    if spec == "byte":
+        return []
+    main = hf_tokenizer_file(spec) if os.path.isdir(spec) else spec
+    directory = os.path.dirname(main)
+    out = [(main, "tokenizer.model" if main.endswith(".model") else "tokenizer.json")]
+    return out + [(os.path.join(directory, f), f) for f in TOKENIZER_SIDE_FILES
+                  if os.path.isfile(os.path.join(directory, f))]
 
 
 def load_run(run_dir: str, step: int | None = None):
@@ -66,9 +83,8 @@ def export(run_dir: str, out_dir: str, *, step: int | None = None, dtype=None, s
     hf_init = cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json"))
     if hf_init and os.path.isfile(os.path.join(cfg.init_from, "generation_config.json")):
         extra["generation_config.json"] = open(os.path.join(cfg.init_from, "generation_config.json")).read()
-    copies = [os.path.join(cfg.init_from, f) for f in TOKENIZER_FILES
-              if hf_init and os.path.isfile(os.path.join(cfg.init_from, f))]
-    save_hf(model, out_dir, dtype=dtype, shard_size=shard_size, force=force, extra_files=extra, copy_files=copies)
+    save_hf(model, out_dir, dtype=dtype, shard_size=shard_size, force=force, extra_files=extra,
+            copy_files=tokenizer_files(cfg))
     return step
 
 

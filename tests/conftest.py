@@ -2,14 +2,21 @@
 one compilation cache for the whole run, shared by the xdist workers and the
 subprocesses they start (the CLI, multi-process workers), so the same train
 step is compiled once per run rather than once per test.  The cache is a
-fresh temporary directory, removed by the process that made it."""
+fresh temporary directory, removed by the process that made it.
+
+XLA's CPU backend compiles at optimisation level 0 in the tests (and in the
+subprocesses they start, through ``TEST_SUBPROCESS_XLA_FLAGS``): the programs
+are tiny, so compiling dominates, and level 0 compiles them in about two
+thirds of the time.  The computation is the same program; every comparison
+in the tests is between runs compiled alike, or against a tolerance."""
 
 import atexit
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TEST_SUBPROCESS_XLA_FLAGS", "--xla_backend_optimization_level=0")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 " + os.environ["TEST_SUBPROCESS_XLA_FLAGS"])
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -159,7 +159,8 @@ def test_jsonl_source(tmp_path):
     f = tmp_path / "mine.jsonl"
     f.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n\n" + json.dumps({"text": "t"}) + "\n")
     src = sources.JsonlSource(str(f))
-    assert src.name == "mine" and len(src) == 2 and src[0] == ("q", "a") and src[1] == ("", "t")
+    rows = [src.example(s, i) for s in tasks.SPLITS for i in range(src.size[s])]
+    assert src.name == "mine" and sum(src.size.values()) == 2 and sorted(rows) == [("", "t"), ("q", "a")]
 
 
 def test_jsonl_errors_name_file_and_line(tmp_path):
@@ -168,7 +169,7 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(sources.DataError, match=r"bad.jsonl:2: not valid JSON"):
         sources.JsonlSource(str(f))
     f.write_text(json.dumps({"question": "q"}) + "\n")
-    with pytest.raises(sources.DataError, match=r"bad.jsonl:1: needs 'prompt' and 'response'"):
+    with pytest.raises(sources.DataError, match=r"bad.jsonl:1: needs 'prompt' and 'response', or 'text'"):
         sources.JsonlSource(str(f))
     with pytest.raises(sources.DataError, match="no such file"):
         sources.JsonlSource(str(tmp_path / "missing.jsonl"))
@@ -178,12 +179,15 @@ def test_tfds_source_with_mock_data():
     import tensorflow_datasets as tfds
 
     with tfds.testing.mock_data(num_examples=6):
-        src = sources.TfdsSource("imdb_reviews", "train", text_key="text")
-        assert len(src) == 6
-        prompt, text = src[2]
+        src = sources.open_source("tfds:imdb_reviews:train?text=text&eval_split=test")
+        assert src.size["train"] == 6 and src.size["val"] == 6 and not src.generative
+        # the mock declares no splits: 5% + 5% of train are held out, by a hash of the index
+        held = sources.open_source("tfds:imdb_reviews:train?text=text")
+        assert sum(held.size.values()) == 6 and held.size["train"] < 6
+        prompt, text = src.example("train", 2)
         assert prompt == "" and isinstance(text, str) and text
         cfg = pipeline.PipelineConfig(seq_len=64, batch_size=2, chunk_size=8)
-        it = pipeline.make(cfg, [pipeline.Source("imdb", src.__getitem__, len(src))])
+        it = pipeline.make(cfg, [src])
         assert next(it)["tokens"].shape == (2, 64)
 
 

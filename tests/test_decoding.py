@@ -56,3 +56,60 @@ def test_cache_slots_follow_the_index():
     k = np.asarray(new[0]["k"])
     assert np.abs(k[0, :2]).sum() > 0 and np.abs(k[0, 2:]).sum() == 0
     assert np.abs(k[1, 5:7]).sum() > 0 and np.abs(k[1, :5]).sum() == 0 and np.abs(k[1, 7:]).sum() == 0
+
+
+# --- research.generate ---------------------------------------------------------
+
+
+def test_the_nucleus_keeps_the_fewest_most_probable_tokens_reaching_top_p():
+    from research.models.decoding import nucleus
+
+    logits = jnp.log(jnp.array([[0.15, 0.5, 0.05, 0.3]]))
+    kept = lambda p: np.isfinite(np.asarray(nucleus(logits, p)))[0].tolist()
+    assert kept(0.4) == [False, True, False, False]  # 0.5 alone reaches 0.4
+    assert kept(0.7) == [False, True, False, True]  # 0.5 + 0.3
+    assert kept(0.9) == [True, True, False, True]  # 0.5 + 0.3 + 0.15
+    assert kept(1.0) == [True, True, True, True]
+
+
+def _tiny():
+    return Transformer(preset("tiny"), rngs=nnx.Rngs(5))
+
+
+def test_batched_prompts_of_different_lengths_generate_what_each_generates_alone():
+    from research import generate
+
+    model = _tiny()
+    prompts = ["copy: abc\n", "reverse: a much longer prompt\n", "x"]
+    batched = generate(model, prompts, max_new_tokens=12)
+    assert batched == [generate(model, [p], max_new_tokens=12)[0] for p in prompts]
+    ids = generate(model, [[10, 11, 12]], max_new_tokens=5)
+    assert len(ids[0]) == 5 and ids == generate(model, [[10, 11, 12]], max_new_tokens=5, cache_size=64)
+
+
+def test_sampling_is_fixed_by_its_key_and_a_tiny_nucleus_is_greedy():
+    from research import generate
+
+    model, p = _tiny(), ["copy: abc\n", "sort: zyx\n"]
+    a = generate(model, p, 10, temperature=1.0, key=jax.random.key(1))
+    assert a == generate(model, p, 10, temperature=1.0, key=jax.random.key(1))
+    assert a != generate(model, p, 10, temperature=1.0, key=jax.random.key(2))
+    assert generate(model, p, 10, temperature=1.0, top_p=1e-6, key=jax.random.key(3)) == generate(model, p, 10)
+    with pytest.raises(ValueError, match="needs an explicit key"):
+        generate(model, p, 10, temperature=0.7)
+
+
+def test_rows_stop_at_eos_stop_ids_and_stop_strings():
+    from research import generate
+    from research.data.tokenizers import ByteTokenizer
+
+    model, tok = _tiny(), ByteTokenizer()
+    free = generate(model, [[20, 21]], max_new_tokens=12)[0]
+    cut = free[4]
+    stopped = generate(model, [[20, 21]], max_new_tokens=12, stop=[cut])[0]
+    assert stopped == free[: free.index(cut)]  # the stop token itself is not returned
+    text = generate(model, ["copy: abc\n"], max_new_tokens=12)[0]
+    two = text[3:5]  # a two-character stop string: cut in the decoded text
+    assert generate(model, ["copy: abc\n"], max_new_tokens=12, stop=[two])[0] == text[: text.find(two)]
+    eos_at_cut = type("Tok", (ByteTokenizer,), {"eos_id": cut})()  # a tokenizer whose EOS is that token
+    assert generate(model, [[20, 21]], max_new_tokens=12, tokenizer=eos_at_cut)[0] == stopped

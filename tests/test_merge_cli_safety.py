@@ -62,7 +62,7 @@ def test_a_second_merge_to_a_locked_output_fails_naming_the_holder(models, main)
 def test_two_concurrent_merges_to_one_output_give_one_success(models):
     tmp, *_ = models
     cfg = write_cfg(tmp, TIES)
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
     procs = [subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp / "out"), "--no-progress"],
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
@@ -78,7 +78,7 @@ def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_pa
         make_ckpt(tmp_path / f"ft{i}", i + 1, layers=24, d=256, vocab=512, base=base)
     cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n"
                               "parameters: {density: 0.2}\n")
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
     proc = subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp_path / "out"), "--shard-size",
                              "100KB"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120

@@ -70,7 +70,7 @@ def read_out(path):
 
 
 def cli(*args, timeout=300):
-    env = {**os.environ, "XLA_FLAGS": ""}
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
     return subprocess.run([sys.executable, "-m", "research.merging", *args], capture_output=True, text=True, env=env, timeout=timeout)
 
 
@@ -229,7 +229,7 @@ def test_compiled_programs_are_kept_between_cli_runs(models, tmp_path_factory):
     ta = TIES.replace("merge_method: ties", "merge_method: task_arithmetic").replace(", density: 0.3", "")
     cfg = write_cfg(tmp, ta)  # an XLA merge program
     cache = tmp_path_factory.mktemp("cache")
-    env = {**os.environ, "XLA_FLAGS": "", "RESEARCH_MERGE_CACHE": str(cache)}
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"], "RESEARCH_MERGE_CACHE": str(cache)}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)  # the test run's shared cache (conftest) would take precedence
     run = lambda out, *extra: subprocess.run([sys.executable, "-m", "research.merging", cfg, str(tmp / out), "--no-progress", *extra],
                                              capture_output=True, text=True, env=env, timeout=300)
@@ -277,7 +277,7 @@ def test_memory_stays_bounded_on_a_model_larger_than_the_bound(tmp_path):
              "base=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss;"
              "from research.merging.__main__ import main; rc=main(sys.argv[1:]);"
              "print('RSS', base, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)") % (cfg, str(tmp_path / "out"))
-    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": ""}, timeout=600)
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env={**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}, timeout=600)
     line = [l for l in r.stdout.splitlines() if l.startswith("RSS")][0]
     before, after, rc = (int(x) for x in line.split()[1:])
     grew = (after - before) * 1024

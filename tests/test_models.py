@@ -251,6 +251,57 @@ def test_hf_bad_checkpoints_are_named(tmp_path):
         models.save_hf(models.Transformer(CFG, rngs=nnx.Rngs(0)), str(tmp_path / "m"))
 
 
+def _numpy_gemma(t, hf, tokens):
+    """Hugging Face's GemmaForCausalLM forward, written out in numpy (float64)."""
+    D, N, K, H = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"], hf["head_dim"]
+    eps = hf["rms_norm_eps"]
+    norm = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (1.0 + w)
+    gelu_tanh = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+    T = len(tokens)
+    inv = 1.0 / hf["rope_theta"] ** (np.arange(0, H, 2) / H)
+    ang = np.arange(T)[:, None] * inv[None]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    rope = lambda x: x * cos[:, None] + np.concatenate([-x[..., H // 2:], x[..., : H // 2]], -1) * sin[:, None]
+    E = t["model.embed_tokens.weight"].astype(np.float64)
+    h = E[tokens] * np.sqrt(D)
+    for i in range(hf["num_hidden_layers"]):
+        w = lambda n: t[f"model.layers.{i}.{n}"].astype(np.float64)
+        x = norm(h, w("input_layernorm.weight"))
+        q = rope((x @ w("self_attn.q_proj.weight").T).reshape(T, N, H))
+        k = rope((x @ w("self_attn.k_proj.weight").T).reshape(T, K, H))
+        v = (x @ w("self_attn.v_proj.weight").T).reshape(T, K, H)
+        k, v = np.repeat(k, N // K, axis=1), np.repeat(v, N // K, axis=1)
+        s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(H) + np.triu(np.full((T, T), -np.inf), 1)
+        p = np.exp(s - s.max(-1, keepdims=True))
+        o = np.einsum("nts,snh->tnh", p / p.sum(-1, keepdims=True), v).reshape(T, N * H)
+        h = h + o @ w("self_attn.o_proj.weight").T
+        x = norm(h, w("post_attention_layernorm.weight"))
+        h = h + (gelu_tanh(x @ w("mlp.gate_proj.weight").T) * (x @ w("mlp.up_proj.weight").T)) @ w("mlp.down_proj.weight").T
+    return norm(h, t["model.norm.weight"].astype(np.float64)) @ E.T
+
+
+def test_a_gemma_checkpoint_computes_hf_gemma_s_forward(tmp_path):
+    """GeGLU, sqrt(d) embedding scale, (1 + w) norms, head_dim != d / heads, tied head."""
+    cfg = models.preset("gemma_7b").replace(vocab_size=259, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
+                                            head_dim=16, d_ff=64, block_size=16)
+    tensors = _write_hf(str(tmp_path / "g"), cfg)
+    hf = json.loads((tmp_path / "g" / "config.json").read_text())
+    assert hf["model_type"] == "gemma" and hf["hidden_activation"] == "gelu_pytorch_tanh"
+    del hf["tie_word_embeddings"], hf["hidden_activation"]  # Gemma's defaults: tied, tanh-approximate gelu
+    hf["hidden_act"] = "gelu"
+    (tmp_path / "g" / "config.json").write_text(json.dumps(hf))
+    model = models.from_hf(str(tmp_path / "g"))
+    assert (model.cfg.activation, model.cfg.embed_scale, model.cfg.norm_offset, model.cfg.tie_embeddings) == \
+        ("gelu_tanh", True, 1.0, True)
+    tokens = np.array([5, 17, 200, 3, 99, 42, 7])
+    ours = np.asarray(model({"tokens": jnp.asarray(tokens[None])}))[0]
+    np.testing.assert_allclose(ours, _numpy_gemma(tensors, {**hf, "head_dim": 16}, tokens), rtol=2e-4, atol=2e-4)
+    fresh = models.Transformer(cfg, rngs=nnx.Rngs(0))  # (1 + w) norms start at w = 0
+    assert float(jnp.abs(fresh.final_norm.scale.get_value()).max()) == 0.0
+    with pytest.raises(models.CheckpointError, match="model_type 'gemma2' is not supported"):
+        models.hf.config_from_hf({**hf, "model_type": "gemma2"})
+
+
 @pytest.mark.parametrize("mode", ["full", "dots_saveable"])
 def test_remat_recomputes_the_same_loss_and_gradients(mode):
     batch = _packed()

@@ -48,7 +48,7 @@ def _config_file(tmp_path, cfg: TrainConfig) -> str:
 
 
 def _launch(tmp_path, workdir, *extra, n=2, devices=4, heartbeat=100, cfg=CFG):
-    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    env = {**os.environ, "JAX_NUM_CPU_DEVICES": str(devices), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
     port, config = _free_port(), _config_file(tmp_path, cfg)
     return [subprocess.Popen(
         [sys.executable, "-m", "research.train", "--config", config, "--workdir", str(workdir), *extra,

@@ -190,7 +190,7 @@ def test_unknown_task_and_config_key_are_named(tmp_path):
 
 
 def test_cli_overrides_and_ctrl_c_saves_a_checkpoint(tmp_path):
-    env = {**os.environ, "XLA_FLAGS": "", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"], "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "research.train", "--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"),
            "--set", "steps=100000", "--set", "save_every=0", "--set", "progress=False"]
     bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)

@@ -33,6 +33,7 @@ import grain
 import numpy as np
 
 from research.data import packing, tasks as tasks_lib, tokenizers
+from research.data.sources import Source
 from research.data.mixture import Mixture
 
 BATCH_FIELDS = ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")
@@ -54,26 +55,11 @@ class PipelineConfig:
     tokenizer: str | None = None  # "byte", a .model or a tokenizer.json
 
 
-class Source:
-    """A named random-access source of (prompt, response) pairs."""
-
-    def __init__(self, name: str, getter, size: int | None):
-        self.name, self._get, self.size = name, getter, size
-
-    def __getitem__(self, i):
-        return self._get(i)
-
-
 def tasks_of(names: Sequence[str], task_lengths: Sequence = ()) -> list:
     """Task objects for ``names``, with ``((task, min_len, max_len), ...)`` applied."""
     lengths = {t: (a, b) for t, a, b in task_lengths}
     return [tasks_lib.make_task(n, **({"min_len": lengths[n][0], "max_len": lengths[n][1]} if n in lengths else {}))
             for n in names]
-
-
-def task_sources(names: Sequence[str], split: str, lengths: dict | None = None) -> list[Source]:
-    tasks = tasks_of(names, [(t, a, b) for t, (a, b) in (lengths or {}).items()])
-    return [Source(t.name, lambda i, t=t: t.example(split, i), t.size[split] if t.size else None) for t in tasks]
 
 
 class _PackedBatches(grain.DatasetIterator):
@@ -125,14 +111,21 @@ class PackedBatchDataset(grain.IterDataset):
 
 
 def sample_dataset(cfg: PipelineConfig, sources: Sequence[Source] | None = None, *, tokenizer=None) -> grain.MapDataset:
-    """The tokenized, mixed sample stream (before packing)."""
-    sources = list(sources) if sources is not None else task_sources(cfg.tasks, cfg.split, {t: (a, b) for t, a, b in cfg.task_lengths})
+    """The tokenized, mixed sample stream (before packing) of ``cfg.split``.
+
+    ``sources`` (``research.data.sources.Source``) default to ``cfg.tasks``;
+    ``cfg.mixing`` weights them by name."""
+    sources = list(sources) if sources is not None else tasks_of(cfg.tasks, cfg.task_lengths)
+    names = [s.name for s in sources]
+    if len(set(names)) != len(names):
+        raise ValueError(f"data sources need distinct names, got {names}; rename one (jsonl:PATH?name=...)")
     tok = tokenizer or tokenizers.load(cfg.tokenizer)
-    mix = Mixture({s.name: s.size for s in sources}, cfg.mixing, temperature=cfg.temperature, seed=cfg.seed)
+    mix = Mixture({s.name: (s.size[cfg.split] if s.size else None) for s in sources}, cfg.mixing,
+                  temperature=cfg.temperature, seed=cfg.seed)
 
     def to_sample(i):
         t, j = mix[i]
-        prompt, response = sources[t][j]
+        prompt, response = sources[t].example(cfg.split, j)
         return tasks_lib.encode(prompt, response, tok, task_id=t)
 
     return grain.MapDataset.range(0, 1 << 40).map(to_sample)

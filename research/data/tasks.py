@@ -219,8 +219,11 @@ def make_task(name: str, *, min_len: int | None = None, max_len: int | None = No
 
 
 def encode(prompt: str, response: str, tokenizer, task_id: int = 0) -> dict:
-    """A packer sample: tokens of prompt + response, loss on the response only."""
-    p, r = tokenizer.encode(prompt), tokenizer.encode(response)
+    """A packer sample: tokens of prompt + response (BOS first where the tokenizer
+    adds one), loss on the response only."""
+    from research.data.tokenizers import encode_sequence
+
+    p, r = encode_sequence(tokenizer, prompt), tokenizer.encode(response)
     return {
         "tokens": np.asarray(p + r, np.int32),
         "loss_mask": np.concatenate([np.zeros(len(p), np.float32), np.ones(len(r), np.float32)]),

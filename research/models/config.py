@@ -7,6 +7,7 @@ import math
 
 
 REMAT_POLICIES = ("none", "full", "dots_saveable")
+ACTIVATIONS = ("silu", "gelu_tanh", "gelu")  # the gated MLP's: SwiGLU (Llama), GeGLU (Gemma: tanh-approximate gelu)
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -47,6 +48,10 @@ class ModelConfig:
     norm_eps: float = 1e-6
     tie_embeddings: bool = True
     qkv_bias: bool = False  # Qwen2
+    # Gemma: GeGLU, embeddings scaled by sqrt(d_model) on the way in, RMSNorm scaled by (1 + w)
+    activation: str = "silu"
+    embed_scale: bool = False
+    norm_offset: float = 0.0
     attention: str | None = None  # backend; None = by platform
     segment_mask: bool = True  # False: the cross-segment contamination ablation
     block_size: int = 128  # blockwise attention block
@@ -65,6 +70,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}: choose one of {', '.join(REMAT_POLICIES)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation={self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
 
     @property
     def hd(self) -> int:
@@ -87,6 +94,9 @@ PRESETS = {
                                            ("original_max_position_embeddings", 8192))),
     "mistral_7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                               rope_theta=1_000_000.0, norm_eps=1e-5, tie_embeddings=False, max_position=32768),
+    "gemma_7b": ModelConfig(vocab_size=256000, d_model=3072, n_layers=28, n_heads=16, n_kv_heads=16, head_dim=256,
+                            d_ff=24576, norm_eps=1e-6, tie_embeddings=True, activation="gelu_tanh", embed_scale=True,
+                            norm_offset=1.0),
     "qwen2_7b": ModelConfig(vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4, d_ff=18944,
                             rope_theta=1_000_000.0, norm_eps=1e-6, tie_embeddings=False, qkv_bias=True,
                             max_position=32768),

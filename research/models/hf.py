@@ -1,5 +1,9 @@
 """Hugging Face Llama-family checkpoints <-> our Transformer (no PyTorch involved).
 
+Supported ``model_type``: llama, mistral, qwen2 (q/k/v biases) and gemma
+(GeGLU, ``sqrt(d_model)``-scaled embeddings, ``1 + w`` RMSNorm, tied head;
+``research.models.transformer``); any other is refused by name.
+
     model = from_hf("path/to/llama", dtype=jnp.float32)   # config.json + safetensors
     save_hf(model, "out/dir")                              # the same layout back
 
@@ -51,7 +55,26 @@ from research.safetensors_io import open_checked as _open
 from research.models.transformer import Transformer
 
 
+SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
+# HF activation names -> ours; Gemma's checkpoints say "gelu" but HF runs them with the tanh approximation
+_ACT = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
+
+
+def _activation(hf: dict) -> str:
+    if hf.get("model_type") == "gemma":
+        act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
+    else:
+        act = hf.get("hidden_act", "silu")
+    if act not in _ACT:
+        raise CheckpointError(f"config.json: hidden activation {act!r} is not supported ({', '.join(_ACT)})")
+    return _ACT[act]
+
+
 def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+    kind = hf.get("model_type", "llama")
+    if kind not in SUPPORTED:
+        raise CheckpointError(f"config.json: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    gemma = kind == "gemma"
     scaling = hf.get("rope_scaling") or {}
     rope = ()
     if scaling:
@@ -71,16 +94,28 @@ def config_from_hf(hf: dict, **overrides) -> ModelConfig:
         rope_theta=float(hf.get("rope_theta", 10_000.0)),
         rope_scaling=rope,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=hf.get("model_type") == "qwen2" or bool(hf.get("attention_bias", False)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # GemmaConfig ties by default
+        qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
+        activation=_activation(hf),
+        embed_scale=gemma,
+        norm_offset=1.0 if gemma else 0.0,
         max_position=int(hf.get("max_position_embeddings", 8192)),
     ).replace(**overrides)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
+    gemma = cfg.embed_scale and cfg.norm_offset == 1.0 and cfg.activation == "gelu_tanh" and not cfg.qkv_bias
+    if (cfg.embed_scale or cfg.norm_offset) and not gemma:
+        raise CheckpointError("save_hf: embed_scale/norm_offset without the rest of Gemma's configuration "
+                              "(GeGLU, 1 + w norms, scaled embeddings) has no Hugging Face architecture")
+    if not gemma and cfg.activation == "gelu_tanh":
+        act = "gelu_pytorch_tanh"
+    else:
+        act = {"silu": "silu", "gelu": "gelu"}.get(cfg.activation, "gelu_pytorch_tanh")
+    kind = "gemma" if gemma else "qwen2" if cfg.qkv_bias else "llama"
     out = {
-        "architectures": ["Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"],
-        "model_type": "qwen2" if cfg.qkv_bias else "llama",
+        "architectures": [{"gemma": "GemmaForCausalLM", "qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}[kind]],
+        "model_type": kind,
         "vocab_size": cfg.vocab_size,
         "hidden_size": cfg.d_model,
         "num_hidden_layers": cfg.n_layers,
@@ -92,9 +127,11 @@ def config_to_hf(cfg: ModelConfig, dtype: str) -> dict:
         "rms_norm_eps": cfg.norm_eps,
         "tie_word_embeddings": cfg.tie_embeddings,
         "max_position_embeddings": cfg.max_position,
-        "hidden_act": "silu",
+        "hidden_act": act,
         "torch_dtype": dtype,
     }
+    if gemma:
+        out["hidden_activation"] = "gelu_pytorch_tanh"
     if cfg.rope_scaling:
         out["rope_scaling"] = {"rope_type": "llama3", **dict(cfg.rope_scaling)}
     return out
@@ -185,7 +222,7 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
             extra_files: dict | None = None, copy_files=()) -> None:
     """Write ``model`` as an HF directory: config.json plus safetensors (sharded
     with an index above ``shard_size`` bytes), ``extra_files`` (``{name: text}``)
-    and copies of ``copy_files`` (tokenizer files).  Written to a temporary
+    and copies of ``copy_files`` (tokenizer files: paths, or ``(path, name)``).  Written to a temporary
     directory and renamed when complete; an existing ``path`` is refused unless
     ``force``.  A LoRA model is refused: save ``lora.merged(model)``, or its
     adapters with ``lora.save_peft``."""
@@ -213,4 +250,5 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
         for src in copy_files:
-            shutil.copy2(src, os.path.join(tmp, os.path.basename(src)))
+            src, name = src if isinstance(src, tuple) else (src, os.path.basename(src))
+            shutil.copy2(src, os.path.join(tmp, name))

@@ -3,6 +3,11 @@
 RMSNorm, rotary embeddings fed by per-segment ``positions``, SwiGLU MLP,
 grouped-query attention through ``research.models.attention`` (causal AND
 same segment), tied or untied embeddings, optional q/k/v biases (Qwen2).
+Gemma's differences are three config fields: a GeGLU MLP (``activation``),
+embeddings scaled by ``sqrt(d_model)`` (``embed_scale``, applied at the start
+of ``decode``, so that a transform between ``embed`` and ``decode`` sees the
+table's rows, as Hugging Face's embedding hooks do), and RMSNorm scaled by
+``1 + w`` (``norm_offset``; such weights start at 0).
 
     model = Transformer(preset("tiny"), rngs=nnx.Rngs(0))
     logits_btv = model(batch)                     # batch: the packed format
@@ -45,14 +50,20 @@ def _param(rngs, shape, axes, dtype, scale=None, init="normal"):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs):
-        self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="ones")
-        self.eps = eps
+    """``x / rms(x) * (offset + w)`` in float32; ``offset`` is 0 (Llama) or 1 (Gemma)."""
+
+    def __init__(self, dim: int, eps: float, *, param_dtype, rngs: nnx.Rngs, offset: float = 0.0):
+        self.scale = _param(rngs, (dim,), ("norm",), param_dtype, init="zeros" if offset else "ones")
+        self.eps, self.offset = eps, offset
 
     def __call__(self, x_btd):
         x = x_btd.astype(jnp.float32)
         y = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (y * self.scale.get_value().astype(jnp.float32)).astype(x_btd.dtype)
+        return (y * (self.offset + self.scale.get_value().astype(jnp.float32))).astype(x_btd.dtype)
+
+
+_ACTIVATIONS = {"silu": jax.nn.silu, "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+                "gelu": lambda x: jax.nn.gelu(x, approximate=False)}
 
 
 def rope_frequencies(cfg: ModelConfig):
@@ -140,6 +151,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
         pd = jnp.dtype(cfg.param_dtype)
+        self.activation = cfg.activation
         self.gate_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.up_proj = _param(rngs, (D, F), ("embed", "mlp"), pd)
         self.down_proj = _param(rngs, (F, D), ("mlp", "embed"), pd)
@@ -148,16 +160,16 @@ class MLP(nnx.Module):
 
     def __call__(self, x_btd, key=None):
         proj = lambda x, name: lora.project(x, getattr(self, name), self.lora, name, key)
-        h = jax.nn.silu(proj(x_btd, "gate_proj")) * proj(x_btd, "up_proj")
+        h = _ACTIVATIONS[self.activation](proj(x_btd, "gate_proj")) * proj(x_btd, "up_proj")
         return proj(h, "down_proj")
 
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         pd = jnp.dtype(cfg.param_dtype)
-        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.input_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs, offset=cfg.norm_offset)
         self.attn = Attention(cfg, rngs=rngs)
-        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.post_attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs, offset=cfg.norm_offset)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, x_btd, segment_ids_bt, positions_bt, inv_freq, kv_cache=None, key=None):
@@ -194,7 +206,7 @@ class Transformer(nnx.Module):
             self.layers = scan.stacked_block(lambda: Block(cfg, rngs=rngs), cfg.n_layers)
         else:
             self.layers = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, param_dtype=pd, rngs=rngs, offset=cfg.norm_offset)
         if not cfg.tie_embeddings:
             self.lm_head = _param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), pd)
 
@@ -209,6 +221,8 @@ class Transformer(nnx.Module):
         returns ``(logits, kv_caches)``: the incremental decoding of
         ``research.generate``.  ``key`` switches adapter dropout on (training).
         """
+        if self.cfg.embed_scale:  # Gemma: the normaliser in the activation dtype, as HF rounds it
+            x_btd = x_btd * jnp.asarray(math.sqrt(self.cfg.d_model), x_btd.dtype)
         inv_freq = rope_frequencies(self.cfg)
         L = self.cfg.n_layers
         keys = [None] * L if key is None else [jax.random.fold_in(key, i) for i in range(L)]

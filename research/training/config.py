@@ -33,6 +33,12 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 8
     chunk_size: int = 128
+    # user data (research.training.data): source specs ("jsonl:PATH", "tfds:NAME[:SPLIT]", a task
+    # name, "text"), each optionally (spec, weight); () trains on `tasks`
+    data: tuple = ()
+    tokenizer: str | None = None  # "byte", a .model, a tokenizer.json or its directory; None: init_from's, else byte
+    prompt_template: str = "{prompt}"  # str.format string over the prompt of prompt/response records
+    chat_template: str | None = None  # Jinja source or a .jinja path; None: the tokenizer's, else our default
     # optimisation
     steps: int = 100
     lr: float = 3e-3
@@ -240,15 +246,37 @@ def _check_model_overrides(cfg: TrainConfig) -> None:
 
 
 def _check_data(cfg: TrainConfig, names) -> None:
+    from research.data import sources
+    from research.data.templates import TemplateError, check_prompt_template
+
+    if not isinstance(cfg.data, tuple):
+        raise ConfigError(f"data={cfg.data!r}: expected a tuple of source specs or (spec, weight) pairs")
+    try:
+        entries = sources.parse_data(cfg.data)
+    except sources.DataError as e:
+        raise ConfigError(f"data: {e}") from None
+    unknown = [spec for spec, _ in entries if sources.parse_spec(spec)[0] == "task" and spec not in names]
+    if unknown:
+        raise ConfigError(f"data: {unknown[0]!r} is not an embedded task ({', '.join(names)}); a file is "
+                          f"jsonl:PATH, a TFDS dataset tfds:NAME[:SPLIT]")
+    if entries and cfg.tasks != TrainConfig.tasks:
+        raise ConfigError(f"tasks={cfg.tasks!r} and data={cfg.data!r}: set one of them (embedded tasks are data "
+                          "entries too: data=('copy', 'jsonl:mine.jsonl'))")
+    if entries and any(w is not None for _, w in entries) and cfg.mixing != TrainConfig.mixing:
+        raise ConfigError(f"mixing={cfg.mixing!r} with weighted data entries: give the weights in one place")
+    for key in ("tokenizer", "chat_template"):
+        v = getattr(cfg, key)
+        if v is not None and (not isinstance(v, str) or not v):
+            raise ConfigError(f"{key}={v!r}: expected a non-empty string or None")
+    if not isinstance(cfg.prompt_template, str):
+        raise ConfigError(f"prompt_template={cfg.prompt_template!r}: expected a str.format string with {{prompt}}")
+    try:
+        check_prompt_template(cfg.prompt_template)
+    except TemplateError as e:
+        raise ConfigError(str(e)) from None
     mixing = cfg.mixing
     if isinstance(mixing, dict):
-        bad = [k for k in mixing if k not in cfg.tasks]
-        if bad:
-            raise ConfigError(f"mixing: {bad[0]!r} is not one of tasks={cfg.tasks!r}")
-        w = list(mixing.values())
-        if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in w) \
-                or not any(w):
-            raise ConfigError(f"mixing={mixing!r}: weights must be finite numbers >= 0, not all 0")
+        bad = [k for k in mixing if k not in cfg.tasks] if not entries else []
     elif mixing not in ("size", "temperature"):
         raise ConfigError(f"mixing={mixing!r}: expected 'size', 'temperature' or {{task: weight}}")
     tl = cfg.task_lengths

@@ -1,13 +1,16 @@
-"""Per-task evaluation: exact match of greedy generations (KV-cached) and loss on held-out splits."""
+"""Per-source evaluation: exact match of greedy generations (KV-cached), loss and
+perplexity on held-out splits."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax.numpy as jnp
 import numpy as np
 
 from research.data import packing, tasks as tasks_lib
+from research.data.tokenizers import encode_sequence
 from research.distributed import to_host
 from research.models.decoding import greedy
 from research.training.step import make_eval_loss
@@ -20,11 +23,14 @@ def _eval_loss(graphdef, n_tasks):
 
 def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_new_tokens: int = 32,
              seq_len: int = 256, split: str = "val", offset: int = 0) -> dict:
-    """``{task: {"accuracy": exact-match rate, "loss": mean token loss}}`` on examples
-    ``offset .. offset + samples`` of ``split``.
+    """``{source: {"accuracy": exact-match rate, "loss": mean token loss, "perplexity":
+    exp(loss), "samples": n}}`` on examples ``offset .. offset + n`` of ``split``,
+    ``n = samples`` or fewer when the source's split is smaller.
 
-    ``task_names`` holds names or task objects.  A task that is not
-    generative (``text``) gets ``"accuracy": None``: only its loss is taken.
+    ``task_names`` holds task names or sources (``research.data.sources``).
+    A source that is not generative (``text``, text-only JSONL) gets
+    ``"accuracy": None``: only its loss is taken.  A source with no examples
+    in ``split`` gets ``None`` everywhere and ``"samples": 0``.
 
     Generation stops after ``max_new_tokens`` or one token past the longest
     reference response of the task's examples, whichever is first: a correct
@@ -35,8 +41,13 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
     eval_loss = _eval_loss(graphdef, len(task_names))
     for t_id, name in enumerate(task_names):
         task = tasks_lib.make_task(name) if isinstance(name, str) else name
-        examples = [task.example(split, offset + i) for i in range(samples)]
         name = name if isinstance(name, str) else name.name
+        size = task.size[split] if task.size else None
+        n = samples if size is None else max(0, min(samples, size - offset))
+        if n == 0:
+            out[name] = {"accuracy": None, "loss": None, "perplexity": None, "samples": 0}
+            continue
+        examples = [task.example(split, offset + i) for i in range(n)]
         out[name] = {"accuracy": _exact_match(gen, params, examples, tokenizer, max_new_tokens, seq_len)
                      if getattr(task, "generative", True) else None}
         batch = packing.pack([tasks_lib.encode(p, r, tokenizer, task_id=t_id) for p, r in examples], seq_len, "bfd",
@@ -47,13 +58,15 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
                   for k in ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")}
         loss, aux = eval_loss(params, fields)
         out[name]["loss"] = float(to_host(loss))
+        out[name]["perplexity"] = math.exp(min(out[name]["loss"], 700.0))
+        out[name]["samples"] = n
     return out
 
 
 def _exact_match(gen, params, examples, tokenizer, max_new_tokens, seq_len):
     """The fraction of ``examples`` whose greedy continuation is the reference."""
     samples = len(examples)
-    prompts = [tokenizer.encode(p) for p, _ in examples]
+    prompts = [encode_sequence(tokenizer, p) for p, _ in examples]
     longest = max(len(p) for p in prompts)
     max_new = min(max_new_tokens, max(len(tokenizer.encode(r)) for _, r in examples) + 1)
     width = min(seq_len, -(-(longest + max_new) // 16) * 16)  # few distinct shapes to compile
@@ -61,7 +74,7 @@ def _exact_match(gen, params, examples, tokenizer, max_new_tokens, seq_len):
     for i, p in enumerate(prompts):
         toks[i, : len(p)] = p[:width]
     lengths = np.array([min(len(p), width - 1) for p in prompts], np.int32)
-    done = np.asarray(to_host(gen(params, jnp.asarray(toks), jnp.asarray(lengths), max_new)))
+    done = np.asarray(to_host(gen(params, jnp.asarray(toks), jnp.asarray(lengths), max_new, (tokenizer.eos_id,))))
     correct = 0
     for i, (_, response) in enumerate(examples):
         new = done[i, lengths[i] :].tolist()

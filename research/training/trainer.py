@@ -41,10 +41,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from research import distributed, sharding
-from research.data import pipeline, tokenizers
+from research.data import pipeline
 from research.models import Transformer, from_hf, lora, preset, scan
+from research.models.hf import config_from_hf
 from research.models.config import LoRAConfig
-from research.training import run_config
+from research.training import data as data_lib, run_config
 from research.training.checkpoint import Checkpointer, CheckpointSaveError
 from research.training.config import ConfigError, TrainConfig, validate
 from research.training.evaluate import evaluate
@@ -119,12 +120,29 @@ def build_model(cfg: TrainConfig, mesh):
                           shardings=lambda abstract: sharding.state_shardings(abstract, mesh))
 
 
+def check_hf_overrides(cfg: TrainConfig) -> None:
+    """``model_overrides`` may set how an HF model computes (``_RUNTIME_FIELDS``) and
+    its parameter dtype; a shape field must agree with its ``config.json``."""
+    hf = config_from_hf(data_lib.hf_config(cfg.init_from))
+    for k, v in cfg.model_overrides:
+        if k not in (*_RUNTIME_FIELDS, "param_dtype") and getattr(hf, k) != v:
+            raise ConfigError(f"model_overrides: {k}={v!r} contradicts {os.path.join(cfg.init_from, 'config.json')}, "
+                              f"which gives {k}={getattr(hf, k)!r}; drop the override (the checkpoint fixes the shape)")
+
+
+def vocab_rows(cfg: TrainConfig) -> int:
+    """The embedding rows of the model ``cfg`` trains (from ``config.json`` for an HF init)."""
+    hf = data_lib.hf_init_dir(cfg)
+    return config_from_hf(data_lib.hf_config(hf)).vocab_size if hf else model_config(cfg).vocab_size
+
+
 def _build_base(cfg: TrainConfig, mesh):
     """Initialised in place, or read from ``init_from`` (an HF directory, or a run
     directory's latest parameters in either layer layout)."""
     mcfg = model_config(cfg)
     make = lambda c=mcfg: Transformer(c, rngs=nnx.Rngs(cfg.seed))
-    if cfg.init_from and os.path.isfile(os.path.join(cfg.init_from, "config.json")):
+    if data_lib.hf_init_dir(cfg):
+        check_hf_overrides(cfg)
         runtime = {k: v for k, v in cfg.model_overrides if k in _RUNTIME_FIELDS}
         model = from_hf(cfg.init_from, dtype=jnp.dtype(mcfg.param_dtype), **runtime)
         return sharding.shard_model(model, mesh)
@@ -215,9 +233,10 @@ def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume:
 
 
 def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_at, evaluate_at_end) -> TrainResult:
-    eval_tasks = pipeline.tasks_of(cfg.tasks, cfg.task_lengths)
+    tok = data_lib.tokenizer_for(cfg, vocab_rows(cfg))
+    sources, mixing = data_lib.sources_for(cfg, tok)  # every bad input named before the model is built
+    names = [s.name for s in sources]
     mesh = sharding.make_mesh(*cfg.mesh)
-    tok = tokenizers.ByteTokenizer()
     model = build_model(cfg, mesh)
     graphdef, params, frozen = split_trainable(model)  # a LoRA run trains the adapters alone
     tx = make_optimizer(cfg)
@@ -228,13 +247,12 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
     opt_state = jax.tree.map(on_mesh, opt_state)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
     batch_sh = sharding.batch_sharding(mesh)
-    n_tasks = len(cfg.tasks)
+    n_tasks = len(sources)
     step_fn = train_step_for(graphdef, cfg, n_tasks, param_sh, opt_sh, batch_sh, jax.tree.map(lambda x: x.sharding, frozen))
 
-    pcfg = pipeline.PipelineConfig(tasks=tuple(cfg.tasks), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                                   mixing=cfg.mixing, seed=cfg.seed, chunk_size=cfg.chunk_size,
-                                   task_lengths=tuple(cfg.task_lengths))
-    data = pipeline.make(pcfg, tokenizer=tok)  # the global batches; each process places its rows
+    pcfg = pipeline.PipelineConfig(tasks=tuple(names), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                                   mixing=mixing, seed=cfg.seed, chunk_size=cfg.chunk_size)
+    data = pipeline.make(pcfg, sources, tokenizer=tok)  # the global batches; each process places its rows
     if start:
         params, opt_state, data_state = ckpt.restore(start, params, opt_state)
         data.set_state(data_state)
@@ -268,7 +286,7 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
                 row = {"loss": loss, "grad_norm": gnorm}
                 tw = np.asarray(distributed.to_host(m["task_weight_sum"]))
                 tl = np.asarray(distributed.to_host(m["task_loss_sum"]))
-                row.update({f"loss/{t}": tl[i] / tw[i] for i, t in enumerate(cfg.tasks) if tw[i] > 0})
+                row.update({f"loss/{t}": tl[i] / tw[i] for i, t in enumerate(names) if tw[i] > 0})
                 history.append(row)
                 tps = real_tokens / max(time.perf_counter() - t0, 1e-9)
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tps:,.0f}")
@@ -277,7 +295,7 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
                     writer.write(step, {**row, "tokens_per_sec": tps})
                 ckpt.save(step, params, opt_state, data.get_state())
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < end:
-                    res = evaluate(graphdef, nnx.merge_state(params, frozen), eval_tasks, tok, samples=cfg.eval_samples,
+                    res = evaluate(graphdef, nnx.merge_state(params, frozen), sources, tok, samples=cfg.eval_samples,
                                    max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
                     writer.write(step, _eval_row(res))
     except KeyboardInterrupt as stop:
@@ -307,7 +325,7 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
         _save_adapter(cfg, workdir, graphdef, params)
     results = {}
     if evaluate_at_end and step == cfg.steps:
-        results = evaluate(graphdef, params, eval_tasks, tok, samples=cfg.eval_samples,
+        results = evaluate(graphdef, params, sources, tok, samples=cfg.eval_samples,
                            max_new_tokens=cfg.max_new_tokens, seq_len=cfg.seq_len)
         writer.write(step, _eval_row(results))
     writer.close()
