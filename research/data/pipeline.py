@@ -33,7 +33,7 @@ import grain
 import numpy as np
 
 from research.data import packing, tasks as tasks_lib, tokenizers
-from research.data.sources import Source
+from research.data.sources import Source, open_source
 from research.data.mixture import Mixture
 
 BATCH_FIELDS = ("tokens", "segment_ids", "positions", "targets", "loss_weights", "task_ids")
@@ -58,8 +58,7 @@ class PipelineConfig:
 def tasks_of(names: Sequence[str], task_lengths: Sequence = ()) -> list:
     """Task objects for ``names``, with ``((task, min_len, max_len), ...)`` applied."""
     lengths = {t: (a, b) for t, a, b in task_lengths}
-    return [tasks_lib.make_task(n, **({"min_len": lengths[n][0], "max_len": lengths[n][1]} if n in lengths else {}))
-            for n in names]
+    return [open_source(n, task_lengths=lengths) for n in names]
 
 
 class _PackedBatches(grain.DatasetIterator):

@@ -160,12 +160,6 @@ class JsonlSource:
             raise DataError(f"source {self.name!r} ({self.path}) has no {split!r} examples")
         return rows[index % len(rows)]
 
-    def __len__(self):
-        return self.size["train"]
-
-    def __getitem__(self, i: int) -> tuple[str, str]:
-        return self.example("train", i)
-
 
 class TfdsSource:
     """A TFDS dataset by name through ``tfds.data_source`` (random access, no TF graph).
@@ -226,12 +220,6 @@ class TfdsSource:
         if split == "test" or not len(self._held):
             raise DataError(f"TFDS source {self.name!r} has no {split!r} examples (its held-out split is 'val')")
         return self._record(self._held, index % len(self._held))
-
-    def __len__(self):
-        return self.size["train"]
-
-    def __getitem__(self, i: int) -> tuple[str, str]:
-        return self.example("train", i)
 
 
 def parse_spec(spec: str) -> tuple[str, str, dict]:
