@@ -132,7 +132,9 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     traced values, i.e. when ``merge`` is called under ``jit``.  Jittable;
     leaves keep their sharding.  Called eagerly, each leaf is merged by its
     own compiled call, or by the CPU backend (``cpu.merge_leaf``), whose
-    results equal the XLA program's bit for bit.
+    results equal the XLA program's bit for bit (DARE's L1 rescale factor
+    aside: its sums are float64 there, so it agrees to float32 summation
+    order).
     """
     spec = registry.get(method)
     models = list(models)

@@ -6,8 +6,12 @@ way with the same result, bit for bit:
 
 * TIES and breadcrumbs: the top-k cut searched from the host (``search``),
   the counting passes and the merge pass in numba (``kernels``);
-* DARE and DELLA: the keep masks drawn by a numba threefry that gives JAX's
-  bits, DELLA's ranks by a radix sort.
+* DARE: the keep masks drawn by a numba threefry that gives JAX's bits,
+  inside the merge pass (inverse rescale, or none) or first with the L1
+  rescale's sums (per row, exactly rounded over the rows, in float64: the
+  one step that is not XLA's bit for bit, but agrees to float32 summation
+  order, and does not depend on how a tensor is split into row blocks);
+* DELLA: the masks drawn so, its ranks by a radix sort.
 
 ``merge()`` calls ``merge_leaf`` on every leaf of an eager merge; ``None``
 means the backend does not apply (another method, an accelerator, traced
@@ -44,7 +48,7 @@ def merge_leaf(base, models, opts, keys, out_dtype, screen: bool = False):
     PRNG key per model (random methods, else None); ``out_dtype``: the output
     dtype (None: the models'); ``screen``: raise ``NonFiniteInput`` on NaN/Inf
     in the inputs (where ``screens_inputs``).  The result equals the XLA
-    program's bit for bit.
+    program's bit for bit, but for DARE's L1 factor (see above).
     """
     if not applies(opts, base):
         return None

@@ -1,5 +1,5 @@
 """numba kernels written out per number of models: the TIES/breadcrumbs merge
-pass and the fused top-k counting pass.
+pass, DARE's merge pass (masks drawn inline) and the fused top-k counting pass.
 
 Their loops run over columns with every per-model value (threshold, weight,
 trimmed delta, count) in a register, so each is written out for its number
@@ -21,7 +21,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = "_decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _tiny_seen"
+_HELPERS = ("_decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
+            "_tiny_seen, _uniform01")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
 
@@ -35,18 +36,46 @@ def merge_mode(consensus: int, normalize: bool, lam_is_one: bool, vote_raw: bool
     return consensus + 3 * normalize + 6 * lam_is_one + 12 * vote_raw + 24 * has_top + 48 * unit_weights
 
 
-def _span_source(n: int, mode: int) -> str:
-    """``span``: columns ``lo:hi`` of row ``r``, thresholds ``kt``/``tt`` per model.
+def _mix_lines(n: int, mode: int, pad: str) -> list[str]:
+    """The loop body after each model's kept delta ``e<i>`` (float32) and the base
+    element ``b``: ``consensus.disjoint_sum`` and ``task_vectors.mix``, into ``o[c]``.
 
     The sums run left to right, as ``consensus.disjoint_sum``'s do in XLA, and
     ``base + lam * mixed`` is one fused multiply-add, as XLA:CPU compiles it:
     the results are bit for bit XLA's.
     """
     consensus, normalize, lam_is_one = mode % 3, mode // 3 % 2, mode // 6 % 2
-    vote_raw, has_top, unit_weights = mode // 12 % 2, mode // 24 % 2, mode // 48 % 2
+    vote_raw, unit_weights = mode // 12 % 2, mode // 48 % 2
+    m = range(n)
+    lines = [f"a{i} = e{i}" if unit_weights else f"a{i} = w{i} * e{i}" for i in m]
+    if consensus == 0:
+        lines.append("num = " + " + ".join(f"a{i}" for i in m))
+        mixed = "num * inv_div" if normalize else "num"  # XLA divides by a scalar so: by its reciprocal
+    else:
+        # the votes: w_i * tau_i (a_i, as XLA multiplies it) or tau_i (times 1.0, exact)
+        value = (lambda i: f"e{i}") if vote_raw else (lambda i: f"a{i}")
+        vote = (lambda i: f"_sign({value(i)})") if consensus == 2 else value
+        lines.append("s = " + " + ".join(vote(i) for i in m))
+        lines.append("sgn = np.float32(1.0) if s >= 0 else np.float32(-1.0)  # a zero vote elects +")
+        lines += [f"g{i} = a{i} * sgn > 0" for i in m]  # zeros (and NaN) never agree
+        lines.append("num = " + " + ".join(f"(a{i} if g{i} else np.float32(0.0))" for i in m))
+        if normalize:
+            lines.append("den = " + " + ".join(f"(d{i} if g{i} else np.float32(0.0))" for i in m))
+        mixed = "num / (den if den != 0 else np.float32(1.0))" if normalize else "num"
+    if consensus == 0 and normalize and lam_is_one:  # XLA:CPU fuses base + num * inv_div too
+        lines.append("o[c] = _encode(_fma(num, inv_div, b), o)")
+        return [pad + line for line in lines]
+    lines.append(f"mixed = {mixed}")
+    lines.append("o[c] = _encode(b + mixed, o)" if lam_is_one else "o[c] = _encode(_fma(lam, mixed, b), o)")
+    return [pad + line for line in lines]
+
+
+def _span_source(n: int, mode: int) -> str:
+    """``span``: columns ``lo:hi`` of row ``r``, thresholds ``kt``/``tt`` per model."""
+    has_top = mode // 24 % 2
     m = range(n)
     lines = ["@numba.njit(nogil=True, cache=True)",
-             "def span(base, fts, r, lo, hi, kt, tt, w, dw, const_div, lam, out):",
+             "def span(base, fts, r, lo, hi, kt, tt, w, dw, inv_div, lam, out):",
              "    bt = base[r, lo:hi]", "    o = out[r, lo:hi]"]
     lines += [f"    x{i} = fts[{i}][r, lo:hi]; k{i} = kt[{i}]; t{i} = tt[{i}]; w{i} = w[{i}]; d{i} = dw[{i}]"
               for i in m]
@@ -55,30 +84,96 @@ def _span_source(n: int, mode: int) -> str:
         lines += [f"        e{i} = _kept_below(x{i}[c], b, k{i}, t{i})" for i in m]
     else:
         lines += [f"        e{i} = _kept(x{i}[c], b, k{i})" for i in m]
-    lines += [f"        a{i} = e{i}" if unit_weights else f"        a{i} = w{i} * e{i}" for i in m]
-    if consensus == 0:
-        lines.append("        num = " + " + ".join(f"a{i}" for i in m))
-        mixed = "num / const_div" if normalize else "num"
-    else:
-        # the votes: w_i * tau_i (a_i, as XLA multiplies it) or tau_i (times 1.0, exact)
-        value = (lambda i: f"e{i}") if vote_raw else (lambda i: f"a{i}")
-        vote = (lambda i: f"_sign({value(i)})") if consensus == 2 else value
-        lines.append("        s = " + " + ".join(vote(i) for i in m))
-        lines.append("        sgn = np.float32(1.0) if s >= 0 else np.float32(-1.0)  # a zero vote elects +")
-        lines += [f"        g{i} = a{i} * sgn > 0" for i in m]  # zeros (and NaN) never agree
-        lines.append("        num = " + " + ".join(f"(a{i} if g{i} else np.float32(0.0))" for i in m))
-        if normalize:
-            lines.append("        den = " + " + ".join(f"(d{i} if g{i} else np.float32(0.0))" for i in m))
-        mixed = "num / (den if den != 0 else np.float32(1.0))" if normalize else "num"
-    lines.append(f"        mixed = {mixed}")
-    lines.append("        o[c] = _encode(b + mixed, o)" if lam_is_one else "        o[c] = _encode(_fma(lam, mixed, b), o)")
+    return "\n".join(lines + _mix_lines(n, mode, " " * 8)) + "\n"
+
+
+def _random_source(n: int, mode: int, drawn: bool) -> str:
+    """``random_merge``: DARE's merge pass, row by row.  ``drawn``: each keep mask is
+    drawn inline (``_loops.bernoulli_blocks``'s bits), else read from ``masks``; a
+    kept delta is multiplied by ``q[i]`` (the inverse of the keep probability,
+    as XLA divides by a scalar, or the L1 rescale's factor).  ``flags[r]`` gets 1 where row ``r``'s
+    inputs hold a non-zero magnitude below 2**-32, 2 where a difference is
+    NaN/Inf (the caller then merges by the XLA program, or raises)."""
+    m = range(n)
+    lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
+             "def random_merge(base, fts, keys, block_rows, p, masks, q, w, dw, inv_div, lam, out, flags):",
+             "    rows, cols = base.shape",
+             "    for r in numba.prange(rows):",
+             "        bt = base[r]", "        o = out[r]",
+             "        blk = r // block_rows", "        start = (r - blk * block_rows) * cols",
+             "        low = _low_start(bt)", "        top = np.uint32(0)"]
+    for i in m:
+        lines.append(f"        x{i} = fts[{i}][r]; q{i} = q[{i}]; w{i} = w[{i}]; d{i} = dw[{i}]")
+        lines.append(f"        ka{i} = np.uint32(keys[{i}, blk, 0]); kb{i} = np.uint32(keys[{i}, blk, 1]); p{i} = p[{i}]"
+                     if drawn else f"        mk{i} = masks[{i}, r]")
+    lines += ["        for c in range(cols):", "            b = _decode(bt[c])", "            low = min(low, _low_bits(bt[c]))",
+              "            n = np.uint32(start + c)"]
+    for i in m:
+        lines += [f"            t{i} = _decode(x{i}[c]) - b",
+                  f"            low = min(low, _low_bits(x{i}[c]))",
+                  f"            top = max(top, np.float32(abs(t{i})).view(np.uint32))"]
+        lines.append(f"            e{i} = t{i} * q{i} if _uniform01(_threefry_bits(ka{i}, kb{i}, n)) < p{i} else np.float32(0.0)"
+                     if drawn else f"            e{i} = t{i} * q{i} if mk{i}[c] else np.float32(0.0)")
+    lines += _mix_lines(n, mode, " " * 12)
+    lines += ["        flags[r] = np.uint8(_tiny_seen(low, bt)) + np.uint8(2) * np.uint8(top >= np.uint32(0x7F800000))"]
     return "\n".join(lines) + "\n"
+
+
+_RANDOM_SUMS = '''
+@numba.njit(parallel=True, nogil=True, cache=True)
+def draw_masks(keys, block_rows, p, masks):
+    """Model ``i``'s keep mask into ``masks[i]`` (``_loops.bernoulli_blocks``'s draws)."""
+    n, rows, cols = masks.shape
+    for r in numba.prange(rows):
+        blk = r // block_rows
+        start = (r - blk * block_rows) * cols
+        for i in range(n):
+            k1 = np.uint32(keys[i, blk, 0])
+            k2 = np.uint32(keys[i, blk, 1])
+            pi = p[i]
+            mk = masks[i, r]
+            for c in range(cols):
+                mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < pi
+
+
+@numba.njit(parallel=True, nogil=True, cache=True)
+def row_sums(base, fts, masks, sums):
+    """Per row, ``sum |d|`` and ``sum |d|`` over kept entries into ``sums[i, r]``: 16
+    interleaved float32 partial sums (column ``c`` into lane ``c % 16``, which
+    vectorises), then the columns past the last full 16, added in float64.  The
+    result depends on the row alone."""
+    rows, cols = base.shape
+    for r in numba.prange(rows):
+        bt = base[r]
+        for i in range(len(fts)):
+            x = fts[i][r]
+            mk = masks[i, r]
+            lane = np.zeros(16, np.float32)
+            lane_kept = np.zeros(16, np.float32)
+            full = cols - cols % 16
+            for c0 in range(0, full, 16):
+                for j in range(16):
+                    a = abs(_decode(x[c0 + j]) - _decode(bt[c0 + j]))
+                    lane[j] += a
+                    lane_kept[j] += a * np.float32(mk[c0 + j])
+            total = 0.0
+            kept = 0.0
+            for c in range(full, cols):
+                a = np.float64(abs(_decode(x[c]) - _decode(bt[c])))
+                total += a
+                kept += a if mk[c] else 0.0
+            for j in range(16):
+                total += np.float64(lane[j])
+                kept += np.float64(lane_kept[j])
+            sums[i, r, 0] = total
+            sums[i, r, 1] = kept
+'''
 
 
 _DRIVER = '''
 @numba.njit(parallel=True, nogil=True, cache=True)
 def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, top_c, w, div_w,
-              const_div, lam, chunks, out):
+              inv_div, lam, chunks, out):
     rows, cols = base.shape
     n = len(fts)
     for ch in numba.prange(chunks):
@@ -96,7 +191,7 @@ def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, 
                 for i in range(n):
                     kt[i] = keep_ge[i] if r < keep_r[i] or (r == keep_r[i] and lo < keep_c[i]) else keep_v[i]
                     tt[i] = top_ge[i] if r < top_r[i] or (r == top_r[i] and lo < top_c[i]) else top_v[i]
-                span(base, fts, r, lo, hi, kt, tt, w, div_w, const_div, lam, out)
+                span(base, fts, r, lo, hi, kt, tt, w, div_w, inv_div, lam, out)
                 lo = hi
 '''
 
@@ -183,6 +278,20 @@ def _load(name: str, body: str):
 def cut_merge(n: int, mode: int):
     """The merge pass of ``n`` models in ``mode`` (``merge_mode``)."""
     return _load(f"cut_merge_n{n}_m{mode}", _span_source(n, mode) + _DRIVER).cut_merge
+
+
+@functools.cache
+def random_merge(n: int, mode: int, drawn: bool):
+    """DARE's merge pass of ``n`` models in ``mode`` (``merge_mode``; no top cuts),
+    masks drawn inline or read (``drawn``)."""
+    return _load(f"random_merge_n{n}_m{mode}_{'drawn' if drawn else 'read'}", _random_source(n, mode, drawn)).random_merge
+
+
+@functools.cache
+def random_sums():
+    """DARE's masks and the L1 rescale's sums (``draw_masks``, ``row_sums``), for any
+    number of models."""
+    return _load("random_sums", _RANDOM_SUMS)
 
 
 @functools.cache

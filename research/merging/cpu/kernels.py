@@ -20,7 +20,8 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   probabilities need.  XLA sorts twice (``argsort(argsort(d))``); the kernel
   radix-sorts the float bits.
 * ``bernoulli``/``below_table``: DARE's and DELLA's keep masks, drawn by a
-  threefry2x32 that gives JAX's bits exactly.
+  threefry2x32 that gives JAX's bits exactly; ``random_merge``: DARE's
+  whole merge pass with the masks drawn inline (none is stored).
 
 They read the arrays in place: a JAX array on one CPU device is viewed as
 NumPy without a copy, bf16 as its uint16 bits (decoded by a shift).  Only bf16
@@ -242,6 +243,27 @@ def _safe_scale(x: float) -> bool:
     return x == 0 or _SAFE_SCALE[0] <= abs(x) <= _SAFE_SCALE[1]
 
 
+def scales_ok(weights, lam) -> bool:
+    """Whether the merge passes match XLA with these weights and ``lam``: each 0 or
+    in [2**-16, 2**16] (see ``cut_merge``)."""
+    return all(_safe_scale(float(w)) for w in weights) and _safe_scale(float(lam))
+
+
+def _mix_inputs(weights, consensus, divide_by: str, shape, out_dtype):
+    """The merge passes' weights, per-model divisor weights, the constant divisor's
+    float32 reciprocal (XLA divides by a scalar so) and the output buffer."""
+    n = len(weights)
+    w = np.asarray(weights, np.float32)
+    dw = w if divide_by == "weight" else np.ones(n, np.float32)
+    if consensus is None:
+        total = float(sum(weights)) if divide_by == "weight" else float(n)
+        inv_div = np.float32(1) / np.float32(total if abs(total) >= 1e-8 else 1.0)
+    else:
+        inv_div = np.float32(1.0)
+    out = aligned_empty(shape, np.uint16 if np.dtype(out_dtype).name == "bfloat16" else np.float32)
+    return w, dw, inv_div, out
+
+
 def cut_merge(base, fts, keep, top, weights, *, consensus, vote_on, normalize, divide_by, lam, out_dtype):
     """The task-vector merge of trims given as cuts (TIES, breadcrumbs), one pass.
 
@@ -266,23 +288,96 @@ def cut_merge(base, fts, keep, top, weights, *, consensus, vote_on, normalize, d
     views = tuple(_host_view(f) for f in fts)
     kv, kge, kr, kc = _cut_arrays(keep)
     tv, tge, tr, tc = _cut_arrays([_NO_CUT if t is None else t for t in top])
-    w = np.asarray(weights, np.float32)
-    ones = np.ones(n, np.float32)
-    if consensus is None:
-        total = float(sum(weights)) if divide_by == "weight" else float(n)
-        const_div = np.float32(total if abs(total) >= 1e-8 else 1.0)
-    else:
-        const_div = np.float32(1.0)
-    out_dtype = np.dtype(out_dtype)
-    out = aligned_empty(b.shape, np.uint16 if out_dtype.name == "bfloat16" else np.float32)
+    w, dw, inv_div, out = _mix_inputs(weights, consensus, divide_by, b.shape, out_dtype)
     chunks = min(b.shape[0], 16 * numba_threads())
     gen = _generated()
     mode = gen.merge_mode({None: 0, "sum": 1, "count": 2}[consensus], bool(normalize), float(lam) == 1.0,
                           vote_on == "raw", any(t is not None for t in top), all(float(x) == 1.0 for x in weights))
     with _LOCK:
-        gen.cut_merge(n, mode)(b, views, kv, kge, kr, kc, tv, tge, tr, tc, w, w if divide_by == "weight" else ones,
-                               const_div, np.float32(lam), chunks, out)
+        gen.cut_merge(n, mode)(b, views, kv, kge, kr, kc, tv, tge, tr, tc, w, dw,
+                               inv_div, np.float32(lam), chunks, out)
     return out.view(out_dtype).reshape(np.shape(base))
+
+
+def _draw_view(x, blocks: int) -> np.ndarray:
+    """``x`` as the 2-D NumPy view a blocked draw indexes: any ``[rows, cols]`` for one
+    draw (its counter is the flat index), ``[shape[0], -1]`` for blocks of rows."""
+    if blocks == 1:
+        return _host_view(x)
+    a = np.asarray(x).reshape(np.shape(x)[0], -1)
+    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+
+
+def _as_2d(x, shape) -> np.ndarray:
+    a = np.asarray(x).reshape(shape)
+    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+
+
+def _draw_args(base, fts, block_keys, density):
+    """The draw views and per-model keys/probabilities of ``random_masks``/``random_merge``."""
+    n = len(fts)
+    blocks = max(1 if k is None else len(k) for k in block_keys)
+    keys = np.zeros((n, blocks, 2), np.uint32)
+    p = np.full(n, 2.0, np.float32)  # uniforms are < 1: everything kept
+    for i, k in enumerate(block_keys):
+        if k is not None:
+            keys[i, : len(k)] = np.asarray(k, np.uint32).reshape(-1, 2)
+            p[i] = np.float32(density[i])
+    return _draw_view(base, blocks), tuple(_draw_view(f, blocks) for f in fts), keys, p, blocks
+
+
+def random_masks(base, fts, block_keys, block_rows: int, density):
+    """DARE's keep masks, drawn as ``bernoulli`` draws them (``block_keys[i]``: model
+    ``i``'s draw-block keys, ``[blocks, 2]`` uint32, None: it keeps everything),
+    and the L1 rescale's sums.  Returns ``(masks, sums)``: ``[n, rows, cols]`` bool
+    over the draw's 2-D view, and per row ``sum |d|`` and ``sum |d|`` over the kept
+    entries, ``[n, rows, 2]`` float64 (each a function of its row alone)."""
+    b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
+    masks = np.empty((len(fts), *b.shape), np.bool_)
+    sums = np.empty((len(fts), b.shape[0], 2), np.float64)
+    with _LOCK:
+        gen = _generated().random_sums()
+        gen.draw_masks(keys, block_rows if blocks > 1 else b.shape[0], p, masks)
+        gen.row_sums(b, views, masks, sums)
+    return masks, sums
+
+
+def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, density=None, masks=None, scale,
+                 consensus, vote_on, normalize, divide_by, lam, out_dtype):
+    """DARE's task-vector merge pass, merged as ``cut_merge`` merges.
+
+    The keep masks are drawn inline (``block_keys``, ``block_rows`` and
+    ``density`` as for ``random_masks``; none is stored), or read from
+    ``masks`` (``random_masks``'s).  A kept delta is multiplied by
+    ``scale[i]``: ``1 / p`` for the inverse rescale (XLA divides by a scalar
+    so, by its float32 reciprocal), the L1 rescale's factor, or 1.  The options are ``consensus.disjoint_sum``'s.
+    Returns ``(leaf, flags)``: the merged leaf as NumPy (``out_dtype``: bf16 or
+    float32) and per row 1 where its inputs hold a non-zero magnitude below
+    2**-32, 2 where a difference is NaN/Inf.  The leaf is XLA's bit for bit
+    where every flag is 0 (``cut_merge`` says why).  None where weights or
+    ``lam`` are outside [2**-16, 2**16] (other than 0).
+    """
+    if not all(_safe_scale(float(w)) for w in weights) or not _safe_scale(float(lam)):
+        return None
+    n = len(fts)
+    drawn = masks is None
+    if drawn:
+        b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
+        rows_per_block = block_rows if blocks > 1 else b.shape[0]
+        masks = np.zeros((n, 1, 1), np.bool_)
+    else:
+        b = _as_2d(base, masks.shape[1:])  # the masks' view: flat order is the same in any 2-D view
+        views = tuple(_as_2d(f, masks.shape[1:]) for f in fts)
+        keys, p, rows_per_block = np.zeros((n, 1, 2), np.uint32), np.ones(n, np.float32), b.shape[0]
+    w, dw, inv_div, out = _mix_inputs(weights, consensus, divide_by, b.shape, out_dtype)
+    flags = np.zeros(b.shape[0], np.uint8)
+    gen = _generated()
+    mode = gen.merge_mode({None: 0, "sum": 1, "count": 2}[consensus], bool(normalize), float(lam) == 1.0,
+                          vote_on == "raw", False, all(float(x) == 1.0 for x in weights))
+    with _LOCK:
+        gen.random_merge(n, mode, drawn)(b, views, keys, rows_per_block, p, masks, np.asarray(scale, np.float32), w,
+                                         dw, inv_div, np.float32(lam), out, flags)
+    return out.view(np.dtype(out_dtype)).reshape(np.shape(base)), flags
 
 
 def numba_threads() -> int:

@@ -12,6 +12,7 @@ never alive together.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -169,6 +170,69 @@ def _random_state(ft, base, opts, key, i: int) -> Kept:
     return Kept(mask=jnp.reshape(mask, ft.shape), mul=mul)
 
 
+def dare_factor(row_sums) -> np.float32:
+    """``sparsify.l1_factor`` from ``kernels.random_masks``'s per-row sums (``[rows, 2]``,
+    every row of the tensor): the totals are exactly rounded sums of the rows', so
+    they do not depend on how the rows were split into blocks."""
+    before, after = math.fsum(row_sums[:, 0]), math.fsum(row_sums[:, 1])
+    return np.float32(before / after) if before >= 1e-7 and after >= 1e-7 else np.float32(1.0)
+
+
+def dare_applies(opts, base, ms, out_dtype) -> bool:
+    """Whether ``dare_merge`` merges these leaves (else it returns None)."""
+    return (opts.sparsify == "random" and str(jnp.dtype(out_dtype)) in ("bfloat16", "float32")
+            and kernels.scales_ok(opts.weight, opts.lam) and kernels.usable(base, *ms))
+
+
+def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, screen=None):
+    """DARE (``sparsify="random"``) by the numba passes, or None where they do not
+    apply (another dtype, arrays off the host) or cannot match the XLA program
+    (tiny magnitudes, NaN/Inf: ``screen()`` is called first on NaN/Inf, to raise).
+
+    ``block_keys[i]``: model ``i``'s draw-block keys (``_block_key_data``) for the
+    rows of ``base``, blocks of ``block_rows``.  With the inverse rescale (or
+    none) the masks are drawn inside the merge pass; with the L1 rescale they
+    are drawn first, with the sums its factor needs, and the factors are
+    ``dare_factor``'s (``factors``: given, for a tensor merged in blocks).
+    """
+    if not dare_applies(opts, base, ms, out_dtype):
+        return None
+    out = str(jnp.dtype(out_dtype))
+    keys = [None if d >= 1 else k for d, k in zip(opts.density, block_keys)]
+    kw = dict(consensus=opts.consensus, vote_on=opts.vote_on, normalize=opts.normalize, divide_by=opts.divide_by,
+              lam=opts.lam, out_dtype=out)
+    if opts.rescale and opts.rescale_mode == "l1":
+        masks, sums = kernels.random_masks(base, ms, keys, block_rows, opts.density)
+        if factors is None:
+            factors = [dare_factor(sums[i]) if k is not None else np.float32(1.0) for i, k in enumerate(keys)]
+        res = kernels.random_merge(base, ms, opts.weight, masks=masks, scale=factors, **kw)
+        if res is not None and res[1].any():  # the XLA pass, on the same masks and factors
+            if screen is not None and (res[1] & 2).any():
+                screen()
+            kept = [Kept() if k is None else Kept(mask=jnp.reshape(masks[i], np.shape(base)), mul=jnp.float32(factors[i]))
+                    for i, k in enumerate(keys)]
+            return np.asarray(_mix_jit(base, ms, kept, opts=opts, out_dtype=jnp.dtype(out_dtype)))
+    else:
+        scale = [np.float32(1) / np.float32(d) if opts.rescale and k is not None else np.float32(1)
+                 for d, k in zip(opts.density, keys)]
+        res = kernels.random_merge(base, ms, opts.weight, block_keys=keys, block_rows=block_rows,
+                                   density=opts.density, scale=scale, **kw)
+        if res is not None and res[1].any():
+            if screen is not None and (res[1] & 2).any():
+                screen()
+            return None
+    return None if res is None else res[0]
+
+
+def _dare_leaf(base, ms, opts, keys, out_dtype):
+    if any(d < 1 and not kernels.random_ok(k) for d, k in zip(opts.density, keys)):
+        return None
+    blocks, rows = sparsify.draw_blocks(np.shape(base))
+    block_keys = [np.asarray(_block_key_data(k, blocks)) if d < 1 else None for d, k in zip(opts.density, keys)]
+    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype)
+    return None if leaf is None else jax.device_put(leaf)
+
+
 def _cuts_merge(base, ms, opts, out_dtype, screen: bool):
     """TIES/breadcrumbs: every model's cuts from one fused counting pass, then the
     numba merge pass where it applies.  Returns ``(leaf or None, states)``."""
@@ -200,5 +264,8 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
                 if screen and not cuts:
                     _screen_leaf(m, base)
     else:
+        leaf = _dare_leaf(base, ms, opts, keys, out_dtype) if opts.sparsify == "random" else None
+        if leaf is not None:
+            return leaf
         states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
     return _mix_jit(base, ms, states, opts=opts, out_dtype=out_dtype)

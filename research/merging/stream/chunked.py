@@ -15,7 +15,8 @@ ties, breadcrumbs     each model's exact top-k threshold from a        bit for b
                       histogram of ``|tau|``'s float bits (1-2)
 dare, della           none: masks are drawn per ``sparsify.blocked_    bit for bit
                       draw`` block, which the row blocks align to;
-                      the L1 rescale's two sums (1)                    to float32
+                      the L1 rescale's two sums (1): DARE's per row    DELLA's L1:
+                      (``cpu.leaf.dare_factor``), DELLA's per block    to float32
                                                                        summation
 slerp, model_stock    norms and dot products (1)                       order
 ====================  ===============================================  ============
@@ -41,7 +42,7 @@ import numpy as np
 from research.merging.merge import merge as _merge, model_keys
 from research.merging import methods, registry, sparsify, task_vectors, topk, tree
 from research.merging.cpu import kernels, search
-from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table,
+from research.merging.cpu.leaf import (Kept, _block_key_data, dare_applies, dare_factor, dare_merge, _della_probs_jit, _della_probs_table,
                                        _della_ranks_jit, _mix_jit)
 
 CHUNK_ENTRIES = 1 << 23  # entries per model in one row block
@@ -412,18 +413,53 @@ def _random_kept(opts, i, m, base, keys, b0, b1, rb):
     return mask, (None if div is None else jnp.reshape(div, m.shape) if jnp.ndim(div) else div)
 
 
+def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, write) -> bool:
+    """DARE in row blocks by the numba passes (``cpu.leaf.dare_merge``); the L1
+    rescale's factors from a first pass of per-row sums.  False, having written
+    nothing, where the first block shows that the passes do not apply."""
+    block_keys = lambda c: [k[c * per_block:(c + 1) * per_block] for k in keys]
+    factors = None
+    if opts.rescale and opts.rescale_mode == "l1":
+        rows = [[] for _ in t.models]
+        for c, sp in enumerate(t.spans()):
+            base, models = t.read(sp)
+            if c == 0 and not dare_applies(opts, base, models, out_dtype):
+                return False
+            _, sums = kernels.random_masks(base, models, block_keys(c), rb, opts.density)
+            for i in range(len(models)):
+                rows[i].append(sums[i])
+        factors = [dare_factor(np.concatenate(r)) if d < 1 else np.float32(1.0) for r, d in zip(rows, opts.density)]
+    for c, sp in enumerate(t.spans()):
+        base, models = t.read(sp)
+        leaf = dare_merge(base, models, opts, block_keys(c), rb, out_dtype, factors,
+                          screen=lambda: _screen(t, base, models))
+        if leaf is None:
+            if c == 0:
+                return False
+            kept = []  # tiny magnitudes in this block: the XLA pass on the same masks
+            for i, (m, d) in enumerate(zip(models, opts.density)):
+                mask, div = _random_kept(opts, i, m, base, keys[i], c * per_block, (c + 1) * per_block, rb)
+                kept.append(Kept() if d >= 1 else Kept(mask=mask, div=div if opts.rescale else None))
+            leaf = np.asarray(_mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype))
+        write(leaf)
+    return True
+
+
 def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     n_draw, rb = sparsify.draw_blocks(t.shape)
     keys = [np.asarray(_block_key_data(k, n_draw)) for k in model_keys]
     per_block = t.step // rb
     l1 = opts.rescale and opts.rescale_mode == "l1"
     sums = [[0.0, 0.0] for _ in t.models]
+    if opts.sparsify == "random" and all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(
+            opts, t, keys, per_block, rb, out_dtype, write):
+        return
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
         for c, sp in enumerate(t.spans()):
             base, models = t.read(sp)
+            b0, b1 = c * per_block, (c + 1) * per_block
             if pass_ == "sums" or not l1:
                 _screen(t, base, models)
-            b0, b1 = c * per_block, (c + 1) * per_block
             kept = []
             for i, m in enumerate(models):
                 if opts.density[i] >= 1:
