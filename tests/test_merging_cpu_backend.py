@@ -216,6 +216,7 @@ TRIM_SETTINGS = [
     ("ties", {"density": [1.0, 0.1, 0.6], "normalize": False}),
     ("breadcrumbs", {"density": 0.4, "gamma": 0.05}),
     ("breadcrumbs_ties", {"density": 0.3, "gamma": 0.02, "lam": 1.5}),
+    ("breadcrumbs", {"density": 0.4, "gamma": 0.05, "normalize": True}),  # base + num * (1/n), fused by XLA
 ]
 
 
