@@ -450,10 +450,10 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     keys = [np.asarray(_block_key_data(k, n_draw)) for k in model_keys]
     per_block = t.step // rb
     l1 = opts.rescale and opts.rescale_mode == "l1"
-    sums = [[0.0, 0.0] for _ in t.models]
     if opts.sparsify == "random" and all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(
             opts, t, keys, per_block, rb, out_dtype, write):
         return
+    sums = [[0.0, 0.0] for _ in t.models]
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
         for c, sp in enumerate(t.spans()):
             base, models = t.read(sp)
