@@ -2,28 +2,43 @@
 expert per target task, a multi-task fine-tune, task vectors, merges, and the
 TIES paper's table with error bars.
 
-    python experiments/quickstart.py --force              # one seed (make demo)
+    python experiments/quickstart.py --force              # one seed (make demo): ~6-8 min on 2 CPU cores
     python experiments/quickstart.py --seeds 3 --force    # results/quickstart_3seeds.json (the README table)
-    python experiments/quickstart.py --tiny --force       # smoke variant for the tests
+    python experiments/quickstart.py --tiny --force       # smoke variant for the tests (a tiny base, relaxed gates)
+    python experiments/quickstart.py --seeds 3 --set candidates=reverse,sort,cipher,swap,upper,rotl,double \
+        --set neftune_control=sort --results results/ablations/generation_targets.json --out runs/qs_gen --force
 
-One seed is one full pipeline (pretrain -> fine-tune -> merge); ``--seeds K``
-runs seeds 0..K-1 and reports mean +- std over them.  Stages:
+Expected (3 seeds, README): five of the six candidates pass their gates in
+every seed (``second`` misses in one, an appendix row); the experts score
+92-100% on their own task and 0-13% on the others; task arithmetic keeps
+about half of the experts' skills (normalised 0.56 +- 0.03), far above
+averaging (``linear``, 0.07) and the base, and the TIES and DARE variants
+sit within the seed noise of task arithmetic.
 
-1. **Pretrain** a small byte-level model on generic data (``research.data.suite``:
-   English prose and six string-operation format tasks; no target is ever seen).
+The base is pretrained once (``experiments/pretrain_base.py``) and committed
+as ``experiments/suite_base``; ``--base DIR`` fine-tunes another one, whose
+recorded pretraining config must match this run's.  A seed is one
+fine-tune -> merge pipeline over that base (fine-tuning data order, DARE's
+masks); ``--seeds K`` runs seeds 0..K-1 and reports mean +- std over them.
+Stages:
+
+1. **Base**: ``research.data.suite``'s general base (English prose and six
+   string-operation format tasks; no target is ever seen), loaded and checked
+   against its ``pretraining.json``.
 2. **Experts**: one fine-tune per candidate task, packed, with ``replay`` of
-   each batch replaying the format tasks and the tied embedding frozen; the
-   ``neftune_control`` tasks are also fine-tuned with NEFTune at
-   ``neftune_alpha``.  The alpha with the lower mean validation loss (noise
-   off) on them, alpha = 0 against ``neftune_alpha``, is used from here on
-   (if NEFTune wins, the other candidates are fine-tuned again with it).
+   each batch replaying the format tasks and the tied embedding frozen.
+   First the NEFTune control: the ``neftune_control`` tasks are fine-tuned
+   at alpha = 0 and at ``neftune_alpha``, and the alpha with the lower mean
+   validation loss (noise off) over them and the seeds is used for every
+   expert.
 3. **Gates** on the validation split: base <= 20% and expert >= 70% and
    >= base + 50 points.  A candidate that fails any of them, in any seed, is
    not a target: it goes to the appendix rows and is not merged.
 4. **Multi-task** fine-tune on all targets with the experts' total budget.
 5. **Diagnostics**: ||tau|| / ||theta_0||, pairwise cosines, sign conflicts
-   among entries kept by both task vectors (with the chance rate), and the
-   share of each model's kept entries that TIES's sign election discards.
+   among entries kept by both task vectors (with the chance rate), the share
+   of each model's kept entries that TIES's sign election discards, and what
+   the merges inherit (``behaviour``).
 6. **Merges**: ``linear``, ``task_arithmetic``, ``ties`` (mergekit's per-tensor
    trim and the paper's global trim), ``dare_ties``, ``dare_linear``.  lambda,
    density and drop rate are chosen on the validation split; a grid whose
@@ -39,7 +54,9 @@ Writes ``<out>/results.json`` and ``<out>/merge_table.png``; with
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
+import hashlib
 import itertools
 import json
 import os
@@ -49,12 +66,18 @@ import time
 
 import jax
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from research import merging
 from research.data import pipeline, suite, tokenizers
+from research.merging.tree import leaf_names
+from research.models import from_hf, save_hf
 from research.training import TrainConfig, train
 from research.training.evaluate import evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_BASE = os.path.join(ROOT, "experiments", "suite_base")
 
 PAPER_CLAIM = ("TIES paper (Yadav et al. 2023, Table 1): ties > task_arithmetic > linear (averaging); every merge "
                "below the experts and the multitask model, and above the base")
@@ -67,22 +90,24 @@ MERGES = ("linear", "task_arithmetic", "ties", "ties_global", "dare_ties", "dare
 @dataclasses.dataclass(frozen=True)
 class QuickstartConfig:
     candidates: tuple = suite.CANDIDATES
-    pretrain_mixture: tuple = suite.PRETRAIN_MIXTURE
+    # the base: pretrained once with these (experiments/pretrain_base.py), checked against its pretraining.json
     model: str = "small"
     seq_len: int = 128
+    pretrain_mixture: tuple = suite.PRETRAIN_MIXTURE
     pretrain_batch: int = 16
-    pretrain_steps: int = 400
+    pretrain_steps: int = 2000
     pretrain_lr: float = 3e-3
+    pretrain_seed: int = 0
     finetune_batch: int = 8
-    finetune_steps: int = 130
-    finetune_lr: float = 1e-3
+    finetune_steps: int = 100
+    finetune_lr: float = 3e-4  # a tenth of pretraining's peak
     replay: float = suite.REPLAY  # share of each fine-tune batch replaying the pretraining format tasks
     finetune_freeze: tuple = suite.FINETUNE_FREEZE
-    # NEFTune's noise norm per token is alpha / sqrt(3 L); at our L ~ 15 tokens
-    # alpha = 1 gives ~0.15, the paper's ratio at alpha = 5, L ~ 300.
+    # NEFTune's noise norm per token is alpha / sqrt(3 L); at our L ~ 12 tokens
+    # alpha = 1 gives ~0.17, the paper's ratio at alpha = 5, L ~ 300.
     neftune_alpha: float = 1.0
     # these candidates are also fine-tuned at neftune_alpha (every seed): the control that picks alpha
-    neftune_control: tuple = ("sort",)
+    neftune_control: tuple = ("succ",)
     val_samples: int = 48
     test_samples: int = 200
     max_new_tokens: int = 16
@@ -96,10 +121,41 @@ class QuickstartConfig:
     progress: bool = True
 
 
-TINY = QuickstartConfig(candidates=("reverse", "cipher"), neftune_control=("cipher",), model="tiny", pretrain_steps=30, finetune_steps=10,
-                        val_samples=8, test_samples=8, max_new_tokens=8, lambdas_sum=(0.5, 1.0), lambdas_mean=(1.0,),
-                        densities=(0.5,), max_extensions=1,
+PRETRAIN_FIELDS = ("model", "seq_len", "pretrain_mixture", "pretrain_batch", "pretrain_steps", "pretrain_lr",
+                   "pretrain_seed")
+TINY = QuickstartConfig(candidates=("first", "succ"), neftune_control=("succ",), model="tiny", pretrain_steps=30,
+                        finetune_steps=10, finetune_lr=1e-3, val_samples=8, test_samples=8, max_new_tokens=8,
+                        lambdas_sum=(0.5, 1.0), lambdas_mean=(1.0,), densities=(0.5,), max_extensions=1,
                         gates=suite.Gates(base_max=1.0, expert_min=0.0, margin=-1.0))  # smoke: every candidate passes
+
+
+def override(q: QuickstartConfig, items) -> QuickstartConfig:
+    """``q`` with ``field=value`` items applied (``--set``): numbers, Python literals,
+    or comma-separated names for tuple fields (``candidates=first,last``)."""
+    fields = {f.name: getattr(q, f.name) for f in dataclasses.fields(q) if f.name not in ("gates", "progress")}
+    changes = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(fields)}")
+        default = fields[key]
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if isinstance(default, tuple):
+            if isinstance(value, (int, float)):
+                value = (value,)
+            value = tuple(value) if isinstance(value, (tuple, list)) else tuple(v for v in text.split(",") if v)
+        elif isinstance(default, str):
+            value = text
+        elif isinstance(value, bool) or not isinstance(value, (int, float)) or (
+                isinstance(default, int) and not isinstance(value, int)):
+            raise SystemExit(f"--set {item!r}: {key} takes {'an integer' if isinstance(default, int) else 'a number'}")
+        else:
+            value = type(default)(value)
+        changes[key] = value
+    return dataclasses.replace(q, **changes)
 
 
 class Stage:
@@ -132,6 +188,10 @@ def _train_cfg(q: QuickstartConfig, seed, tasks, steps, lr, batch, alpha, init_f
         neftune_alpha=alpha, seed=seed, save_every=0, keep=1, log_every=max(1, steps // 10), init_from=init_from,
         mesh=(-1, 1, 1), progress=False,
     )
+
+
+def _mean(d: dict) -> float:
+    return float(np.mean(list(d.values())))
 
 
 class Evaluator:
@@ -235,29 +295,125 @@ def search(name, q, fts, base, seed, score, stage):
     return hp, _merge(name, fts, base, hp, seed), record
 
 
+# --- the base -------------------------------------------------------------------------
+
+
+def pretrain_config(q: QuickstartConfig) -> TrainConfig:
+    tasks = [t for t, _ in q.pretrain_mixture]
+    return _train_cfg(q, q.pretrain_seed, tasks, q.pretrain_steps, q.pretrain_lr, q.pretrain_batch, 0.0,
+                      mixing=dict(q.pretrain_mixture))
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
+
+
+def pretraining_spec(q: QuickstartConfig) -> dict:
+    """The fields of ``q`` that make the base (its ``pretraining.json`` records them)."""
+    return _jsonable({f: getattr(q, f) for f in PRETRAIN_FIELDS})
+
+
+def params_digest(params) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in leaf order."""
+    h = hashlib.sha256()
+    for name, x in zip(leaf_names(params), jax.tree.leaves(params)):
+        x = np.ascontiguousarray(np.asarray(x))
+        h.update(f"{name}|{x.dtype}|{x.shape}|".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
+def pretrain_base(q: QuickstartConfig, workdir: str, out: str, *, force: bool = False, command: str = "") -> dict:
+    """Pretrain the suite's base in ``workdir`` (resuming a run found there) and write it
+    to ``out`` as an HF directory (``config.json``, ``model.safetensors``) with a
+    ``pretraining.json``: the pretraining fields of ``q``, the base's validation
+    exact match on each format task, its text loss, and ``params_sha256``.
+    An existing ``out`` is refused unless ``force``."""
+    if os.path.exists(out) and not force:
+        raise SystemExit(f"{out} exists: pass --force to replace it")
+    t0 = time.perf_counter()
+    r = train(pretrain_config(q), workdir, evaluate_at_end=False)
+    params = jax.device_get(r.params)
+    acc, loss = Evaluator(q, r.graphdef)(params, [*suite.FORMAT_TASKS, "text"], "val")
+    record = {
+        "config": pretraining_spec(q),
+        "format_val_accuracy": {t: acc[t] for t in suite.FORMAT_TASKS},
+        "val_samples": q.val_samples,
+        "text_val_loss": loss["text"],
+        "final_train_loss": r.history[-1]["loss"] if r.history else None,
+        "steps": r.step,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "params_sha256": params_digest(params),
+        "command": command,
+    }
+    save_hf(nnx.merge(r.graphdef, params), out, force=force,
+            extra_files={"pretraining.json": json.dumps(record, indent=2) + "\n"})
+    return record
+
+
+def load_base(q: QuickstartConfig, path: str) -> dict:
+    """The base at ``path`` (an HF directory with ``pretraining.json``) as
+    ``{"graphdef", "params", "dir", "pretraining"}``, after checking that it was
+    pretrained with ``q``'s pretraining fields and that its weights are the ones
+    recorded."""
+    meta = os.path.join(path, "pretraining.json")
+    if not os.path.isfile(meta):
+        raise SystemExit(f"{path}: not a suite base (no pretraining.json); write one with "
+                         f"python experiments/pretrain_base.py --out {path}")
+    with open(meta) as f:
+        info = json.load(f)
+    want = pretraining_spec(q)
+    diff = [k for k in PRETRAIN_FIELDS if info["config"].get(k) != want[k]]
+    if diff:
+        raise SystemExit(f"{path} was pretrained with " + ", ".join(f"{k}={info['config'].get(k)!r}" for k in diff)
+                         + "; this run has " + ", ".join(f"{k}={want[k]!r}" for k in diff)
+                         + ". Pretrain a matching base (python experiments/pretrain_base.py --out DIR with the same "
+                           "--set) and pass --base DIR")
+    graphdef, params = nnx.split(from_hf(path), nnx.Param)
+    params = jax.device_get(params)
+    if params_digest(params) != info["params_sha256"]:
+        raise SystemExit(f"{path}: the weights do not match params_sha256 in {meta} (changed or damaged); "
+                         f"rewrite it with python experiments/pretrain_base.py --out {path} --force")
+    return {"graphdef": graphdef, "params": params, "dir": path, "pretraining": info}
+
+
 # --- one seed ------------------------------------------------------------------------
 
 
-def run_seed(q: QuickstartConfig, seed: int, out: str, timings: dict) -> dict:
-    """Pretrain -> experts -> gates' measurements -> per-seed models.  Merges run later,
-    once the targets (candidates passing in every seed) are known."""
-    d = f"{out}/seed{seed}"
-    st = Stage(f"seed {seed}: pretrain", 1, timings)
-    base = train(_train_cfg(q, seed, [t for t, _ in q.pretrain_mixture], q.pretrain_steps, q.pretrain_lr,
-                            q.pretrain_batch, 0.0, mixing=dict(q.pretrain_mixture)), f"{d}/base", evaluate_at_end=False)
-    st.update()
-    st.close(f"final loss {base.history[-1]['loss']:.3f}")
-    base_p = jax.device_get(base.params)
-    runs = [(0.0, t) for t in q.candidates]  # every candidate without noise; NEFTune on the control tasks
-    if q.neftune_alpha > 0:
-        runs += [(q.neftune_alpha, t) for t in q.neftune_control]
-    st = Stage(f"seed {seed}: experts", len(runs), timings)
-    run = {"graphdef": base.graphdef, "base": base_p, "experts": {}, "val_loss": {}, "dir": d}
-    for alpha, task in runs:
-        train_expert(q, seed, run, alpha, task)
-        st.update(f"{task} alpha={alpha:g}")
-    st.close()
-    return run
+def new_run(base: dict, out: str, seed: int) -> dict:
+    """One seed's state: the base, and the experts as they are trained (by ``(alpha, task)``)."""
+    return {"graphdef": base["graphdef"], "base": base["params"], "base_dir": base["dir"], "experts": {},
+            "val_loss": {}, "dir": f"{out}/seed{seed}"}
+
+
+def choose_alpha(q: QuickstartConfig, runs: dict, timings: dict) -> tuple[float, dict, dict]:
+    """The NEFTune control: the ``neftune_control`` tasks fine-tuned at alpha = 0 and at
+    ``neftune_alpha`` in every seed; the alpha with the lower mean validation loss
+    (noise off) over those tasks and seeds.  Returns ``(alpha, {alpha: mean loss},
+    {seed: {alpha: mean loss}})``."""
+    alphas = (0.0, q.neftune_alpha) if q.neftune_alpha > 0 else (0.0,)
+    for s, run in runs.items():
+        st = Stage(f"seed {s}: NEFTune control", len(alphas) * len(q.neftune_control), timings)
+        for alpha in alphas:
+            for task in q.neftune_control:
+                train_expert(q, s, run, alpha, task)
+                st.update(f"{task} alpha={alpha:g}")
+        st.close()
+    per_seed = {str(s): {f"{a:g}": float(np.mean([r["val_loss"][a, t] for t in q.neftune_control])) for a in alphas}
+                for s, r in runs.items()}
+    nef = {f"{a:g}": float(np.mean([v[f"{a:g}"] for v in per_seed.values()])) for a in alphas}
+    return min(alphas, key=lambda a: nef[f"{a:g}"]), nef, per_seed
+
+
+def train_experts(q: QuickstartConfig, runs: dict, alpha: float, timings: dict) -> None:
+    """One expert per candidate and seed, at the chosen alpha (the control's are reused)."""
+    for s, run in runs.items():
+        todo = [t for t in q.candidates if (alpha, t) not in run["experts"]]
+        st = Stage(f"seed {s}: experts", len(todo), timings)
+        for task in todo:
+            train_expert(q, s, run, alpha, task)
+            st.update(task)
+        st.close()
 
 
 def _finetune_cfg(q: QuickstartConfig, seed, targets, steps, alpha, base_dir):
@@ -267,7 +423,7 @@ def _finetune_cfg(q: QuickstartConfig, seed, targets, steps, alpha, base_dir):
 
 
 def train_expert(q: QuickstartConfig, seed: int, run: dict, alpha: float, task: str):
-    r = train(_finetune_cfg(q, seed, [task], q.finetune_steps, alpha, f"{run['dir']}/base"),
+    r = train(_finetune_cfg(q, seed, [task], q.finetune_steps, alpha, run["base_dir"]),
               f"{run['dir']}/ft_{task}_alpha{alpha:g}", evaluate_at_end=False)
     run["experts"][alpha, task] = jax.device_get(r.params)
     run["val_loss"][alpha, task] = Evaluator(q, run["graphdef"])(run["experts"][alpha, task], [task], "val")[1][task]
@@ -279,20 +435,20 @@ def finish_seed(q, seed, run, targets, alpha, timings) -> dict:
     base, d = run["base"], run["dir"]
     fts = [run["experts"][alpha, t] for t in targets]
     st = Stage(f"seed {seed}: multitask", 1, timings)
-    mt = train(_finetune_cfg(q, seed, targets, q.finetune_steps * len(targets), alpha, f"{d}/base"),
+    mt = train(_finetune_cfg(q, seed, targets, q.finetune_steps * len(targets), alpha, run["base_dir"]),
                f"{d}/multitask", evaluate_at_end=False)
     st.update()
     st.close()
 
     st = Stage(f"seed {seed}: diagnostics", 1, timings)
-    diag = diagnostics(q, base, fts, targets)
-    diag.update(behaviour(ev, base, fts, targets))
+    diag, kept = diagnostics(q, base, fts, targets)
+    diag.update(behaviour(ev, base, fts, targets, kept))
     st.update()
     st.close()
 
     def score(m):
         acc, loss = ev(m, targets, "val")
-        return float(np.mean(list(acc.values()))), -float(np.mean(list(loss.values())))
+        return _mean(acc), -_mean(loss)
 
     n_points = 1 + sum(int(np.prod([len(v) for v in _grid(q, m).values()])) for m in MERGES[1:])
     st = Stage(f"seed {seed}: merge search", n_points, timings)
@@ -314,6 +470,7 @@ def finish_seed(q, seed, run, targets, alpha, timings) -> dict:
 
 
 def diagnostics(q, base, fts, targets):
+    """Task-vector statistics, and the task vectors trimmed to the TIES paper's density."""
     tvs = [merging.task_vector(f, base) for f in fts]
     base_norm = merging.norms(base)["total"]
     d = 0.2  # the TIES paper's default density
@@ -327,13 +484,13 @@ def diagnostics(q, base, fts, targets):
         "kept_sign_conflicts": pairs,
         "ties_election_discards": dict(zip(targets, merging.election_discards(kept, density=1.0))),
         "ties_global_election_discards": dict(zip(targets, merging.election_discards(tvs, density=d, trim_mode="global"))),
-    }
+    }, kept
 
 
 SCALES = (0.25, 0.5, 0.75, 1.0)
 
 
-def behaviour(ev, base, fts, targets):
+def behaviour(ev, base, fts, targets, kept):
     """What the merges inherit, measured on validation:
 
     * ``scale_curve[task][s]``: exact match of ``theta_0 + s * tau_task`` on its own
@@ -342,24 +499,49 @@ def behaviour(ev, base, fts, targets):
     * ``format_retention``: mean exact match over the pretraining format tasks
       of the base and of each expert (did the expert keep the base's other
       instructions, or does it apply its operation to every prompt?).
-    * ``merge_size_curve[method][k]``: mean exact match over the first ``k``
-      targets of ``task_arithmetic`` (the sum, lambda = 1) and ``ties``
-      (density 0.2, lambda = 1) of their ``k`` experts; ``k = 1`` is the
-      expert itself.  Fixed settings, not validated: it shows how the skills
-      survive as experts are added.
+    * ``trimmed_expert[task]``: exact match of ``theta_0 + trim(tau_task)`` on its
+      own task, ``tau`` trimmed per tensor to the TIES paper's density (0.2,
+      ``kept``): what TIES's trim step alone keeps of one expert.
+    * ``merge_size_curve["task_arithmetic"][k]``: mean exact match over the
+      first ``k`` targets of the sum of their ``k`` task vectors (lambda = 1);
+      ``k = 1`` is the expert itself.  Fixed settings, not validated: it shows
+      how the skills survive as experts are added.
+    * ``interference[group][task]``: exact match on its own task of
+      ``theta_0 + tau_task + sum of the other task vectors restricted to one
+      parameter group`` (``attention``, ``mlp``, ``norms``, ``layer i``; ``all``
+      is task arithmetic at lambda = 1): where the other experts' updates
+      break this one's skill.
     """
     tvs = [merging.task_vector(f, base) for f in fts]
     curve = {t: {f"{s:g}": ev(merging.apply(base, tv, s), [t], "val")[0][t] for s in SCALES}
              for t, tv in zip(targets, tvs)}
     fmt = list(suite.FORMAT_TASKS)
-    mean_fmt = lambda p: float(np.mean(list(ev(p, fmt, "val")[0].values())))
+    mean_fmt = lambda p: _mean(ev(p, fmt, "val")[0])
     retention = {"base": mean_fmt(base), **{t: mean_fmt(f) for t, f in zip(targets, fts)}}
-    size_curve = {"task_arithmetic": {}, "ties": {}}
+    trimmed = {t: ev(merging.apply(base, k, 1.0), [t], "val")[0][t] for t, k in zip(targets, kept)}
+    size_curve = {"task_arithmetic": {}}
     for k in range(1, len(targets) + 1):
-        for name, kw in (("task_arithmetic", {}), ("ties", {"density": 0.2})):
-            m = merging.merge(name, fts[:k], base=base, weight=1.0, lam=1.0, **kw)
-            size_curve[name][str(k)] = float(np.mean(list(ev(m, targets[:k], "val")[0].values())))
-    return {"scale_curve": curve, "format_retention": retention, "merge_size_curve": size_curve}
+        m = merging.merge("task_arithmetic", fts[:k], base=base, weight=1.0, lam=1.0)
+        size_curve["task_arithmetic"][str(k)] = _mean(ev(m, targets[:k], "val")[0])
+    return {"scale_curve": curve, "format_retention": retention, "trimmed_expert": trimmed, "merge_size_curve": size_curve,
+            "interference": interference(ev, base, tvs, targets)}
+
+
+def interference(ev, base, tvs, targets):
+    names = leaf_names(base)
+    groups = {"all": lambda n: True, "attention": lambda n: ".attn." in n, "mlp": lambda n: ".mlp." in n,
+              "norms": lambda n: "norm" in n}
+    groups.update({f"layer {i}": (lambda n, p=f"layers.{i}.": n.startswith(p))
+                   for i in sorted({int(n.split(".")[1]) for n in names if n.startswith("layers.")})})
+    out = {g: {} for g in groups}
+    for i, t in enumerate(targets):
+        own = merging.apply(base, tvs[i], 1.0)
+        others = jax.tree.leaves(jax.tree.map(lambda *xs: sum(xs), *[tv for j, tv in enumerate(tvs) if j != i]))
+        for g, pick in groups.items():
+            kept = [x if pick(n) else np.zeros_like(x) for n, x in zip(names, others)]
+            theta = merging.apply(own, jax.tree.unflatten(jax.tree.structure(base), kept), 1.0)
+            out[g][t] = ev(theta, [t], "val")[0][t]
+    return out
 
 
 # --- the whole run -----------------------------------------------------------------
@@ -375,8 +557,12 @@ def main(argv=None):
     ap.add_argument("--results", help="also write the report here (default for --seeds K > 1: "
                                       "results/quickstart_<K>seeds.json)")
     ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--base", help="the base to fine-tune: an HF directory with pretraining.json (default: the "
+                                   "committed experiments/suite_base; with --tiny, a tiny base pretrained in --out)")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="override a QuickstartConfig field (repeatable), e.g. --set finetune_lr=1e-3")
     args = ap.parse_args(argv)
-    q = TINY if args.tiny else QuickstartConfig()
+    q = override(TINY if args.tiny else QuickstartConfig(), args.set)
     if not set(q.neftune_control) <= set(q.candidates):
         ap.error(f"neftune_control {q.neftune_control} must be candidates ({q.candidates})")
     seed_list = list(range(args.seeds)) if args.seeds else [args.seed or 0]
@@ -384,31 +570,27 @@ def main(argv=None):
         ap.error("--seeds must be >= 1")
     results_path = args.results or (f"results/quickstart_{len(seed_list)}seeds.json" if len(seed_list) > 1 else None)
     out = args.out
-    if os.path.exists(out):
-        if not args.force:
-            raise SystemExit(f"{out} exists: pass --force to replace it (make demo does), or --out elsewhere")
-        shutil.rmtree(out)
-    os.makedirs(out)
+    if os.path.exists(out) and not args.force:
+        raise SystemExit(f"{out} exists: pass --force to replace it (make demo does), or --out elsewhere")
     # every fine-tune compiles the same step: keep compiled programs between runs
     jax.config.update("jax_compilation_cache_dir",
                       os.environ.get("RESEARCH_JAX_CACHE", os.path.expanduser("~/.cache/research/jax")))
     timings, t_start = {}, time.perf_counter()
 
-    runs = {s: run_seed(q, s, out, timings) for s in seed_list}
-
-    # NEFTune: the control decides alpha (validation loss, noise off, mean over the control tasks and seeds)
-    alphas = sorted({a for r in runs.values() for a, _ in r["val_loss"]})
-    nef = {f"{a:g}": float(np.mean([r["val_loss"][a, t] for r in runs.values() for t in q.neftune_control]))
-           for a in alphas}
-    alpha = min(alphas, key=lambda a: nef[f"{a:g}"])
+    st = Stage("base", 1, timings)
+    pretrain_here = args.tiny and not args.base  # the smoke test pretrains its own tiny base
+    base = None if pretrain_here else load_base(q, args.base or DEFAULT_BASE)  # checked before --out is replaced
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    if pretrain_here:
+        pretrain_base(q, f"{out}/base_run", f"{out}/base", command="quickstart.py --tiny")
+        base = load_base(q, f"{out}/base")
+    st.update()
+    st.close(f"{base['dir']}: format tasks {_mean(base['pretraining']['format_val_accuracy']):.1%} (val)")
+    runs = {s: new_run(base, out, s) for s in seed_list}
+    alpha, nef, nef_seeds = choose_alpha(q, runs, timings)
     print(f"NEFTune control on {', '.join(q.neftune_control)}: mean validation loss {nef} -> alpha = {alpha:g}")
-    missing = [(s, t) for s, r in runs.items() for t in q.candidates if (alpha, t) not in r["experts"]]
-    if missing:  # NEFTune won: the other candidates' experts are trained with it too
-        st = Stage("experts at the chosen alpha", len(missing), timings)
-        for s, t in missing:
-            train_expert(q, s, runs[s], alpha, t)
-            st.update(f"seed {s} {t}")
-        st.close()
+    train_experts(q, runs, alpha, timings)
 
     # gates, on validation, for every seed
     gates, targets, appendix = {}, [], {}
@@ -431,7 +613,7 @@ def main(argv=None):
         raise SystemExit(f"only {targets} passed the gates: nothing to merge (see {out})")
 
     per_seed = {s: finish_seed(q, s, runs[s], targets, alpha, timings) for s in seed_list}
-    report = build_report(q, seed_list, targets, per_seed, gates, appendix, alpha, nef, timings)
+    report = build_report(q, seed_list, targets, per_seed, gates, appendix, alpha, (nef, nef_seeds), timings, base)
     report["stage_seconds"]["total"] = time.perf_counter() - t_start
     print_table(report)
     _write_json(report, f"{out}/results.json")
@@ -444,7 +626,7 @@ def main(argv=None):
     return report
 
 
-def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, timings):
+def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, timings, base):
     names = ["base", *[f"finetuned/{t}" for t in targets], "multitask", *MERGES]
     models = {}
     for name in names:
@@ -466,11 +648,17 @@ def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, timin
         "search": {str(s): per_seed[s]["search"] for s in seeds},
         "gates": gates,
         "appendix": appendix,
-        "neftune": {"candidate_alpha": q.neftune_alpha, "mean_val_loss_by_alpha": nef, "chosen_alpha": alpha,
+        "neftune": {"candidate_alpha": q.neftune_alpha, "mean_val_loss_by_alpha": nef[0],
+                    "per_seed_val_loss_by_alpha": nef[1], "chosen_alpha": alpha,
                     "control_tasks": list(q.neftune_control),
                     "measured_on": "validation loss of the control tasks' experts, noise off, mean over tasks and seeds"},
         "diagnostics": {str(s): per_seed[s]["diagnostics"] for s in seeds},
         "seeds": list(seeds),
+        "protocol": "one base (pretrained once); a seed is one fine-tune -> merge pipeline over it",
+        "base": {"dir": os.path.relpath(base["dir"], ROOT) if base["dir"].startswith(ROOT) else base["dir"],
+                 "pretraining": base["pretraining"]},
+        "chance": {t: suite.majority_rate(pipeline.tasks_of([t], suite.task_lengths([t]))[0], "test", q.test_samples)
+                   for t in [*targets, *appendix]},
         "paper_claim": PAPER_CLAIM,
         "stage_seconds": dict(timings),
         "config": {k: (dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v)
@@ -499,6 +687,8 @@ def print_table(report):
         print(f"| {name} | " + " | ".join(cells)
               + f" | {r['avg_normalized_accuracy']:.3f} ± {r['avg_normalized_accuracy_std']:.3f} |")
     print(f"(exact match %, mean ± std over {k} seed(s), {report['config']['test_samples']} test examples per task)")
+    print("chance (the most frequent test answer, always given): "
+          + ", ".join(f"{t} {100 * v:.1f}%" for t, v in report["chance"].items()))
     for task, rows in report["appendix"].items():
         print(f"appendix: {task} failed its gates (val): " + ", ".join(
             f"seed {s}: base {100 * v['base']:.1f}%, expert {100 * v['expert']:.1f}%" for s, v in rows.items()))
@@ -518,9 +708,13 @@ def print_table(report):
               + ", ".join(f"{t} {100 * v:.1f}%" for t, v in d["ties_election_discards"].items()))
         print("  own-task exact match of theta0 + s * tau at s = " + "/".join(f"{x:g}" for x in SCALES) + ": "
               + ", ".join(f"{t} " + "/".join(f"{100 * v:.0f}" for v in c.values()) for t, c in d["scale_curve"].items()))
+        print(f"  own-task exact match of theta0 + tau trimmed to density {d['density']:g}: "
+              + ", ".join(f"{t} {100 * v:.0f}%" for t, v in d["trimmed_expert"].items()))
         for name, c in d["merge_size_curve"].items():
             print(f"  {name} (lambda 1) of the first k experts, mean exact match for k = 1..{len(c)}: "
                   + "/".join(f"{100 * v:.0f}" for v in c.values()))
+        print("  own task with the other task vectors on one parameter group (mean exact match): "
+              + ", ".join(f"{g} {100 * _mean(v):.0f}%" for g, v in d["interference"].items()))
         print("  format tasks kept (mean exact match): "
               + ", ".join(f"{m} {100 * v:.0f}%" for m, v in d["format_retention"].items()))
 

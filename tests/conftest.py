@@ -2,7 +2,9 @@
 one compilation cache for the whole run, shared by the xdist workers and the
 subprocesses they start (the CLI, multi-process workers), so the same train
 step is compiled once per run rather than once per test.  The cache is a
-fresh temporary directory, removed by the process that made it.
+fresh temporary directory, removed by the process that made it, and so is
+the run's ``TMPDIR``: what libraries leave in the temporary directory (TFDS's
+``mkdtemp``) goes with it.
 
 XLA's CPU backend compiles at optimisation level 0 in the tests (and in the
 subprocesses they start, through ``TEST_SUBPROCESS_XLA_FLAGS``): the programs
@@ -25,6 +27,10 @@ def _shared_tmp(var: str, prefix: str) -> None:
         os.environ[var] = tempfile.mkdtemp(prefix=prefix)
         atexit.register(shutil.rmtree, os.environ[var], True)
 
+
+_shared_tmp("RESEARCH_TEST_TMPDIR", "research-tests-")
+os.environ["TMPDIR"] = os.environ["RESEARCH_TEST_TMPDIR"]
+tempfile.tempdir = None  # tempfile caches the directory it found first
 
 # merge CLI runs keep compiled programs here, not in the user's ~/.cache
 _shared_tmp("RESEARCH_MERGE_CACHE", "research-merge-cache-")

@@ -82,12 +82,36 @@ def test_format_tasks_answers_by_hand():
     assert render("capfirst") == ("capfirst: abcz\n", "Abcz")
 
 
+def test_one_letter_answers_by_hand():
+    render = lambda name: tasks.make_task(name).render("dcaz")
+    assert render("first") == ("first: dcaz\n", "d")
+    assert render("second") == ("second: dcaz\n", "c")
+    assert render("last") == ("last: dcaz\n", "z")
+    assert render("max") == ("max: dcaz\n", "z")
+    assert render("min") == ("min: dcaz\n", "a")
+    assert render("succ") == ("succ: dcaz\n", "e")
+    assert tasks.make_task("succ").render("zab")[1] == "a"  # wraps around
+    with pytest.raises(ValueError, match="'second': need 2 <= min_len"):
+        tasks.make_task("second", min_len=1, max_len=4)
+
+
+def test_majority_rate_is_the_most_frequent_answer_share():
+    class Fixed:
+        def example(self, split, i):
+            return "q", "ab"[i % 4 == 0]  # "b" 3 times in 4
+
+    assert suite.majority_rate(Fixed(), n=8) == 0.75
+    for name in suite.CANDIDATES:  # always giving one answer stays under the base's gate (20%)
+        assert suite.majority_rate(tasks.make_task(name, min_len=3, max_len=6)) < 0.2, name
+
+
 def test_pretraining_never_shows_a_target_prompt_prefix():
     pretrain = [t for t, _ in suite.PRETRAIN_MIXTURE]
-    assert not set(pretrain) & set(suite.CANDIDATES) and set(suite.FORMAT_TASKS) <= set(pretrain)
+    candidates = (*suite.CANDIDATES, *suite.GENERATION_CANDIDATES)
+    assert not set(pretrain) & set(candidates) and set(suite.FORMAT_TASKS) <= set(pretrain)
     prefix = lambda name: tasks.make_task(name).example("train", 0)[0].split(":")[0] + ":"
     seen = {prefix(t) for t in suite.FORMAT_TASKS}
-    assert all(prefix(t) not in seen for t in suite.CANDIDATES)
+    assert all(prefix(t) not in seen for t in candidates)
     assert sum(w for _, w in suite.PRETRAIN_MIXTURE) == pytest.approx(1.0)
 
 
@@ -100,7 +124,7 @@ def test_finetune_mixture_gives_the_replay_share_to_the_format_tasks():
         suite.finetune_mixture(["swap"], replay=1.0)
 
 
-@pytest.mark.parametrize("name", ["copy", *suite.CANDIDATES, "add"])
+@pytest.mark.parametrize("name", ["copy", *suite.CANDIDATES, *suite.GENERATION_CANDIDATES, "add"])
 def test_no_held_out_prompt_occurs_among_the_first_100k_training_draws(name):
     t = tasks.make_task(name, min_len=3, max_len=6)  # the suite's lengths: the smallest input space
     train = {t.example("train", i)[0] for i in range(100_000)}

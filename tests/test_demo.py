@@ -22,6 +22,8 @@ def test_quickstart_tiny_writes_the_results_schema(tmp_path):
         assert {"avg_normalized_accuracy", "avg_normalized_accuracy_std"} <= set(r)
     assert res["seeds"] == [0, 1]
     assert {"chosen_hyperparameters", "gates", "diagnostics", "stage_seconds", "config", "neftune", "claims"} <= set(res)
+    assert res["base"]["pretraining"]["config"]["model"] == "tiny" and res["base"]["pretraining"]["params_sha256"]
+    assert set(res["chance"]) == set(res["tasks"]) and all(0 < c <= 1 for c in res["chance"].values())
     assert "ties > task_arithmetic" in {c["claim"] for c in res["claims"]}
     assert set(res["neftune"]["mean_val_loss_by_alpha"]) == {"0", "1"}
     for t in res["tasks"]:
@@ -33,7 +35,10 @@ def test_quickstart_tiny_writes_the_results_schema(tmp_path):
     assert set(d["ties_election_discards"]) == set(res["tasks"])
     assert set(d["scale_curve"]) == set(res["tasks"]) and set(d["scale_curve"][res["tasks"][0]]) == {"0.25", "0.5", "0.75", "1"}
     assert set(d["format_retention"]) == {"base", *res["tasks"]}
-    assert set(d["merge_size_curve"]["ties"]) == {str(k) for k in range(1, len(res["tasks"]) + 1)}
+    assert {"all", "attention", "mlp", "norms", "layer 0", "layer 1"} == set(d["interference"])
+    assert all(set(v) == set(res["tasks"]) for v in d["interference"].values())
+    assert set(d["merge_size_curve"]["task_arithmetic"]) == {str(k) for k in range(1, len(res["tasks"]) + 1)}
+    assert set(d["trimmed_expert"]) == set(res["tasks"])
     search = res["search"]["0"]["ties"]
     assert set(search["grid"]) == {"lam", "density"} and "extensions" in search
     assert res["search"]["0"]["task_arithmetic"]["extensions"]  # a two-point grid has its optimum on an edge
@@ -45,13 +50,13 @@ def test_notebook_executes(tmp_path):
     from nbclient import NotebookClient
 
     nb = jupytext.read(os.path.join(ROOT, "notebooks", "loss_landscape.py"))
-    os.environ["NOTEBOOK_STEPS"] = "8"
-    os.environ["NOTEBOOK_OUT"] = str(tmp_path / "nb")
+    small = {"NOTEBOOK_STEPS": "8", "NOTEBOOK_GRID": "3", "NOTEBOOK_SAMPLES": "8", "NOTEBOOK_OUT": str(tmp_path / "nb")}
+    os.environ.update(small)
     try:
         NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
     finally:
-        os.environ.pop("NOTEBOOK_STEPS")
-        os.environ.pop("NOTEBOOK_OUT")
+        for k in small:
+            os.environ.pop(k)
     assert (tmp_path / "nb" / "landscape.png").exists()
 
 

@@ -20,6 +20,12 @@ swap       ``swap: abcde`` -> ``badce``           " (adjacent pairs swapped)
 upper      ``upper: abc`` -> ``ABC``              "
 double     ``double: abc`` -> ``aabbcc``          "
 rotl       ``rotl: abcd`` -> ``bcda``             " (rotated left by one)
+first      ``first: dcab`` -> ``d``               " (one-letter answers from here ...
+second     ``second: dcab`` -> ``c``              " ... to ``succ``; 2+ letters)
+last       ``last: dcab`` -> ``b``                "
+max        ``max: dcab`` -> ``d``                 " (latest in the alphabet)
+min        ``min: dcab`` -> ``a``                 " (earliest)
+succ       ``succ: dcab`` -> ``e``                " (the first letter's successor)
 add        ``add: 12+345`` -> ``357``             two numbers, ``max_len // 2`` digits at most
 g2p        ``g2p: cat`` -> ``K AE1 T``            a dictionary word
 p2g        ``p2g: K AE1 T`` -> ``cat``            its pronunciation
@@ -154,6 +160,13 @@ _GENERATED = {
     "add": (_numbers, lambda s: (f"add: {s}\n", str(sum(map(int, s.split("+")))))),
     "double": (_letters, lambda s: (f"double: {s}\n", "".join(c + c for c in s))),
     "rotl": (_letters, lambda s: (f"rotl: {s}\n", s[1:] + s[:1])),
+    # one-letter answers (the embedded suite's targets, research.data.suite); inputs have 2+ letters
+    "first": (_letters, lambda s: (f"first: {s}\n", s[0])),
+    "second": (_letters, lambda s: (f"second: {s}\n", s[1])),
+    "last": (_letters, lambda s: (f"last: {s}\n", s[-1])),
+    "max": (_letters, lambda s: (f"max: {s}\n", max(s))),
+    "min": (_letters, lambda s: (f"min: {s}\n", min(s))),
+    "succ": (_letters, lambda s: (f"succ: {s}\n", _rot(s[0], 1))),
     # string operations of the suite's general pretraining (research.data.suite); never targets
     "rot1": (_letters, lambda s: (f"rot1: {s}\n", _rot(s, 1))),
     "rotr": (_letters, lambda s: (f"rotr: {s}\n", s[-1:] + s[:-1])),
@@ -209,8 +222,9 @@ def make_task(name: str, *, min_len: int | None = None, max_len: int | None = No
         return TextTask(min_len=min_len or 32, max_len=max_len or 96)
     min_len, max_len = min_len or 4, max_len or 24
     if name in _GENERATED:
-        if not 1 <= min_len <= max_len:
-            raise ValueError(f"task {name!r}: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
+        least = 2 if name == "second" else 1
+        if not least <= min_len <= max_len:
+            raise ValueError(f"task {name!r}: need {least} <= min_len <= max_len, got {min_len}, {max_len}")
         draw, render = _GENERATED[name]
         return Task(name, draw, render, min_len, max_len)
     if name in ("g2p", "p2g"):
