@@ -190,6 +190,13 @@ def _train_cfg(q: QuickstartConfig, seed, tasks, steps, lr, batch, alpha, init_f
     )
 
 
+def use_compile_cache() -> None:
+    """Keep compiled programs between runs (every fine-tune compiles the same step):
+    ``$RESEARCH_JAX_CACHE``, or ``~/.cache/research/jax``."""
+    jax.config.update("jax_compilation_cache_dir",
+                      os.environ.get("RESEARCH_JAX_CACHE", os.path.expanduser("~/.cache/research/jax")))
+
+
 def _mean(d: dict) -> float:
     return float(np.mean(list(d.values())))
 
@@ -572,9 +579,7 @@ def main(argv=None):
     out = args.out
     if os.path.exists(out) and not args.force:
         raise SystemExit(f"{out} exists: pass --force to replace it (make demo does), or --out elsewhere")
-    # every fine-tune compiles the same step: keep compiled programs between runs
-    jax.config.update("jax_compilation_cache_dir",
-                      os.environ.get("RESEARCH_JAX_CACHE", os.path.expanduser("~/.cache/research/jax")))
+    use_compile_cache()
     timings, t_start = {}, time.perf_counter()
 
     st = Stage("base", 1, timings)
@@ -613,7 +618,7 @@ def main(argv=None):
         raise SystemExit(f"only {targets} passed the gates: nothing to merge (see {out})")
 
     per_seed = {s: finish_seed(q, s, runs[s], targets, alpha, timings) for s in seed_list}
-    report = build_report(q, seed_list, targets, per_seed, gates, appendix, alpha, (nef, nef_seeds), timings, base)
+    report = build_report(q, seed_list, targets, per_seed, gates, appendix, alpha, nef, nef_seeds, timings, base)
     report["stage_seconds"]["total"] = time.perf_counter() - t_start
     print_table(report)
     _write_json(report, f"{out}/results.json")
@@ -626,7 +631,7 @@ def main(argv=None):
     return report
 
 
-def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, timings, base):
+def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, nef_seeds, timings, base):
     names = ["base", *[f"finetuned/{t}" for t in targets], "multitask", *MERGES]
     models = {}
     for name in names:
@@ -648,8 +653,8 @@ def build_report(q, seeds, targets, per_seed, gates, appendix, alpha, nef, timin
         "search": {str(s): per_seed[s]["search"] for s in seeds},
         "gates": gates,
         "appendix": appendix,
-        "neftune": {"candidate_alpha": q.neftune_alpha, "mean_val_loss_by_alpha": nef[0],
-                    "per_seed_val_loss_by_alpha": nef[1], "chosen_alpha": alpha,
+        "neftune": {"candidate_alpha": q.neftune_alpha, "mean_val_loss_by_alpha": nef,
+                    "per_seed_val_loss_by_alpha": nef_seeds, "chosen_alpha": alpha,
                     "control_tasks": list(q.neftune_control),
                     "measured_on": "validation loss of the control tasks' experts, noise off, mean over tasks and seeds"},
         "diagnostics": {str(s): per_seed[s]["diagnostics"] for s in seeds},

@@ -174,6 +174,7 @@ _GENERATED = {
     "skip": (_letters, lambda s: (f"skip: {s}\n", s[::2])),
     "capfirst": (_letters, lambda s: (f"capfirst: {s}\n", s[:1].upper() + s[1:])),
 }
+_SHORTEST = {"second": 2}  # the fewest letters a task's input may have (the default is 1)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -222,7 +223,7 @@ def make_task(name: str, *, min_len: int | None = None, max_len: int | None = No
         return TextTask(min_len=min_len or 32, max_len=max_len or 96)
     min_len, max_len = min_len or 4, max_len or 24
     if name in _GENERATED:
-        least = 2 if name == "second" else 1
+        least = _SHORTEST.get(name, 1)
         if not least <= min_len <= max_len:
             raise ValueError(f"task {name!r}: need {least} <= min_len <= max_len, got {min_len}, {max_len}")
         draw, render = _GENERATED[name]
