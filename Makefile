@@ -14,7 +14,7 @@ demo: $(VENV_STAMP)
 	$(PY) experiments/quickstart.py --force
 
 test: $(VENV_STAMP)
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder tests
 
 bench: $(VENV_STAMP)
 	$(PY) experiments/bench_merge_core.py --params 500e6

@@ -2,7 +2,7 @@
 expert per target task, a multi-task fine-tune, task vectors, merges, and the
 TIES paper's table with error bars.
 
-    python experiments/quickstart.py --force              # one seed (make demo): 10-13 min on 2 CPU cores
+    python experiments/quickstart.py --force              # one seed (make demo): about 9 min on 2 CPU cores
     python experiments/quickstart.py --seeds 3 --force    # results/quickstart_3seeds.json (the README table)
     python experiments/quickstart.py --tiny --force       # smoke variant for the tests (a tiny base, relaxed gates)
     python experiments/quickstart.py --seeds 3 --set candidates=reverse,sort,cipher,swap,upper,rotl,double \

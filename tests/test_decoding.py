@@ -47,6 +47,24 @@ def test_cached_greedy_equals_recomputing_the_prefix(qkv_bias):
     assert (got[:3, 3:] != tokens[:3, 3:]).any()
 
 
+
+def test_one_compiled_program_serves_every_max_new():
+    from research.models import decoding
+
+    model = Transformer(preset("tiny"), rngs=nnx.Rngs(5))
+    graphdef, params = nnx.split(model, nnx.Param)
+    lengths = np.array([2, 5], np.int32)
+    tokens = np.zeros((2, 16), np.int32)
+    tokens[0, :2], tokens[1, :5] = [7, 8], [9, 10, 11, 12, 13]
+    outs = {}
+    for max_new in (1, 4, 6):
+        outs[max_new] = np.asarray(greedy(graphdef, params, jnp.asarray(tokens), jnp.asarray(lengths), max_new))
+        if max_new == 1:
+            compiled = decoding.sample._cache_size()
+    assert decoding.sample._cache_size() == compiled
+    for max_new, got in outs.items():  # a shorter budget is a prefix of a longer one
+        np.testing.assert_array_equal(got, reference_greedy(model, tokens, lengths, max_new))
+
 def test_cache_slots_follow_the_index():
     model = Transformer(preset("tiny"), rngs=nnx.Rngs(0))
     caches = model.init_cache(2, 8, index=jnp.array([0, 5], jnp.int32))

@@ -1,11 +1,10 @@
-"""The demo (``experiments/quickstart.py --tiny``) and the loss-landscape notebook run
-at a tiny scale (apart from the benches' smoke tests, so that the two longest
-script runs can go to different test workers)."""
+"""The demo (``experiments/quickstart.py --tiny``) runs at a tiny scale and writes the
+``results.json`` schema (in a file of its own: the longest test goes to a test
+worker of its own)."""
 
 import json
-import os
 
-from test_experiments import ROOT, _run
+from test_experiments import _run
 
 
 def test_quickstart_tiny_writes_the_results_schema(tmp_path):
@@ -43,26 +42,3 @@ def test_quickstart_tiny_writes_the_results_schema(tmp_path):
     assert set(search["grid"]) == {"lam", "density"} and "extensions" in search
     assert res["search"]["0"]["task_arithmetic"]["extensions"]  # a two-point grid has its optimum on an edge
     assert (tmp_path / "qs" / "merge_table.png").stat().st_size > 1000
-
-
-def test_notebook_executes(tmp_path):
-    import jupytext
-    from nbclient import NotebookClient
-
-    nb = jupytext.read(os.path.join(ROOT, "notebooks", "loss_landscape.py"))
-    small = {"NOTEBOOK_STEPS": "8", "NOTEBOOK_GRID": "3", "NOTEBOOK_SAMPLES": "8", "NOTEBOOK_OUT": str(tmp_path / "nb")}
-    os.environ.update(small)
-    try:
-        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": ROOT}}).execute()
-    finally:
-        for k in small:
-            os.environ.pop(k)
-    assert (tmp_path / "nb" / "landscape.png").exists()
-
-
-def test_notebook_pair_is_in_sync():
-    import jupytext
-
-    py = jupytext.read(os.path.join(ROOT, "notebooks", "loss_landscape.py"))
-    ipynb = jupytext.read(os.path.join(ROOT, "notebooks", "loss_landscape.ipynb"))
-    assert [c.source for c in py.cells] == [c.source for c in ipynb.cells]

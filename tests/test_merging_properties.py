@@ -139,6 +139,28 @@ def test_global_trim_keeps_exactly_k_over_the_model():
     assert sum(int((np.asarray(x) != 0).sum()) for x in jax.tree.leaves(kept)) == int(0.3 * (1200 + 17))
 
 
+
+@settings(max_examples=6, deadline=None, derandomize=True)
+@given(st.integers(0, 2**31 - 1), st.floats(0.0, 1.0))
+def test_kth_largest_over_several_arrays_keeps_the_top_k_flat_or_leaf_by_leaf(seed, frac):
+    """A population of several arrays is searched as one flat array when small and
+    leaf by leaf when not: both keep exactly the k largest, ties by flat index."""
+    rng = np.random.default_rng(seed)
+    xs = [np.abs(np.round(rng.normal(size=s) * 4) / 8).astype(np.float32) for s in ((9, 7), (13,), (3, 4, 5))]
+    flat = np.concatenate([x.reshape(-1) for x in xs])
+    k = max(1, int(frac * flat.size))
+    want = np.zeros(flat.size, bool)
+    want[np.argsort(-flat, kind="stable")[:k]] = True  # the reference: k largest, earlier ties first
+    for flat_max in (topk._FLAT_MAX, 0):
+        old, topk._FLAT_MAX = topk._FLAT_MAX, flat_max
+        try:
+            th = topk.kth_largest([jnp.asarray(x) for x in xs], k)
+        finally:
+            topk._FLAT_MAX = old
+        offsets = topk.ties_before([jnp.asarray(x) for x in xs], th)
+        got = np.concatenate([np.asarray(topk.keep_mask(jnp.asarray(x), th, o)).reshape(-1) for x, o in zip(xs, offsets)])
+        np.testing.assert_array_equal(got, want)
+
 @pytest.mark.parametrize("method", merging.METHODS)
 def test_every_method_runs_under_jit(method):
     base = _tree(0)

@@ -44,6 +44,7 @@ _UP = 2.0**24
 _FMAX = float(np.finfo(np.float32).max)
 _SAMPLE = 1 << 16
 _INF_BITS = 0x7F800000
+_FLAT_MAX = 1 << 22  # a population of several arrays up to this size is searched as one flat array
 
 
 class Threshold(NamedTuple):
@@ -111,7 +112,8 @@ def kth_largest(xs: Sequence[jax.Array], k: int, sample_steps: int = 3) -> Thres
     model for global trimming.  ``1 <= k <= total size`` must hold; ``k`` may
     be traced (one compiled search serves every density).
 
-    Phase 1 interpolates over the *values of a sorted sample* (``sample_steps``
+    Several arrays totalling at most ``_FLAT_MAX`` entries are concatenated
+    first.  Phase 1 interpolates over the *values of a sorted sample* (``sample_steps``
     counting passes, unrolled): on real weights the counts are nearly linear in
     the sample rank, and on low-precision deltas, whose magnitudes take few
     distinct values, it lands on the tie plateau holding the k-th value.  One
@@ -122,6 +124,10 @@ def kth_largest(xs: Sequence[jax.Array], k: int, sample_steps: int = 3) -> Thres
     n = sum(x.size for x in xs)
     if isinstance(k, (int, np.integer)) and not 1 <= k <= n:
         raise ValueError(f"k={k} must be in [1, {n}]")
+    if len(xs) > 1 and n <= _FLAT_MAX:
+        # one counting reduction per pass instead of one per array (and one small
+        # program to compile); the threshold found is the same population's
+        xs = [jnp.concatenate([replicate(x).reshape(-1) for x in xs])]
     k = jnp.asarray(k, jnp.int32)
     sample = jnp.sort(jnp.concatenate([_strided_sample(x, max(1, _SAMPLE * x.size // n)) for x in xs]))
     s = sample.shape[0]

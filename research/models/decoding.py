@@ -23,7 +23,8 @@ of the row is returned as given.
   written and counted); the loop ends when every row has stopped, run off
   its row, or made ``max_new`` tokens.  ``n_new_b`` counts each row's tokens.
 
-Jitted once per ``(graphdef, W, max_new, temperature, top_p, stop_ids)``.
+Jitted once per ``(graphdef, B, W, temperature, top_p, stop_ids)``; ``max_new`` is a traced
+bound (any value runs the same program).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def _choose(logits_bv, key, i, temperature: float, top_p: float):
     return jax.random.categorical(jax.random.fold_in(key, i), scaled_bv, axis=-1)
 
 
-@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("max_new", "temperature", "top_p", "stop_ids"))
+@functools.partial(jax.jit, static_argnums=(0,), static_argnames=("temperature", "top_p", "stop_ids"))
 def sample(graphdef, params, tokens_bw, lengths_b, key, *, max_new: int, temperature: float = 0.0,
            top_p: float = 1.0, stop_ids: tuple = ()):
     model = nnx.merge(graphdef, params)

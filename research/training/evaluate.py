@@ -17,8 +17,10 @@ from research.training.step import make_eval_loss
 
 
 @functools.lru_cache(maxsize=8)
-def _eval_loss(graphdef, n_tasks):
-    return make_eval_loss(graphdef, n_tasks)
+def _eval_loss(graphdef):
+    """One loss program per model, whatever the sources: each source's batch is
+    scored alone (task id 0), so only the overall mean is read."""
+    return make_eval_loss(graphdef, 1)
 
 
 def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_new_tokens: int = 32,
@@ -38,8 +40,8 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
     """
     out = {}
     gen = functools.partial(greedy, graphdef)
-    eval_loss = _eval_loss(graphdef, len(task_names))
-    for t_id, name in enumerate(task_names):
+    eval_loss = _eval_loss(graphdef)
+    for name in task_names:
         task = tasks_lib.make_task(name) if isinstance(name, str) else name
         name = name if isinstance(name, str) else name.name
         size = task.size[split] if task.size else None
@@ -50,7 +52,7 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
         examples = [task.example(split, offset + i) for i in range(n)]
         out[name] = {"accuracy": _exact_match(gen, params, examples, tokenizer, max_new_tokens, seq_len)
                      if getattr(task, "generative", True) else None}
-        batch = packing.pack([tasks_lib.encode(p, r, tokenizer, task_id=t_id) for p, r in examples], seq_len, "bfd",
+        batch = packing.pack([tasks_lib.encode(p, r, tokenizer, task_id=0) for p, r in examples], seq_len, "bfd",
                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         rows = batch["tokens"].shape[0]
         extra = -rows % 4  # pad with empty rows: fewer distinct shapes to compile
