@@ -44,9 +44,10 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 8)
 
 
-# The longest test files, longest first (by pytest --durations on 2 CPU cores).  ``make test`` hands whole files to its two workers in collection
-# order (--dist loadfile --no-loadscope-reorder), so these start first and no
-# long file starts last while the other worker idles.
+# The longest test files, longest first (by pytest --durations on 2 CPU cores).
+# ``make test`` hands whole files to its two workers in collection order
+# (--dist loadfile --no-loadscope-reorder), so these start first and no long
+# file starts last while the other worker idles.
 LONGEST_FIRST = ("test_training.py", "test_merging_cpu_backend.py", "test_experiments.py", "test_demo.py",
                  "test_models.py", "test_readme.py", "test_lora.py", "test_notebook.py", "test_merge_stream.py",
                  "test_multihost.py")

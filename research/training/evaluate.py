@@ -52,7 +52,7 @@ def evaluate(graphdef, params, task_names, tokenizer, *, samples: int = 32, max_
         examples = [task.example(split, offset + i) for i in range(n)]
         out[name] = {"accuracy": _exact_match(gen, params, examples, tokenizer, max_new_tokens, seq_len)
                      if getattr(task, "generative", True) else None}
-        batch = packing.pack([tasks_lib.encode(p, r, tokenizer, task_id=0) for p, r in examples], seq_len, "bfd",
+        batch = packing.pack([tasks_lib.encode(p, r, tokenizer) for p, r in examples], seq_len, "bfd",
                              eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id)
         rows = batch["tokens"].shape[0]
         extra = -rows % 4  # pad with empty rows: fewer distinct shapes to compile
