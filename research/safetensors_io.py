@@ -229,6 +229,14 @@ class ShardWriter:
             json.dump({"metadata": {"total_size": self.total}, "weight_map": weight_map}, f, indent=2)
 
 
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"  # a peft adapter directory
+
+
+def is_adapter_dir(path: str) -> bool:
+    """Whether ``path`` is a peft adapter directory (it holds ``adapter_config.json``)."""
+    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
+
+
 def checkpoint_files(path: str) -> dict:
     """HF tensor name -> safetensors file, for a directory (single or sharded) or one file."""
     if os.path.isfile(path) and path.endswith(".safetensors"):

@@ -176,6 +176,20 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models):
     assert not (tmp / "dry").exists()
 
 
+def test_merging_plain_checkpoints_loads_no_model_code(models):
+    """A merge of safetensors checkpoints imports neither flax nor the model package
+    (peft adapters are recognised without them)."""
+    tmp, *_ = models
+    probe = ("import sys\nfrom research.merging.__main__ import main\n"
+             f"assert main([{write_cfg(tmp, TIES)!r}, {str(tmp / 'out')!r}, '--no-progress']) == 0\n"
+             "print(sorted(m for m in sys.modules if m == 'flax' or m.startswith('research.models')))")
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
+    r = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+    assert any(f.endswith(".safetensors") for f in os.listdir(tmp / "out"))
+
+
 def _err(tmp, text, match, **kw):
     with pytest.raises((stream.MergeFailed, stream.ConfigError, CheckpointError, merging.MergeError), match=match):
         stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "bad"), progress=False, **kw)
@@ -321,6 +335,35 @@ def test_row_blocks_give_the_tensors_of_whole_tensor_merges(wide_models, monkeyp
     assert len(calls) == 2 + 2 * 3  # embeddings, lm_head, and q/up of 3 layers went through blocks
     for name in whole:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+def test_dare_in_blocks_draws_its_masks_once_where_they_fit_the_budget(wide_models, monkeypatch, method):
+    """With the L1 rescale, a tensor merged in blocks keeps the masks of its sums pass
+    (bit-packed) for its merge pass; past ``MASK_BUDGET`` it draws them again.  Both
+    give the whole-tensor merge."""
+    from research.merging import sparsify
+    from research.merging.cpu import kernels
+    from research.merging.stream import chunked
+    tmp, *_ = wide_models
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)
+    cfg = write_cfg(tmp, _every_method_config(method))
+    whole = read_out(stream.run(stream.load(cfg), str(tmp / "whole"), progress=False, seed=1))
+    monkeypatch.setattr(chunked, "MIN_ENTRIES", 300)
+    monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
+    draws = []
+    real = kernels.random_masks
+    monkeypatch.setattr(kernels, "random_masks", lambda *a, **k: draws.append(a[0].shape) or real(*a, **k))
+    counts, budget_in_use = {}, chunked.MASK_BUDGET
+    for budget in (budget_in_use, 0):
+        monkeypatch.setattr(chunked, "MASK_BUDGET", budget)
+        draws.clear()
+        out = read_out(stream.run(stream.load(cfg), str(tmp / f"blocks{budget}"), progress=False, seed=1))
+        counts[budget] = len(draws)
+        for name in whole:
+            np.testing.assert_array_equal(out[name], whole[name], err_msg=f"{name}, budget {budget}")
+    n_blocks = sum(len(chunked.spans(rows, chunked.block_rows((rows, 24)))) for rows in (40, 40, 24, 24, 24, 48, 48, 48))
+    assert counts[0] - counts[budget_in_use] == n_blocks  # every block drawn once more without the budget
 
 
 @pytest.mark.parametrize("blocks", [False, True])

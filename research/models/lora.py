@@ -47,9 +47,8 @@ from safetensors.numpy import load_file, save_file
 from research.merging.tree import path_name
 from research.models import scan
 from research.models.config import LORA_TARGETS, LoRAConfig
-from research.safetensors_io import CheckpointError, atomic_directory
+from research.safetensors_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, atomic_directory
 
-ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 _MODULE = {t: ("attn", "self_attn") if t in ("q_proj", "k_proj", "v_proj", "o_proj") else ("mlp", "mlp")
            for t in LORA_TARGETS}
 
@@ -308,10 +307,6 @@ def write_peft(tensors: dict, lora: LoRAConfig, path: str, *, base_model_name_or
         save_file(tensors, os.path.join(tmp, ADAPTER_WEIGHTS), metadata={"format": "pt"})
         with open(os.path.join(tmp, ADAPTER_CONFIG), "w") as f:
             json.dump(peft_config(lora, base_model_name_or_path), f, indent=2)
-
-
-def is_adapter_dir(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ADAPTER_CONFIG))
 
 
 def read_peft_config(path: str) -> tuple[LoRAConfig, dict]:

@@ -184,7 +184,7 @@ def dare_applies(opts, base, ms, out_dtype) -> bool:
             and kernels.scales_ok(opts.weight, opts.lam) and kernels.usable(base, *ms))
 
 
-def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, screen=None):
+def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, masks=None, screen=None):
     """DARE (``sparsify="random"``) by the numba passes, or None where they do not
     apply (another dtype, arrays off the host) or cannot match the XLA program
     (tiny magnitudes, NaN/Inf: ``screen()`` is called first on NaN/Inf, to raise).
@@ -193,7 +193,9 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     rows of ``base``, blocks of ``block_rows``.  With the inverse rescale (or
     none) the masks are drawn inside the merge pass; with the L1 rescale they
     are drawn first, with the sums its factor needs, and the factors are
-    ``dare_factor``'s (``factors``: given, for a tensor merged in blocks).
+    ``dare_factor``'s (``factors``: given, for a tensor merged in blocks, and
+    with them ``masks``, the ``kernels.random_masks`` of these rows, or None
+    to draw them again).
     """
     if not dare_applies(opts, base, ms, out_dtype):
         return None
@@ -202,7 +204,8 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     kw = dict(consensus=opts.consensus, vote_on=opts.vote_on, normalize=opts.normalize, divide_by=opts.divide_by,
               lam=opts.lam, out_dtype=out)
     if opts.rescale and opts.rescale_mode == "l1":
-        masks, sums = kernels.random_masks(base, ms, keys, block_rows, opts.density)
+        if masks is None:
+            masks, sums = kernels.random_masks(base, ms, keys, block_rows, opts.density)
         if factors is None:
             factors = [dare_factor(sums[i]) if k is not None else np.float32(1.0) for i, k in enumerate(keys)]
         res = kernels.random_merge(base, ms, opts.weight, masks=masks, scale=factors, **kw)

@@ -31,6 +31,7 @@ global``): ``global_thresholds``.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import math
@@ -47,6 +48,7 @@ from research.merging.cpu.leaf import (Kept, _block_key_data, dare_applies, dare
 
 CHUNK_ENTRIES = 1 << 23  # entries per model in one row block
 MIN_ENTRIES = 1 << 24  # tensors above this many entries are merged in blocks
+MASK_BUDGET = 64 << 20  # bytes of DARE keep masks (one bit per entry) kept between a tensor's passes
 
 
 def block_rows(shape) -> int:
@@ -234,6 +236,23 @@ def _draw_blocks(keys, density, rows, cols, uniform):
     return jax.lax.map(draw, keys).reshape(-1, cols)[:rows]
 
 
+_READER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="block-reader")
+
+
+def read_ahead(blocks):
+    """``t.read(sp)`` for each ``(t, sp)`` of ``blocks``, in order, the next one read in
+    a background thread meanwhile: at most two blocks are held at once."""
+    it = iter(blocks)
+    nxt = next(it, None)
+    pending = _READER.submit(nxt[0].read, nxt[1]) if nxt is not None else None
+    while pending is not None:
+        block = pending.result()
+        nxt = next(it, None)
+        pending = _READER.submit(nxt[0].read, nxt[1]) if nxt is not None else None
+        yield block
+        del block
+
+
 class Tensor:
     """One tensor of every input, read in row blocks: ``base`` (or None) and ``models``
     are callables ``(start, stop) -> array``."""
@@ -247,13 +266,14 @@ class Tensor:
     def spans(self):
         return spans(self.rows, self.step)
 
-    def pairs(self, i):
-        """Model ``i``'s blocks as ``(ft, base)`` pairs, in row order."""
-        return lambda: ((self.models[i](*sp), self.base(*sp)) for sp in self.spans())
-
     def read(self, sp):
         base = None if self.base is None else self.base(*sp)
         return base, [m(*sp) for m in self.models]
+
+    def blocks(self):
+        """``(base, models)`` of every block in row order, each read while the caller
+        works on the one before (``read_ahead``)."""
+        return read_ahead((self, sp) for sp in self.spans())
 
     def sample_rows(self, rows: int):
         """``rows`` rows spread evenly over the tensor, as one block ``(base, models)``."""
@@ -287,8 +307,7 @@ def merge_blocks(method: str, opts, t: Tensor, key, out_dtype, write) -> None:
     n = len(t.models)
     out_dtype = jnp.dtype(out_dtype)
     if method in ("linear", "task_arithmetic", "negate") or (method == "model_stock" and opts["filter_wise"]):
-        for sp in t.spans():  # elementwise (or row-local): each block is a merge of its own
-            base, models = t.read(sp)
+        for base, models in t.blocks():  # elementwise (or row-local): each block is a merge of its own
             params = dict(opts.values) if isinstance(opts, registry.Settings) else _tv_params(opts)
             b = None if base is None or method == "linear" else {t.name: base}
             write(np.asarray(_merge(method, [{t.name: m} for m in models], base=b, out_dtype=out_dtype,
@@ -308,24 +327,22 @@ def _tv_params(opts) -> dict:
 def tensor_thresholds(t: Tensor, opts) -> list:
     """Every model's thresholds for this tensor (two streaming passes)."""
     size = t.rows * math.prod(t.shape[1:])
-    blocks = lambda: (t.read(sp) for sp in t.spans())
     try:
-        return thresholds(blocks, size, [task_vectors.trim_ks(opts, i, size) for i in range(len(t.models))], sample([t]))
+        return thresholds(t.blocks, size, [task_vectors.trim_ks(opts, i, size) for i in range(len(t.models))], sample([t]))
     except tree.MergeError:
         _screen_all(t)
         raise
 
 
 def _screen_all(t: Tensor) -> None:
-    for sp in t.spans():
-        _screen(t, *t.read(sp))
+    for base, models in t.blocks():
+        _screen(t, base, models)
 
 
 def _trimmed_blocks(t: Tensor, trims, offsets):
     """Each block with every model's cuts: ``(base, models, cuts, finite, hazard)``;
     ``offsets`` (ties before the block, per model and threshold) advance in place."""
-    for sp in t.spans():
-        base, models = t.read(sp)
+    for base, models in t.blocks():
         cuts, offsets[:], finite, hazard = _cuts(base, models, trims, offsets)
         yield base, models, cuts, finite, hazard
 
@@ -418,20 +435,24 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
     rescale's factors from a first pass of per-row sums.  False, having written
     nothing, where the first block shows that the passes do not apply."""
     block_keys = lambda c: [k[c * per_block:(c + 1) * per_block] for k in keys]
-    factors = None
+    factors = packed = None
     if opts.rescale and opts.rescale_mode == "l1":
         rows = [[] for _ in t.models]
-        for c, sp in enumerate(t.spans()):
-            base, models = t.read(sp)
+        # the masks, bit-packed, for the merge pass where they fit MASK_BUDGET; else drawn again
+        packed = [] if t.rows * math.prod(t.shape[1:]) * len(t.models) <= 8 * MASK_BUDGET else None
+        for c, (base, models) in enumerate(t.blocks()):
             if c == 0 and not dare_applies(opts, base, models, out_dtype):
                 return False
-            _, sums = kernels.random_masks(base, models, block_keys(c), rb, opts.density)
+            masks, sums = kernels.random_masks(base, models, block_keys(c), rb, opts.density)
+            if packed is not None:
+                packed.append((masks.shape[-1], np.packbits(masks, axis=-1)))
             for i in range(len(models)):
                 rows[i].append(sums[i])
+            del masks
         factors = [dare_factor(np.concatenate(r)) if d < 1 else np.float32(1.0) for r, d in zip(rows, opts.density)]
-    for c, sp in enumerate(t.spans()):
-        base, models = t.read(sp)
-        leaf = dare_merge(base, models, opts, block_keys(c), rb, out_dtype, factors,
+    for c, (base, models) in enumerate(t.blocks()):
+        masks = None if packed is None else np.unpackbits(packed[c][1], axis=-1, count=packed[c][0]).view(np.bool_)
+        leaf = dare_merge(base, models, opts, block_keys(c), rb, out_dtype, factors, masks=masks,
                           screen=lambda: _screen(t, base, models))
         if leaf is None:
             if c == 0:
@@ -455,8 +476,7 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
         return
     sums = [[0.0, 0.0] for _ in t.models]
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
-        for c, sp in enumerate(t.spans()):
-            base, models = t.read(sp)
+        for c, (base, models) in enumerate(t.blocks()):
             b0, b1 = c * per_block, (c + 1) * per_block
             if pass_ == "sums" or not l1:
                 _screen(t, base, models)
@@ -479,8 +499,7 @@ def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
     """SLERP and Model Stock: scalars from one pass of sums, then ``sum_i c_i theta_i``."""
     n = len(t.models)
     acc = None
-    for sp in t.spans():
-        base, models = t.read(sp)
+    for base, models in t.blocks():
         _screen(t, base, models)
         if method == "slerp":
             models = ([base] if base is not None else []) + models  # slerp(base, model) as merge() takes it
@@ -500,8 +519,7 @@ def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
         gram = {p: jnp.float32(v) for p, v in zip(pairs, acc)}
         ratio = float(methods.model_stock_ratio(gram, n))
         coefs, base_coef, use_base = [ratio / n] * n, 1.0 - ratio, True
-    for sp in t.spans():
-        base, models = t.read(sp)
+    for base, models in t.blocks():
         if method == "slerp" and base is not None:
             models = [base] + models
         write(np.asarray(_combine(models, base if use_base else None, coefs, base_coef, out_dtype=out_dtype)))
@@ -523,6 +541,6 @@ def global_thresholds(tensors, opts) -> list:
     """Per model, one ``topk.Threshold`` over every tensor of ``tensors`` (``Tensor``s, in
     the order their ties are counted): the global trim's exact top-k."""
     n_total = sum(t.rows * math.prod(t.shape[1:]) for t in tensors)
-    blocks = lambda: (t.read(sp) for t in tensors for sp in t.spans())
+    blocks = lambda: read_ahead((t, sp) for t in tensors for sp in t.spans())
     ks = [[int(d * n_total)] for d in opts.density]
     return [tr[0] for tr in thresholds(blocks, n_total, ks, sample(tensors))]

@@ -5,7 +5,8 @@ thread reads the next tensor from the safetensors files (``pread``, no
 memory map) while the current one merges; another writes the previous one
 straight to its place in the output shards, which are laid out up front.
 Tensors above ``chunked.MIN_ENTRIES`` entries are read, merged and written
-in row blocks (``chunked.py``), so peak memory is bounded by the block size
+in row blocks (``chunked.py``; each block is read while the one before is
+merged), so peak memory is bounded by the block size
 and the largest tensor below that size, not by the model's largest tensor.
 Output goes to ``OUT.tmp-<pid>-*`` under a lock on ``OUT`` and is renamed to
 ``OUT`` only when complete (``output.py``).
@@ -331,10 +332,10 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
             offsets = [[0] for _ in plan.models]
         for j, name in enumerate(names):
             if name in blocks:
+                pending = pool.submit(read, names[j + 1]) if whole(j + 1) else None  # read while this one merges
                 offsets = _merge_blocks(plan, mc, blocks[name], root, out_dtype or ref_src.dtypes[name],
                                         lambda a, name=name: write(writer.add_rows, name, a), global_opts, trims,
                                         offsets)
-                pending = pool.submit(read, names[j + 1]) if whole(j + 1) else None
                 bar.update(set_bytes(name))
                 bar.set_postfix(tensors=f"{j + 1}/{len(names)}")
                 continue

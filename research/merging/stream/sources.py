@@ -9,7 +9,8 @@ import re
 
 import numpy as np
 
-from research.safetensors_io import CheckpointError, SafetensorsError, checkpoint_files
+from research.safetensors_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, SafetensorsError,
+                                     checkpoint_files, is_adapter_dir)
 from research.safetensors_io import open_checked as _open
 
 
@@ -96,14 +97,14 @@ def open_source(path: str):
     """A ``TensorSource``, or an ``AdapterSource`` for a peft LoRA adapter: written
     ``BASE+ADAPTER`` (mergekit's syntax), or an adapter directory alone when its
     ``base_model_name_or_path`` is a local directory."""
-    from research.models import lora
-
     if not os.path.exists(path) and "+" in path:
         base, adapter = path.rsplit("+", 1)
-        if not lora.is_adapter_dir(adapter):
-            raise CheckpointError(f"{path}: {adapter} is not a peft adapter directory (no {lora.ADAPTER_CONFIG})")
+        if not is_adapter_dir(adapter):
+            raise CheckpointError(f"{path}: {adapter} is not a peft adapter directory (no {ADAPTER_CONFIG})")
         return AdapterSource(TensorSource(base), adapter)
-    if os.path.isdir(path) and lora.is_adapter_dir(path):
+    if os.path.isdir(path) and is_adapter_dir(path):
+        from research.models import lora
+
         _, raw = lora.read_peft_config(path)
         base = raw.get("base_model_name_or_path")
         if not base or not os.path.isdir(base):
@@ -128,9 +129,9 @@ class AdapterSource:
         from research.models import lora
 
         cfg, _ = lora.read_peft_config(adapter)
-        file = os.path.join(adapter, lora.ADAPTER_WEIGHTS)
+        file = os.path.join(adapter, ADAPTER_WEIGHTS)
         if not os.path.isfile(file):
-            raise CheckpointError(f"{adapter}: {lora.ADAPTER_WEIGHTS} is missing")
+            raise CheckpointError(f"{adapter}: {ADAPTER_WEIGHTS} is missing")
         tensors = load_file(file)
         self.base, self.path, self.scale = base, f"{base.path}+{adapter}", cfg.scale
         self.shapes, self.dtypes = base.shapes, base.dtypes
