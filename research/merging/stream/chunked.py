@@ -261,6 +261,7 @@ class Tensor:
         shape = tuple(shape) or (1,)  # a scalar reads as one row
         self.name, self.shape, self.base, self.models = name, shape, base, models
         self.rows = rows or self.shape[0]  # rows to merge (fewer where vocabularies differ)
+        self.size = self.rows * math.prod(self.shape[1:])  # entries to merge
         self.step = block_rows(self.shape)
 
     def spans(self):
@@ -286,7 +287,7 @@ class Tensor:
 def sample(tensors, size: int = SAMPLE) -> np.ndarray:
     """``[models, ~size]`` of ``|ft_i - base|`` from rows of every tensor, in proportion
     to the tensors' sizes (the guesses of ``thresholds``)."""
-    total = sum(t.rows * math.prod(t.shape[1:]) for t in tensors)
+    total = sum(t.size for t in tensors)
     parts = []
     for t in tensors:
         cols = math.prod(t.shape[1:])
@@ -326,9 +327,9 @@ def _tv_params(opts) -> dict:
 
 def tensor_thresholds(t: Tensor, opts) -> list:
     """Every model's thresholds for this tensor (two streaming passes)."""
-    size = t.rows * math.prod(t.shape[1:])
     try:
-        return thresholds(t.blocks, size, [task_vectors.trim_ks(opts, i, size) for i in range(len(t.models))], sample([t]))
+        return thresholds(t.blocks, t.size, [task_vectors.trim_ks(opts, i, t.size) for i in range(len(t.models))],
+                          sample([t]))
     except tree.MergeError:
         _screen_all(t)
         raise
@@ -439,7 +440,7 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
     if opts.rescale and opts.rescale_mode == "l1":
         rows = [[] for _ in t.models]
         # the masks, bit-packed, for the merge pass where they fit MASK_BUDGET; else drawn again
-        packed = [] if t.rows * math.prod(t.shape[1:]) * len(t.models) <= 8 * MASK_BUDGET else None
+        packed = [] if t.size * len(t.models) <= 8 * MASK_BUDGET else None
         for c, (base, models) in enumerate(t.blocks()):
             if c == 0 and not dare_applies(opts, base, models, out_dtype):
                 return False
@@ -540,7 +541,7 @@ def _slerp_sums(v0, v1):
 def global_thresholds(tensors, opts) -> list:
     """Per model, one ``topk.Threshold`` over every tensor of ``tensors`` (``Tensor``s, in
     the order their ties are counted): the global trim's exact top-k."""
-    n_total = sum(t.rows * math.prod(t.shape[1:]) for t in tensors)
+    n_total = sum(t.size for t in tensors)
     blocks = lambda: read_ahead((t, sp) for t in tensors for sp in t.spans())
     ks = [[int(d * n_total)] for d in opts.density]
     return [tr[0] for tr in thresholds(blocks, n_total, ks, sample(tensors))]
