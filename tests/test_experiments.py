@@ -37,7 +37,7 @@ def test_bench_attention_smoke():
 
 
 def test_bench_train_step_smoke():
-    out = _run(["experiments/bench_train_step.py", "--samples", "4", "--seq", "256", "--batch", "2"])
+    out = _run(["experiments/bench_train_step.py", "--samples", "2", "--seq", "256", "--batch", "2"])
     assert "packed, blockwise attention" in out
 
 

@@ -227,8 +227,30 @@ def _bits(x):
     return np.asarray(x).view(_BITS[jnp.dtype(x.dtype)])
 
 
-def _jitted(method, kw, dtype):
-    base, fts = _llama_like(np.random.default_rng(11), dtype)
+# Compiling the jitted references is most of this file's time, and each leaf adds
+# its own searches: each method's first setting merges every leaf shape (1-D,
+# 2-D, 3-D), the settings after it vary the options on one 2-D leaf.
+_TRIM_SHAPES = ((48, 64), (64,), (2, 5, 24))
+_DARE_SHAPES = ((48, 64), (64,), (2, 5, 24), (75, 32))  # (75, 32): 9 draw blocks of 300
+
+
+def _first_of_its_method(settings, i) -> bool:
+    return all(m != settings[i][0] for m, _ in settings[:i])
+
+
+def _trim_inputs(setting, dtype):
+    shapes = _TRIM_SHAPES if _first_of_its_method(TRIM_SETTINGS, setting) else _TRIM_SHAPES[:1]
+    return _llama_like(np.random.default_rng(11), dtype, shapes=shapes)
+
+
+def _dare_inputs(setting, dtype):
+    shapes = _DARE_SHAPES if _first_of_its_method(DARE_SETTINGS, setting) else _DARE_SHAPES[-1:]
+    return _llama_like(np.random.default_rng(16), dtype, shapes=shapes)
+
+
+def _jitted(setting, dtype):
+    method, kw = TRIM_SETTINGS[setting]
+    base, fts = _trim_inputs(setting, dtype)
     return jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
 
 
@@ -244,33 +266,33 @@ DARE_SETTINGS = [
 _DARE_KEY = 7
 
 
-def _jitted_dare(method, kw, dtype):
-    base, fts = _llama_like(np.random.default_rng(16), dtype, shapes=((48, 64), (64,), (2, 5, 24), (75, 32)))
+def _jitted_dare(setting, dtype):
+    method, kw = DARE_SETTINGS[setting]
+    base, fts = _dare_inputs(setting, dtype)
     kw = dict(kw, key=jax.random.key(_DARE_KEY))
     return jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
 
 
 def write_jitted_trim_merges(path):
-    """Every float32 TRIM_SETTINGS merge and every DARE_SETTINGS merge (bf16 too: their
-    cancellations tell level 0 from the default, which fuses ``base + lam * x``)
-    under ``jax.jit``, as raw bits, into ``path`` (npz); the DARE draws in blocks
-    of 300 entries."""
+    """Every TRIM_SETTINGS and DARE_SETTINGS merge, bf16 and float32, under ``jax.jit``,
+    as raw bits, into ``path`` (npz); the DARE draws in blocks of 300 entries."""
     out = {}
-    for i, (method, kw) in enumerate(TRIM_SETTINGS):
-        out.update({f"{i}/float32/{k}": _bits(v) for k, v in _jitted(method, kw, jnp.float32).items()})
-    sparsify._MASK_BLOCK = 300
-    for i, (method, kw) in enumerate(DARE_SETTINGS):
+    for i in range(len(TRIM_SETTINGS)):
         for dtype in (jnp.bfloat16, jnp.float32):
-            out.update({f"dare{i}/{jnp.dtype(dtype)}/{k}": _bits(v) for k, v in _jitted_dare(method, kw, dtype).items()})
+            out.update({f"{i}/{jnp.dtype(dtype)}/{k}": _bits(v) for k, v in _jitted(i, dtype).items()})
+    sparsify._MASK_BLOCK = 300
+    for i in range(len(DARE_SETTINGS)):
+        for dtype in (jnp.bfloat16, jnp.float32):
+            out.update({f"dare{i}/{jnp.dtype(dtype)}/{k}": _bits(v) for k, v in _jitted_dare(i, dtype).items()})
     np.savez(path, **out)
 
 
 @pytest.fixture(scope="module")
 def jitted_trim_merges(tmp_path_factory):
-    """The float32 jitted merges compiled at XLA's default optimisation, as users compile
-    them: the tests' processes compile at level 0 for speed, which rounds some float32
-    sums differently.  (The bfloat16 merges agree at both levels; they are jitted in
-    the test's own process.)"""
+    """The jitted merges compiled at XLA's default optimisation, as users compile them.
+    The tests' processes compile at level 0 for speed, whose fusions round some
+    sums differently (float32 sums; in bf16, ``base + lam * x`` fused or not,
+    depending on the program around it)."""
     path = str(tmp_path_factory.mktemp("jitted") / "merges.npz")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
             f"import test_merging_cpu_backend as t; t.write_jitted_trim_merges({path!r})")
@@ -281,23 +303,19 @@ def jitted_trim_merges(tmp_path_factory):
 
 @pytest.mark.parametrize("setting", range(len(TRIM_SETTINGS)), ids=[f"{m}-kw{i}" for i, (m, _) in enumerate(TRIM_SETTINGS)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_numba_trim_merges_equal_the_jitted_merge_bit_for_bit(kernel_calls, request, setting, dtype):
+def test_numba_trim_merges_equal_the_jitted_merge_bit_for_bit(kernel_calls, jitted_trim_merges, setting, dtype):
     method, kw = TRIM_SETTINGS[setting]
-    base, fts = _llama_like(np.random.default_rng(11), dtype)
+    base, fts = _trim_inputs(setting, dtype)
     eager = merging.merge(method, fts, base=base, **kw)
     assert kernel_calls == [True] * len(base)  # every leaf went through the kernel
-    if dtype == jnp.float32:
-        jitted_trim_merges = request.getfixturevalue("jitted_trim_merges")
-        want = {k: jitted_trim_merges[f"{setting}/float32/{k}"] for k in base}
-    else:
-        want = {k: _bits(v) for k, v in _jitted(method, kw, dtype).items()}
+    want = {k: jitted_trim_merges[f"{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
     for k in base:
         np.testing.assert_array_equal(_bits(eager[k]), want[k], err_msg=k)
 
 
 @pytest.mark.parametrize("setting", range(len(DARE_SETTINGS)), ids=[f"{m}-kw{i}" for i, (m, _) in enumerate(DARE_SETTINGS)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, request, setting, dtype):
+def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, jitted_trim_merges, setting, dtype):
     """Masks drawn inside the merge pass, in draw blocks (the (75, 32) leaf has 9),
     equal JAX's blocked bernoulli draws and the XLA merge, bit for bit.  (Rows
     are whole vectors: XLA:CPU fuses ``base + lam * x`` in its vector loops but
@@ -308,11 +326,10 @@ def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, reque
     real = cpu_kernels.random_merge
     monkeypatch.setattr(cpu_kernels, "random_merge", lambda *a, **k: calls.append(1) or real(*a, **k))
     method, kw = DARE_SETTINGS[setting]
-    base, fts = _llama_like(np.random.default_rng(16), dtype, shapes=((48, 64), (64,), (2, 5, 24), (75, 32)))
+    base, fts = _dare_inputs(setting, dtype)
     eager = merging.merge(method, fts, base=base, key=jax.random.key(_DARE_KEY), **kw)
     assert len(calls) == len(base)  # every leaf went through the kernel
-    jitted = request.getfixturevalue("jitted_trim_merges")
-    want = {k: jitted[f"dare{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
+    want = {k: jitted_trim_merges[f"dare{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
     for k in base:
         np.testing.assert_array_equal(_bits(eager[k]), want[k], err_msg=k)
 

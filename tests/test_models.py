@@ -65,17 +65,25 @@ def _grads(model, loss_fn):
 BACKENDS = ["xla", "blockwise", "pallas_gpu"]
 
 
+@pytest.fixture(scope="module")
+def unpacked():
+    """``_packed()``'s samples each alone through the ``xla`` model (the same for every
+    backend, so computed once): logits, token losses, gradients of their sum."""
+    batch = _packed()
+    ref_model = models.Transformer(CFG.replace(attention="xla"), rngs=nnx.Rngs(0))
+    logits, losses = _unpacked_reference(ref_model, batch)
+    return logits, losses, _grads(ref_model, lambda m: _unpacked_reference(m, batch)[1].sum())
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_packed_equals_unpacked(backend):
+def test_packed_equals_unpacked(backend, unpacked):
     batch = _packed()
     real = np.asarray(batch["segment_ids"][0]) > 0
-    ref_model = models.Transformer(CFG.replace(attention="xla"), rngs=nnx.Rngs(0))
     model = models.Transformer(CFG.replace(attention=backend), rngs=nnx.Rngs(0))
-    ref_logits, ref_losses = _unpacked_reference(ref_model, batch)
+    ref_logits, ref_losses, g_alone = unpacked
     np.testing.assert_allclose(model(batch)[:, real], ref_logits, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(_token_losses(model, batch)[:, real], ref_losses, atol=2e-5)
     g_packed = _grads(model, lambda m: _token_losses(m, batch).sum())
-    g_alone = _grads(ref_model, lambda m: _unpacked_reference(m, batch)[1].sum())
     chex.assert_trees_all_close(g_packed, g_alone, atol=5e-5, rtol=1e-4)
 
 
@@ -89,10 +97,10 @@ def test_splash_backend_matches_dense_in_interpret_mode():
 
 
 @pytest.mark.parametrize("backend", ["xla", "blockwise"])
-def test_ablation_switch_lets_segments_see_each_other(backend):
+def test_ablation_switch_lets_segments_see_each_other(backend, unpacked):
     batch = _packed()
     real = np.asarray(batch["segment_ids"][0]) > 0
-    ref_logits, _ = _unpacked_reference(models.Transformer(CFG.replace(attention="xla"), rngs=nnx.Rngs(0)), batch)
+    ref_logits = unpacked[0]
     leaky = models.Transformer(CFG.replace(attention=backend, segment_mask=False), rngs=nnx.Rngs(0))
     out = leaky(batch)[:, real]
     first = np.asarray(batch["segment_ids"][0])[real] == 1

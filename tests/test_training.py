@@ -20,7 +20,7 @@ from research.training.run_config import ResumeMismatch
 
 BASE = TrainConfig(model="tiny", tasks=("copy", "reverse"), seq_len=64, batch_size=8, chunk_size=16, steps=6,
                    warmup_steps=2, save_every=3, keep=3, log_every=1, eval_samples=2, max_new_tokens=4,
-                   neftune_alpha=5.0, progress=False)
+                   neftune_alpha=5.0, mesh=(1, 1, 1), progress=False)  # one device; the mesh tests set theirs
 
 
 def _run(tmp, name, **kw):
