@@ -180,6 +180,26 @@ def test_analysis_tools():
     np.testing.assert_allclose(kf["l2_energy"], 4 / 6)
 
 
+def test_trim_keeps_the_top_k_by_flat_order_and_compiles_one_program_per_shape_for_any_density():
+    from research.merging import analysis
+
+    rng = np.random.default_rng(0)
+    tv = {"a": jnp.asarray(np.round(rng.normal(size=(6, 8)) * 4) / 4, jnp.float32),  # ties at every cut
+          "b": jnp.asarray(np.round(rng.normal(size=(6, 8)) * 4) / 4, jnp.float32),
+          "c": jnp.asarray(rng.normal(size=(10,)), jnp.float32)}
+    before = analysis._trim_leaf._cache_size()
+    for density in (0.2, 0.5, 0.7):
+        out = merging.trim(tv, density)
+        for name, x in tv.items():
+            x = np.asarray(x).ravel()
+            k = int(density * x.size)
+            keep = np.argsort(-np.abs(x), kind="stable")[:k]  # the k largest, ties by flat index
+            want = np.zeros_like(x)
+            want[keep] = x[keep]
+            np.testing.assert_array_equal(np.asarray(out[name]).ravel(), want, err_msg=f"{name} at {density}")
+    assert analysis._trim_leaf._cache_size() - before == 2  # shapes (6, 8) and (10,)
+
+
 def test_kept_sign_conflicts_counts_only_entries_both_keep():
     # density 1: a keeps 4 entries, b keeps 3; both keep indices 0, 1, 3; signs differ at 1
     a = {"w": jnp.array([1.0, 2.0, -3.0, 4.0, 0.0])}

@@ -6,7 +6,6 @@ plain Python/numpy numbers for tables.
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax
@@ -20,9 +19,12 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@jax.jit
 def _trim_leaf(x, k):
-    return jnp.where(topk.topk_mask(x, k), x, 0)
+    """``x`` with its ``k`` largest magnitudes kept, ``0 < k < x.size``; ``k`` is traced,
+    so one program serves every leaf of a shape, whatever the density."""
+    mag = jnp.abs(_f32(x))
+    return jnp.where(topk.keep_mask(mag, topk.kth_largest([mag], k)), x, 0)
 
 
 @jax.jit
@@ -38,7 +40,7 @@ def _gram(xs):
     return flat @ flat.T
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@jax.jit
 def _trim_global(leaves, k):
     mags = [jnp.abs(_f32(x)) for x in leaves]
     th = topk.kth_largest(mags, k)
@@ -77,8 +79,14 @@ def trim(tv, density: float, trim: str = "tensor"):
     if trim == "global":
         kept = _trim_global(leaves, max(int(density * sum(x.size for x in leaves)), 1))
     else:
-        kept = [_trim_leaf(x, int(density * x.size)) for x in leaves]
+        kept = [_trim(x, int(density * x.size)) for x in leaves]
     return jax.tree.unflatten(treedef, kept)
+
+
+def _trim(x, k: int):
+    if k <= 0:
+        return jnp.zeros_like(x)
+    return x if k >= x.size else _trim_leaf(x, k)
 
 
 def sign_conflicts(tvs: Sequence, density: float = 1.0, trim_mode: str = "tensor") -> dict:
