@@ -273,7 +273,7 @@ def _jitted_dare(setting, dtype):
     return jax.jit(lambda fts, base: merging.merge(method, fts, base=base, **kw))(fts, base)
 
 
-def write_jitted_trim_merges(path):
+def write_jitted_references(path):
     """Every TRIM_SETTINGS and DARE_SETTINGS merge, bf16 and float32, under ``jax.jit``,
     as raw bits, into ``path`` (npz); the DARE draws in blocks of 300 entries."""
     out = {}
@@ -288,14 +288,14 @@ def write_jitted_trim_merges(path):
 
 
 @pytest.fixture(scope="module")
-def jitted_trim_merges(tmp_path_factory):
+def jitted_references(tmp_path_factory):
     """The jitted merges compiled at XLA's default optimisation, as users compile them.
     The tests' processes compile at level 0 for speed, whose fusions round some
     sums differently (float32 sums; in bf16, ``base + lam * x`` fused or not,
     depending on the program around it)."""
     path = str(tmp_path_factory.mktemp("jitted") / "merges.npz")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import test_merging_cpu_backend as t; t.write_jitted_trim_merges({path!r})")
+            f"import test_merging_cpu_backend as t; t.write_jitted_references({path!r})")
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
     return dict(np.load(path))
@@ -303,19 +303,19 @@ def jitted_trim_merges(tmp_path_factory):
 
 @pytest.mark.parametrize("setting", range(len(TRIM_SETTINGS)), ids=[f"{m}-kw{i}" for i, (m, _) in enumerate(TRIM_SETTINGS)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_numba_trim_merges_equal_the_jitted_merge_bit_for_bit(kernel_calls, jitted_trim_merges, setting, dtype):
+def test_numba_trim_merges_equal_the_jitted_merge_bit_for_bit(kernel_calls, jitted_references, setting, dtype):
     method, kw = TRIM_SETTINGS[setting]
     base, fts = _trim_inputs(setting, dtype)
     eager = merging.merge(method, fts, base=base, **kw)
     assert kernel_calls == [True] * len(base)  # every leaf went through the kernel
-    want = {k: jitted_trim_merges[f"{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
+    want = {k: jitted_references[f"{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
     for k in base:
         np.testing.assert_array_equal(_bits(eager[k]), want[k], err_msg=k)
 
 
 @pytest.mark.parametrize("setting", range(len(DARE_SETTINGS)), ids=[f"{m}-kw{i}" for i, (m, _) in enumerate(DARE_SETTINGS)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, jitted_trim_merges, setting, dtype):
+def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, jitted_references, setting, dtype):
     """Masks drawn inside the merge pass, in draw blocks (the (75, 32) leaf has 9),
     equal JAX's blocked bernoulli draws and the XLA merge, bit for bit.  (Rows
     are whole vectors: XLA:CPU fuses ``base + lam * x`` in its vector loops but
@@ -329,7 +329,7 @@ def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, jitte
     base, fts = _dare_inputs(setting, dtype)
     eager = merging.merge(method, fts, base=base, key=jax.random.key(_DARE_KEY), **kw)
     assert len(calls) == len(base)  # every leaf went through the kernel
-    want = {k: jitted_trim_merges[f"dare{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
+    want = {k: jitted_references[f"dare{setting}/{jnp.dtype(dtype)}/{k}"] for k in base}
     for k in base:
         np.testing.assert_array_equal(_bits(eager[k]), want[k], err_msg=k)
 
