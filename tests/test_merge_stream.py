@@ -337,10 +337,10 @@ def test_row_blocks_give_the_tensors_of_whole_tensor_merges(wide_models, monkeyp
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
 
 
-@pytest.mark.parametrize("method", ["dare_ties", "dare_linear"])
+@pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])
 def test_dare_in_blocks_draws_its_masks_once_where_they_fit_the_budget(wide_models, monkeypatch, method):
     """With the L1 rescale, a tensor merged in blocks keeps the masks of its sums pass
-    (bit-packed) for its merge pass; past ``MASK_BUDGET`` it draws them again.  Both
+    (DARE's or DELLA's, bit-packed) for its merge pass; past ``MASK_BUDGET`` it draws them again.  Both
     give the whole-tensor merge."""
     from research.merging import sparsify
     from research.merging.cpu import kernels
@@ -352,8 +352,9 @@ def test_dare_in_blocks_draws_its_masks_once_where_they_fit_the_budget(wide_mode
     monkeypatch.setattr(chunked, "MIN_ENTRIES", 300)
     monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
     draws = []
-    real = kernels.random_masks
-    monkeypatch.setattr(kernels, "random_masks", lambda *a, **k: draws.append(a[0].shape) or real(*a, **k))
+    drawer = "della_masks" if method == "della" else "random_masks"
+    real = getattr(kernels, drawer)
+    monkeypatch.setattr(kernels, drawer, lambda *a, **k: draws.append(a[0].shape) or real(*a, **k))
     counts, budget_in_use = {}, chunked.MASK_BUDGET
     for budget in (budget_in_use, 0):
         monkeypatch.setattr(chunked, "MASK_BUDGET", budget)

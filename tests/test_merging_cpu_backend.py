@@ -156,6 +156,40 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
         np.testing.assert_array_equal(cpu_kernels.below_table(keys, rows, ranks, table), np.asarray(expected))
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(40, 400), (3, 2, 200), (90,)])
+def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dtype, shape):
+    """The fused kernel ranks exactly only where the draw needs it: half of each
+    delta is 0 (a bucket of ~200 ties, ranked by sorting), the rest rounded (small
+    buckets with ties, ranked by scanning), eps up to 0.4 (many undecided draws)."""
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4000)  # (40, 400): draws in blocks of 10 rows
+    rng = np.random.default_rng(11)
+    base = jnp.asarray(rng.normal(size=shape) * 0.02, dtype)
+    mk = lambda: np.where(rng.random(shape) < 0.5, 0.0, np.round(rng.normal(size=shape) * 64) / 4096)
+    fts = [jnp.asarray(np.asarray(base, np.float32) + mk(), dtype) for _ in range(3)]
+    keys = [jax.random.fold_in(jax.random.key(2), i) for i in range(3)]
+    for density, epsilon in [(0.5, 0.4), (0.3, 0.05)]:
+        rows = sparsify.della_rows(np.zeros(shape))
+        table = sparsify.della_probs(jnp.arange(rows.shape[1])[None], density, epsilon)[0]
+        block_keys = [_block_keys(k, shape)[0] for k in keys[:2]] + [None]  # model 2 keeps everything
+        masks, sums = cpu_kernels.della_masks(base, fts, block_keys, _block_keys(keys[0], shape)[1], [table] * 3)
+        for i in range(2):
+            tau = fts[i].astype(jnp.float32) - base.astype(jnp.float32)
+            expected = sparsify.della_mask(keys[i], sparsify.della_ranks(sparsify.della_rows(tau)), density, epsilon)
+            np.testing.assert_array_equal(masks[i], np.asarray(expected))
+            a = np.abs(np.asarray(sparsify.della_rows(tau), np.float64))
+            np.testing.assert_allclose(sums[i], np.stack([a.sum(1), (a * masks[i]).sum(1)], -1), rtol=1e-6)
+        assert masks[2].all()
+
+
+def test_della_masks_refuse_a_1d_leaf_drawn_in_blocks(monkeypatch):
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)  # DELLA ranks the whole leaf as one row; its draw is in blocks
+    x = jnp.ones((200,), jnp.float32)
+    keys, rows = _block_keys(jax.random.key(0), x.shape)
+    assert len(keys) > 1
+    assert cpu_kernels.della_masks(x, [x], [keys], rows, [np.zeros(200, np.float32)]) is None
+
+
 def test_threefry_draws_need_a_threefry_key():
     assert cpu_kernels.random_ok(jax.random.key(0))
     assert cpu_kernels.random_ok(jax.random.PRNGKey(0))  # raw uint32 keys use the default implementation

@@ -11,7 +11,12 @@ way with the same result, bit for bit:
   rescale's sums (per row, exactly rounded over the rows, in float64: the
   one step that is not XLA's bit for bit, but agrees to float32 summation
   order, and does not depend on how a tensor is split into row blocks);
-* DELLA: the masks drawn so, its ranks by a radix sort.
+* DELLA: the masks drawn so, fused with the ranks they need: each entry's
+  rank is bounded by a histogram of its row, and found exactly only where
+  the draw falls between the bounds' keep probabilities (``kernels.della_masks``);
+  then DARE's merge pass on those masks, and the same L1 factor.  With the
+  inverse rescale (a divisor per entry) every rank, by a radix sort, and
+  the XLA merge program.
 
 ``merge()`` calls ``merge_leaf`` on every leaf of an eager merge; ``None``
 means the backend does not apply (another method, an accelerator, traced
@@ -48,7 +53,7 @@ def merge_leaf(base, models, opts, keys, out_dtype, screen: bool = False):
     PRNG key per model (random methods, else None); ``out_dtype``: the output
     dtype (None: the models'); ``screen``: raise ``NonFiniteInput`` on NaN/Inf
     in the inputs (where ``screens_inputs``).  The result equals the XLA
-    program's bit for bit, but for DARE's L1 factor (see above).
+    program's bit for bit, but for DARE's and DELLA's L1 factor (see above).
     """
     if not applies(opts, base):
         return None

@@ -126,36 +126,44 @@ def sample_abs_deltas(base, fts, step, run, tiny, out):
                 out[i, j * run + c] = d
 
 
+@numba.njit(inline="always")
+def _radix_ranks(key, idx, key2, idx2, start, out):
+    """``out[c]``: the rank of ``key[c]`` (0 = smallest, ties by column), by an LSD
+    radix sort of 11 + 11 + 10 bits (stable).  ``idx``, ``key2``, ``idx2``: scratch
+    as long as ``key``, which is overwritten; ``start``: 2049 entries of scratch."""
+    cols = len(key)
+    for c in range(cols):
+        idx[c] = c
+    for shift in (0, 11, 22):
+        start[:] = 0
+        for c in range(cols):
+            start[((key[c] >> shift) & 2047) + 1] += 1
+        for i in range(2048):
+            start[i + 1] += start[i]
+        for c in range(cols):
+            digit = (key[c] >> shift) & 2047
+            pos = start[digit]
+            start[digit] = pos + 1
+            key2[pos] = key[c]
+            idx2[pos] = idx[c]
+        key, key2 = key2, key
+        idx, idx2 = idx2, idx
+    for i in range(cols):
+        out[idx[i]] = i
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def row_ranks(ft, base, tiny, out):
-    # LSD radix sort of each row's float bits (non-negative floats order like
-    # their bits; NaN sorts last, as in jnp.argsort): 11 + 11 + 10 bits, stable.
+    """``out[r, c]``: the rank of ``|ft - base|`` (flushed as XLA:CPU) within row ``r``,
+    ties by column (non-negative floats order like their bits; NaN sorts last,
+    as in jnp.argsort)."""
     rows, cols = ft.shape
     for r in numba.prange(rows):
         key = np.empty(cols, np.uint32)
-        idx = np.empty(cols, np.int32)
-        key2 = np.empty(cols, np.uint32)
-        idx2 = np.empty(cols, np.int32)
         for c in range(cols):
-            d = _flushed_abs_delta(ft[r, c], base[r, c], tiny)
-            key[c] = np.float32(d).view(np.uint32)
-            idx[c] = c
-        for shift in (0, 11, 22):
-            start = np.zeros(2049, np.int64)
-            for c in range(cols):
-                start[((key[c] >> shift) & 2047) + 1] += 1
-            for i in range(2048):
-                start[i + 1] += start[i]
-            for c in range(cols):
-                digit = (key[c] >> shift) & 2047
-                pos = start[digit]
-                start[digit] = pos + 1
-                key2[pos] = key[c]
-                idx2[pos] = idx[c]
-            key, key2 = key2, key
-            idx, idx2 = idx2, idx
-        for i in range(cols):
-            out[r, idx[i]] = i
+            key[c] = np.float32(_flushed_abs_delta(ft[r, c], base[r, c], tiny)).view(np.uint32)
+        _radix_ranks(key, np.empty(cols, np.int32), np.empty(cols, np.uint32), np.empty(cols, np.int32),
+                     np.empty(2049, np.int64), out[r])
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
@@ -312,3 +320,134 @@ def _kept_below(x, b, keep_t, top_t):
 @numba.njit(inline="always")
 def _sign(x):
     return np.float32(x > 0) - np.float32(x < 0)
+
+
+@numba.njit(inline="always")
+def _rank_in_bucket(key, order, lo, hi, c):
+    """``c``'s rank among ``order[lo:hi]`` (the entries of its bucket, by column):
+    how many have a smaller key, or the same key and a smaller column."""
+    kc = key[c]
+    below = 0
+    for j in range(lo, hi):
+        o = order[j]
+        below += (key[o] < kc) | ((key[o] == kc) & (o < c))
+    return below
+
+
+@numba.njit(parallel=True, cache=True, nogil=True)
+def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
+    """``masks[i, r, c] = uniform < tables[i, rank]``: DELLA's keep masks, with ``rank``
+    the rank of ``d = |fts[i] - base|`` (flushed as XLA:CPU) within its row, ties by
+    column, and the uniforms drawn as in ``bernoulli_blocks`` (``keys[i]``: model
+    ``i``'s draw-block keys).  Each row of ``tables`` must be non-decreasing.
+
+    Exact ranks are found only where the draw needs them.  A histogram of the
+    float bits of ``d`` (2045 buckets between the row's smallest and largest
+    finite non-zero bits, one each for 0, Inf and NaN) bounds each entry's
+    rank by its bucket's, and ``uniform < table[rank]`` is settled by the
+    bounds unless the uniform falls between the table's values at them.
+    Those entries are ranked exactly: among zeros (or Inf, or NaN) by
+    column, else within their bucket, or, where the buckets to scan are
+    large, by ranking the whole row (``_radix_ranks``)."""
+    n, rows, cols = masks.shape
+    nb = 2048  # 0: zeros, 1..2045: finite, 2046: Inf, 2047: NaN
+    inf = np.uint32(0x7F800000)
+    chunks = min(rows, 256)
+    for t in numba.prange(chunks):
+        key = np.empty(cols, np.uint32)
+        unif = np.empty(cols, np.float32)
+        hb = np.empty(cols, np.uint16)
+        pend = np.empty(cols, np.int32)
+        pos = np.empty(cols, np.int32)
+        order = np.empty(cols, np.int32)
+        fill = np.empty(nb, np.int32)
+        sort_key, key2 = np.empty(cols, np.uint32), np.empty(cols, np.uint32)
+        sort_idx, idx2 = np.empty(cols, np.int32), np.empty(cols, np.int32)
+        digits = np.empty(2049, np.int64)
+        start = np.empty(nb + 1, np.int32)
+        t_lo = np.empty(nb, np.float32)
+        t_hi = np.empty(nb, np.float32)
+        for r in range(t * rows // chunks, (t + 1) * rows // chunks):
+            blk = r // block_rows
+            s0 = (r - blk * block_rows) * cols
+            b = base[r]
+            for i in range(n):
+                f = fts[i][r]
+                tab = tables[i]
+                mk = masks[i, r]
+                k1 = np.uint32(keys[i, blk, 0])
+                k2 = np.uint32(keys[i, blk, 1])
+                # the loops over columns do one thing each, so that all but the histogram vectorise
+                for c in range(cols):
+                    kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
+                    key[c] = np.uint32(0x7FC00000) if kb > inf else kb  # NaNs tie (argsort)
+                for c in range(cols):
+                    unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
+                lo_k = np.uint32(0xFFFFFFFF)
+                hi_k = np.uint32(0)
+                for c in range(cols):
+                    finite = np.uint32(key[c] - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
+                    lo_k = min(lo_k, key[c] if finite else np.uint32(0xFFFFFFFF))
+                    hi_k = max(hi_k, key[c] if finite else np.uint32(0))
+                shift = np.uint32(0)
+                while hi_k >= lo_k and (hi_k >> shift) - (lo_k >> shift) > np.uint32(2044):
+                    shift += np.uint32(1)
+                lo_b = lo_k >> shift
+                for c in range(cols):
+                    k = key[c]
+                    hb[c] = (np.uint32(0) if k == 0 else np.uint32(2046) if k == inf
+                             else np.uint32(2047) if k > inf else (k >> shift) - lo_b + np.uint32(1))
+                start[:] = 0
+                for c in range(cols):
+                    start[hb[c] + 1] += 1
+                for h in range(nb):
+                    start[h + 1] += start[h]
+                for h in range(nb):  # the keep probabilities at each bucket's lowest and highest rank
+                    t_lo[h] = tab[start[h]] if start[h] < cols else np.float32(2.0)
+                    t_hi[h] = tab[start[h + 1] - 1] if start[h + 1] > 0 else np.float32(2.0)
+                n_pend = 0
+                n_equal = 0
+                for c in range(cols):
+                    h = hb[c]
+                    u = unif[c]
+                    keep_lo = u < t_lo[h]
+                    mk[c] = keep_lo
+                    if keep_lo != (u < t_hi[h]):  # undecided: the exact rank decides
+                        pend[n_pend] = c
+                        n_pend += 1
+                        n_equal += (h == 0) | (h >= nb - 2)
+                if n_pend == 0:
+                    continue
+                work = 0  # entries the bucket scans would read
+                for j in range(n_pend):
+                    h = hb[pend[j]]
+                    work += 0 if h == 0 or h >= nb - 2 else start[h + 1] - start[h]
+                many = work > 8 * cols
+                if many:  # rank the whole row: every undecided entry's rank, into pos
+                    sort_key[:] = key
+                    _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
+                else:
+                    if n_equal:  # each entry's place among the zeros, Infs or NaNs before it
+                        zeros, infs, nans = 0, 0, 0
+                        for c in range(cols):
+                            k = key[c]
+                            pos[c] = zeros if k == 0 else infs if k == inf else nans
+                            zeros += k == 0
+                            infs += k == inf
+                            nans += k > inf
+                    if work:  # the entries by bucket, each bucket by column
+                        fill[:] = start[:nb]
+                        for c in range(cols):
+                            order[fill[hb[c]]] = c
+                            fill[hb[c]] += 1
+                for j in range(n_pend):
+                    c = pend[j]
+                    h = hb[c]
+                    lo = start[h]
+                    if many:
+                        rk = pos[c]
+                    elif h == 0 or h >= nb - 2:
+                        rk = lo + pos[c]
+                    else:
+                        rk = lo + _rank_in_bucket(key, order, lo, start[h + 1], c)
+                    mk[c] = unif[c] < tab[rk]

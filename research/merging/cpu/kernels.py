@@ -1,5 +1,5 @@
 """numba kernels for eager merges on the CPU: TIES/breadcrumbs passes, DELLA ranks,
-DARE/DELLA masks.
+DARE/DELLA masks and their merge pass.
 
 Several steps of the task-vector merges are slow in XLA:CPU and simple loops
 in numba, over ``d = |ft - base|`` (float32) of one tensor:
@@ -20,8 +20,10 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   probabilities need.  XLA sorts twice (``argsort(argsort(d))``); the kernel
   radix-sorts the float bits.
 * ``bernoulli``/``below_table``: DARE's and DELLA's keep masks, drawn by a
-  threefry2x32 that gives JAX's bits exactly; ``random_merge``: DARE's
-  whole merge pass with the masks drawn inline (none is stored).
+  threefry2x32 that gives JAX's bits exactly; ``della_masks``: DELLA's,
+  ranking exactly only the entries whose draw needs it; ``random_merge``:
+  DARE's whole merge pass with the masks drawn inline (none is stored) or
+  given.
 
 They read the arrays in place: a JAX array on one CPU device is viewed as
 NumPy without a copy, bf16 as its uint16 bits (decoded by a shift).  Only bf16
@@ -342,6 +344,35 @@ def random_masks(base, fts, block_keys, block_rows: int, density):
     return masks, sums
 
 
+def della_masks(base, fts, block_keys, block_rows: int, tables):
+    """DELLA's keep masks, ``uniform < tables[i][rank]`` (``below_table``'s, from
+    ``row_ranks``' ranks, without storing them), and the L1 rescale's sums, as
+    ``random_masks`` returns them over the ``[shape[0], -1]`` view.
+    ``block_keys[i]``: model ``i``'s draw-block keys, None where it keeps
+    everything; ``tables[i]``: its keep probability of each rank, non-decreasing.
+    None where the draw's blocks are not rows of that view (a 1-D tensor drawn
+    in blocks)."""
+    blocks = max(1 if k is None else len(k) for k in block_keys)
+    if blocks > 1 and np.ndim(base) < 2:
+        return None
+    b = _host_view(base, rows_first=True)
+    views = tuple(_host_view(f, rows_first=True) for f in fts)
+    keys = np.zeros((len(fts), blocks, 2), np.uint32)
+    tab = np.full((len(fts), b.shape[1]), 2.0, np.float32)  # uniforms are < 1: everything kept
+    for i, (k, t) in enumerate(zip(block_keys, tables)):
+        if k is not None:
+            keys[i, : len(k)] = np.asarray(k, np.uint32).reshape(-1, 2)
+            tab[i] = np.asarray(t, np.float32)
+    if (np.diff(tab, axis=1) < 0).any():
+        raise ValueError("della_masks: a keep-probability table decreases with the rank")
+    masks = np.empty((len(fts), *b.shape), np.bool_)
+    sums = np.empty((len(fts), b.shape[0], 2), np.float64)
+    with _LOCK:
+        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks)
+        _generated().random_sums().row_sums(b, views, masks, sums)
+    return masks, sums
+
+
 def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, density=None, masks=None, scale,
                  consensus, vote_on, normalize, divide_by, lam, out_dtype):
     """DARE's task-vector merge pass, merged as ``cut_merge`` merges.
@@ -431,7 +462,7 @@ _WARM = {  # sparsifier -> a tiny call that loads its kernels
     "magnitude": lambda x, n: _warm_trims(x, "magnitude", n),
     "magnitude_outliers": lambda x, n: _warm_trims(x, "magnitude_outliers", n),
     "random": lambda x, n: bernoulli(np.zeros((1, 2), np.uint32), 1, 0.5, (1, 1)),
-    "della": lambda x, n: below_table(np.zeros((1, 2), np.uint32), 1, row_ranks(x, x), np.zeros(8, np.float32)),
+    "della": lambda x, n: della_masks(x, [x], [np.zeros((1, 2), np.uint32)], 1, [np.zeros(x.shape[-1], np.float32)]),
 }
 
 

@@ -179,22 +179,37 @@ def dare_factor(row_sums) -> np.float32:
 
 
 def dare_applies(opts, base, ms, out_dtype) -> bool:
-    """Whether ``dare_merge`` merges these leaves (else it returns None)."""
-    return (opts.sparsify == "random" and str(jnp.dtype(out_dtype)) in ("bfloat16", "float32")
+    """Whether ``dare_merge`` merges these leaves (else it returns None): DARE, or
+    DELLA without the inverse rescale (whose divisor varies per entry)."""
+    della = opts.sparsify == "della" and not (opts.rescale and opts.rescale_mode == "inverse")
+    return ((opts.sparsify == "random" or della) and str(jnp.dtype(out_dtype)) in ("bfloat16", "float32")
             and kernels.scales_ok(opts.weight, opts.lam) and kernels.usable(base, *ms))
 
 
+def random_masks(opts, base, ms, block_keys, block_rows: int):
+    """DARE's or DELLA's keep masks of every model and the L1 rescale's per-row sums
+    (``kernels.random_masks``, ``kernels.della_masks``), or None where DELLA's
+    draw blocks are not rows (a 1-D leaf over ``sparsify._MASK_BLOCK`` entries)."""
+    if opts.sparsify != "della":
+        return kernels.random_masks(base, ms, block_keys, block_rows, opts.density)
+    cols = math.prod(np.shape(base)[1:]) if np.ndim(base) > 1 else np.size(base)
+    tables = [None if k is None else _della_probs_table(cols, d, e)
+              for k, d, e in zip(block_keys, opts.density, opts.epsilon)]
+    return kernels.della_masks(base, ms, block_keys, block_rows, tables)
+
+
 def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, masks=None, screen=None):
-    """DARE (``sparsify="random"``) by the numba passes, or None where they do not
-    apply (another dtype, arrays off the host) or cannot match the XLA program
-    (tiny magnitudes, NaN/Inf: ``screen()`` is called first on NaN/Inf, to raise).
+    """DARE (``sparsify="random"``) or DELLA by the numba passes, or None where they
+    do not apply (``dare_applies``; arrays off the host) or cannot match the XLA
+    program (tiny magnitudes, NaN/Inf: ``screen()`` is called first on NaN/Inf,
+    to raise).
 
     ``block_keys[i]``: model ``i``'s draw-block keys (``_block_key_data``) for the
-    rows of ``base``, blocks of ``block_rows``.  With the inverse rescale (or
-    none) the masks are drawn inside the merge pass; with the L1 rescale they
-    are drawn first, with the sums its factor needs, and the factors are
-    ``dare_factor``'s (``factors``: given, for a tensor merged in blocks, and
-    with them ``masks``, the ``kernels.random_masks`` of these rows, or None
+    rows of ``base``, blocks of ``block_rows``.  DARE without the L1 rescale
+    draws its masks inside the merge pass; otherwise the masks are drawn first
+    (``random_masks``), with the sums the L1 rescale's factors need
+    (``dare_factor``'s; ``factors``: given, for a tensor merged in blocks, and
+    with them ``masks``, those ``random_masks`` drew for these rows, or None
     to draw them again).
     """
     if not dare_applies(opts, base, ms, out_dtype):
@@ -203,11 +218,15 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     keys = [None if d >= 1 else k for d, k in zip(opts.density, block_keys)]
     kw = dict(consensus=opts.consensus, vote_on=opts.vote_on, normalize=opts.normalize, divide_by=opts.divide_by,
               lam=opts.lam, out_dtype=out)
-    if opts.rescale and opts.rescale_mode == "l1":
+    l1 = opts.rescale and opts.rescale_mode == "l1"
+    if l1 or opts.sparsify == "della":
         if masks is None:
-            masks, sums = kernels.random_masks(base, ms, keys, block_rows, opts.density)
+            drawn = random_masks(opts, base, ms, keys, block_rows)
+            if drawn is None:
+                return None
+            masks, sums = drawn
         if factors is None:
-            factors = [dare_factor(sums[i]) if k is not None else np.float32(1.0) for i, k in enumerate(keys)]
+            factors = [dare_factor(sums[i]) if l1 and k is not None else np.float32(1.0) for i, k in enumerate(keys)]
         res = kernels.random_merge(base, ms, opts.weight, masks=masks, scale=factors, **kw)
         if res is not None and res[1].any():  # the XLA pass, on the same masks and factors
             if screen is not None and (res[1] & 2).any():
@@ -267,7 +286,7 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
                 if screen and not cuts:
                     _screen_leaf(m, base)
     else:
-        leaf = _dare_leaf(base, ms, opts, keys, out_dtype) if opts.sparsify == "random" else None
+        leaf = _dare_leaf(base, ms, opts, keys, out_dtype)
         if leaf is not None:
             return leaf
         states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]

@@ -14,11 +14,12 @@ model_stock per row
 ties, breadcrumbs     each model's exact top-k threshold from a        bit for bit
                       histogram of ``|tau|``'s float bits (1-2)
 dare, della           none: masks are drawn per ``sparsify.blocked_    bit for bit
-                      draw`` block, which the row blocks align to;
-                      the L1 rescale's two sums (1): DARE's per row    DELLA's L1:
-                      (``cpu.leaf.dare_factor``), DELLA's per block    to float32
-                                                                       summation
-slerp, model_stock    norms and dot products (1)                       order
+                      draw`` block, which the row blocks align to;     (XLA's path:
+                      the L1 rescale's two sums (1), per row           the L1 to
+                      (``cpu.leaf.dare_factor``)                       summation
+                                                                       order)
+slerp, model_stock    norms and dot products (1)                       to summation
+                                                                       order
 ====================  ===============================================  ============
 
 The top-k threshold is ``topk.Threshold``: keep ``|tau| > value`` and the
@@ -43,8 +44,8 @@ import numpy as np
 from research.merging.merge import merge as _merge, model_keys
 from research.merging import methods, registry, sparsify, task_vectors, topk, tree
 from research.merging.cpu import kernels, search
-from research.merging.cpu.leaf import (Kept, _block_key_data, dare_applies, dare_factor, dare_merge, _della_probs_jit, _della_probs_table,
-                                       _della_ranks_jit, _mix_jit)
+from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
+                                       _mix_jit, dare_applies, dare_factor, dare_merge, random_masks)
 
 CHUNK_ENTRIES = 1 << 23  # entries per model in one row block
 MIN_ENTRIES = 1 << 24  # tensors above this many entries are merged in blocks
@@ -432,7 +433,7 @@ def _random_kept(opts, i, m, base, keys, b0, b1, rb):
 
 
 def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, write) -> bool:
-    """DARE in row blocks by the numba passes (``cpu.leaf.dare_merge``); the L1
+    """DARE or DELLA in row blocks by the numba passes (``cpu.leaf.dare_merge``); the L1
     rescale's factors from a first pass of per-row sums.  False, having written
     nothing, where the first block shows that the passes do not apply."""
     block_keys = lambda c: [k[c * per_block:(c + 1) * per_block] for k in keys]
@@ -442,9 +443,10 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
         # the masks, bit-packed, for the merge pass where they fit MASK_BUDGET; else drawn again
         packed = [] if t.size * len(t.models) <= 8 * MASK_BUDGET else None
         for c, (base, models) in enumerate(t.blocks()):
-            if c == 0 and not dare_applies(opts, base, models, out_dtype):
+            drawn = random_masks(opts, base, models, block_keys(c), rb) if dare_applies(opts, base, models, out_dtype) else None
+            if drawn is None:  # nothing written yet
                 return False
-            masks, sums = kernels.random_masks(base, models, block_keys(c), rb, opts.density)
+            masks, sums = drawn
             if packed is not None:
                 packed.append((masks.shape[-1], np.packbits(masks, axis=-1)))
             for i in range(len(models)):
@@ -472,7 +474,7 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     keys = [np.asarray(_block_key_data(k, n_draw)) for k in model_keys]
     per_block = t.step // rb
     l1 = opts.rescale and opts.rescale_mode == "l1"
-    if opts.sparsify == "random" and all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(
+    if all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(
             opts, t, keys, per_block, rb, out_dtype, write):
         return
     sums = [[0.0, 0.0] for _ in t.models]
