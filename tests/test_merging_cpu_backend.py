@@ -159,14 +159,17 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", [(40, 400), (3, 2, 200), (90,)])
 def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dtype, shape):
-    """The fused kernel ranks exactly only where the draw needs it: half of each
-    delta is 0 (a bucket of ~200 ties, ranked by sorting), the rest rounded (small
-    buckets with ties, ranked by scanning), eps up to 0.4 (many undecided draws)."""
+    """The fused kernel ranks exactly only where the draw needs it.  Model 0: half
+    of each delta 0 (equal values, ranked by column), the rest rounded (small
+    buckets with ties, scanned); model 1: three values (large buckets: the row
+    is ranked whole); model 2 keeps everything.  eps up to 0.4: many draws fall
+    between a bucket's bounds."""
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4000)  # (40, 400): draws in blocks of 10 rows
     rng = np.random.default_rng(11)
     base = jnp.asarray(rng.normal(size=shape) * 0.02, dtype)
-    mk = lambda: np.where(rng.random(shape) < 0.5, 0.0, np.round(rng.normal(size=shape) * 64) / 4096)
-    fts = [jnp.asarray(np.asarray(base, np.float32) + mk(), dtype) for _ in range(3)]
+    deltas = [np.where(rng.random(shape) < 0.5, 0.0, np.round(rng.normal(size=shape) * 64) / 4096),
+              rng.choice([0.0, 1 / 256, -1 / 128], size=shape), np.zeros(shape)]
+    fts = [jnp.asarray(np.asarray(base, np.float32) + d, dtype) for d in deltas]
     keys = [jax.random.fold_in(jax.random.key(2), i) for i in range(3)]
     for density, epsilon in [(0.5, 0.4), (0.3, 0.05)]:
         rows = sparsify.della_rows(np.zeros(shape))
@@ -176,7 +179,7 @@ def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dty
         for i in range(2):
             tau = fts[i].astype(jnp.float32) - base.astype(jnp.float32)
             expected = sparsify.della_mask(keys[i], sparsify.della_ranks(sparsify.della_rows(tau)), density, epsilon)
-            np.testing.assert_array_equal(masks[i], np.asarray(expected))
+            np.testing.assert_array_equal(masks[i], np.asarray(expected), err_msg=f"model {i}")
             a = np.abs(np.asarray(sparsify.della_rows(tau), np.float64))
             np.testing.assert_allclose(sums[i], np.stack([a.sum(1), (a * masks[i]).sum(1)], -1), rtol=1e-6)
         assert masks[2].all()
