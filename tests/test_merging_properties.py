@@ -257,22 +257,23 @@ def test_bad_input_names_the_culprit():
     merging.merge("ties", [a, bad], base=base, check_finite=False)  # opt-out works
 
 
-@pytest.mark.parametrize("method,density", [
-    ("linear", None), ("task_arithmetic", None), ("negate", None), ("slerp", None), ("model_stock", None),
-    ("dare_ties", 0.5), ("ties", 0.5), ("ties", 1.0), ("ties", 0.05), ("breadcrumbs", 0.5), ("breadcrumbs_ties", 1.0),
+@pytest.mark.parametrize("method,params", [
+    ("linear", {}), ("task_arithmetic", {}), ("negate", {}), ("slerp", {}), ("model_stock", {}),
+    ("dare_ties", {"density": 0.5}), ("dare_linear", {"density": 0.3, "rescale_mode": "inverse"}),
+    ("della", {"density": 0.5}), ("della", {"density": 0.5, "rescale_mode": "inverse"}), ("ties", {"density": 0.5}), ("ties", {"density": 1.0}), ("ties", {"density": 0.05}),
+    ("breadcrumbs", {"density": 0.5}), ("breadcrumbs_ties", {"density": 1.0}),
 ])
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_nan_or_inf_in_any_input_is_refused_even_with_zero_weight(method, density, value):
+def test_nan_or_inf_in_any_input_is_refused_even_with_zero_weight(method, params, value):
     """linear/task_arithmetic/negate screen their output first (NaN/Inf propagates
     through +, -, *, / and 0 * Inf); eager trims screen in their first counting pass
-    (density 1 and k = 0 have none: density 0.05 keeps 0 of the 5-entry leaf); the
-    error must still name the input leaf."""
+    (density 1 and k = 0 have none: density 0.05 keeps 0 of the 5-entry leaf), DARE
+    and DELLA in their merge pass (masks drawn first for the L1 rescale, or inside
+    it), or a screen of their own where that pass does not apply; the error must still name the input leaf."""
     base, a = _tree(0), _tree(1)
     bad = jax.tree.map(lambda x: x.copy(), a)
     bad["a"][1, 2] = value
-    kw = _kwargs(method, 2)
-    if density is not None:
-        kw["density"] = density
+    kw = {**_kwargs(method, 2), **params}
     if method in ("linear", "task_arithmetic", "negate"):
         kw["weight"] = [1.0, 0.0]  # the bad model's weight is zero: its entries still poison the output
     b = None if method in ("linear", "slerp") else base
@@ -288,9 +289,11 @@ def test_finite_inputs_whose_merge_overflows_are_not_refused():
     # ft - base overflows float32 in the trim's counting pass: finite inputs, so no error
     base = {"x": np.full((8, 4), -3e38, np.float32)}
     ft = {"x": np.where(np.arange(32).reshape(8, 4) % 3 == 0, 3e38, -2.9e38).astype(np.float32)}
-    got = merging.merge("ties", [ft, ft], base=base, density=0.5)
-    want = merging.merge("ties", [ft, ft], base=base, density=0.5, check_finite=False)
-    chex.assert_trees_all_equal(got, want)
+    for method in ("ties", "dare_ties", "della"):  # the trim's counting pass, DARE's and DELLA's merge pass
+        kw = dict(density=0.5, **_kwargs(method, 2))
+        got = merging.merge(method, [ft, ft], base=base, **kw)
+        want = merging.merge(method, [ft, ft], base=base, check_finite=False, **kw)
+        chex.assert_trees_all_equal(got, want)
 
 
 @pytest.mark.parametrize("method,params", [

@@ -161,8 +161,8 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     opts = options(method, len(models), params)
 
     # NaN/Inf screening costs a pass over every input, unless it rides along:
-    # on the output (methods that propagate NaN/Inf), or on the first counting
-    # pass of each trim (eager magnitude trims on the CPU).
+    # on the output (methods that propagate NaN/Inf), or in the CPU backend's
+    # passes (the trims' first counting pass, DARE's and DELLA's merge pass).
     screen = params.get("check_finite", True)
     traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves([models, base, key]))
     screen_output = screen and not traced and method in _PROPAGATES_NONFINITE

@@ -42,7 +42,7 @@ def applies(opts, ref_leaf) -> bool:
 
 def screens_inputs(opts, ref_leaf) -> bool:
     """Whether ``merge_leaf(..., screen=True)`` checks its inputs for NaN/Inf itself
-    (the trims' first counting pass does, at no extra pass)."""
+    (the trims' first counting pass and DARE's merge pass do, at no extra pass)."""
     return applies(opts, ref_leaf) and _leaf.screens_inputs(opts)
 
 

@@ -24,7 +24,7 @@ from research.merging.cpu import kernels, search
 from research.merging.cpu.search import NonFiniteInput
 
 _SPARSIFIERS = ("magnitude", "magnitude_outliers", "random", "della")
-_CUTS = ("magnitude", "magnitude_outliers")  # their counting passes screen for NaN/Inf
+_CUTS = ("magnitude", "magnitude_outliers")
 
 
 class Kept(NamedTuple):
@@ -46,7 +46,10 @@ def applies(opts, ref_leaf) -> bool:
 
 
 def screens_inputs(opts) -> bool:
-    return opts.sparsify in _CUTS
+    """Every sparsifier here screens for NaN/Inf as it goes: the trims in their first
+    counting pass, DARE and DELLA in their merge pass (a non-finite difference
+    flags its row), and a leaf that takes neither pass by a screen of its own."""
+    return opts.sparsify in _SPARSIFIERS
 
 
 def _on_cpu(x) -> bool:
@@ -134,9 +137,12 @@ def _mask_on_host(key, shape, density: float, ranks=None, epsilon: float = 0.0):
     return kernels.below_table(keys, rows, ranks, _della_probs_table(ranks.shape[1], density, epsilon))
 
 
-def _screen_leaf(ft, base) -> None:
-    if not tree.all_finite([ft, base]):
-        raise NonFiniteInput("NaN or Inf in a leaf")
+def _screen_leaves(base, ms):
+    """A screen of ``base`` and every model's leaf, to call when a pass flags NaN/Inf."""
+    def screen():
+        if not tree.all_finite([base, *ms]):
+            raise NonFiniteInput("NaN or Inf in a leaf")
+    return screen
 
 
 def _cut(ft, base, k: int, screen: bool = False) -> search.Cut:
@@ -144,7 +150,7 @@ def _cut(ft, base, k: int, screen: bool = False) -> search.Cut:
     if 0 < k < ft.size:
         return search.topk_cut_delta_host(ft, base, k, screen)
     if screen:
-        _screen_leaf(ft, base)
+        _screen_leaves(base, [ft])()
     return search.trivial_cut(ft.size, k)
 
 
@@ -246,12 +252,12 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     return None if res is None else res[0]
 
 
-def _dare_leaf(base, ms, opts, keys, out_dtype):
+def _dare_leaf(base, ms, opts, keys, out_dtype, screen: bool):
     if any(d < 1 and not kernels.random_ok(k) for d, k in zip(opts.density, keys)):
         return None
     blocks, rows = sparsify.draw_blocks(np.shape(base))
     block_keys = [np.asarray(_block_key_data(k, blocks)) if d < 1 else None for d, k in zip(opts.density, keys)]
-    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype)
+    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype, screen=_screen_leaves(base, ms) if screen else None)
     return None if leaf is None else jax.device_put(leaf)
 
 
@@ -284,10 +290,12 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
                 cuts = tuple(_cut(m, base, k, screen) for k in task_vectors.trim_ks(opts, i, m.size))
                 states.append(Kept(cuts=cuts) if cuts else Kept())
                 if screen and not cuts:
-                    _screen_leaf(m, base)
+                    _screen_leaves(base, [m])()
     else:
-        leaf = _dare_leaf(base, ms, opts, keys, out_dtype)
+        leaf = _dare_leaf(base, ms, opts, keys, out_dtype, screen)
         if leaf is not None:
             return leaf
+        if screen:
+            _screen_leaves(base, ms)()
         states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
     return _mix_jit(base, ms, states, opts=opts, out_dtype=out_dtype)
