@@ -49,7 +49,23 @@ def test_bench_generate_smoke():
 
 def test_bench_merge_io_smoke():
     out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "ties", "della", "slerp", "--rounds", "1"])
-    assert "(floor)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out
+    assert "(floor)" in out and "(round trip)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out
+
+
+def test_the_merge_io_floor_reads_every_input_and_writes_a_byte_copy_of_the_first(tmp_path):
+    """The floor the merges are compared to copies bytes, over its 64 MB buffer's edge."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import bench_merge_io
+
+    first = os.urandom(1 << 20) * 65 + b"tail"  # 65 MB and 4 bytes: two reads, the second short
+    for d, data in (("a", first), ("b", b"other")):
+        os.makedirs(tmp_path / d)
+        (tmp_path / d / "model-00001-of-00001.safetensors").write_bytes(data)
+        (tmp_path / d / "config.json").write_text("{}")
+    subprocess.run([sys.executable, "-c", bench_merge_io.COPY, str(tmp_path / "a"), str(tmp_path / "b"),
+                    str(tmp_path / "out")], check=True, timeout=120)
+    assert os.listdir(tmp_path / "out") == ["model-00001-of-00001.safetensors"]
+    assert (tmp_path / "out" / "model-00001-of-00001.safetensors").read_bytes() == first
 
 
 def test_plan_memory_compiles_ahead_of_time_on_fake_devices():
