@@ -14,10 +14,11 @@ out (``COPY``): the same reads and one output of the same size, without
 parsing, in one 64 MB buffer.  Beside it, the same reads and write through the
 safetensors library (``ROUND_TRIP``), the reference the speed goals were
 first written against.  Runs are interleaved over ``--rounds`` rounds, each
-after an ``os.sync()``; the best time is reported (single runs vary by +-30% on a shared machine).  The merges
-keep compiled programs in a compilation cache that starts empty in each
-bench run, so the first round compiles (the "first run" column) and later
-rounds load them, as a user's second merge of the same architecture does.
+after an ``os.sync()``; the best time is reported (single runs vary by +-30%
+on a shared machine).  The merges keep compiled programs in a compilation
+cache that starts empty in each bench run, so the first round compiles (the
+"first run" column) and later rounds load them, as a user's second merge of
+the same architecture does.
 """
 
 from __future__ import annotations

@@ -315,36 +315,45 @@ def _as_2d(x, shape) -> np.ndarray:
     return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
 
 
-def _draw_args(base, fts, block_keys, density):
-    """The draw views and per-model keys/probabilities of ``random_masks``/``random_merge``."""
-    n = len(fts)
+def _key_array(block_keys):
+    """Every model's draw-block keys as one ``[n, blocks, 2]`` uint32 array (zeros
+    where a model draws nothing), and the number of blocks."""
     blocks = max(1 if k is None else len(k) for k in block_keys)
-    keys = np.zeros((n, blocks, 2), np.uint32)
-    p = np.full(n, 2.0, np.float32)  # uniforms are < 1: everything kept
+    keys = np.zeros((len(block_keys), blocks, 2), np.uint32)
     for i, k in enumerate(block_keys):
         if k is not None:
             keys[i, : len(k)] = np.asarray(k, np.uint32).reshape(-1, 2)
-            p[i] = np.float32(density[i])
+    return keys, blocks
+
+
+def _draw_args(base, fts, block_keys, density):
+    """The draw views and per-model keys/probabilities of ``random_masks``/``random_merge``."""
+    keys, blocks = _key_array(block_keys)
+    p = np.array([2.0 if k is None else d for k, d in zip(block_keys, density)], np.float32)  # 2: keep everything
     return _draw_view(base, blocks), tuple(_draw_view(f, blocks) for f in fts), keys, p, blocks
 
 
-def random_masks(base, fts, block_keys, block_rows: int, density):
+def _row_sums(b, views, masks):
+    sums = np.empty((len(views), b.shape[0], 2), np.float64)
+    _generated().random_sums().row_sums(b, views, masks, sums)
+    return sums
+
+
+def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = True):
     """DARE's keep masks, drawn as ``bernoulli`` draws them (``block_keys[i]``: model
     ``i``'s draw-block keys, ``[blocks, 2]`` uint32, None: it keeps everything),
     and the L1 rescale's sums.  Returns ``(masks, sums)``: ``[n, rows, cols]`` bool
     over the draw's 2-D view, and per row ``sum |d|`` and ``sum |d|`` over the kept
-    entries, ``[n, rows, 2]`` float64 (each a function of its row alone)."""
+    entries, ``[n, rows, 2]`` float64 (each a function of its row alone; None
+    unless ``sums``)."""
     b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
     masks = np.empty((len(fts), *b.shape), np.bool_)
-    sums = np.empty((len(fts), b.shape[0], 2), np.float64)
     with _LOCK:
-        gen = _generated().random_sums()
-        gen.draw_masks(keys, block_rows if blocks > 1 else b.shape[0], p, masks)
-        gen.row_sums(b, views, masks, sums)
-    return masks, sums
+        _generated().random_sums().draw_masks(keys, block_rows if blocks > 1 else b.shape[0], p, masks)
+        return masks, _row_sums(b, views, masks) if sums else None
 
 
-def della_masks(base, fts, block_keys, block_rows: int, tables):
+def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = True):
     """DELLA's keep masks, ``uniform < tables[i][rank]`` (``below_table``'s, from
     ``row_ranks``' ranks, without storing them), and the L1 rescale's sums, as
     ``random_masks`` returns them over the ``[shape[0], -1]`` view.
@@ -352,25 +361,21 @@ def della_masks(base, fts, block_keys, block_rows: int, tables):
     everything; ``tables[i]``: its keep probability of each rank, non-decreasing.
     None where the draw's blocks are not rows of that view (a 1-D tensor drawn
     in blocks)."""
-    blocks = max(1 if k is None else len(k) for k in block_keys)
+    keys, blocks = _key_array(block_keys)
     if blocks > 1 and np.ndim(base) < 2:
         return None
     b = _host_view(base, rows_first=True)
     views = tuple(_host_view(f, rows_first=True) for f in fts)
-    keys = np.zeros((len(fts), blocks, 2), np.uint32)
     tab = np.full((len(fts), b.shape[1]), 2.0, np.float32)  # uniforms are < 1: everything kept
     for i, (k, t) in enumerate(zip(block_keys, tables)):
         if k is not None:
-            keys[i, : len(k)] = np.asarray(k, np.uint32).reshape(-1, 2)
             tab[i] = np.asarray(t, np.float32)
     if (np.diff(tab, axis=1) < 0).any():
         raise ValueError("della_masks: a keep-probability table decreases with the rank")
     masks = np.empty((len(fts), *b.shape), np.bool_)
-    sums = np.empty((len(fts), b.shape[0], 2), np.float64)
     with _LOCK:
         _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks)
-        _generated().random_sums().row_sums(b, views, masks, sums)
-    return masks, sums
+        return masks, _row_sums(b, views, masks) if sums else None
 
 
 def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, density=None, masks=None, scale,

@@ -137,12 +137,10 @@ def _mask_on_host(key, shape, density: float, ranks=None, epsilon: float = 0.0):
     return kernels.below_table(keys, rows, ranks, _della_probs_table(ranks.shape[1], density, epsilon))
 
 
-def _screen_leaves(base, ms):
-    """A screen of ``base`` and every model's leaf, to call when a pass flags NaN/Inf."""
-    def screen():
-        if not tree.all_finite([base, *ms]):
-            raise NonFiniteInput("NaN or Inf in a leaf")
-    return screen
+def _screen(base, ms) -> None:
+    """Raise ``NonFiniteInput`` if ``base`` or a model's leaf holds NaN/Inf."""
+    if not tree.all_finite([base, *ms]):
+        raise NonFiniteInput("NaN or Inf in a leaf")
 
 
 def _cut(ft, base, k: int, screen: bool = False) -> search.Cut:
@@ -150,7 +148,7 @@ def _cut(ft, base, k: int, screen: bool = False) -> search.Cut:
     if 0 < k < ft.size:
         return search.topk_cut_delta_host(ft, base, k, screen)
     if screen:
-        _screen_leaves(base, [ft])()
+        _screen(base, [ft])
     return search.trivial_cut(ft.size, k)
 
 
@@ -192,16 +190,17 @@ def dare_applies(opts, base, ms, out_dtype) -> bool:
             and kernels.scales_ok(opts.weight, opts.lam) and kernels.usable(base, *ms))
 
 
-def random_masks(opts, base, ms, block_keys, block_rows: int):
+def random_masks(opts, base, ms, block_keys, block_rows: int, sums: bool = True):
     """DARE's or DELLA's keep masks of every model and the L1 rescale's per-row sums
-    (``kernels.random_masks``, ``kernels.della_masks``), or None where DELLA's
-    draw blocks are not rows (a 1-D leaf over ``sparsify._MASK_BLOCK`` entries)."""
+    (``kernels.random_masks``, ``kernels.della_masks``; None unless ``sums``), or
+    None where DELLA's draw blocks are not rows (a 1-D leaf over
+    ``sparsify._MASK_BLOCK`` entries)."""
     if opts.sparsify != "della":
-        return kernels.random_masks(base, ms, block_keys, block_rows, opts.density)
+        return kernels.random_masks(base, ms, block_keys, block_rows, opts.density, sums)
     cols = math.prod(np.shape(base)[1:]) if np.ndim(base) > 1 else np.size(base)
     tables = [None if k is None else _della_probs_table(cols, d, e)
               for k, d, e in zip(block_keys, opts.density, opts.epsilon)]
-    return kernels.della_masks(base, ms, block_keys, block_rows, tables)
+    return kernels.della_masks(base, ms, block_keys, block_rows, tables, sums)
 
 
 def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, masks=None, screen=None):
@@ -227,7 +226,7 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     l1 = opts.rescale and opts.rescale_mode == "l1"
     if l1 or opts.sparsify == "della":
         if masks is None:
-            drawn = random_masks(opts, base, ms, keys, block_rows)
+            drawn = random_masks(opts, base, ms, keys, block_rows, sums=l1)
             if drawn is None:
                 return None
             masks, sums = drawn
@@ -257,7 +256,7 @@ def _dare_leaf(base, ms, opts, keys, out_dtype, screen: bool):
         return None
     blocks, rows = sparsify.draw_blocks(np.shape(base))
     block_keys = [np.asarray(_block_key_data(k, blocks)) if d < 1 else None for d, k in zip(opts.density, keys)]
-    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype, screen=_screen_leaves(base, ms) if screen else None)
+    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype, screen=functools.partial(_screen, base, ms) if screen else None)
     return None if leaf is None else jax.device_put(leaf)
 
 
@@ -290,12 +289,12 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
                 cuts = tuple(_cut(m, base, k, screen) for k in task_vectors.trim_ks(opts, i, m.size))
                 states.append(Kept(cuts=cuts) if cuts else Kept())
                 if screen and not cuts:
-                    _screen_leaves(base, [m])()
+                    _screen(base, [m])
     else:
         leaf = _dare_leaf(base, ms, opts, keys, out_dtype, screen)
         if leaf is not None:
             return leaf
         if screen:
-            _screen_leaves(base, ms)()
+            _screen(base, ms)
         states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
     return _mix_jit(base, ms, states, opts=opts, out_dtype=out_dtype)
