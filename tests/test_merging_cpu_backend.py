@@ -161,9 +161,9 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
 def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dtype, shape):
     """The fused kernel ranks exactly only where the draw needs it.  Model 0: half
     of each delta 0 (equal values, ranked by column), the rest rounded (small
-    buckets with ties, scanned); model 1: three values (large buckets: the row
-    is ranked whole); model 2 keeps everything.  eps up to 0.4: many draws fall
-    between a bucket's bounds."""
+    buckets with ties); model 1: three values (large buckets); model 2 keeps
+    everything.  At eps 0.4 many draws fall between a bucket's bounds (a row
+    of 400 is then ranked whole); at eps 0.05 few do (each ranked by a count)."""
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4000)  # (40, 400): draws in blocks of 10 rows
     rng = np.random.default_rng(11)
     base = jnp.asarray(rng.normal(size=shape) * 0.02, dtype)

@@ -11,9 +11,11 @@ way with the same result, bit for bit:
   rescale's sums (per row, exactly rounded over the rows, in float64: the
   one step that is not XLA's bit for bit, but agrees to float32 summation
   order, and does not depend on how a tensor is split into row blocks);
-* DELLA: the masks drawn so, fused with the ranks they need: each entry's
-  rank is bounded by a histogram of its row, and found exactly only where
-  the draw falls between the bounds' keep probabilities (``kernels.della_masks``);
+* DELLA: the masks drawn so, fused with the ranks they need: a draw below
+  every rank's keep probability, or above all of them, needs no rank; the
+  others' ranks are bounded by a histogram of their row, and found exactly
+  only where the draw falls between the bounds' keep probabilities
+  (``kernels.della_masks``);
   then DARE's merge pass on those masks, and the same L1 factor.  With the
   inverse rescale (a divisor per entry) every rank, by a radix sort, and
   the XLA merge program.

@@ -322,15 +322,21 @@ def _sign(x):
     return np.float32(x > 0) - np.float32(x < 0)
 
 
+# Rows with more undecided entries than this are ranked whole (``_radix_ranks``),
+# fewer each by a count over the row (``_rank_by_count``, about cols / 8 cycles).
+DELLA_COUNT_MAX = 48
+
+
 @numba.njit(inline="always")
-def _rank_in_bucket(key, order, lo, hi, c):
-    """``c``'s rank among ``order[lo:hi]`` (the entries of its bucket, by column):
-    how many have a smaller key, or the same key and a smaller column."""
+def _rank_by_count(key, c):
+    """``c``'s rank in ``key`` (``len(key) < 2**32``): how many entries are smaller, or
+    equal at a smaller column.  Counted in 32-bit lanes."""
     kc = key[c]
-    below = 0
-    for j in range(lo, hi):
-        o = order[j]
-        below += (key[o] < kc) | ((key[o] == kc) & (o < c))
+    below = np.uint32(0)
+    for q in range(c):
+        below = np.uint32(below + np.uint32(key[q] <= kc))
+    for q in range(c, len(key)):
+        below = np.uint32(below + np.uint32(key[q] < kc))
     return below
 
 
@@ -339,16 +345,18 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
     """``masks[i, r, c] = uniform < tables[i, rank]``: DELLA's keep masks, with ``rank``
     the rank of ``d = |fts[i] - base|`` (flushed as XLA:CPU) within its row, ties by
     column, and the uniforms drawn as in ``bernoulli_blocks`` (``keys[i]``: model
-    ``i``'s draw-block keys).  Each row of ``tables`` must be non-decreasing.
+    ``i``'s draw-block keys).  Each row of ``tables`` must be non-decreasing, and
+    rows shorter than 2**31.
 
-    Exact ranks are found only where the draw needs them.  A histogram of the
-    float bits of ``d`` (2045 buckets between the row's smallest and largest
-    finite non-zero bits, one each for 0, Inf and NaN) bounds each entry's
-    rank by its bucket's, and ``uniform < table[rank]`` is settled by the
-    bounds unless the uniform falls between the table's values at them.
-    Those entries are ranked exactly: among zeros (or Inf, or NaN) by
-    column, else within their bucket, or, where the buckets to scan are
-    large, by ranking the whole row (``_radix_ranks``)."""
+    Exact ranks are found only where the draw needs them.  A uniform below
+    every rank's keep probability keeps its entry, one at or above all of them
+    drops it.  For the rest, a histogram of the float bits of ``d`` (2045
+    buckets between the row's smallest and largest finite non-zero bits, one
+    each for 0, Inf and NaN) bounds the entry's rank by its bucket's, and
+    settles ``uniform < table[rank]`` unless the uniform falls between the
+    table's values at the bounds.  Those entries are ranked exactly: each by a
+    count over the row, or, past ``DELLA_COUNT_MAX`` of them, by ranking the
+    whole row."""
     n, rows, cols = masks.shape
     nb = 2048  # 0: zeros, 1..2045: finite, 2046: Inf, 2047: NaN
     inf = np.uint32(0x7F800000)
@@ -359,14 +367,10 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
         hb = np.empty(cols, np.uint16)
         pend = np.empty(cols, np.int32)
         pos = np.empty(cols, np.int32)
-        order = np.empty(cols, np.int32)
-        fill = np.empty(nb, np.int32)
         sort_key, key2 = np.empty(cols, np.uint32), np.empty(cols, np.uint32)
         sort_idx, idx2 = np.empty(cols, np.int32), np.empty(cols, np.int32)
         digits = np.empty(2049, np.int64)
         start = np.empty(nb + 1, np.int32)
-        t_lo = np.empty(nb, np.float32)
-        t_hi = np.empty(nb, np.float32)
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
             blk = r // block_rows
             s0 = (r - blk * block_rows) * cols
@@ -374,21 +378,23 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
             for i in range(n):
                 f = fts[i][r]
                 tab = tables[i]
+                t_first = tab[0]
+                t_last = tab[cols - 1]
                 mk = masks[i, r]
                 k1 = np.uint32(keys[i, blk, 0])
                 k2 = np.uint32(keys[i, blk, 1])
-                # the loops over columns do one thing each, so that all but the histogram vectorise
-                for c in range(cols):
-                    kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
-                    key[c] = np.uint32(0x7FC00000) if kb > inf else kb  # NaNs tie (argsort)
-                for c in range(cols):
-                    unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
+                # the loops over columns do little each, so that all but the histogram vectorise
                 lo_k = np.uint32(0xFFFFFFFF)
                 hi_k = np.uint32(0)
                 for c in range(cols):
-                    finite = np.uint32(key[c] - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
-                    lo_k = min(lo_k, key[c] if finite else np.uint32(0xFFFFFFFF))
-                    hi_k = max(hi_k, key[c] if finite else np.uint32(0))
+                    kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
+                    kc = np.uint32(0x7FC00000) if kb > inf else kb  # NaNs tie (argsort)
+                    key[c] = kc
+                    finite = np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
+                    lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
+                    hi_k = max(hi_k, kc if finite else np.uint32(0))
+                for c in range(cols):
+                    unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
                 shift = np.uint32(0)
                 while hi_k >= lo_k and (hi_k >> shift) - (lo_k >> shift) > np.uint32(2044):
                     shift += np.uint32(1)
@@ -398,56 +404,29 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
                     hb[c] = (np.uint32(0) if k == 0 else np.uint32(2046) if k == inf
                              else np.uint32(2047) if k > inf else (k >> shift) - lo_b + np.uint32(1))
                 start[:] = 0
-                for c in range(cols):
+                n_mid = 0
+                for c in range(cols):  # the histogram, and the entries whose rank may matter
                     start[hb[c] + 1] += 1
+                    u = unif[c]
+                    pend[n_mid] = c
+                    n_mid += (u >= t_first) & (u < t_last)
                 for h in range(nb):
                     start[h + 1] += start[h]
-                for h in range(nb):  # the keep probabilities at each bucket's lowest and highest rank
-                    t_lo[h] = tab[start[h]] if start[h] < cols else np.float32(2.0)
-                    t_hi[h] = tab[start[h + 1] - 1] if start[h + 1] > 0 else np.float32(2.0)
-                n_pend = 0
-                n_equal = 0
                 for c in range(cols):
-                    h = hb[c]
-                    u = unif[c]
-                    keep_lo = u < t_lo[h]
-                    mk[c] = keep_lo
-                    if keep_lo != (u < t_hi[h]):  # undecided: the exact rank decides
-                        pend[n_pend] = c
-                        n_pend += 1
-                        n_equal += (h == 0) | (h >= nb - 2)
-                if n_pend == 0:
-                    continue
-                work = 0  # entries the bucket scans would read
-                for j in range(n_pend):
-                    h = hb[pend[j]]
-                    work += 0 if h == 0 or h >= nb - 2 else start[h + 1] - start[h]
-                many = work > 8 * cols
-                if many:  # rank the whole row: every undecided entry's rank, into pos
-                    sort_key[:] = key
-                    _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
-                else:
-                    if n_equal:  # each entry's place among the zeros, Infs or NaNs before it
-                        zeros, infs, nans = 0, 0, 0
-                        for c in range(cols):
-                            k = key[c]
-                            pos[c] = zeros if k == 0 else infs if k == inf else nans
-                            zeros += k == 0
-                            infs += k == inf
-                            nans += k > inf
-                    if work:  # the entries by bucket, each bucket by column
-                        fill[:] = start[:nb]
-                        for c in range(cols):
-                            order[fill[hb[c]]] = c
-                            fill[hb[c]] += 1
-                for j in range(n_pend):
+                    mk[c] = unif[c] < t_first
+                n_pend = 0
+                for j in range(n_mid):  # by the keep probabilities at their bucket's lowest and highest rank
                     c = pend[j]
                     h = hb[c]
-                    lo = start[h]
-                    if many:
-                        rk = pos[c]
-                    elif h == 0 or h >= nb - 2:
-                        rk = lo + pos[c]
-                    else:
-                        rk = lo + _rank_in_bucket(key, order, lo, start[h + 1], c)
+                    keep_lo = unif[c] < tab[start[h]]
+                    mk[c] = keep_lo
+                    if keep_lo != (unif[c] < tab[start[h + 1] - 1]):  # undecided: the exact rank decides
+                        pend[n_pend] = c
+                        n_pend += 1
+                if n_pend > DELLA_COUNT_MAX:
+                    sort_key[:] = key
+                    _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
+                for j in range(n_pend):
+                    c = pend[j]
+                    rk = pos[c] if n_pend > DELLA_COUNT_MAX else _rank_by_count(key, c)
                     mk[c] = unif[c] < tab[rk]

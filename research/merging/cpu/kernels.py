@@ -360,11 +360,13 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     ``block_keys[i]``: model ``i``'s draw-block keys, None where it keeps
     everything; ``tables[i]``: its keep probability of each rank, non-decreasing.
     None where the draw's blocks are not rows of that view (a 1-D tensor drawn
-    in blocks)."""
+    in blocks), or where rows hold 2**31 entries or more."""
     keys, blocks = _key_array(block_keys)
     if blocks > 1 and np.ndim(base) < 2:
         return None
     b = _host_view(base, rows_first=True)
+    if b.shape[1] >= 2**31:  # the kernel's ranks are int32
+        return None
     views = tuple(_host_view(f, rows_first=True) for f in fts)
     tab = np.full((len(fts), b.shape[1]), 2.0, np.float32)  # uniforms are < 1: everything kept
     for i, (k, t) in enumerate(zip(block_keys, tables)):

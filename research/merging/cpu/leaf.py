@@ -193,8 +193,8 @@ def dare_applies(opts, base, ms, out_dtype) -> bool:
 def random_masks(opts, base, ms, block_keys, block_rows: int, sums: bool = True):
     """DARE's or DELLA's keep masks of every model and the L1 rescale's per-row sums
     (``kernels.random_masks``, ``kernels.della_masks``; None unless ``sums``), or
-    None where DELLA's draw blocks are not rows (a 1-D leaf over
-    ``sparsify._MASK_BLOCK`` entries)."""
+    None where DELLA's kernel does not take the leaf (``kernels.della_masks``:
+    a 1-D leaf over ``sparsify._MASK_BLOCK`` entries, drawn in blocks)."""
     if opts.sparsify != "della":
         return kernels.random_masks(base, ms, block_keys, block_rows, opts.density, sums)
     cols = math.prod(np.shape(base)[1:]) if np.ndim(base) > 1 else np.size(base)
