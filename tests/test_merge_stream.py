@@ -326,8 +326,8 @@ def test_row_blocks_give_the_tensors_of_whole_tensor_merges(wide_models, monkeyp
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)  # several draw blocks per tensor, in both runs
     cfg = write_cfg(tmp, _every_method_config(method))
     whole = read_out(stream.run(stream.load(cfg), str(tmp / "whole"), progress=False, seed=1))
-    monkeypatch.setattr(chunked, "MIN_ENTRIES", 300)  # every matrix but norms is merged in blocks
-    monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
+    monkeypatch.setattr(chunked, "MIN_BYTES", 600)  # every bf16 matrix but norms is merged in blocks
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)
     calls = []
     real = chunked.merge_blocks
     monkeypatch.setattr(chunked, "merge_blocks", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
@@ -335,6 +335,34 @@ def test_row_blocks_give_the_tensors_of_whole_tensor_merges(wide_models, monkeyp
     assert len(calls) == 2 + 2 * 3  # embeddings, lm_head, and q/up of 3 layers went through blocks
     for name in whole:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
+
+
+@pytest.mark.parametrize("dtype_line, chunked_tensors, rows_per_block", [
+    ("", {f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)}, 20),
+    ("dtype: float32\n", {"model.embed_tokens.weight", "lm_head.weight"}
+     | {f"model.layers.{i}.{m}.weight" for i in range(3) for m in ("self_attn.q_proj", "mlp.up_proj")}, 10),
+])
+def test_row_blocks_are_sized_in_bytes_of_the_dtype_merged_in(wide_models, monkeypatch, dtype_line, chunked_tensors,
+                                                              rows_per_block):
+    """bf16 checkpoints merged under ``dtype: float32`` hold float32 inputs: twice the
+    bytes, so more tensors go through blocks, of half the rows."""
+    from research.merging import sparsify
+    from research.merging.stream import chunked
+    tmp, *_ = wide_models
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 24)  # draw blocks of one row: blocks of any number of rows
+    monkeypatch.setattr(chunked, "MIN_BYTES", 2000)  # bf16: 2304-byte up_proj; float32: 2304-byte q_proj and up
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 960)  # 20 bf16 rows of 24, 10 float32 ones
+    seen, real = {}, chunked.merge_blocks
+
+    def merge_blocks(method, opts, t, *args):
+        seen[t.name] = t.step
+        return real(method, opts, t, *args)
+
+    monkeypatch.setattr(chunked, "merge_blocks", merge_blocks)
+    cfg = write_cfg(tmp, _every_method_config("ties") + dtype_line)
+    stream.run(stream.load(cfg), str(tmp / "out"), progress=False)
+    assert set(seen) == chunked_tensors
+    assert set(seen.values()) == {rows_per_block}
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])
@@ -349,8 +377,8 @@ def test_dare_in_blocks_draws_its_masks_once_where_they_fit_the_budget(wide_mode
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)
     cfg = write_cfg(tmp, _every_method_config(method))
     whole = read_out(stream.run(stream.load(cfg), str(tmp / "whole"), progress=False, seed=1))
-    monkeypatch.setattr(chunked, "MIN_ENTRIES", 300)
-    monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
+    monkeypatch.setattr(chunked, "MIN_BYTES", 600)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)
     draws = []
     drawer = "della_masks" if method == "della" else "random_masks"
     real = getattr(kernels, drawer)
@@ -363,7 +391,7 @@ def test_dare_in_blocks_draws_its_masks_once_where_they_fit_the_budget(wide_mode
         counts[budget] = len(draws)
         for name in whole:
             np.testing.assert_array_equal(out[name], whole[name], err_msg=f"{name}, budget {budget}")
-    n_blocks = sum(len(chunked.spans(rows, chunked.block_rows((rows, 24)))) for rows in (40, 40, 24, 24, 24, 48, 48, 48))
+    n_blocks = sum(len(chunked.spans(rows, chunked.block_rows((rows, 24), 2))) for rows in (40, 40, 24, 24, 24, 48, 48, 48))
     assert counts[0] - counts[budget_in_use] == n_blocks  # every block drawn once more without the budget
 
 
@@ -374,7 +402,7 @@ def test_cli_global_trim_equals_the_api_s(wide_models, monkeypatch, blocks):
     from research.merging.stream import chunked
     tmp, base, fts = wide_models
     if blocks:
-        monkeypatch.setattr(chunked, "CHUNK_ENTRIES", 100)
+        monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)
     text = TIES.replace("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8, trim: global}")
     got = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "out"), progress=False))
     expect = merging.merge("ties", fts, base=base, weight=[1.0, 0.5, 1.0], density=0.3, lam=0.8, trim="global")

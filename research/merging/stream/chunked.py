@@ -47,23 +47,27 @@ from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
                                        _mix_jit, dare_applies, dare_factor, dare_merge, random_masks)
 
-CHUNK_ENTRIES = 1 << 23  # entries per model in one row block
-MIN_ENTRIES = 1 << 24  # tensors above this many entries are merged in blocks
+# Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
+# else the checkpoint's): a float32 merge of bf16 checkpoints holds its inputs
+# at twice their size on disk.
+CHUNK_BYTES = 16 << 20  # of one row block
+MIN_BYTES = 32 << 20  # tensors above this are merged in blocks
 MASK_BUDGET = 64 << 20  # bytes of DARE keep masks (one bit per entry) kept between a tensor's passes
 
 
-def block_rows(shape) -> int:
+def block_rows(shape, itemsize: int) -> int:
     """Rows per block: a multiple of ``sparsify.draw_blocks``' rows (so each block's
-    random masks are whole draws), about ``CHUNK_ENTRIES`` entries."""
-    per_row = math.prod(shape[1:])
+    random masks are whole draws), about ``CHUNK_BYTES`` of entries of ``itemsize`` bytes."""
+    per_row = math.prod(shape[1:]) * itemsize
     _, rb = sparsify.draw_blocks(shape)
-    return rb * max(1, CHUNK_ENTRIES // max(1, rb * per_row))
+    return rb * max(1, CHUNK_BYTES // max(1, rb * per_row))
 
 
-def chunked(shape) -> bool:
-    """Whether a tensor of ``shape`` is merged in row blocks (2-D and up: DELLA ranks
-    within rows of the ``[shape[0], -1]`` view, which blocks of rows keep whole)."""
-    return len(shape) >= 2 and math.prod(shape) > MIN_ENTRIES and shape[0] > 1
+def chunked(shape, itemsize: int) -> bool:
+    """Whether a tensor of ``shape`` merged at ``itemsize`` bytes an entry is merged in
+    row blocks (2-D and up: DELLA ranks within rows of the ``[shape[0], -1]`` view,
+    which blocks of rows keep whole)."""
+    return len(shape) >= 2 and math.prod(shape) * itemsize > MIN_BYTES and shape[0] > 1
 
 
 def spans(rows: int, step: int):
@@ -256,14 +260,14 @@ def read_ahead(blocks):
 
 class Tensor:
     """One tensor of every input, read in row blocks: ``base`` (or None) and ``models``
-    are callables ``(start, stop) -> array``."""
+    are callables ``(start, stop) -> array`` of entries of ``itemsize`` bytes."""
 
-    def __init__(self, name, shape, base, models, rows=None):
+    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int):
         shape = tuple(shape) or (1,)  # a scalar reads as one row
         self.name, self.shape, self.base, self.models = name, shape, base, models
         self.rows = rows or self.shape[0]  # rows to merge (fewer where vocabularies differ)
         self.size = self.rows * math.prod(self.shape[1:])  # entries to merge
-        self.step = block_rows(self.shape)
+        self.step = block_rows(self.shape, itemsize)
 
     def spans(self):
         return spans(self.rows, self.step)

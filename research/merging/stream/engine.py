@@ -4,10 +4,11 @@ Each output tensor is computed from the same tensor of every input.  One
 thread reads the next tensor from the safetensors files (``pread``, no
 memory map) while the current one merges; another writes the previous one
 straight to its place in the output shards, which are laid out up front.
-Tensors above ``chunked.MIN_ENTRIES`` entries are read, merged and written
-in row blocks (``chunked.py``; each block is read while the one before is
-merged), so peak memory is bounded by the block size
-and the largest tensor below that size, not by the model's largest tensor.
+Tensors above ``chunked.MIN_BYTES`` per model (at the dtype they merge in)
+are read, merged and written in row blocks (``chunked.py``; each block is
+read while the one before is merged), so peak memory is bounded by the
+block size and the largest tensor below that size, not by the model's
+largest tensor.
 Output goes to ``OUT.tmp-<pid>-*`` under a lock on ``OUT`` and is renamed to
 ``OUT`` only when complete (``output.py``).
 """
@@ -55,6 +56,10 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _is_float(d) -> bool:
+    return np.issubdtype(d, np.floating) or d == jnp.bfloat16
+
+
 @dataclasses.dataclass
 class Plan:
     method: str
@@ -65,6 +70,12 @@ class Plan:
     names: list
     n_layers: int
     vocab_rows: dict  # tensor -> common row count, where vocab sizes differ
+    dtype: object = None  # the config's dtype, which float tensors are merged in; None: their own
+
+    def itemsize(self, name: str) -> int:
+        """Bytes an entry of tensor ``name`` takes while it merges."""
+        d = (self.base or self.models[0]).dtypes[name]
+        return np.dtype(self.dtype).itemsize if self.dtype is not None and _is_float(d) else d.itemsize
 
     def bytes_read(self) -> int:
         srcs = ([self.base] if self.base else []) + self.models
@@ -78,15 +89,16 @@ class Plan:
         ref = self.base or self.models[0]
         n_in = len(self.models) + (self.base is not None)
         # the largest unit in flight: a whole tensor, or one row block of a large one
-        unit = lambda n: (min(chunked.block_rows(ref.shapes[n]), ref.shapes[n][0]) * int(np.prod(ref.shapes[n][1:]))
-                          if chunked.chunked(ref.shapes[n]) else int(np.prod(ref.shapes[n])))
-        largest = max(unit(n) for n in self.names)
-        itemsize = max(ref.dtypes[n].itemsize for n in self.names)
-        # inputs (+ the prefetched next set, within its budget) at their dtype, float32
-        # working copies, the previous output waiting for the disk
-        out_bytes = largest * itemsize
+        unit = lambda n: (min(chunked.block_rows(ref.shapes[n], self.itemsize(n)), ref.shapes[n][0])
+                          * int(np.prod(ref.shapes[n][1:])) if chunked.chunked(ref.shapes[n], self.itemsize(n))
+                          else int(np.prod(ref.shapes[n])))
+        # the largest unit in bytes: inputs (+ the prefetched next set, within its
+        # budget) at the dtype they merge in, float32 working copies, the previous
+        # output waiting for the disk
+        largest = max(self.names, key=lambda n: unit(n) * self.itemsize(n))
+        out_bytes = unit(largest) * self.itemsize(largest)
         in_bytes = n_in * out_bytes
-        return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * largest * 4 + out_bytes
+        return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit(largest) * 4 + out_bytes
 
 
 def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
@@ -144,7 +156,8 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
                               "under the top-level parameters")
     if mc.tokenizer_source:
         _check_tokenizer_source(mc, ref, names)
-    return Plan(method, base, models, [e.parameters for e in entries], dict(mc.parameters), names, n_layers, vocab_rows)
+    return Plan(method, base, models, [e.parameters for e in entries], dict(mc.parameters), names, n_layers, vocab_rows,
+                jnp.dtype(mc.dtype) if mc.dtype else None)
 
 
 def _check_tokenizer_source(mc, ref: TensorSource, names):
@@ -291,10 +304,9 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     in_dtype = jnp.dtype(mc.dtype) if mc.dtype else None
     out_dtype = mc.out_dtype or mc.dtype
     ref_src = srcs[0]
-    _float = lambda d: np.issubdtype(d, np.floating) or d == jnp.bfloat16
     global_opts = _global_trim(plan, mc)
     names = sorted(plan.names) if global_opts else plan.names  # the global trim breaks ties in name order
-    layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _float(ref_src.dtypes[n])
+    layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _is_float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
     recipe = task_vectors.RECIPES.get(plan.method)
@@ -311,10 +323,10 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
             written.result()  # at most one finished tensor or block waits for the disk
         written = write_pool.submit(fn, *args)
 
-    cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _float(a.dtype) else a
+    cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _is_float(a.dtype) else a
     read = lambda n: [s.read(n) for s in srcs]
     blocks = {n: _blocks(plan, n, srcs, cast) for n in names
-              if _float(ref_src.dtypes[n]) and (global_opts or chunked.chunked(ref_src.shapes[n]))}
+              if _is_float(ref_src.dtypes[n]) and (global_opts or chunked.chunked(ref_src.shapes[n], plan.itemsize(n)))}
     bar = tqdm(total=plan.bytes_read(), unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress)
     set_bytes = lambda n: sum(s.nbytes(n) for s in srcs)
@@ -348,7 +360,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
             ref = arrays[0]
             rows = plan.vocab_rows.get(name)
             work = [a[:rows] if rows else a for a in arrays]
-            if not _float(ref.dtype):
+            if not _is_float(ref.dtype):
                 out = ref  # integer buffers (e.g. position ids) are copied from the base
             else:
                 work = [_place(cast(a), devs) for a in work]
@@ -378,7 +390,7 @@ def _blocks(plan: Plan, name: str, srcs, cast) -> chunked.Tensor:
         lambda start, stop: cast(src.read(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
     return chunked.Tensor(name, srcs[0].shapes[name], base, [reader(m) for m in plan.models],
-                          rows=plan.vocab_rows.get(name))
+                          rows=plan.vocab_rows.get(name), itemsize=plan.itemsize(name))
 
 
 def _screen_all(plan: Plan, mc, blocks, names) -> None:
