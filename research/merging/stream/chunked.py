@@ -52,7 +52,7 @@ from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, 
 # at twice their size on disk.
 CHUNK_BYTES = 16 << 20  # of one row block
 MIN_BYTES = 32 << 20  # tensors above this are merged in blocks
-MASK_BUDGET = 64 << 20  # bytes of DARE keep masks (one bit per entry) kept between a tensor's passes
+MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry) kept between a tensor's passes
 
 
 def block_rows(shape, itemsize: int) -> int:
