@@ -365,6 +365,19 @@ def test_row_blocks_are_sized_in_bytes_of_the_dtype_merged_in(wide_models, monke
     assert set(seen.values()) == {rows_per_block}
 
 
+def test_the_dry_run_s_peak_estimate_counts_the_dtype_merged_in_and_dare_s_kept_masks(wide_models, monkeypatch):
+    from research.merging.stream import chunked
+    tmp, *_ = wide_models
+    monkeypatch.setattr(chunked, "MIN_BYTES", 1000)  # bf16: embeddings, lm_head (1920 B), q (1152 B), up in blocks
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 1 << 20)  # one block each
+    est = lambda method, dtype="": stream.make_plan(stream.load(write_cfg(
+        tmp, _every_method_config(method) + dtype, f"{method}{len(dtype)}.yaml"))).peak_estimate()
+    up = 48 * 24  # the largest tensor's entries
+    assert est("dare_ties") - est("ties") == up * 3 // 8  # 3 models' masks, a bit an entry
+    # float32: 2 more bytes an entry of 4 inputs, twice (the next set read ahead), and of the output
+    assert est("ties", "dtype: float32\n") - est("ties") == 2 * up * (2 * 4 + 1)
+
+
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])
 def test_dare_in_blocks_draws_its_masks_once_where_they_fit_the_budget(wide_models, monkeypatch, method):
     """With the L1 rescale, a tensor merged in blocks keeps the masks of its sums pass

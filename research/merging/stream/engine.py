@@ -98,7 +98,12 @@ class Plan:
         largest = max(self.names, key=lambda n: unit(n) * self.itemsize(n))
         out_bytes = unit(largest) * self.itemsize(largest)
         in_bytes = n_in * out_bytes
-        return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit(largest) * 4 + out_bytes
+        # DARE and DELLA keep a blocked tensor's bit-packed masks between its passes
+        masks = [int(np.prod(ref.shapes[n])) * len(self.models) // 8 for n in self.names
+                 if chunked.chunked(ref.shapes[n], self.itemsize(n))]
+        kept = max([m for m in masks if m <= chunked.MASK_BUDGET], default=0)
+        return (max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit(largest) * 4 + out_bytes
+                + (kept if self.method in merging.RANDOM_METHODS else 0))
 
 
 def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
