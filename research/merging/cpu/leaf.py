@@ -256,7 +256,8 @@ def _dare_leaf(base, ms, opts, keys, out_dtype, screen: bool):
         return None
     blocks, rows = sparsify.draw_blocks(np.shape(base))
     block_keys = [np.asarray(_block_key_data(k, blocks)) if d < 1 else None for d, k in zip(opts.density, keys)]
-    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype, screen=functools.partial(_screen, base, ms) if screen else None)
+    check = functools.partial(_screen, base, ms) if screen else None
+    leaf = dare_merge(base, ms, opts, block_keys, rows, out_dtype, screen=check)
     return None if leaf is None else jax.device_put(leaf)
 
 

@@ -447,8 +447,9 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
         # the masks, bit-packed, for the merge pass where they fit MASK_BUDGET; else drawn again
         packed = [] if t.size * len(t.models) <= 8 * MASK_BUDGET else None
         for c, (base, models) in enumerate(t.blocks()):
-            drawn = random_masks(opts, base, models, block_keys(c), rb) if dare_applies(opts, base, models, out_dtype) else None
-            if drawn is None:  # nothing written yet
+            applies = dare_applies(opts, base, models, out_dtype)
+            drawn = applies and random_masks(opts, base, models, block_keys(c), rb)
+            if not drawn:  # nothing written yet
                 return False
             masks, sums = drawn
             if packed is not None:

@@ -85,24 +85,29 @@ class Plan:
         ref = self.base or self.models[0]
         return sum(ref.nbytes(n) for n in self.names)
 
+    def blocked(self, name: str) -> bool:
+        """Whether tensor ``name`` is read, merged and written in row blocks (a float
+        tensor above ``chunked.MIN_BYTES`` at the dtype it merges in)."""
+        ref = self.base or self.models[0]
+        return _is_float(ref.dtypes[name]) and chunked.chunked(ref.shapes[name], self.itemsize(name))
+
     def peak_estimate(self) -> int:
         ref = self.base or self.models[0]
         n_in = len(self.models) + (self.base is not None)
-        # the largest unit in flight: a whole tensor, or one row block of a large one
-        unit = lambda n: (min(chunked.block_rows(ref.shapes[n], self.itemsize(n)), ref.shapes[n][0])
-                          * int(np.prod(ref.shapes[n][1:])) if chunked.chunked(ref.shapes[n], self.itemsize(n))
-                          else int(np.prod(ref.shapes[n])))
+        # entries in flight: a whole tensor, or one row block of a blocked one
+        unit = {n: (min(chunked.block_rows(ref.shapes[n], self.itemsize(n)), ref.shapes[n][0])
+                    * int(np.prod(ref.shapes[n][1:])) if self.blocked(n) else int(np.prod(ref.shapes[n])))
+                for n in self.names}
         # the largest unit in bytes: inputs (+ the prefetched next set, within its
         # budget) at the dtype they merge in, float32 working copies, the previous
         # output waiting for the disk
-        largest = max(self.names, key=lambda n: unit(n) * self.itemsize(n))
-        out_bytes = unit(largest) * self.itemsize(largest)
+        largest = max(self.names, key=lambda n: unit[n] * self.itemsize(n))
+        out_bytes = unit[largest] * self.itemsize(largest)
         in_bytes = n_in * out_bytes
         # DARE and DELLA keep a blocked tensor's bit-packed masks between its passes
-        masks = [int(np.prod(ref.shapes[n])) * len(self.models) // 8 for n in self.names
-                 if chunked.chunked(ref.shapes[n], self.itemsize(n))]
+        masks = [int(np.prod(ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
         kept = max([m for m in masks if m <= chunked.MASK_BUDGET], default=0)
-        return (max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit(largest) * 4 + out_bytes
+        return (max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit[largest] * 4 + out_bytes
                 + (kept if self.method in merging.RANDOM_METHODS else 0))
 
 
@@ -331,7 +336,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _is_float(a.dtype) else a
     read = lambda n: [s.read(n) for s in srcs]
     blocks = {n: _blocks(plan, n, srcs, cast) for n in names
-              if _is_float(ref_src.dtypes[n]) and (global_opts or chunked.chunked(ref_src.shapes[n], plan.itemsize(n)))}
+              if _is_float(ref_src.dtypes[n]) and (global_opts or plan.blocked(n))}
     bar = tqdm(total=plan.bytes_read(), unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress)
     set_bytes = lambda n: sum(s.nbytes(n) for s in srcs)
