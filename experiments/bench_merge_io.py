@@ -18,7 +18,9 @@ after an ``os.sync()``; the best time is reported (single runs vary by +-30%
 on a shared machine).  The merges keep compiled programs in a compilation
 cache that starts empty in each bench run, so the first round compiles (the
 "first run" column) and later rounds load them, as a user's second merge of
-the same architecture does.
+the same architecture does.  ``--no-map-too`` adds, interleaved, each method
+whose inputs the merge maps from the page cache run again with ``--no-map``
+(every input tensor ``pread`` into memory), as two more columns.
 """
 
 from __future__ import annotations
@@ -204,6 +206,8 @@ def main(argv=None):
                     help="the configs' dtype line, one table each ('none': no dtype line)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best time is reported)")
     ap.add_argument("--dir", default=None, help="where to write the workload (default: a temp dir)")
+    ap.add_argument("--no-map-too", action="store_true",
+                    help="also run, interleaved, each method that maps its inputs with --no-map (inputs pread)")
     ap.add_argument("--docs", action="store_true", help="write the tables into docs/performance.md")
     args = ap.parse_args(argv)
     work = args.dir or tempfile.mkdtemp(prefix="bench_merge_io-")
@@ -238,6 +242,11 @@ def main(argv=None):
     trip_name = "safetensors load 4 + save 1 (round trip)"
     runs = {(floor_name, None): [sys.executable, "-c", _HWM + COPY, *inputs, f"{work}/out"],
             (trip_name, None): [sys.executable, "-c", _HWM + ROUND_TRIP, *inputs, f"{work}/out"]}
+    maps = set()
+    if args.no_map_too:
+        from research.merging.task_vectors import RECIPES
+
+        maps = {m for m, r in RECIPES.items() if r.sparsify is not None}  # the methods whose inputs are mapped
     for dtype in args.dtypes:
         for method in args.methods:
             cfg = f"{work}/{method}-{dtype}.yaml"
@@ -245,6 +254,8 @@ def main(argv=None):
                 f.write(config(method, None if dtype == "none" else dtype))
             runs[(method, dtype)] = [sys.executable, "-c", _MODULE, "research.merging", cfg, f"{work}/out",
                                      "--no-progress"]
+            if args.no_map_too and method in maps:
+                runs[(method + " --no-map", dtype)] = runs[(method, dtype)] + ["--no-map"]
     cache = f"{work}/compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     best = {name: (math.inf, 0) for name in runs}
@@ -269,12 +280,17 @@ def main(argv=None):
            "the method takes it, and the dtype line of each table.", ""]
     for dtype in args.dtypes:
         line = "no dtype line" if dtype == "none" else f"`dtype: {dtype}`"
+        extra = " `--no-map` wall (s) | `--no-map` peak RSS (GB) |" if args.no_map_too else ""
         out += [f"**{line}**", "", "| method | wall (s) | ratio to floor | ratio to round trip | first run (s), compiling "
-                "| peak RSS (GB) |", "|---|---:|---:|---:|---:|---:|"]
+                "| peak RSS (GB) |" + extra, "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * bool(extra)]
         for method in args.methods:
             secs, rss = best[(method, dtype)]
-            out.append(f"| {method} | {secs:.1f} | {secs / floor:.2f}x | {secs / trip:.2f}x | "
-                       f"{first[(method, dtype)]:.1f} | {rss / 1e9:.2f} |")
+            row = (f"| {method} | {secs:.1f} | {secs / floor:.2f}x | {secs / trip:.2f}x | "
+                   f"{first[(method, dtype)]:.1f} | {rss / 1e9:.2f} |")
+            if extra:
+                copied = best.get((method + " --no-map", dtype))
+                row += f" {copied[0]:.1f} | {copied[1] / 1e9:.2f} |" if copied else " | |"
+            out.append(row)
         out.append("")
     print("\n" + "\n".join(out))
     if args.docs:

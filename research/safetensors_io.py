@@ -1,26 +1,30 @@
-"""The safetensors format, read and written without memory maps.
+"""The safetensors format, read and written without holding whole files.
 
 A safetensors file is an 8-byte little-endian header length ``H``, a JSON
 header of ``H`` bytes (``{name: {"dtype", "shape", "data_offsets": [begin,
 end]}, "__metadata__": {...}}``, offsets relative to the end of the header),
 then the tensor bytes back to back.
 
-``SafetensorsFile`` reads one tensor at a time with ``pread`` into a fresh
-array: the bytes pass through the page cache but never count towards the
-process's resident memory the way touched pages of a memory map do (a merge
-of four 1 GB models over mmap shows ~4 GB RSS).  ``ShardWriter`` streams
-tensors straight to their final place in shards laid out up front, so no
-shard is ever held in memory.
+``SafetensorsFile`` gives one tensor (or a block of its rows) at a time:
+``read`` ``pread``s it into a fresh array, ``view`` maps its pages in the
+page cache without copying them.  Either way only the tensors in use count
+towards the process's resident memory (a merge of four 1 GB models over
+whole-file memory maps shows ~4 GB RSS).  ``ShardWriter`` streams tensors
+straight to their final place in shards laid out up front, so no shard is
+ever held in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
+import sys
 import tempfile
 
 import ml_dtypes
@@ -31,6 +35,8 @@ DTYPES = {"BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16), "F3
           "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_)}
 CODES = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 << 20
+MAP_MIN = 1 << 20  # bytes below which ``view`` reads: a map costs more than the copy
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22 if sys.platform == "linux" else None)  # Linux >= 5.14
 
 
 class CheckpointError(ValueError):
@@ -42,7 +48,8 @@ class SafetensorsError(ValueError):
 
 
 class SafetensorsFile:
-    """Headers parsed on open; ``read(name)`` costs one ``pread`` of that tensor."""
+    """Headers parsed on open; ``read(name)`` costs one ``pread`` of that tensor,
+    ``view(name)`` one memory map of it."""
 
     def __init__(self, path: str):
         self.path = path
@@ -89,23 +96,53 @@ class SafetensorsFile:
     def keys(self):
         return list(self.entries)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor, or its leading-axis slice ``rows = (start, stop)``."""
+    def _locate(self, name: str, rows):
         dtype, shape, begin = self.entries[name]
         if rows is not None:
             start, stop = rows
-            row_bytes = math.prod(shape[1:]) * dtype.itemsize
-            begin += start * row_bytes
+            begin += start * math.prod(shape[1:]) * dtype.itemsize
             shape = (stop - start, *shape[1:])
+        return dtype, shape, self._start + begin
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The tensor, or its leading-axis slice ``rows = (start, stop)``, in a fresh
+        64-byte-aligned array."""
+        dtype, shape, offset = self._locate(name, rows)
         out = aligned_empty(shape, dtype)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         done, total = 0, out.nbytes
         while done < total:
-            got = os.preadv(self._fd, [buf[done:]], self._start + begin + done)
+            got = os.preadv(self._fd, [buf[done:]], offset + done)
             if got <= 0:
                 raise self._bad(f"tensor {name!r}: file ended while reading")
             done += got
         return out
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """What ``read`` returns, as an array over the file's pages in the page cache
+        instead of a copy: a private copy-on-write map (writing to the array never
+        changes the file), its page table filled up front.  Its pages count towards
+        resident memory while the array lives.  Ranges under 1 MB, or at offsets not
+        aligned to the dtype, are ``read``.  The array is aligned to its dtype, not
+        necessarily to the 64 bytes ``jax.device_put`` needs to alias rather than copy
+        it.  As with any memory map, truncating the file while the array lives kills
+        the process (SIGBUS) when it touches lost pages."""
+        dtype, shape, offset = self._locate(name, rows)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes < MAP_MIN or offset % dtype.itemsize:
+            return self.read(name, rows)
+        if os.fstat(self._fd).st_size < offset + nbytes:
+            raise self._bad(f"tensor {name!r}: the file is shorter than its header says (truncated since opened)")
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        pages = mmap.mmap(self._fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        try:
+            if _MADV_POPULATE_READ is not None:
+                pages.madvise(_MADV_POPULATE_READ)
+        except OSError as e:  # EINVAL: a kernel without it, the pages fault in as they are read
+            if e.errno == errno.EFAULT:
+                pages.close()
+                raise self._bad(f"tensor {name!r}: the file ended while mapping it (truncated since opened)") from None
+        return np.frombuffer(pages, dtype, math.prod(shape), offset - start).reshape(shape)
 
     def close(self):
         if self._fd >= 0:

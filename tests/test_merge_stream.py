@@ -431,3 +431,43 @@ def test_cli_global_trim_refuses_a_density_that_varies_by_tensor(models):
         "{weight: 1.0, density: 0.3}", "{weight: 1.0, density: [0.3, 0.5]}")
     _err(tmp, text, "trim: global .* density cannot vary by tensor")
     _err(tmp, text, "trim: global .* density cannot vary by tensor", dry_run=True)
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "linear"])
+def test_merges_run_by_the_numba_kernels_map_their_inputs_and_give_the_same_tensors(wide_models, monkeypatch, method):
+    """The methods with a sparsifier take their inputs mapped from the page cache
+    (every tensor here, whole or in row blocks, with ``MAP_MIN`` lowered), the
+    others, and every merge run with ``--no-map``, ``pread`` them; mapping changes
+    no bit of the output."""
+    import mmap
+
+    from research import safetensors_io
+    from research.merging.__main__ import main as merge_main
+    from research.merging.stream import chunked
+    tmp, *_ = wide_models
+    monkeypatch.setattr(safetensors_io, "MAP_MIN", 1)
+    monkeypatch.setattr(chunked, "MIN_BYTES", 1000)  # embeddings, lm_head, q and up in blocks
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)
+    mapped, real = [], safetensors_io.SafetensorsFile.view
+
+    def view(self, name, rows=None):
+        a = real(self, name, rows)
+        base = a
+        while isinstance(base, np.ndarray):
+            base = base.base
+        mapped.append((name, isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)))
+        return a
+
+    monkeypatch.setattr(safetensors_io.SafetensorsFile, "view", view)
+    cfg = stream.load(write_cfg(tmp, _every_method_config(method)))
+    got = read_out(stream.run(cfg, str(tmp / "mapped"), progress=False))
+    if method == "linear":
+        assert not mapped
+    else:
+        assert all(ok for _, ok in mapped) and len({n for n, _ in mapped}) == len(got)
+    n_mapped = len(mapped)
+    assert merge_main([cfg.source, str(tmp / "read"), "--no-map", "--no-progress"]) == 0
+    assert len(mapped) == n_mapped
+    expect = read_out(str(tmp / "read"))
+    for name in expect:
+        np.testing.assert_array_equal(got[name].view(np.uint16), expect[name].view(np.uint16), err_msg=name)

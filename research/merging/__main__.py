@@ -58,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="check inputs and print the plan; reads no tensor data")
     ap.add_argument("--allow-vocab-mismatch", action="store_true")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-map", action="store_true",
+                    help="copy every input tensor into memory rather than map it from the page cache "
+                         "(for inputs that may change while the merge reads them)")
     ap.add_argument("--no-compile-cache", action="store_true",
                     help="do not keep compiled programs between runs (default: $RESEARCH_MERGE_CACHE or "
                          "~/.cache/research-merge/jax)")
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         mc = load(args.config)
         out = run(mc, args.out_dir, device=args.device, shard_size=parse_size(args.shard_size), force=args.force,
                   seed=args.seed, dry_run=args.dry_run, allow_vocab_mismatch=args.allow_vocab_mismatch,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, map_inputs=not args.no_map)
     except (ConfigError, MergeFailed, CheckpointError, MergeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

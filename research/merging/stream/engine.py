@@ -1,9 +1,12 @@
 """Streaming merges of real checkpoints, tensor by tensor, with bounded memory.
 
 Each output tensor is computed from the same tensor of every input.  One
-thread reads the next tensor from the safetensors files (``pread``, no
-memory map) while the current one merges; another writes the previous one
-straight to its place in the output shards, which are laid out up front.
+thread reads the next tensor from the safetensors files while the current
+one merges; another writes the previous one straight to its place in the
+output shards, which are laid out up front.  Inputs of the merges that the
+CPU backend's numba kernels run (``mapped_inputs``) are mapped from the page
+cache (``TensorSource.view``), the others ``pread`` into aligned buffers that
+``jax.device_put`` aliases.
 Tensors above ``chunked.MIN_BYTES`` per model (at the dtype they merge in)
 are read, merged and written in row blocks (``chunked.py``; each block is
 read while the one before is merged), so peak memory is bounded by the
@@ -266,7 +269,11 @@ def _place(arr: np.ndarray, devs):
 
 
 def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_size: int = 5 * 2**30, force: bool = False,
-        seed: int = 0, dry_run: bool = False, allow_vocab_mismatch: bool = False, progress: bool = True) -> str | None:
+        seed: int = 0, dry_run: bool = False, allow_vocab_mismatch: bool = False, progress: bool = True,
+        map_inputs: bool = True) -> str | None:
+    """Merge ``mc`` into ``out_dir`` (see the module docstring); returns it, or None
+    for a dry run.  ``map_inputs=False`` ``pread``s every input tensor rather than
+    mapping it (``mapped_inputs``): for inputs that may change during the merge."""
     plan = make_plan(mc, allow_vocab_mismatch)
     for name in plan.names:  # resolve and check every parameter as the merge will, before reading any tensor
         check_tensor_params(plan, name, mc.source)
@@ -284,7 +291,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     devs = _devices(device)
     try:
         with output:
-            _merge_into(plan, mc, output.tmp, devs, shard_size, seed, progress)
+            _merge_into(plan, mc, output.tmp, devs, shard_size, seed, progress, map_inputs)
             return output.commit()
     except OutputError as e:
         raise MergeFailed(str(e)) from None
@@ -309,7 +316,7 @@ def _global_trim(plan: Plan, mc) -> tuple | None:
     return opts if opts is not None and task_vectors.uses_global_trim(opts) else None
 
 
-def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool):
+def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool, map_inputs: bool):
     srcs = ([plan.base] if plan.base else []) + plan.models
     in_dtype = jnp.dtype(mc.dtype) if mc.dtype else None
     out_dtype = mc.out_dtype or mc.dtype
@@ -334,8 +341,9 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
         written = write_pool.submit(fn, *args)
 
     cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _is_float(a.dtype) else a
-    read = lambda n: [s.read(n) for s in srcs]
-    blocks = {n: _blocks(plan, n, srcs, cast) for n in names
+    mapped = map_inputs and mapped_inputs(plan.method, devs)
+    read = lambda n: [s.view(n) if mapped else s.read(n) for s in srcs]
+    blocks = {n: _blocks(plan, n, srcs, cast, mapped) for n in names
               if _is_float(ref_src.dtypes[n]) and (global_opts or plan.blocked(n))}
     bar = tqdm(total=plan.bytes_read(), unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress)
@@ -373,7 +381,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
             if not _is_float(ref.dtype):
                 out = ref  # integer buffers (e.g. position ids) are copied from the base
             else:
-                work = [_place(cast(a), devs) for a in work]
+                work = [cast(a) if mapped else _place(cast(a), devs) for a in work]
                 key = root if plan.method in merging.RANDOM_METHODS else None  # merge() folds in the tensor's name
                 out = _merge_tensor(plan, mc, name, work, key, out_dtype or ref.dtype)
                 if rows:
@@ -394,10 +402,21 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     _write_metadata(plan, mc, tmp, out_dtype, seed, time.perf_counter() - t0)
 
 
-def _blocks(plan: Plan, name: str, srcs, cast) -> chunked.Tensor:
+def mapped_inputs(method: str, devs) -> bool:
+    """Whether a merge reads its inputs mapped from the page cache rather than copied:
+    where the numba kernels of the CPU backend take them as they are (the methods
+    with a sparsifier, on the default device, a CPU).  The XLA programs would copy
+    a mapped tensor to align it, so they get ``pread``'s aligned buffers."""
+    recipe = task_vectors.RECIPES.get(method)
+    return (cpu.ENABLED and recipe is not None and recipe.sparsify is not None
+            and devs[0].platform == "cpu" and devs[0] == jax.devices()[0])
+
+
+def _blocks(plan: Plan, name: str, srcs, cast, mapped: bool) -> chunked.Tensor:
     """Tensor ``name`` of every input, read in row blocks (and cast to the config's dtype)."""
-    reader = lambda src: (lambda start, stop: cast(src.read(name, (start, stop)))) if src.shapes[name] else (
-        lambda start, stop: cast(src.read(name)).reshape(1))
+    get = lambda src: src.view if mapped else src.read
+    reader = lambda src: (lambda start, stop: cast(get(src)(name, (start, stop)))) if src.shapes[name] else (
+        lambda start, stop: cast(get(src)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
     return chunked.Tensor(name, srcs[0].shapes[name], base, [reader(m) for m in plan.models],
                           rows=plan.vocab_rows.get(name), itemsize=plan.itemsize(name))

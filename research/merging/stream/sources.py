@@ -15,8 +15,9 @@ from research.safetensors_io import open_checked as _open
 
 
 class TensorSource:
-    """Lazy access to one model's tensors; only headers are read until ``read``,
-    which ``pread``s one tensor (no memory map: see ``research.safetensors_io``)."""
+    """Lazy access to one model's tensors; only headers are read until ``read``
+    (one tensor ``pread`` into a fresh array) or ``view`` (one tensor mapped from
+    the page cache; see ``research.safetensors_io``)."""
 
     def __init__(self, path: str):
         self.path = path
@@ -78,12 +79,21 @@ class TensorSource:
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """One tensor, or its leading-axis slice ``rows = (start, stop)``."""
+        return self._get(name, rows, mapped=False)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """``read``'s tensor mapped from the page cache where it can be, else read
+        (``SafetensorsFile.view``): a writable copy-on-write array."""
+        return self._get(name, rows, mapped=True)
+
+    def _get(self, name, rows, mapped: bool) -> np.ndarray:
         if self._arrays is not None:
             a = self._arrays[name]
             return a if rows is None else a[rows[0]:rows[1]]
         fp = self._files[name]
         try:
-            return self._handle(fp).read(name, rows)
+            handle = self._handle(fp)
+            return handle.view(name, rows) if mapped else handle.read(name, rows)
         except (SafetensorsError, OSError) as e:
             raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
 
@@ -163,7 +173,13 @@ class AdapterSource:
         return self.base.nbytes(name)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        w = self.base.read(name, rows)
+        return self._get(name, rows, self.base.read)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        return self._get(name, rows, self.base.view)
+
+    def _get(self, name, rows, base_read) -> np.ndarray:
+        w = base_read(name, rows)
         if name not in self._factors:
             return w
         a, b = self._factors[name]
