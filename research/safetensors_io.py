@@ -122,11 +122,12 @@ class SafetensorsFile:
         """What ``read`` returns, as an array over the file's pages in the page cache
         instead of a copy: a private copy-on-write map (writing to the array never
         changes the file), its page table filled up front.  Its pages count towards
-        resident memory while the array lives.  Ranges under 1 MB, or at offsets not
-        aligned to the dtype, are ``read``.  The array is aligned to its dtype, not
-        necessarily to the 64 bytes ``jax.device_put`` needs to alias rather than copy
-        it.  As with any memory map, truncating the file while the array lives kills
-        the process (SIGBUS) when it touches lost pages."""
+        resident memory while the array lives.  Ranges under 1 MB, at offsets not
+        aligned to the dtype, or in files that cannot be mapped, are ``read``.  The
+        array is aligned to its dtype, not necessarily to the 64 bytes that
+        ``jax.device_put`` needs to alias rather than copy it.  As with any memory
+        map, truncating the file while the array lives kills the process (SIGBUS)
+        when it touches lost pages."""
         dtype, shape, offset = self._locate(name, rows)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MAP_MIN or offset % dtype.itemsize:
@@ -134,7 +135,10 @@ class SafetensorsFile:
         if os.fstat(self._fd).st_size < offset + nbytes:
             raise self._bad(f"tensor {name!r}: the file is shorter than its header says (truncated since opened)")
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        pages = mmap.mmap(self._fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        try:
+            pages = mmap.mmap(self._fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
+        except OSError:  # a file system that cannot map files (ENODEV), or no address space left
+            return self.read(name, rows)
         try:
             if _MADV_POPULATE_READ is not None:
                 pages.madvise(_MADV_POPULATE_READ)

@@ -1,6 +1,7 @@
 """``SafetensorsFile``: ``read`` copies a tensor out of the file, ``view`` maps it;
 both give the same array, and neither can change or outlive a broken file quietly."""
 
+import errno
 import json
 import mmap
 import os
@@ -73,6 +74,19 @@ def test_view_reads_a_tensor_at_an_offset_not_aligned_to_its_dtype(tmp_path, mon
     got = f.view("x")
     np.testing.assert_array_equal(got, x)
     assert not _mapped(got)
+
+
+def test_view_reads_a_file_that_cannot_be_mapped(file, monkeypatch):
+    """Some file systems (FUSE mounts among them) refuse ``mmap`` with ENODEV."""
+    path, tensors = file
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(safetensors_io.mmap, "mmap", refuse)
+    got = SafetensorsFile(path).view("big")
+    np.testing.assert_array_equal(got, tensors["big"])
+    assert got.flags.writeable and got.ctypes.data % 64 == 0
 
 
 def test_a_file_truncated_after_it_was_opened_is_named_not_mapped(file):
