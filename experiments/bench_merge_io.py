@@ -244,9 +244,7 @@ def main(argv=None):
             (trip_name, None): [sys.executable, "-c", _HWM + ROUND_TRIP, *inputs, f"{work}/out"]}
     maps = set()
     if args.no_map_too:
-        from research.merging.task_vectors import RECIPES
-
-        maps = {m for m, r in RECIPES.items() if r.sparsify is not None}  # the methods whose inputs are mapped
+        from research.merging.stream.engine import MAPPED_METHODS as maps
     for dtype in args.dtypes:
         for method in args.methods:
             cfg = f"{work}/{method}-{dtype}.yaml"

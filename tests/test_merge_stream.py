@@ -439,11 +439,10 @@ def test_merges_run_by_the_numba_kernels_map_their_inputs_and_give_the_same_tens
     (every tensor here, whole or in row blocks, with ``MAP_MIN`` lowered), the
     others, and every merge run with ``--no-map``, ``pread`` them; mapping changes
     no bit of the output."""
-    import mmap
-
     from research import safetensors_io
     from research.merging.__main__ import main as merge_main
     from research.merging.stream import chunked
+    from test_safetensors_io import _mapped
     tmp, *_ = wide_models
     monkeypatch.setattr(safetensors_io, "MAP_MIN", 1)
     monkeypatch.setattr(chunked, "MIN_BYTES", 1000)  # embeddings, lm_head, q and up in blocks
@@ -452,10 +451,7 @@ def test_merges_run_by_the_numba_kernels_map_their_inputs_and_give_the_same_tens
 
     def view(self, name, rows=None):
         a = real(self, name, rows)
-        base = a
-        while isinstance(base, np.ndarray):
-            base = base.base
-        mapped.append((name, isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap)))
+        mapped.append((name, _mapped(a)))
         return a
 
     monkeypatch.setattr(safetensors_io.SafetensorsFile, "view", view)

@@ -342,8 +342,9 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
 
     cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _is_float(a.dtype) else a
     mapped = map_inputs and mapped_inputs(plan.method, devs)
-    read = lambda n: [s.view(n) if mapped else s.read(n) for s in srcs]
-    blocks = {n: _blocks(plan, n, srcs, cast, mapped) for n in names
+    how = "view" if mapped else "read"  # the sources' method that gives a tensor
+    read = lambda n: [getattr(s, how)(n) for s in srcs]
+    blocks = {n: _blocks(plan, n, srcs, cast, how) for n in names
               if _is_float(ref_src.dtypes[n]) and (global_opts or plan.blocked(n))}
     bar = tqdm(total=plan.bytes_read(), unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress)
@@ -402,21 +403,23 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     _write_metadata(plan, mc, tmp, out_dtype, seed, time.perf_counter() - t0)
 
 
+# The methods with a sparsifier: on the CPU their tensors go to the numba kernels.
+MAPPED_METHODS = frozenset(m for m, r in task_vectors.RECIPES.items() if r.sparsify is not None)
+
+
 def mapped_inputs(method: str, devs) -> bool:
     """Whether a merge reads its inputs mapped from the page cache rather than copied:
-    where the numba kernels of the CPU backend take them as they are (the methods
-    with a sparsifier, on the default device, a CPU).  The XLA programs would copy
+    where the numba kernels of the CPU backend take them as they are (the
+    ``MAPPED_METHODS``, on the default device, a CPU).  The XLA programs would copy
     a mapped tensor to align it, so they get ``pread``'s aligned buffers."""
-    recipe = task_vectors.RECIPES.get(method)
-    return (cpu.ENABLED and recipe is not None and recipe.sparsify is not None
-            and devs[0].platform == "cpu" and devs[0] == jax.devices()[0])
+    return cpu.ENABLED and method in MAPPED_METHODS and devs[0].platform == "cpu" and devs[0] == jax.devices()[0]
 
 
-def _blocks(plan: Plan, name: str, srcs, cast, mapped: bool) -> chunked.Tensor:
-    """Tensor ``name`` of every input, read in row blocks (and cast to the config's dtype)."""
-    get = lambda src: src.view if mapped else src.read
-    reader = lambda src: (lambda start, stop: cast(get(src)(name, (start, stop)))) if src.shapes[name] else (
-        lambda start, stop: cast(get(src)(name)).reshape(1))
+def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
+    """Tensor ``name`` of every input, read in row blocks (each source's ``how``:
+    ``read`` or ``view``), and cast to the config's dtype."""
+    reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop)))) if src.shapes[name] else (
+        lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
     return chunked.Tensor(name, srcs[0].shapes[name], base, [reader(m) for m in plan.models],
                           rows=plan.vocab_rows.get(name), itemsize=plan.itemsize(name))

@@ -79,21 +79,20 @@ class TensorSource:
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """One tensor, or its leading-axis slice ``rows = (start, stop)``."""
-        return self._get(name, rows, mapped=False)
+        return self._get(name, rows, "read")
 
     def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
         """``read``'s tensor mapped from the page cache where it can be, else read
         (``SafetensorsFile.view``): a writable copy-on-write array."""
-        return self._get(name, rows, mapped=True)
+        return self._get(name, rows, "view")
 
-    def _get(self, name, rows, mapped: bool) -> np.ndarray:
+    def _get(self, name, rows, how: str) -> np.ndarray:
         if self._arrays is not None:
             a = self._arrays[name]
             return a if rows is None else a[rows[0]:rows[1]]
         fp = self._files[name]
         try:
-            handle = self._handle(fp)
-            return handle.view(name, rows) if mapped else handle.read(name, rows)
+            return getattr(self._handle(fp), how)(name, rows)
         except (SafetensorsError, OSError) as e:
             raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
 
@@ -173,13 +172,13 @@ class AdapterSource:
         return self.base.nbytes(name)
 
     def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        return self._get(name, rows, self.base.read)
+        return self._get(name, rows, "read")
 
     def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        return self._get(name, rows, self.base.view)
+        return self._get(name, rows, "view")
 
-    def _get(self, name, rows, base_read) -> np.ndarray:
-        w = base_read(name, rows)
+    def _get(self, name, rows, how: str) -> np.ndarray:
+        w = getattr(self.base, how)(name, rows)
         if name not in self._factors:
             return w
         a, b = self._factors[name]
