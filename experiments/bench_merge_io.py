@@ -18,9 +18,13 @@ after an ``os.sync()``; the best time is reported (single runs vary by +-30%
 on a shared machine).  The merges keep compiled programs in a compilation
 cache that starts empty in each bench run, so the first round compiles (the
 "first run" column) and later rounds load them, as a user's second merge of
-the same architecture does.  ``--no-map-too`` adds, interleaved, each method
-whose inputs the merge maps from the page cache run again with ``--no-map``
-(every input tensor ``pread`` into memory), as two more columns.
+the same architecture does.  ``--also VARIANT`` adds, interleaved, each
+method the numba kernels run (the ones with a sparsifier) run again as
+VARIANT says, as two more columns: ``no-map``, with ``--no-map`` (every input
+tensor ``pread`` into memory rather than mapped from the page cache);
+``256-bit``, with ``NUMBA_CPU_FEATURES`` set to the host's features, which
+the kernels then leave as they are, so LLVM keeps its preferred vector width
+(256 bits on AVX-512 CPUs, where the kernels otherwise ask for 512).
 """
 
 from __future__ import annotations
@@ -128,10 +132,11 @@ atexit.register(_hwm)
 _MODULE = _HWM + "import runpy; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
 
 
-def timed_process(args, hwm_file, cache_dir="off"):
+def timed_process(args, hwm_file, cache_dir="off", extra_env=None):
     """Wall seconds and peak RSS (bytes) of ``python -c <wrapped>`` args."""
     t0 = time.perf_counter()
-    env = {**os.environ, "XLA_FLAGS": "", "BENCH_HWM_FILE": hwm_file, "RESEARCH_MERGE_CACHE": cache_dir}
+    env = {**os.environ, "XLA_FLAGS": "", "BENCH_HWM_FILE": hwm_file, "RESEARCH_MERGE_CACHE": cache_dir,
+           **(extra_env or {})}
     proc = subprocess.run(args, capture_output=True, text=True, env=env)
     secs = time.perf_counter() - t0
     if proc.returncode != 0:
@@ -196,6 +201,18 @@ save_file(shard, f'{out}/part{k}.safetensors')
 """
 
 
+def _numba_default_width() -> dict:
+    import llvmlite.binding as llvm
+
+    return {"NUMBA_CPU_FEATURES": llvm.get_host_cpu_features().flatten()}
+
+
+VARIANTS = {  # --also: (column label, extra CLI arguments, extra environment)
+    "no-map": ("`--no-map`", ["--no-map"], dict),
+    "256-bit": ("256-bit vectors", [], _numba_default_width),
+}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="llama_542m", choices=list(PRESETS))
@@ -206,8 +223,9 @@ def main(argv=None):
                     help="the configs' dtype line, one table each ('none': no dtype line)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best time is reported)")
     ap.add_argument("--dir", default=None, help="where to write the workload (default: a temp dir)")
-    ap.add_argument("--no-map-too", action="store_true",
-                    help="also run, interleaved, each method that maps its inputs with --no-map (inputs pread)")
+    ap.add_argument("--also", choices=list(VARIANTS), default=None,
+                    help="also run, interleaved, each method the numba kernels run: with --no-map (inputs pread), "
+                         "or at LLVM's preferred vector width")
     ap.add_argument("--docs", action="store_true", help="write the tables into docs/performance.md")
     args = ap.parse_args(argv)
     work = args.dir or tempfile.mkdtemp(prefix="bench_merge_io-")
@@ -242,9 +260,11 @@ def main(argv=None):
     trip_name = "safetensors load 4 + save 1 (round trip)"
     runs = {(floor_name, None): [sys.executable, "-c", _HWM + COPY, *inputs, f"{work}/out"],
             (trip_name, None): [sys.executable, "-c", _HWM + ROUND_TRIP, *inputs, f"{work}/out"]}
-    maps = set()
-    if args.no_map_too:
-        from research.merging.stream.engine import MAPPED_METHODS as maps
+    envs = {}
+    numba_methods = set()
+    if args.also:
+        from research.merging.stream.engine import MAPPED_METHODS as numba_methods
+        label, also_args, also_env = VARIANTS[args.also][0], VARIANTS[args.also][1], VARIANTS[args.also][2]()
     for dtype in args.dtypes:
         for method in args.methods:
             cfg = f"{work}/{method}-{dtype}.yaml"
@@ -252,8 +272,9 @@ def main(argv=None):
                 f.write(config(method, None if dtype == "none" else dtype))
             runs[(method, dtype)] = [sys.executable, "-c", _MODULE, "research.merging", cfg, f"{work}/out",
                                      "--no-progress"]
-            if args.no_map_too and method in maps:
-                runs[(method + " --no-map", dtype)] = runs[(method, dtype)] + ["--no-map"]
+            if method in numba_methods:
+                runs[(f"{method} {label}", dtype)] = runs[(method, dtype)] + also_args
+                envs[(f"{method} {label}", dtype)] = also_env
     cache = f"{work}/compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     best = {name: (math.inf, 0) for name in runs}
@@ -261,7 +282,7 @@ def main(argv=None):
     for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits every run alike
         for name, cmd in runs.items():
             os.sync()  # start every run with no dirty pages waiting for write-back
-            secs, rss = timed_process(cmd, hwm, cache)
+            secs, rss = timed_process(cmd, hwm, cache, envs.get(name))
             print(f"  {name[0]} ({name[1]}): {secs:.1f} s, {rss / 1e9:.2f} GB", flush=True)
             first.setdefault(name, secs)
             best[name] = (min(best[name][0], secs), max(best[name][1], rss))
@@ -278,7 +299,7 @@ def main(argv=None):
            "the method takes it, and the dtype line of each table.", ""]
     for dtype in args.dtypes:
         line = "no dtype line" if dtype == "none" else f"`dtype: {dtype}`"
-        extra = " `--no-map` wall (s) | `--no-map` peak RSS (GB) |" if args.no_map_too else ""
+        extra = f" {label} wall (s) | {label} peak RSS (GB) |" if args.also else ""
         out += [f"**{line}**", "", "| method | wall (s) | ratio to floor | ratio to round trip | first run (s), compiling "
                 "| peak RSS (GB) |" + extra, "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * bool(extra)]
         for method in args.methods:
@@ -286,8 +307,8 @@ def main(argv=None):
             row = (f"| {method} | {secs:.1f} | {secs / floor:.2f}x | {secs / trip:.2f}x | "
                    f"{first[(method, dtype)]:.1f} | {rss / 1e9:.2f} |")
             if extra:
-                copied = best.get((method + " --no-map", dtype))
-                row += f" {copied[0]:.1f} | {copied[1] / 1e9:.2f} |" if copied else " | |"
+                other = best.get((f"{method} {label}", dtype))
+                row += f" {other[0]:.1f} | {other[1] / 1e9:.2f} |" if other else " | |"
             out.append(row)
         out.append("")
     print("\n" + "\n".join(out))

@@ -371,22 +371,32 @@ def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, jitte
         np.testing.assert_array_equal(_bits(eager[k]), want[k], err_msg=k)
 
 
-def test_dare_l1_factor_does_not_depend_on_the_row_blocks(monkeypatch):
+@pytest.mark.parametrize("sparsifier", ["random", "della"])
+def test_l1_factor_does_not_depend_on_the_row_blocks(monkeypatch, sparsifier):
     """The L1 rescale's sums are per row, then exactly rounded: a tensor merged in
-    row blocks gets the factor it gets whole."""
+    row blocks gets the factor it gets whole (DARE's and DELLA's mask kernels,
+    which add them up as they draw)."""
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 800)  # 4 draw blocks of 16 rows
     assert sparsify.draw_blocks((64, 50)) == (4, 16)
     rng = np.random.default_rng(17)
     base = rng.normal(size=(64, 50)).astype(np.float32)
     ft = base + rng.normal(size=base.shape).astype(np.float32) * 1e-3
     keys = np.asarray(cpu_leaf._block_key_data(jax.random.key(2), 4))
-    _, sums = cpu_kernels.random_masks(base, [ft], [keys], 16, [0.3])
-    parts = [cpu_kernels.random_masks(base[i:i + 16], [ft[i:i + 16]], [keys[i // 16:i // 16 + 1]], 16, [0.3])[1][0]
-             for i in range(0, 64, 16)]
+    table = sparsify.della_probs(jnp.arange(50)[None], 0.3, 0.1)[0]
+    draw = ((lambda b, f, k, sums=True: cpu_kernels.random_masks(b, f, k, 16, [0.3], sums)) if sparsifier == "random"
+            else (lambda b, f, k, sums=True: cpu_kernels.della_masks(b, f, k, 16, [table], sums)))
+    masks, sums = draw(base, [ft], [keys])
+    parts = [draw(base[i:i + 16], [ft[i:i + 16]], [keys[i // 16:i // 16 + 1]])[1][0] for i in range(0, 64, 16)]
+    np.testing.assert_array_equal(np.concatenate(parts), sums[0])
     assert cpu_leaf.dare_factor(np.concatenate(parts)) == cpu_leaf.dare_factor(sums[0])
+    unsummed, none = draw(base, [ft], [keys], sums=False)
+    assert none is None
+    np.testing.assert_array_equal(unsummed, masks)
     tau = ft.astype(np.float64) - base
-    mask = np.asarray(sparsify.blocked_draw(lambda k, s: jax.random.bernoulli(k, 0.3, s), jax.random.key(2), (64, 50)))
-    assert cpu_leaf.dare_factor(sums[0]) == pytest.approx(np.abs(tau).sum() / np.abs(tau[mask]).sum(), rel=1e-6)
+    assert cpu_leaf.dare_factor(sums[0]) == pytest.approx(np.abs(tau).sum() / np.abs(tau[masks[0]]).sum(), rel=1e-6)
+    if sparsifier == "random":
+        jax_s = sparsify.blocked_draw(lambda k, s: jax.random.bernoulli(k, 0.3, s), jax.random.key(2), (64, 50))
+        np.testing.assert_array_equal(masks[0], np.asarray(jax_s))
 
 
 def test_dare_on_tiny_inputs_falls_back_to_the_xla_pass(monkeypatch):
@@ -464,3 +474,25 @@ def test_a_search_sample_is_partitioned_for_its_first_guess_and_sorted_for_more(
     assert sample[300] == np.sort(values)[300] and not sample.ordered  # remembered
     assert sample[10] == np.sort(values)[10] and sample.ordered  # a second rank: sorted once
     np.testing.assert_array_equal(np.asarray(sample), np.sort(values))
+
+
+class _Features(dict):
+    """llvmlite's feature map: a dict with ``flatten``."""
+
+    def flatten(self):
+        return ",".join(("+" if on else "-") + name for name, on in self.items())
+
+
+@pytest.mark.parametrize("case", ["avx512", "avx2_only", "arm", "user_features", "user_cpu"])
+def test_kernels_ask_for_512_bit_vectors_only_on_avx512_x86_hosts_the_user_left_alone(monkeypatch, case):
+    from research.merging.cpu import _loops
+    features = _Features(avx2=True, avx512f=case != "avx2_only", avx512bw=case != "avx2_only")
+    monkeypatch.setattr(_loops.llvm, "get_host_cpu_features", lambda: features)
+    monkeypatch.setattr(_loops.platform, "machine", lambda: "aarch64" if case == "arm" else "x86_64")
+    monkeypatch.setattr(_loops.numba.config, "CPU_FEATURES", "+avx2" if case == "user_features" else None)
+    monkeypatch.setattr(_loops.numba.config, "CPU_NAME", "skylake" if case == "user_cpu" else None)
+    got = _loops._wide_vector_features()
+    if case == "avx512":
+        assert got == "+avx2,+avx512f,+avx512bw,-prefer-256-bit"
+    else:
+        assert got is None

@@ -11,6 +11,9 @@ import os
 # running next, as in DARE's merges, keeps its cores.
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
+import platform  # noqa: E402
+
+import llvmlite.binding as llvm  # noqa: E402
 import numba  # noqa: E402
 import numpy as np  # noqa: E402
 from numba import types  # noqa: E402
@@ -18,6 +21,33 @@ from numba.extending import intrinsic, overload  # noqa: E402
 
 if numba.config.THREADING_LAYER == "default":
     numba.config.THREADING_LAYER_PRIORITY = ["omp", "workqueue", "tbb"]
+
+
+def _wide_vector_features() -> str | None:
+    """The host's CPU features with LLVM's preference for 256-bit vectors on
+    AVX-512 CPUs switched off, or None where that does not apply (another
+    architecture, no AVX-512, or the user chose the CPU or its features)."""
+    cfg = numba.config
+    if cfg.CPU_NAME is not None or cfg.CPU_FEATURES is not None or not cfg.ENABLE_AVX:
+        return None
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        features = llvm.get_host_cpu_features()
+    except RuntimeError:  # LLVM cannot tell on this host
+        return None
+    if not features.get("avx512f", False) or not features.get("avx512bw", False):
+        return None
+    return features.flatten() + ",-prefer-256-bit"
+
+
+# On AVX-512 CPUs these loops run on 16 lanes rather than the 8 LLVM prefers
+# there.  Their results do not depend on the width: numba compiles without
+# fast-math, so no float operation is reordered.  The setting is numba's, for
+# the whole process, read when numba first compiles or loads code; one the user
+# set (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) is left as it is.
+if (_features := _wide_vector_features()) is not None:
+    numba.config.CPU_FEATURES = _features
 
 
 def _decode(x):
@@ -322,6 +352,33 @@ def _sign(x):
     return np.float32(x > 0) - np.float32(x < 0)
 
 
+@numba.njit(inline="always")
+def _abs_sums(x, bt, mk):
+    """``sum |x - bt|`` over a row, and over the entries ``mk`` keeps (float64):
+    16 interleaved float32 partial sums (column ``c`` into lane ``c % 16``, which
+    vectorises), then the columns past the last full 16, added in float64.  A
+    function of the row alone (the L1 rescale's sums, ``kernels.random_masks``)."""
+    cols = len(x)
+    lane = np.zeros(16, np.float32)
+    lane_kept = np.zeros(16, np.float32)
+    full = cols - cols % 16
+    for c0 in range(0, full, 16):
+        for j in range(16):
+            a = abs(_decode(x[c0 + j]) - _decode(bt[c0 + j]))
+            lane[j] += a
+            lane_kept[j] += a * np.float32(mk[c0 + j])
+    total = 0.0
+    kept = 0.0
+    for c in range(full, cols):
+        a = np.float64(abs(_decode(x[c]) - _decode(bt[c])))
+        total += a
+        kept += a if mk[c] else 0.0
+    for j in range(16):
+        total += np.float64(lane[j])
+        kept += np.float64(lane_kept[j])
+    return total, kept
+
+
 # Rows with more undecided entries than this are ranked whole (``_radix_ranks``),
 # fewer each by a count over the row (``_rank_by_count``, about cols / 8 cycles).
 DELLA_COUNT_MAX = 48
@@ -329,24 +386,26 @@ DELLA_COUNT_MAX = 48
 
 @numba.njit(inline="always")
 def _rank_by_count(key, c):
-    """``c``'s rank in ``key`` (``len(key) < 2**32``): how many entries are smaller, or
-    equal at a smaller column.  Counted in 32-bit lanes."""
+    """``c``'s rank in ``key`` (``len(key) < 2**31``): how many entries are smaller, or
+    equal at a smaller column.  Counted in 32-bit lanes, each loop over a whole
+    range (which vectorises better than splitting the row at ``c``)."""
     kc = key[c]
-    below = np.uint32(0)
+    below = np.int32(0)
+    for q in range(len(key)):
+        below += np.int32(key[q] < kc)
     for q in range(c):
-        below = np.uint32(below + np.uint32(key[q] <= kc))
-    for q in range(c, len(key)):
-        below = np.uint32(below + np.uint32(key[q] < kc))
+        below += np.int32(key[q] == kc)
     return below
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
+def della_masks(base, fts, keys, block_rows, tables, tiny, masks, sums):
     """``masks[i, r, c] = uniform < tables[i, rank]``: DELLA's keep masks, with ``rank``
     the rank of ``d = |fts[i] - base|`` (flushed as XLA:CPU) within its row, ties by
     column, and the uniforms drawn as in ``bernoulli_blocks`` (``keys[i]``: model
     ``i``'s draw-block keys).  Each row of ``tables`` must be non-decreasing, and
-    rows shorter than 2**31.
+    rows shorter than 2**31.  ``sums[i, r]``: ``_abs_sums`` of the row and its
+    mask, where ``sums`` has a row for each (else it is ``[n, 0, 2]``).
 
     Exact ranks are found only where the draw needs them.  A uniform below
     every rank's keep probability keeps its entry, one at or above all of them
@@ -410,8 +469,10 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
                     u = unif[c]
                     pend[n_mid] = c
                     n_mid += (u >= t_first) & (u < t_last)
-                for h in range(nb):
-                    start[h + 1] += start[h]
+                acc = np.int32(0)
+                for h in range(nb + 1):  # running totals: bucket h's entries rank from start[h]
+                    acc += start[h]
+                    start[h] = acc
                 for c in range(cols):
                     mk[c] = unif[c] < t_first
                 n_pend = 0
@@ -430,3 +491,5 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks):
                     c = pend[j]
                     rk = pos[c] if n_pend > DELLA_COUNT_MAX else _rank_by_count(key, c)
                     mk[c] = unif[c] < tab[rk]
+                if sums.shape[1]:
+                    sums[i, r, 0], sums[i, r, 1] = _abs_sums(f, b, mk)

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = ("_decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
+_HELPERS = ("_abs_sums, _decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
             "_tiny_seen, _uniform01")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
@@ -121,8 +121,10 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
 
 _RANDOM_SUMS = '''
 @numba.njit(parallel=True, nogil=True, cache=True)
-def draw_masks(keys, block_rows, p, masks):
-    """Model ``i``'s keep mask into ``masks[i]`` (``_loops.bernoulli_blocks``'s draws)."""
+def draw_masks(base, fts, keys, block_rows, p, masks, sums):
+    """Model ``i``'s keep mask into ``masks[i]`` (``_loops.bernoulli_blocks``'s draws),
+    and ``_abs_sums`` of each row and its mask into ``sums[i, r]`` where ``sums``
+    has a row for each (else it is ``[n, 0, 2]``)."""
     n, rows, cols = masks.shape
     for r in numba.prange(rows):
         blk = r // block_rows
@@ -134,39 +136,8 @@ def draw_masks(keys, block_rows, p, masks):
             mk = masks[i, r]
             for c in range(cols):
                 mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < pi
-
-
-@numba.njit(parallel=True, nogil=True, cache=True)
-def row_sums(base, fts, masks, sums):
-    """Per row, ``sum |d|`` and ``sum |d|`` over kept entries into ``sums[i, r]``: 16
-    interleaved float32 partial sums (column ``c`` into lane ``c % 16``, which
-    vectorises), then the columns past the last full 16, added in float64.  The
-    result depends on the row alone."""
-    rows, cols = base.shape
-    for r in numba.prange(rows):
-        bt = base[r]
-        for i in range(len(fts)):
-            x = fts[i][r]
-            mk = masks[i, r]
-            lane = np.zeros(16, np.float32)
-            lane_kept = np.zeros(16, np.float32)
-            full = cols - cols % 16
-            for c0 in range(0, full, 16):
-                for j in range(16):
-                    a = abs(_decode(x[c0 + j]) - _decode(bt[c0 + j]))
-                    lane[j] += a
-                    lane_kept[j] += a * np.float32(mk[c0 + j])
-            total = 0.0
-            kept = 0.0
-            for c in range(full, cols):
-                a = np.float64(abs(_decode(x[c]) - _decode(bt[c])))
-                total += a
-                kept += a if mk[c] else 0.0
-            for j in range(16):
-                total += np.float64(lane[j])
-                kept += np.float64(lane_kept[j])
-            sums[i, r, 0] = total
-            sums[i, r, 1] = kept
+            if sums.shape[1]:
+                sums[i, r, 0], sums[i, r, 1] = _abs_sums(fts[i][r], base[r], mk)
 '''
 
 
@@ -289,8 +260,8 @@ def random_merge(n: int, mode: int, drawn: bool):
 
 @functools.cache
 def random_sums():
-    """DARE's masks and the L1 rescale's sums (``draw_masks``, ``row_sums``), for any
-    number of models."""
+    """DARE's masks and the L1 rescale's sums (``draw_masks``), for any number of
+    models."""
     return _load("random_sums", _RANDOM_SUMS)
 
 

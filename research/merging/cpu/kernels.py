@@ -333,10 +333,10 @@ def _draw_args(base, fts, block_keys, density):
     return _draw_view(base, blocks), tuple(_draw_view(f, blocks) for f in fts), keys, p, blocks
 
 
-def _row_sums(b, views, masks):
-    sums = np.empty((len(views), b.shape[0], 2), np.float64)
-    _generated().random_sums().row_sums(b, views, masks, sums)
-    return sums
+def _sums_out(n: int, rows: int, sums: bool) -> np.ndarray:
+    """Where a mask kernel writes the L1 rescale's per-row sums: ``[n, rows, 2]``, or
+    ``[n, 0, 2]`` for none."""
+    return np.empty((n, rows if sums else 0, 2), np.float64)
 
 
 def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = True):
@@ -348,9 +348,10 @@ def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = T
     unless ``sums``)."""
     b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
     masks = np.empty((len(fts), *b.shape), np.bool_)
+    out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _generated().random_sums().draw_masks(keys, block_rows if blocks > 1 else b.shape[0], p, masks)
-        return masks, _row_sums(b, views, masks) if sums else None
+        _generated().random_sums().draw_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], p, masks, out)
+    return masks, out if sums else None
 
 
 def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = True):
@@ -375,9 +376,10 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     if (np.diff(tab, axis=1) < 0).any():
         raise ValueError("della_masks: a keep-probability table decreases with the rank")
     masks = np.empty((len(fts), *b.shape), np.bool_)
+    out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks)
-        return masks, _row_sums(b, views, masks) if sums else None
+        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks, out)
+    return masks, out if sums else None
 
 
 def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, density=None, masks=None, scale,
