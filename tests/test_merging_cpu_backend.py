@@ -175,7 +175,8 @@ def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dty
         rows = sparsify.della_rows(np.zeros(shape))
         table = sparsify.della_probs(jnp.arange(rows.shape[1])[None], density, epsilon)[0]
         block_keys = [_block_keys(k, shape)[0] for k in keys[:2]] + [None]  # model 2 keeps everything
-        masks, sums = cpu_kernels.della_masks(base, fts, block_keys, _block_keys(keys[0], shape)[1], [table] * 3)
+        packed, sums = cpu_kernels.della_masks(base, fts, block_keys, _block_keys(keys[0], shape)[1], [table] * 3)
+        masks = packed.unpacked()
         for i in range(2):
             tau = fts[i].astype(jnp.float32) - base.astype(jnp.float32)
             expected = sparsify.della_mask(keys[i], sparsify.della_ranks(sparsify.della_rows(tau)), density, epsilon)
@@ -385,13 +386,14 @@ def test_l1_factor_does_not_depend_on_the_row_blocks(monkeypatch, sparsifier):
     table = sparsify.della_probs(jnp.arange(50)[None], 0.3, 0.1)[0]
     draw = ((lambda b, f, k, sums=True: cpu_kernels.random_masks(b, f, k, 16, [0.3], sums)) if sparsifier == "random"
             else (lambda b, f, k, sums=True: cpu_kernels.della_masks(b, f, k, 16, [table], sums)))
-    masks, sums = draw(base, [ft], [keys])
+    packed, sums = draw(base, [ft], [keys])
+    masks = packed.unpacked()
     parts = [draw(base[i:i + 16], [ft[i:i + 16]], [keys[i // 16:i // 16 + 1]])[1][0] for i in range(0, 64, 16)]
     np.testing.assert_array_equal(np.concatenate(parts), sums[0])
     assert cpu_leaf.dare_factor(np.concatenate(parts)) == cpu_leaf.dare_factor(sums[0])
     unsummed, none = draw(base, [ft], [keys], sums=False)
     assert none is None
-    np.testing.assert_array_equal(unsummed, masks)
+    np.testing.assert_array_equal(unsummed.bits, packed.bits)
     tau = ft.astype(np.float64) - base
     assert cpu_leaf.dare_factor(sums[0]) == pytest.approx(np.abs(tau).sum() / np.abs(tau[masks[0]]).sum(), rel=1e-6)
     if sparsifier == "random":

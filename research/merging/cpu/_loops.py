@@ -379,6 +379,30 @@ def _abs_sums(x, bt, mk):
     return total, kept
 
 
+@numba.njit(inline="always")
+def _pack_row(mk, out):
+    """``out[:] = np.packbits(mk)``: entry ``c`` as bit ``7 - c % 8`` of byte ``c // 8``
+    (the last byte padded with zeros)."""
+    cols = len(mk)
+    for q in range(cols // 8):
+        v = np.uint8(0)
+        for j in range(8):
+            v |= np.uint8(mk[8 * q + j]) << np.uint8(7 - j)
+        out[q] = v
+    if cols % 8:
+        v = np.uint8(0)
+        for c in range(cols - cols % 8, cols):
+            v |= np.uint8(mk[c]) << np.uint8(7 - c % 8)
+        out[cols // 8] = v
+
+
+@numba.njit(inline="always")
+def _unpack_row(bits, out):
+    """``out[:] = np.unpackbits(bits, count=len(out))`` as bools."""
+    for c in range(len(out)):
+        out[c] = (bits[c >> 3] >> np.uint8(7 - (c & 7))) & np.uint8(1)
+
+
 # Rows with more undecided entries than this are ranked whole (``_radix_ranks``),
 # fewer each by a count over the row (``_rank_by_count``, about cols / 8 cycles).
 DELLA_COUNT_MAX = 48
@@ -399,8 +423,9 @@ def _rank_by_count(key, c):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def della_masks(base, fts, keys, block_rows, tables, tiny, masks, sums):
-    """``masks[i, r, c] = uniform < tables[i, rank]``: DELLA's keep masks, with ``rank``
+def della_masks(base, fts, keys, block_rows, tables, tiny, bits, sums):
+    """``uniform < tables[i, rank]``: DELLA's keep masks, row ``r`` of model ``i``
+    bit-packed into ``bits[i, r]`` (``_pack_row``), with ``rank``
     the rank of ``d = |fts[i] - base|`` (flushed as XLA:CPU) within its row, ties by
     column, and the uniforms drawn as in ``bernoulli_blocks`` (``keys[i]``: model
     ``i``'s draw-block keys).  Each row of ``tables`` must be non-decreasing, and
@@ -416,7 +441,8 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks, sums):
     table's values at the bounds.  Those entries are ranked exactly: each by a
     count over the row, or, past ``DELLA_COUNT_MAX`` of them, by ranking the
     whole row."""
-    n, rows, cols = masks.shape
+    n, rows = bits.shape[:2]
+    cols = base.shape[1]
     nb = 2048  # 0: zeros, 1..2045: finite, 2046: Inf, 2047: NaN
     inf = np.uint32(0x7F800000)
     chunks = min(rows, 256)
@@ -430,6 +456,7 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks, sums):
         sort_idx, idx2 = np.empty(cols, np.int32), np.empty(cols, np.int32)
         digits = np.empty(2049, np.int64)
         start = np.empty(nb + 1, np.int32)
+        mk = np.empty(cols, np.bool_)
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
             blk = r // block_rows
             s0 = (r - blk * block_rows) * cols
@@ -439,7 +466,6 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks, sums):
                 tab = tables[i]
                 t_first = tab[0]
                 t_last = tab[cols - 1]
-                mk = masks[i, r]
                 k1 = np.uint32(keys[i, blk, 0])
                 k2 = np.uint32(keys[i, blk, 1])
                 # the loops over columns do little each, so that all but the histogram vectorise
@@ -493,3 +519,4 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, masks, sums):
                     mk[c] = unif[c] < tab[rk]
                 if sums.shape[1]:
                     sums[i, r, 0], sums[i, r, 1] = _abs_sums(f, b, mk)
+                _pack_row(mk, bits[i, r])

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = ("_abs_sums, _decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
+_HELPERS = ("_abs_sums, _decode, _pack_row, _unpack_row, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
             "_tiny_seen, _uniform01")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
@@ -89,14 +89,15 @@ def _span_source(n: int, mode: int) -> str:
 
 def _random_source(n: int, mode: int, drawn: bool) -> str:
     """``random_merge``: DARE's merge pass, row by row.  ``drawn``: each keep mask is
-    drawn inline (``_loops.bernoulli_blocks``'s bits), else read from ``masks``; a
+    drawn inline (``_loops.bernoulli_blocks``'s bits), else read from ``bits`` (packed
+    as ``_loops._pack_row`` packs them, ``[n, rows, ceil(cols / 8)]``); a
     kept delta is multiplied by ``q[i]`` (the inverse of the keep probability,
     as XLA divides by a scalar, or the L1 rescale's factor).  ``flags[r]`` gets 1 where row ``r``'s
     inputs hold a non-zero magnitude below 2**-32, 2 where a difference is
     NaN/Inf (the caller then merges by the XLA program, or raises)."""
     m = range(n)
     lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
-             "def random_merge(base, fts, keys, block_rows, p, masks, q, w, dw, inv_div, lam, out, flags):",
+             "def random_merge(base, fts, keys, block_rows, p, bits, q, w, dw, inv_div, lam, out, flags):",
              "    rows, cols = base.shape",
              "    for r in numba.prange(rows):",
              "        bt = base[r]", "        o = out[r]",
@@ -105,7 +106,7 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
     for i in m:
         lines.append(f"        x{i} = fts[{i}][r]; q{i} = q[{i}]; w{i} = w[{i}]; d{i} = dw[{i}]")
         lines.append(f"        ka{i} = np.uint32(keys[{i}, blk, 0]); kb{i} = np.uint32(keys[{i}, blk, 1]); p{i} = p[{i}]"
-                     if drawn else f"        mk{i} = masks[{i}, r]")
+                     if drawn else f"        mk{i} = np.empty(cols, np.bool_); _unpack_row(bits[{i}, r], mk{i})")
     lines += ["        for c in range(cols):", "            b = _decode(bt[c])", "            low = min(low, _low_bits(bt[c]))",
               "            n = np.uint32(start + c)"]
     for i in m:
@@ -121,23 +122,26 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
 
 _RANDOM_SUMS = '''
 @numba.njit(parallel=True, nogil=True, cache=True)
-def draw_masks(base, fts, keys, block_rows, p, masks, sums):
-    """Model ``i``'s keep mask into ``masks[i]`` (``_loops.bernoulli_blocks``'s draws),
-    and ``_abs_sums`` of each row and its mask into ``sums[i, r]`` where ``sums``
-    has a row for each (else it is ``[n, 0, 2]``)."""
-    n, rows, cols = masks.shape
+def draw_masks(base, fts, keys, block_rows, p, bits, sums):
+    """Model ``i``'s keep mask (``_loops.bernoulli_blocks``'s draws), row ``r``
+    bit-packed into ``bits[i, r]`` (``_pack_row``), and ``_abs_sums`` of each row
+    and its mask into ``sums[i, r]`` where ``sums`` has a row for each (else it
+    is ``[n, 0, 2]``)."""
+    n, rows = bits.shape[:2]
+    cols = base.shape[1]
     for r in numba.prange(rows):
         blk = r // block_rows
         start = (r - blk * block_rows) * cols
+        mk = np.empty(cols, np.bool_)
         for i in range(n):
             k1 = np.uint32(keys[i, blk, 0])
             k2 = np.uint32(keys[i, blk, 1])
             pi = p[i]
-            mk = masks[i, r]
             for c in range(cols):
                 mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < pi
             if sums.shape[1]:
                 sums[i, r, 0], sums[i, r, 1] = _abs_sums(fts[i][r], base[r], mk)
+            _pack_row(mk, bits[i, r])
 '''
 
 

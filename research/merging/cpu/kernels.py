@@ -23,7 +23,7 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   threefry2x32 that gives JAX's bits exactly; ``della_masks``: DELLA's,
   ranking exactly only the entries whose draw needs it; ``random_merge``:
   DARE's whole merge pass with the masks drawn inline (none is stored) or
-  given.
+  given (``Masks``, one bit an entry, as the mask kernels write them).
 
 They read the arrays in place: a JAX array on one CPU device is viewed as
 NumPy without a copy, bf16 as its uint16 bits (decoded by a shift).  Only bf16
@@ -44,6 +44,7 @@ import importlib
 import importlib.util
 import math
 import threading
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -333,6 +334,23 @@ def _draw_args(base, fts, block_keys, density):
     return _draw_view(base, blocks), tuple(_draw_view(f, blocks) for f in fts), keys, p, blocks
 
 
+class Masks(NamedTuple):
+    """Keep masks of ``n`` models over a ``[rows, cols]`` view, one bit an entry:
+    ``bits[i, r]`` is ``np.packbits(mask[i, r])`` (``[n, rows, ceil(cols / 8)]``
+    uint8, each row padded to whole bytes)."""
+
+    bits: np.ndarray
+    cols: int
+
+    def unpacked(self) -> np.ndarray:
+        """``[n, rows, cols]`` bool."""
+        return np.unpackbits(self.bits, axis=-1, count=self.cols).view(np.bool_)
+
+
+def _masks_out(n: int, shape) -> Masks:
+    return Masks(np.empty((n, shape[0], -(-shape[1] // 8)), np.uint8), shape[1])
+
+
 def _sums_out(n: int, rows: int, sums: bool) -> np.ndarray:
     """Where a mask kernel writes the L1 rescale's per-row sums: ``[n, rows, 2]``, or
     ``[n, 0, 2]`` for none."""
@@ -342,15 +360,16 @@ def _sums_out(n: int, rows: int, sums: bool) -> np.ndarray:
 def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = True):
     """DARE's keep masks, drawn as ``bernoulli`` draws them (``block_keys[i]``: model
     ``i``'s draw-block keys, ``[blocks, 2]`` uint32, None: it keeps everything),
-    and the L1 rescale's sums.  Returns ``(masks, sums)``: ``[n, rows, cols]`` bool
-    over the draw's 2-D view, and per row ``sum |d|`` and ``sum |d|`` over the kept
+    and the L1 rescale's sums.  Returns ``(masks, sums)``: ``Masks`` over the
+    draw's 2-D view ``[rows, cols]``, and per row ``sum |d|`` and ``sum |d|`` over the kept
     entries, ``[n, rows, 2]`` float64 (each a function of its row alone; None
     unless ``sums``)."""
     b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
-    masks = np.empty((len(fts), *b.shape), np.bool_)
+    masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _generated().random_sums().draw_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], p, masks, out)
+        _generated().random_sums().draw_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], p, masks.bits,
+                                              out)
     return masks, out if sums else None
 
 
@@ -375,10 +394,10 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
             tab[i] = np.asarray(t, np.float32)
     if (np.diff(tab, axis=1) < 0).any():
         raise ValueError("della_masks: a keep-probability table decreases with the rank")
-    masks = np.empty((len(fts), *b.shape), np.bool_)
+    masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks, out)
+        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks.bits, out)
     return masks, out if sums else None
 
 
@@ -388,7 +407,7 @@ def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, de
 
     The keep masks are drawn inline (``block_keys``, ``block_rows`` and
     ``density`` as for ``random_masks``; none is stored), or read from
-    ``masks`` (``random_masks``'s).  A kept delta is multiplied by
+    ``masks`` (``random_masks``' ``Masks``).  A kept delta is multiplied by
     ``scale[i]``: ``1 / p`` for the inverse rescale (XLA divides by a scalar
     so, by its float32 reciprocal), the L1 rescale's factor, or 1.  The options are ``consensus.disjoint_sum``'s.
     Returns ``(leaf, flags)``: the merged leaf as NumPy (``out_dtype``: bf16 or
@@ -404,10 +423,12 @@ def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, de
     if drawn:
         b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
         rows_per_block = block_rows if blocks > 1 else b.shape[0]
-        masks = np.zeros((n, 1, 1), np.bool_)
+        bits = np.zeros((n, 1, 1), np.uint8)
     else:
-        b = _as_2d(base, masks.shape[1:])  # the masks' view: flat order is the same in any 2-D view
-        views = tuple(_as_2d(f, masks.shape[1:]) for f in fts)
+        shape = (masks.bits.shape[1], masks.cols)  # the masks' view: flat order is the same in any 2-D view
+        b = _as_2d(base, shape)
+        views = tuple(_as_2d(f, shape) for f in fts)
+        bits = masks.bits
         keys, p, rows_per_block = np.zeros((n, 1, 2), np.uint32), np.ones(n, np.float32), b.shape[0]
     w, dw, inv_div, out = _mix_inputs(weights, consensus, divide_by, b.shape, out_dtype)
     flags = np.zeros(b.shape[0], np.uint8)
@@ -415,7 +436,7 @@ def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, de
     mode = gen.merge_mode({None: 0, "sum": 1, "count": 2}[consensus], bool(normalize), float(lam) == 1.0,
                           vote_on == "raw", False, all(float(x) == 1.0 for x in weights))
     with _LOCK:
-        gen.random_merge(n, mode, drawn)(b, views, keys, rows_per_block, p, masks, np.asarray(scale, np.float32), w,
+        gen.random_merge(n, mode, drawn)(b, views, keys, rows_per_block, p, bits, np.asarray(scale, np.float32), w,
                                          dw, inv_div, np.float32(lam), out, flags)
     return out.view(np.dtype(out_dtype)).reshape(np.shape(base)), flags
 

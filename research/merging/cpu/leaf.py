@@ -236,8 +236,9 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
         if res is not None and res[1].any():  # the XLA pass, on the same masks and factors
             if screen is not None and (res[1] & 2).any():
                 screen()
-            kept = [Kept() if k is None else Kept(mask=jnp.reshape(masks[i], np.shape(base)), mul=jnp.float32(factors[i]))
-                    for i, k in enumerate(keys)]
+            unpacked = masks.unpacked()
+            kept = [Kept() if k is None else Kept(mask=jnp.reshape(unpacked[i], np.shape(base)),
+                                                  mul=jnp.float32(factors[i])) for i, k in enumerate(keys)]
             return np.asarray(_mix_jit(base, ms, kept, opts=opts, out_dtype=jnp.dtype(out_dtype)))
     else:
         scale = [np.float32(1) / np.float32(d) if opts.rescale and k is not None else np.float32(1)

@@ -441,25 +441,25 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
     rescale's factors from a first pass of per-row sums.  False, having written
     nothing, where the first block shows that the passes do not apply."""
     block_keys = lambda c: [k[c * per_block:(c + 1) * per_block] for k in keys]
-    factors = packed = None
+    factors = kept_masks = None
     if opts.rescale and opts.rescale_mode == "l1":
         rows = [[] for _ in t.models]
-        # the masks, bit-packed, for the merge pass where they fit MASK_BUDGET; else drawn again
-        packed = [] if t.size * len(t.models) <= 8 * MASK_BUDGET else None
+        # the masks (one bit an entry) kept for the merge pass where they fit MASK_BUDGET; else drawn again
+        kept_masks = [] if t.size * len(t.models) <= 8 * MASK_BUDGET else None
         for c, (base, models) in enumerate(t.blocks()):
             applies = dare_applies(opts, base, models, out_dtype)
             drawn = applies and random_masks(opts, base, models, block_keys(c), rb)
             if not drawn:  # nothing written yet
                 return False
             masks, sums = drawn
-            if packed is not None:
-                packed.append((masks.shape[-1], np.packbits(masks, axis=-1)))
+            if kept_masks is not None:
+                kept_masks.append(masks)
             for i in range(len(models)):
                 rows[i].append(sums[i])
             del masks
         factors = [dare_factor(np.concatenate(r)) if d < 1 else np.float32(1.0) for r, d in zip(rows, opts.density)]
     for c, (base, models) in enumerate(t.blocks()):
-        masks = None if packed is None else np.unpackbits(packed[c][1], axis=-1, count=packed[c][0]).view(np.bool_)
+        masks = None if kept_masks is None else kept_masks[c]
         leaf = dare_merge(base, models, opts, block_keys(c), rb, out_dtype, factors, masks=masks,
                           screen=lambda: _screen(t, base, models))
         if leaf is None:
