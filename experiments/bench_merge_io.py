@@ -264,7 +264,8 @@ def main(argv=None):
     numba_methods = set()
     if args.also:
         from research.merging.stream.engine import MAPPED_METHODS as numba_methods
-        label, also_args, also_env = VARIANTS[args.also][0], VARIANTS[args.also][1], VARIANTS[args.also][2]()
+        label, also_args, env_of = VARIANTS[args.also]
+        also_env = env_of()
     for dtype in args.dtypes:
         for method in args.methods:
             cfg = f"{work}/{method}-{dtype}.yaml"

@@ -404,7 +404,7 @@ def _unpack_row(bits, out):
 
 
 # Rows with more undecided entries than this are ranked whole (``_radix_ranks``),
-# fewer each by a count over the row (``_rank_by_count``, about cols / 8 cycles).
+# fewer each by a count over the row (``_rank_by_count``).
 DELLA_COUNT_MAX = 48
 
 

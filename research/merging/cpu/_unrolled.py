@@ -21,8 +21,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = ("_abs_sums, _decode, _pack_row, _unpack_row, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
-            "_tiny_seen, _uniform01")
+_HELPERS = ("_abs_sums, _decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _pack_row, _sign, "
+            "_threefry_bits, _tiny_seen, _uniform01, _unpack_row")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
 
