@@ -438,6 +438,36 @@ def test_probe_counts_recount_with_flushing_where_subnormals_could_occur():
     assert not hazard
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_magnitude_histograms_count_the_flushed_float_bits_of_every_delta(dtype):
+    """Both levels of ``MagnitudeHistograms`` against ``np.bincount`` of the bits of
+    ``|ft - base|`` flushed as XLA:CPU: rows with subnormal inputs (flushed), an
+    overflowing difference and a NaN (counted apart), over two blocks."""
+    rng = np.random.default_rng(21)
+    base = rng.normal(size=(9, 70)).astype(np.float32)
+    ft = base + np.round(rng.normal(size=base.shape) * 8) / 64  # ties
+    ft[2, 3], base[4, 5], ft[4, 5], base[1, 1], ft[1, 1] = 1e-39, 2e-38, 1.5e-38, 1e-38, 1.01e-38
+    big = np.finfo(np.float32).max if dtype == jnp.float32 else 3e38
+    ft[6, 0], base[6, 0], ft[7, 9] = big, -big, np.nan
+    base, ft = (np.asarray(jnp.asarray(x, dtype)) for x in (base, ft))
+    flush = lambda x: np.where(np.abs(x) < TINY, np.float32(0), x)
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = flush(np.abs(flush(base.astype(np.float32)) - flush(ft.astype(np.float32))))
+    bits = d.view(np.uint32).ravel()
+    finite = bits[bits < 0x7F800000]
+    h1 = cpu_kernels.MagnitudeHistograms(1)
+    for rows in (slice(0, 4), slice(4, 9)):
+        h1.add(jnp.asarray(base[rows]), [jnp.asarray(ft[rows])])
+    np.testing.assert_array_equal(h1.counts()[0], np.bincount(finite >> 16, minlength=1 << 15))
+    assert h1.bad().tolist() == [2]
+    level = int(np.argmax(h1.counts()[0]))
+    h2 = cpu_kernels.MagnitudeHistograms(1, within=[level])
+    h2.add(jnp.asarray(base), [jnp.asarray(ft)])
+    inside = finite[finite >> 16 == level]
+    assert len(inside) > 1
+    np.testing.assert_array_equal(h2.counts()[0], np.bincount(inside & 0xFFFF, minlength=1 << 16))
+
+
 @pytest.mark.parametrize("case", ["tiny inputs", "tiny weight", "nan, unchecked"])
 def test_trim_merges_the_kernel_cannot_match_exactly_fall_back_to_xla(kernel_calls, case):
     base, fts = _llama_like(np.random.default_rng(14), jnp.float32, shapes=((16, 24),))

@@ -196,32 +196,49 @@ def row_ranks(ft, base, tiny, out):
                      np.empty(2049, np.int64), out[r])
 
 
+@numba.njit(nogil=True, cache=True)
+def _abs_delta_bits(f, b, tiny, out):
+    """``out[c]``: the float32 bits of ``d = |f[c] - b[c]|`` as XLA:CPU computes it
+    (subnormal inputs and differences as 0; NaN/Inf give bits ``>= 0x7F800000``).
+    The flushes are skipped (a loop of vector lanes) unless an input of the row
+    has a non-zero magnitude below 2**-32, the only case where they can matter."""
+    low = _low_start(b)
+    for c in range(len(b)):
+        low = min(low, min(_low_bits(f[c]), _low_bits(b[c])))
+        out[c] = np.float32(abs(_decode(f[c]) - _decode(b[c]))).view(np.uint32)
+    if _tiny_seen(low, b):
+        for c in range(len(b)):
+            out[c] = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
 def magnitude_histograms(base, fts, shift, mask, match, match_shift, tiny, hist, bad):
-    """Adds to ``hist[t, i, key]`` the entries of ``d = |fts[i] - base|`` (flushed as
-    XLA:CPU) whose float bits ``b`` give ``key = (b >> shift) & mask``, among those
-    with ``b >> match_shift == match[i]`` (all when ``match[i] < 0``); ``bad[t, i]``
-    counts NaN/Inf.  One pass over ``base`` and every model; rows are split over
-    ``hist.shape[0]`` workers ``t``."""
+    """Adds to ``hist[t, i, key]`` the entries of ``d = |fts[i] - base|`` (as
+    ``_abs_delta_bits``) whose float bits ``b`` give ``key = (b >> shift) & mask``,
+    among those with ``b >> match_shift == match[i]`` (all when ``match[i] < 0``);
+    ``bad[t, i]`` counts NaN/Inf.  One pass over ``base`` and every model; rows
+    are split over ``hist.shape[0]`` workers ``t``."""
     workers = hist.shape[0]
     rows, cols = base.shape
     for t in numba.prange(workers):
+        x = np.empty(cols, np.uint32)
         for r in range(t * rows // workers, (t + 1) * rows // workers):
             for i in range(len(fts)):
-                f = fts[i]
-                h = hist[t, i]
-                m = match[i]
+                _abs_delta_bits(fts[i][r], base[r], tiny, x)
                 n_bad = 0
                 for c in range(cols):
-                    d = _flushed_abs_delta(f[r, c], base[r, c], tiny)
-                    if not d < np.float32(np.inf):
-                        n_bad += 1
-                        continue
-                    b = np.float32(d).view(np.uint32)
-                    if m >= 0 and np.int64(b >> np.uint32(match_shift)) != m:
-                        continue
-                    h[(b >> np.uint32(shift)) & np.uint32(mask)] += 1
+                    n_bad += x[c] >= np.uint32(0x7F800000)
                 bad[t, i] += n_bad
+                h = hist[t, i]
+                if match[i] < 0:
+                    for c in range(cols):
+                        if x[c] < np.uint32(0x7F800000):
+                            h[(x[c] >> np.uint32(shift)) & np.uint32(mask)] += 1
+                else:
+                    m = np.uint32(match[i])
+                    for c in range(cols):
+                        if x[c] >> np.uint32(match_shift) == m:
+                            h[(x[c] >> np.uint32(shift)) & np.uint32(mask)] += 1
 
 
 @numba.njit(inline="always")
