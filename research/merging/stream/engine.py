@@ -326,9 +326,12 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _is_float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
+    widened = {n for n in names if _widened_in_merge(plan, n, srcs, in_dtype)}  # read as bf16
     recipe = task_vectors.RECIPES.get(plan.method)
     if recipe is not None and devs[0].platform == "cpu" and names:  # numba loads while the first tensors are read
-        cpu.warm_up(recipe.sparsify, in_dtype or ref_src.dtypes[names[0]], len(plan.models))
+        first = names[0]
+        cpu.warm_up(recipe.sparsify, ref_src.dtypes[first] if first in widened else in_dtype or ref_src.dtypes[first],
+                    len(plan.models))
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
     write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor (or block) behind the merge
@@ -341,10 +344,11 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
         written = write_pool.submit(fn, *args)
 
     cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _is_float(a.dtype) else a
+    cast_for = lambda n: (lambda a: a) if n in widened else cast  # the casts to the config's dtype
     mapped = map_inputs and mapped_inputs(plan.method, devs)
     how = "view" if mapped else "read"  # the sources' method that gives a tensor
     read = lambda n: [getattr(s, how)(n) for s in srcs]
-    blocks = {n: _blocks(plan, n, srcs, cast, how) for n in names
+    blocks = {n: _blocks(plan, n, srcs, cast_for(n), how) for n in names
               if _is_float(ref_src.dtypes[n]) and (global_opts or plan.blocked(n))}
     bar = tqdm(total=plan.bytes_read(), unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress)
@@ -382,7 +386,8 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
             if not _is_float(ref.dtype):
                 out = ref  # integer buffers (e.g. position ids) are copied from the base
             else:
-                work = [cast(a) if mapped else _place(cast(a), devs) for a in work]
+                cast_n = cast_for(name)
+                work = [cast_n(a) if mapped else _place(cast_n(a), devs) for a in work]
                 key = root if plan.method in merging.RANDOM_METHODS else None  # merge() folds in the tensor's name
                 out = _merge_tensor(plan, mc, name, work, key, out_dtype or ref.dtype)
                 if rows:
@@ -413,6 +418,15 @@ def mapped_inputs(method: str, devs) -> bool:
     ``MAPPED_METHODS``, on the default device, a CPU).  The XLA programs would copy
     a mapped tensor to align it, so they get ``pread``'s aligned buffers."""
     return cpu.ENABLED and method in MAPPED_METHODS and devs[0].platform == "cpu" and devs[0] == jax.devices()[0]
+
+
+def _widened_in_merge(plan: Plan, name: str, srcs, in_dtype) -> bool:
+    """Whether tensor ``name``, bf16 in every input, is merged under ``dtype: float32``
+    by a task-vector recipe.  The recipes compute in float32 from bf16 inputs as
+    from their float32 casts (every bf16 is a float32): the inputs are then
+    read as they are, half the bytes, and widened entry by entry in the merge."""
+    return (plan.method in task_vectors.RECIPES and in_dtype == jnp.float32
+            and all(s.dtypes[name] == jnp.bfloat16 for s in srcs))
 
 
 def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
