@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from research import merging
-from research.merging import stream, task_vectors
+from research.merging import stream
 from research.merging.stream.sources import TensorSource
 from research.models import CheckpointError
 
@@ -469,45 +469,44 @@ def test_merges_run_by_the_numba_kernels_map_their_inputs_and_give_the_same_tens
         np.testing.assert_array_equal(got[name].view(np.uint16), expect[name].view(np.uint16), err_msg=name)
 
 
-_RECIPE_PARAMS = {"della": {"density": 0.5, "epsilon": 0.1}, "della_linear": {"density": 0.5, "epsilon": 0.1},
-                  "task_arithmetic": {}}
-
-
-@pytest.mark.parametrize("method", sorted(task_vectors.RECIPES))
+@pytest.mark.parametrize("method", merging.METHODS)
 def test_bf16_checkpoints_merged_under_dtype_float32_are_read_as_bf16_and_give_the_float32_merge(
         wide_models, monkeypatch, method):
-    """A task-vector recipe computes in float32 from bf16 inputs as from their float32
-    casts, so under ``dtype: float32`` the CLI hands the merge the bf16 tensors as
-    they are (half the bytes); its output is ``merging.merge`` of the float32 casts
-    bit for bit, for the tensors merged whole and those merged in row blocks."""
+    """Every method computes in float32 from bf16 inputs as from their float32 casts,
+    so under ``dtype: float32`` the CLI hands the merge the bf16 tensors as they
+    are (half the bytes); its output is the merge of the float32 casts bit for
+    bit, for the tensors merged whole and those merged in row blocks."""
     from research.merging import sparsify
     from research.merging.stream import chunked, engine
     tmp, base, fts = wide_models
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)
     monkeypatch.setattr(chunked, "MIN_BYTES", 1200)  # float32: embeddings, lm_head, q and up in blocks
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 400)
-    f32 = lambda tree: {k: v.astype(np.float32) for k, v in tree.items()}
-    params = _RECIPE_PARAMS.get(method, {"density": 0.3})
-    key = {"key": jax.random.key(1)} if method in merging.RANDOM_METHODS else {}
-    expect = merging.merge(method, [f32(f) for f in fts], base=f32(base), **key, **params)
-    blocked, whole = {}, {}  # tensor: the dtypes its inputs reach the merge in
+    cfg = write_cfg(tmp, _every_method_config(method, "0.3") + "dtype: float32\n")
+    seen, blocked = {}, set()  # run: {tensor: the dtypes its inputs reach the merge in}
     real_blocks, real_tensor = chunked.merge_blocks, engine._merge_tensor
 
     def merge_blocks(m, opts, t, *args):
         base_rows, model_rows = t.read((0, 1))
-        blocked[t.name] = {str(a.dtype) for a in [base_rows, *model_rows]}
+        seen[run][t.name] = {str(a.dtype) for a in [base_rows, *model_rows] if a is not None}  # linear: no base
+        blocked.add(t.name)
         return real_blocks(m, opts, t, *args)
 
     def merge_tensor(plan, mc, name, work, *args):
-        whole[name] = {str(a.dtype) for a in work}
+        seen[run][name] = {str(a.dtype) for a in work}
         return real_tensor(plan, mc, name, work, *args)
 
     monkeypatch.setattr(chunked, "merge_blocks", merge_blocks)
     monkeypatch.setattr(engine, "_merge_tensor", merge_tensor)
-    cfg = write_cfg(tmp, _every_method_config(method, "0.3") + "dtype: float32\n")
-    got = read_out(stream.run(stream.load(cfg), str(tmp / "out"), progress=False, seed=1))
-    assert "lm_head.weight" in blocked and "model.norm.weight" in whole and set(blocked) | set(whole) == set(base)
-    assert all(d == {"bfloat16"} for d in [*blocked.values(), *whole.values()])
+    out = {}
+    for run in ("read as bf16", "cast"):
+        if run == "cast":
+            monkeypatch.setattr(engine, "_widened_in_merge", lambda *a: False)
+        seen[run] = {}
+        out[run] = read_out(stream.run(stream.load(cfg), str(tmp / run), progress=False, seed=1))
+    assert all(d == {"bfloat16"} for d in seen["read as bf16"].values())
+    assert all(d == {"float32"} for d in seen["cast"].values())
+    assert set(seen["cast"]) == set(base) and "lm_head.weight" in blocked and "model.norm.weight" not in blocked
     for name in base:
-        assert got[name].dtype == np.float32
-        np.testing.assert_array_equal(got[name], np.asarray(expect[name]), err_msg=name)
+        assert out["read as bf16"][name].dtype == np.float32
+        np.testing.assert_array_equal(out["read as bf16"][name], out["cast"][name], err_msg=name)

@@ -48,9 +48,8 @@ from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, 
                                        _mix_jit, dare_applies, dare_factor, dare_merge, random_masks)
 
 # Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
-# else the checkpoint's): a float32 merge of bf16 checkpoints holds its inputs
-# at twice their size on disk, or, for the task-vector recipes, which widen
-# each entry as they compute, at their size on disk in blocks sized for float32.
+# else the checkpoint's).  A float32 merge of bf16 checkpoints reads them as
+# they are (the merge widens each entry as it computes), in blocks sized for float32.
 CHUNK_BYTES = 16 << 20  # of one row block
 MIN_BYTES = 32 << 20  # tensors above this are merged in blocks
 MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry) kept between a tensor's passes

@@ -326,7 +326,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _is_float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
-    widened = {n for n in names if _widened_in_merge(plan, n, srcs, in_dtype)}  # read as bf16
+    widened = {n for n in names if _widened_in_merge(n, srcs, in_dtype)}  # read as bf16
     recipe = task_vectors.RECIPES.get(plan.method)
     if recipe is not None and devs[0].platform == "cpu" and names:  # numba loads while the first tensors are read
         first = names[0]
@@ -420,13 +420,12 @@ def mapped_inputs(method: str, devs) -> bool:
     return cpu.ENABLED and method in MAPPED_METHODS and devs[0].platform == "cpu" and devs[0] == jax.devices()[0]
 
 
-def _widened_in_merge(plan: Plan, name: str, srcs, in_dtype) -> bool:
-    """Whether tensor ``name``, bf16 in every input, is merged under ``dtype: float32``
-    by a task-vector recipe.  The recipes compute in float32 from bf16 inputs as
-    from their float32 casts (every bf16 is a float32): the inputs are then
-    read as they are, half the bytes, and widened entry by entry in the merge."""
-    return (plan.method in task_vectors.RECIPES and in_dtype == jnp.float32
-            and all(s.dtypes[name] == jnp.bfloat16 for s in srcs))
+def _widened_in_merge(name: str, srcs, in_dtype) -> bool:
+    """Whether tensor ``name``, bf16 in every input, is merged under ``dtype: float32``.
+    Every method computes in float32 from bf16 inputs (``tree.compute_dtype``)
+    as from their float32 casts, every bf16 being a float32: the inputs are
+    then read as they are, half the bytes, and widened as the merge computes."""
+    return in_dtype == jnp.float32 and all(s.dtypes[name] == jnp.bfloat16 for s in srcs)
 
 
 def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
