@@ -430,7 +430,8 @@ def _widened_in_merge(name: str, srcs, in_dtype) -> bool:
 
 def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
     """Tensor ``name`` of every input, read in row blocks (each source's ``how``:
-    ``read`` or ``view``), and cast to the config's dtype."""
+    ``read`` or ``view``), each block passed through ``cast`` (to the config's
+    dtype, or left as it is where ``_widened_in_merge``)."""
     reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop)))) if src.shapes[name] else (
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
