@@ -80,6 +80,19 @@ class Plan:
         d = (self.base or self.models[0]).dtypes[name]
         return np.dtype(self.dtype).itemsize if self.dtype is not None and _is_float(d) else d.itemsize
 
+    def widened(self, name: str) -> bool:
+        """Whether tensor ``name``, bf16 in every input, is merged under ``dtype: float32``.
+        Every method computes in float32 from bf16 inputs (``tree.compute_dtype``)
+        as from their float32 casts, every bf16 being a float32: the inputs are
+        then read as they are, half the bytes, and widened as the merge computes."""
+        srcs = ([self.base] if self.base else []) + self.models
+        return (self.dtype is not None and jnp.dtype(self.dtype) == jnp.float32
+                and all(s.dtypes[name] == jnp.bfloat16 for s in srcs))
+
+    def input_itemsize(self, name: str) -> int:
+        """Bytes an entry of an input of tensor ``name`` takes while it merges."""
+        return 2 if self.widened(name) else self.itemsize(name)
+
     def bytes_read(self) -> int:
         srcs = ([self.base] if self.base else []) + self.models
         return sum(s.nbytes(n) for s in srcs for n in self.names)
@@ -101,17 +114,17 @@ class Plan:
         unit = {n: (min(chunked.block_rows(ref.shapes[n], self.itemsize(n)), ref.shapes[n][0])
                     * int(np.prod(ref.shapes[n][1:])) if self.blocked(n) else int(np.prod(ref.shapes[n])))
                 for n in self.names}
-        # the largest unit in bytes: inputs (+ the prefetched next set, within its
-        # budget) at the dtype they merge in, float32 working copies, the previous
-        # output waiting for the disk
-        largest = max(self.names, key=lambda n: unit[n] * self.itemsize(n))
-        out_bytes = unit[largest] * self.itemsize(largest)
-        in_bytes = n_in * out_bytes
+
+        def held(n):
+            # the inputs as they merge (and the prefetched next set, within its budget),
+            # float32 working copies, the previous output waiting for the disk
+            in_bytes = n_in * unit[n] * self.input_itemsize(n)
+            return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit[n] * 4 + unit[n] * self.itemsize(n)
+
         # DARE and DELLA keep a blocked tensor's bit-packed masks between its passes
         masks = [int(np.prod(ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
         kept = max([m for m in masks if m <= chunked.MASK_BUDGET], default=0)
-        return (max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit[largest] * 4 + out_bytes
-                + (kept if self.method in merging.RANDOM_METHODS else 0))
+        return max(held(n) for n in self.names) + (kept if self.method in merging.RANDOM_METHODS else 0)
 
 
 def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
@@ -326,7 +339,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _is_float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
-    widened = {n for n in names if _widened_in_merge(n, srcs, in_dtype)}  # read as bf16
+    widened = {n for n in names if plan.widened(n)}  # read as bf16
     recipe = task_vectors.RECIPES.get(plan.method)
     if recipe is not None and devs[0].platform == "cpu" and names:  # numba loads while the first tensors are read
         first = names[0]
@@ -420,18 +433,10 @@ def mapped_inputs(method: str, devs) -> bool:
     return cpu.ENABLED and method in MAPPED_METHODS and devs[0].platform == "cpu" and devs[0] == jax.devices()[0]
 
 
-def _widened_in_merge(name: str, srcs, in_dtype) -> bool:
-    """Whether tensor ``name``, bf16 in every input, is merged under ``dtype: float32``.
-    Every method computes in float32 from bf16 inputs (``tree.compute_dtype``)
-    as from their float32 casts, every bf16 being a float32: the inputs are
-    then read as they are, half the bytes, and widened as the merge computes."""
-    return in_dtype == jnp.float32 and all(s.dtypes[name] == jnp.bfloat16 for s in srcs)
-
-
 def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
     """Tensor ``name`` of every input, read in row blocks (each source's ``how``:
     ``read`` or ``view``), each block passed through ``cast`` (to the config's
-    dtype, or left as it is where ``_widened_in_merge``)."""
+    dtype, or left as it is where ``Plan.widened``)."""
     reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop)))) if src.shapes[name] else (
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
