@@ -90,8 +90,9 @@ class Plan:
                 and all(s.dtypes[name] == jnp.bfloat16 for s in srcs))
 
     def input_itemsize(self, name: str) -> int:
-        """Bytes an entry of an input of tensor ``name`` takes while it merges."""
-        return 2 if self.widened(name) else self.itemsize(name)
+        """Bytes an entry of an input of tensor ``name`` takes while it merges: its
+        checkpoint's where ``widened``, else ``itemsize``."""
+        return (self.base or self.models[0]).dtypes[name].itemsize if self.widened(name) else self.itemsize(name)
 
     def bytes_read(self) -> int:
         srcs = ([self.base] if self.base else []) + self.models
