@@ -75,6 +75,11 @@ class Plan:
     vocab_rows: dict  # tensor -> common row count, where vocab sizes differ
     dtype: object = None  # the config's dtype, which float tensors are merged in; None: their own
 
+    @property
+    def sources(self) -> list:
+        """The inputs: the base, where there is one, then the models."""
+        return ([self.base] if self.base else []) + self.models
+
     def itemsize(self, name: str) -> int:
         """Bytes an entry of tensor ``name`` takes while it merges."""
         d = (self.base or self.models[0]).dtypes[name]
@@ -85,9 +90,8 @@ class Plan:
         Every method computes in float32 from bf16 inputs (``tree.compute_dtype``)
         as from their float32 casts, every bf16 being a float32: the inputs are
         then read as they are, half the bytes, and widened as the merge computes."""
-        srcs = ([self.base] if self.base else []) + self.models
         return (self.dtype is not None and jnp.dtype(self.dtype) == jnp.float32
-                and all(s.dtypes[name] == jnp.bfloat16 for s in srcs))
+                and all(s.dtypes[name] == jnp.bfloat16 for s in self.sources))
 
     def input_itemsize(self, name: str) -> int:
         """Bytes an entry of an input of tensor ``name`` takes while it merges: its
@@ -95,8 +99,7 @@ class Plan:
         return (self.base or self.models[0]).dtypes[name].itemsize if self.widened(name) else self.itemsize(name)
 
     def bytes_read(self) -> int:
-        srcs = ([self.base] if self.base else []) + self.models
-        return sum(s.nbytes(n) for s in srcs for n in self.names)
+        return sum(s.nbytes(n) for s in self.sources for n in self.names)
 
     def bytes_written(self) -> int:
         ref = self.base or self.models[0]
@@ -295,7 +298,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     if dry_run:
         print(describe(plan))
         return None
-    inputs = [src.path for src in ([plan.base] if plan.base else []) + plan.models]
+    inputs = [src.path for src in plan.sources]
     if mc.tokenizer_source:
         inputs.append(mc.tokenizer_source)
     try:
@@ -331,7 +334,7 @@ def _global_trim(plan: Plan, mc) -> tuple | None:
 
 
 def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, progress: bool, map_inputs: bool):
-    srcs = ([plan.base] if plan.base else []) + plan.models
+    srcs = plan.sources
     in_dtype = jnp.dtype(mc.dtype) if mc.dtype else None
     out_dtype = mc.out_dtype or mc.dtype
     ref_src = srcs[0]
@@ -340,12 +343,10 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _is_float(ref_src.dtypes[n])
                else ref_src.dtypes[n]) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
-    widened = {n for n in names if plan.widened(n)}  # read as bf16
+    cast_to = lambda n: None if plan.widened(n) else in_dtype  # the dtype tensor n's float inputs are cast to, if any
     recipe = task_vectors.RECIPES.get(plan.method)
     if recipe is not None and devs[0].platform == "cpu" and names:  # numba loads while the first tensors are read
-        first = names[0]
-        cpu.warm_up(recipe.sparsify, ref_src.dtypes[first] if first in widened else in_dtype or ref_src.dtypes[first],
-                    len(plan.models))
+        cpu.warm_up(recipe.sparsify, cast_to(names[0]) or ref_src.dtypes[names[0]], len(plan.models))
     root = jax.random.key(seed)
     pool = cf.ThreadPoolExecutor(1)
     write_pool = cf.ThreadPoolExecutor(1)  # writes in order, one tensor (or block) behind the merge
@@ -357,8 +358,10 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
             written.result()  # at most one finished tensor or block waits for the disk
         written = write_pool.submit(fn, *args)
 
-    cast = lambda a: a.astype(in_dtype, copy=False) if in_dtype and _is_float(a.dtype) else a
-    cast_for = lambda n: (lambda a: a) if n in widened else cast  # the casts to the config's dtype
+    def cast_for(n):  # the cast of tensor n's inputs to cast_to(n)
+        dt = cast_to(n)
+        return lambda a: a.astype(dt, copy=False) if dt is not None and _is_float(a.dtype) else a
+
     mapped = map_inputs and mapped_inputs(plan.method, devs)
     how = "view" if mapped else "read"  # the sources' method that gives a tensor
     read = lambda n: [getattr(s, how)(n) for s in srcs]
