@@ -15,16 +15,24 @@ parsing, in one 64 MB buffer.  Beside it, the same reads and write through the
 safetensors library (``ROUND_TRIP``), the reference the speed goals were
 first written against.  Runs are interleaved over ``--rounds`` rounds, each
 after an ``os.sync()``; the best time is reported (single runs vary by +-30%
-on a shared machine).  The merges keep compiled programs in a compilation
-cache that starts empty in each bench run, so the first round compiles (the
-"first run" column) and later rounds load them, as a user's second merge of
-the same architecture does.  ``--also VARIANT`` adds, interleaved, each
-method the numba kernels run (the ones with a sparsifier) run again as
-VARIANT says, as two more columns: ``no-map``, with ``--no-map`` (every input
-tensor ``pread`` into memory rather than mapped from the page cache);
-``256-bit``, with ``NUMBA_CPU_FEATURES`` set to the host's features, which
-the kernels then leave as they are, so LLVM keeps its preferred vector width
-(256 bits on AVX-512 CPUs, where the kernels otherwise ask for 512).
+on a shared machine).  Before each run the bench touches and frees
+``--warm-gb`` of memory (default: twice one model's bytes plus 2 GB): a VM
+that hands freed guest memory back to its host (virtio-balloon free page
+reporting) charges a run for each page it touches first, its output's page
+cache included, unless the page was freed only moments before.  The kernel
+hands out the most recently freed pages first, so every run then starts on
+memory the host still backs, as on a machine that keeps its memory;
+``--warm-gb 0`` measures as the machine comes.  The merges keep compiled
+programs in a compilation cache that starts empty in each bench run, so the
+first round compiles (the "first run" column) and later rounds load them,
+as a user's second merge of the same architecture does.  ``--also VARIANT``
+adds, interleaved, each method the numba kernels run (the ones with a
+sparsifier) run again as VARIANT says, as two more columns: ``no-map``, with
+``--no-map`` (every input tensor ``pread`` into memory rather than mapped
+from the page cache); ``256-bit``, with ``NUMBA_CPU_FEATURES`` set to the
+host's features, which the kernels then leave as they are, so LLVM keeps its
+preferred vector width (256 bits on AVX-512 CPUs, where the kernels
+otherwise ask for 512).
 """
 
 from __future__ import annotations
@@ -132,6 +140,14 @@ atexit.register(_hwm)
 _MODULE = _HWM + "import runpy; sys.argv = sys.argv[1:]; runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)"
 
 
+def warm_memory(nbytes: int) -> None:
+    """Touch ``nbytes`` of fresh memory, one write a page, and free it (see the module docstring)."""
+    if nbytes > 0:
+        pages = np.empty(nbytes, np.uint8)
+        pages[::4096] = 1
+        del pages
+
+
 def timed_process(args, hwm_file, cache_dir="off", extra_env=None):
     """Wall seconds and peak RSS (bytes) of ``python -c <wrapped>`` args."""
     t0 = time.perf_counter()
@@ -226,6 +242,9 @@ def main(argv=None):
     ap.add_argument("--also", choices=list(VARIANTS), default=None,
                     help="also run, interleaved, each method the numba kernels run: with --no-map (inputs pread), "
                          "or at LLVM's preferred vector width")
+    ap.add_argument("--warm-gb", type=float, default=None,
+                    help="GB of memory touched and freed before each run (default: twice one model's bytes plus "
+                         "2 GB; 0: none), see above")
     ap.add_argument("--docs", action="store_true", help="write the tables into docs/performance.md")
     args = ap.parse_args(argv)
     work = args.dir or tempfile.mkdtemp(prefix="bench_merge_io-")
@@ -276,26 +295,35 @@ def main(argv=None):
             if method in numba_methods:
                 runs[(f"{method} {label}", dtype)] = runs[(method, dtype)] + also_args
                 envs[(f"{method} {label}", dtype)] = also_env
+    warm = int((4 * n_params + 2 * 2**30) if args.warm_gb is None else args.warm_gb * 2**30)
     cache = f"{work}/compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     best = {name: (math.inf, 0) for name in runs}
-    first = {}
+    first, times = {}, {}
     for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits every run alike
         for name, cmd in runs.items():
             os.sync()  # start every run with no dirty pages waiting for write-back
+            warm_memory(warm)
             secs, rss = timed_process(cmd, hwm, cache, envs.get(name))
             print(f"  {name[0]} ({name[1]}): {secs:.1f} s, {rss / 1e9:.2f} GB", flush=True)
             first.setdefault(name, secs)
+            times.setdefault(name, []).append(secs)
             best[name] = (min(best[name][0], secs), max(best[name][1], rss))
             shutil.rmtree(f"{work}/out")
     floor, floor_rss = best[(floor_name, None)]
     trip, trip_rss = best[(trip_name, None)]
     largest = max(shp.values(), key=math.prod)
+
+    def spread(run):
+        return ", ".join(f"{t:.1f}" for t in times[(run, None)])
+
     out = [f"{n_params / 1e6:.0f}M parameters per model (largest tensor {largest[0]}x{largest[1]}), bf16 on disk, "
            f"2 shards each, 3 fine-tunes + base; best wall time of {args.rounds} interleaved rounds, largest peak "
-           f"RSS.  The floor reads every byte of the 4 inputs and writes one bf16 output (a byte copy of the "
-           f"first): {floor:.1f} s, {floor_rss / 1e9:.2f} GB.  The safetensors round trip loads the 4 inputs' "
-           f"tensors and saves the first's with the safetensors library: {trip:.1f} s, {trip_rss / 1e9:.2f} GB.",
+           f"RSS; each run starts on {warm / 2**30:.1f} GB of memory touched and freed just before it (`--warm-gb`).  "
+           f"The floor reads every byte of the 4 inputs and writes one bf16 output (a byte copy of the "
+           f"first): {floor:.1f} s (rounds: {spread(floor_name)}), {floor_rss / 1e9:.2f} GB.  The safetensors round "
+           f"trip loads the 4 inputs' tensors and saves the first's with the safetensors library: {trip:.1f} s "
+           f"(rounds: {spread(trip_name)}), {trip_rss / 1e9:.2f} GB.",
            "", "Configs as users write them: `weight: 1.0` (and the density) per model, `normalize: true` where "
            "the method takes it, and the dtype line of each table.", ""]
     for dtype in args.dtypes:

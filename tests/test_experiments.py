@@ -49,7 +49,7 @@ def test_bench_generate_smoke():
 
 def test_bench_merge_io_smoke():
     out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "ties", "della", "slerp", "--rounds", "1",
-                "--also", "no-map"])
+                "--also", "no-map", "--warm-gb", "0.05"])
     assert "(floor)" in out and "(round trip)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert "ties `--no-map` (bfloat16)" in out and rows["ties"][-2].strip() and not rows["slerp"][-2].strip()
