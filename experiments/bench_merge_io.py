@@ -295,7 +295,8 @@ def main(argv=None):
             if method in numba_methods:
                 runs[(f"{method} {label}", dtype)] = runs[(method, dtype)] + also_args
                 envs[(f"{method} {label}", dtype)] = also_env
-    warm = int((4 * n_params + 2 * 2**30) if args.warm_gb is None else args.warm_gb * 2**30)
+    model_bytes = 2 * n_params  # bf16
+    warm = int(2 * model_bytes + 2 * 2**30 if args.warm_gb is None else args.warm_gb * 2**30)
     cache = f"{work}/compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
     best = {name: (math.inf, 0) for name in runs}
