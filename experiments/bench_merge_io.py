@@ -301,16 +301,22 @@ def main(argv=None):
     shutil.rmtree(cache, ignore_errors=True)
     best = {name: (math.inf, 0) for name in runs}
     first, times = {}, {}
-    for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits every run alike
-        for name, cmd in runs.items():
-            os.sync()  # start every run with no dirty pages waiting for write-back
-            warm_memory(warm)
-            secs, rss = timed_process(cmd, hwm, cache, envs.get(name))
-            print(f"  {name[0]} ({name[1]}): {secs:.1f} s, {rss / 1e9:.2f} GB", flush=True)
-            first.setdefault(name, secs)
-            times.setdefault(name, []).append(secs)
-            best[name] = (min(best[name][0], secs), max(best[name][1], rss))
-            shutil.rmtree(f"{work}/out")
+    if os.path.exists(f"{work}/out"):  # every run writes there; one that was killed left it
+        print(f"removing {work}/out, left by an earlier run", flush=True)
+        shutil.rmtree(f"{work}/out")
+    try:
+        for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits every run alike
+            for name, cmd in runs.items():
+                os.sync()  # start every run with no dirty pages waiting for write-back
+                warm_memory(warm)
+                secs, rss = timed_process(cmd, hwm, cache, envs.get(name))
+                print(f"  {name[0]} ({name[1]}): {secs:.1f} s, {rss / 1e9:.2f} GB", flush=True)
+                first.setdefault(name, secs)
+                times.setdefault(name, []).append(secs)
+                best[name] = (min(best[name][0], secs), max(best[name][1], rss))
+                shutil.rmtree(f"{work}/out")
+    finally:
+        shutil.rmtree(f"{work}/out", ignore_errors=True)
     floor, floor_rss = best[(floor_name, None)]
     trip, trip_rss = best[(trip_name, None)]
     largest = max(shp.values(), key=math.prod)
