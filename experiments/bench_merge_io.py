@@ -275,10 +275,11 @@ def main(argv=None):
                 while f.read(1 << 24):
                     pass
     hwm = f"{work}/hwm"
+    scratch = f"{work}/out"  # every run's output, removed after it
     floor_name = "read 4 inputs + write 1 output (floor)"
     trip_name = "safetensors load 4 + save 1 (round trip)"
-    runs = {(floor_name, None): [sys.executable, "-c", _HWM + COPY, *inputs, f"{work}/out"],
-            (trip_name, None): [sys.executable, "-c", _HWM + ROUND_TRIP, *inputs, f"{work}/out"]}
+    runs = {(floor_name, None): [sys.executable, "-c", _HWM + COPY, *inputs, scratch],
+            (trip_name, None): [sys.executable, "-c", _HWM + ROUND_TRIP, *inputs, scratch]}
     envs = {}
     numba_methods = set()
     if args.also:
@@ -290,7 +291,7 @@ def main(argv=None):
             cfg = f"{work}/{method}-{dtype}.yaml"
             with open(cfg, "w") as f:
                 f.write(config(method, None if dtype == "none" else dtype))
-            runs[(method, dtype)] = [sys.executable, "-c", _MODULE, "research.merging", cfg, f"{work}/out",
+            runs[(method, dtype)] = [sys.executable, "-c", _MODULE, "research.merging", cfg, scratch,
                                      "--no-progress"]
             if method in numba_methods:
                 runs[(f"{method} {label}", dtype)] = runs[(method, dtype)] + also_args
@@ -299,11 +300,10 @@ def main(argv=None):
     warm = int(2 * model_bytes + 2 * 2**30 if args.warm_gb is None else args.warm_gb * 2**30)
     cache = f"{work}/compile-cache"
     shutil.rmtree(cache, ignore_errors=True)
-    best = {name: (math.inf, 0) for name in runs}
-    first, times = {}, {}
-    if os.path.exists(f"{work}/out"):  # every run writes there; one that was killed left it
-        print(f"removing {work}/out, left by an earlier run", flush=True)
-        shutil.rmtree(f"{work}/out")
+    times, peak = {name: [] for name in runs}, dict.fromkeys(runs, 0)  # wall seconds per round, peak RSS
+    if os.path.exists(scratch):  # a killed run left it
+        print(f"removing {scratch}, left by an earlier run", flush=True)
+        shutil.rmtree(scratch)
     try:
         for _ in range(args.rounds):  # interleaved rounds: drift on a shared machine hits every run alike
             for name, cmd in runs.items():
@@ -311,14 +311,17 @@ def main(argv=None):
                 warm_memory(warm)
                 secs, rss = timed_process(cmd, hwm, cache, envs.get(name))
                 print(f"  {name[0]} ({name[1]}): {secs:.1f} s, {rss / 1e9:.2f} GB", flush=True)
-                first.setdefault(name, secs)
-                times.setdefault(name, []).append(secs)
-                best[name] = (min(best[name][0], secs), max(best[name][1], rss))
-                shutil.rmtree(f"{work}/out")
+                times[name].append(secs)
+                peak[name] = max(peak[name], rss)
+                shutil.rmtree(scratch)
     finally:
-        shutil.rmtree(f"{work}/out", ignore_errors=True)
-    floor, floor_rss = best[(floor_name, None)]
-    trip, trip_rss = best[(trip_name, None)]
+        shutil.rmtree(scratch, ignore_errors=True)
+
+    def best(name):
+        return min(times[name]), peak[name]
+
+    floor, floor_rss = best((floor_name, None))
+    trip, trip_rss = best((trip_name, None))
     largest = max(shp.values(), key=math.prod)
 
     def spread(run):
@@ -339,12 +342,12 @@ def main(argv=None):
         out += [f"**{line}**", "", "| method | wall (s) | ratio to floor | ratio to round trip | first run (s), compiling "
                 "| peak RSS (GB) |" + extra, "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * bool(extra)]
         for method in args.methods:
-            secs, rss = best[(method, dtype)]
+            secs, rss = best((method, dtype))
             row = (f"| {method} | {secs:.1f} | {secs / floor:.2f}x | {secs / trip:.2f}x | "
-                   f"{first[(method, dtype)]:.1f} | {rss / 1e9:.2f} |")
+                   f"{times[(method, dtype)][0]:.1f} | {rss / 1e9:.2f} |")
             if extra:
-                other = best.get((f"{method} {label}", dtype))
-                row += f" {other[0]:.1f} | {other[1] / 1e9:.2f} |" if other else " | |"
+                also = (f"{method} {label}", dtype)
+                row += f" {min(times[also]):.1f} | {peak[also] / 1e9:.2f} |" if also in runs else " | |"
             out.append(row)
         out.append("")
     print("\n" + "\n".join(out))
