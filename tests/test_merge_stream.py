@@ -433,6 +433,64 @@ def test_cli_global_trim_refuses_a_density_that_varies_by_tensor(models):
     _err(tmp, text, "trim: global .* density cannot vary by tensor", dry_run=True)
 
 
+def _set_entries(ckpt, name, values):
+    """Write ``values`` (``{(row, col): value}``) into tensor ``name`` of checkpoint dir ``ckpt``."""
+    index = json.load(open(os.path.join(ckpt, "model.safetensors.index.json")))["weight_map"]
+    path = os.path.join(ckpt, index[name])
+    tensors = load_file(path)
+    x = tensors[name].astype(np.float32)
+    for at, v in values.items():
+        x[at] = v
+    tensors[name] = x.astype(tensors[name].dtype)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs", "dare_ties", "della"])
+def test_tiny_inputs_merged_in_row_blocks_give_the_tensors_of_whole_tensor_merges(wide_models, monkeypatch, method):
+    """Magnitudes below 2**-32 in the embeddings (a subnormal base entry no model
+    changes, and a subnormal entry over a zero base in a model that keeps every
+    entry, which no threshold counts) are merged again by XLA in the block
+    that holds them, as in the whole-tensor merge."""
+    from research.merging import sparsify
+    from research.merging.cpu import leaf as cpu_leaf
+    from research.merging.stream import chunked
+    tmp, base, _ = wide_models
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 64)  # draw blocks of 2 rows, which row blocks align to
+    name = "model.embed_tokens.weight"
+    _set_entries(tmp / "base", name, {(3, 5): 1e-39, (30, 2): 0.0})
+    for i in range(3):
+        _set_entries(tmp / f"ft{i}", name, {(3, 5): 1e-39} | ({(30, 2): 1e-39} if i == 0 else {}))
+    density = "0.5\n  epsilon: 0.1" if method == "della" else "0.3"
+    text = _every_method_config(method, density).replace("  - model: ft0\n", "  - model: ft0\n    parameters: {density: 1.0}\n")
+    cfg = write_cfg(tmp, text)
+    patched, real = [], cpu_leaf.patch_tiny
+    monkeypatch.setattr(cpu_leaf, "patch_tiny", lambda leaf, b, ms, flat, *a: patched.append(len(flat)) or real(leaf, b, ms, flat, *a))
+    whole = read_out(stream.run(stream.load(cfg), str(tmp / "whole"), progress=False, seed=1))
+    assert patched == [2]  # the embeddings: both entries
+    monkeypatch.setattr(chunked, "MIN_BYTES", 600)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)  # blocks of 4 rows of 24
+    patched.clear()
+    blocks = read_out(stream.run(stream.load(cfg), str(tmp / "blocks"), progress=False, seed=1))
+    assert patched == [1, 1]  # the blocks of rows 0-3 and 28-31
+    for name in whole:
+        np.testing.assert_array_equal(blocks[name].view(np.uint16), whole[name].view(np.uint16), err_msg=name)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs"])
+def test_nan_in_a_model_that_keeps_every_entry_fails_in_row_blocks_too(wide_models, monkeypatch, method):
+    """A model of density 1 has no threshold to count, but the counting pass of each
+    block screens it all the same."""
+    from research.merging.stream import chunked
+    tmp, *_ = wide_models
+    _set_entries(tmp / "ft0", "model.embed_tokens.weight", {(30, 2): np.nan})
+    text = _every_method_config(method).replace("  - model: ft0\n", "  - model: ft0\n    parameters: {density: 1.0}\n")
+    monkeypatch.setattr(chunked, "MIN_BYTES", 600)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)
+    with pytest.raises(stream.MergeFailed, match=r"tensor model.embed_tokens.weight: .*model 0 .*NaN or Inf"):
+        stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "out"), progress=False)
+    assert not os.path.exists(tmp / "out")
+
+
 @pytest.mark.parametrize("method", ["ties", "dare_ties", "della", "linear"])
 def test_merges_run_by_the_numba_kernels_map_their_inputs_and_give_the_same_tensors(wide_models, monkeypatch, method):
     """The methods with a sparsifier take their inputs mapped from the page cache

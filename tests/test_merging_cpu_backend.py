@@ -331,9 +331,15 @@ def jitted_references(tmp_path_factory):
     The tests' processes compile at level 0 for speed, whose fusions round some
     sums differently (float32 sums; in bf16, ``base + lam * x`` fused or not,
     depending on the program around it)."""
-    path = str(tmp_path_factory.mktemp("jitted") / "merges.npz")
+    return _at_default_optimisation("write_jitted_references", tmp_path_factory.mktemp("jitted"))
+
+
+def _at_default_optimisation(writer: str, tmp) -> dict:
+    """What this module's function ``writer(path)`` saves, run in a process that
+    compiles at XLA's default optimisation."""
+    path = str(tmp / "merges.npz")
     code = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); "
-            f"import test_merging_cpu_backend as t; t.write_jitted_references({path!r})")
+            f"import test_merging_cpu_backend as t; t.{writer}({path!r})")
     env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
     return dict(np.load(path))
@@ -419,7 +425,7 @@ def test_fused_cuts_equal_the_cuts_of_one_search_per_model():
     b, ms = base["w0"], [f["w0"] for f in fts]
     ks = [[1, 2000], [614], [3071]]
     fused = search.topk_cuts_host(b, ms, ks)
-    assert fused.finite and not fused.hazard
+    assert fused.finite and not fused.tiny.any()
     for i, k_list in enumerate(ks):
         assert fused.cuts[i] == [search.topk_cut_delta_host(ms[i], b, k) for k in k_list]
 
@@ -430,12 +436,12 @@ def test_probe_counts_recount_with_flushing_where_subnormals_could_occur():
     ft = base + rng.normal(size=base.shape).astype(np.float32)
     ft[2, 3], base[4, 5], ft[4, 5], base[1, 1], ft[1, 1] = 1e-39, 2e-38, 1.5e-38, 1e-38, 1.01e-38
     for t in [0.0, 0.5]:
-        gt, ge, bad, hazard = cpu_kernels.probe_counts(jnp.asarray(base), [jnp.asarray(ft)], [0], [t], [t])
-        assert hazard
+        gt, ge, bad, tiny = cpu_kernels.probe_counts(jnp.asarray(base), [jnp.asarray(ft)], [0], [t], [t])
+        assert np.flatnonzero(tiny).tolist() == [1, 2, 4]
         np.testing.assert_array_equal(gt[0], _reference(ft, base, t))
     clean = rng.normal(size=base.shape).astype(np.float32)
-    _, _, _, hazard = cpu_kernels.probe_counts(jnp.asarray(clean), [jnp.asarray(clean + 1)], [0], [0.5], [0.5])
-    assert not hazard
+    _, _, _, tiny = cpu_kernels.probe_counts(jnp.asarray(clean), [jnp.asarray(clean + 1)], [0], [0.5], [0.5])
+    assert not tiny.any()
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -468,19 +474,104 @@ def test_magnitude_histograms_count_the_flushed_float_bits_of_every_delta(dtype)
     np.testing.assert_array_equal(h2.counts()[0], np.bincount(inside & 0xFFFF, minlength=1 << 16))
 
 
-@pytest.mark.parametrize("case", ["tiny inputs", "tiny weight", "nan, unchecked"])
-def test_trim_merges_the_kernel_cannot_match_exactly_fall_back_to_xla(kernel_calls, case):
+def _with_tiny_inputs(base, fts):
+    """The 2-D leaf ``w0`` with magnitudes below 2**-32 in rows 2, 3 and 9: a subnormal
+    base no model changes (the numba pass writes it out, XLA:CPU flushes it),
+    a subnormal difference of two normal floats (model 0, which keeps every
+    entry in the settings below), and more in the base and the models, of
+    both signs; and 2**-32 itself, which is not below it.  Returns the new
+    trees and the flat positions of those entries, found by NumPy."""
+    b = np.array(base["w0"], np.float32)
+    ms = [np.array(f["w0"], np.float32) for f in fts]
+    b[2, 5] = 1e-39
+    for m in ms:
+        m[2, 5] = b[2, 5]
+    b[3, 1], ms[0][3, 1] = 1.5e-38, 1.4e-38
+    ms[1][3, 7], ms[2][9, 0], b[9, 11], ms[1][9, 23] = -2.0**-33, 2.0**-40, -3e-20, 2.0**-32
+    dtype = base["w0"].dtype
+    cast = lambda x: jnp.asarray(x, dtype)
+    inputs = np.stack([np.asarray(cast(x), np.float32) for x in (b, *ms)])
+    tiny = ((inputs != 0) & (np.abs(inputs) < 2.0**-32)).any(0)
+    return {"w0": cast(b)}, [{"w0": cast(m)} for m in ms], np.flatnonzero(tiny).tolist()
+
+
+TINY_SETTINGS = [
+    ("ties", {"density": [1.0, 0.3, 0.3]}),
+    ("ties", {"density": [1.0, 0.2, 0.5], "lam": 0.7, "weight": [0.5, 1.0, 2.0], "normalize": False}),
+    ("breadcrumbs_ties", {"density": [1.0, 0.4, 0.4], "gamma": 0.05}),
+    ("dare_ties", {"density": [1.0, 0.3, 0.3]}),
+    ("della", {"density": [1.0, 0.5, 0.5], "epsilon": 0.1}),
+]
+
+
+def _tiny_inputs(dtype):
+    return _with_tiny_inputs(*_llama_like(np.random.default_rng(14), dtype, shapes=((16, 64),)))
+
+
+def write_tiny_results(path):
+    """Each TINY_SETTINGS merge of ``_tiny_inputs``, bf16 and float32, as raw bits into
+    ``path`` (npz): ``merged`` (the CPU backend), ``patched`` (the entries it
+    merged again), ``alone`` (the numba pass without them) and ``reference``:
+    for the trims the jitted merge, for DARE and DELLA (whose L1 factor is
+    summed apart) the XLA pass over the whole leaf on the same masks and
+    factors."""
+    out, real = {}, cpu_leaf.patch_tiny
+    for i, (method, kw) in enumerate(TINY_SETTINGS):
+        kw = dict(kw, key=jax.random.key(3)) if method in merging.RANDOM_METHODS else kw
+        merge = lambda fts, base: merging.merge(method, fts, base=base, **kw)["w0"]
+        for dtype in (jnp.bfloat16, jnp.float32):
+            base, fts, _ = _tiny_inputs(dtype)
+            tag, patched = f"{i}/{jnp.dtype(dtype)}", []
+            cpu_leaf.patch_tiny = lambda leaf, b, ms, flat, *a: patched.append(np.asarray(flat)) or real(leaf, b, ms, flat, *a)
+            out[f"{tag}/merged"] = _bits(merge(fts, base))
+            out[f"{tag}/patched"] = np.stack(patched)
+            cpu_leaf.patch_tiny = lambda *a: True
+            out[f"{tag}/alone"] = _bits(merge(fts, base))
+            cpu_leaf.patch_tiny = real
+            if method in merging.RANDOM_METHODS:
+                cpu_leaf.PATCH_MAX, limit = -1, cpu_leaf.PATCH_MAX
+                out[f"{tag}/reference"] = _bits(merge(fts, base))
+                cpu_leaf.PATCH_MAX = limit
+            else:
+                out[f"{tag}/reference"] = _bits(jax.jit(merge)(fts, base))
+    np.savez(path, **out)
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    """``write_tiny_results`` at XLA's default optimisation (see ``jitted_references``)."""
+    return _at_default_optimisation("write_tiny_results", tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("setting", range(len(TINY_SETTINGS)), ids=[f"{m}-kw{i}" for i, (m, _) in enumerate(TINY_SETTINGS)])
+def test_entries_with_tiny_inputs_are_merged_again_by_the_xla_program(tiny_results, setting, dtype):
+    """The numba passes flush no subnormal: at the entries with an input below
+    2**-32 they can differ from XLA:CPU, which flushes every one, so those
+    entries, and only those, are merged again by the XLA program, which then
+    gives the reference's bits everywhere."""
+    r = {k: tiny_results[f"{setting}/{jnp.dtype(dtype)}/{k}"] for k in ("merged", "patched", "alone", "reference")}
+    _, _, expected = _tiny_inputs(dtype)
+    assert r["patched"].tolist() == [expected]  # one call, at the entries NumPy finds
+    np.testing.assert_array_equal(r["merged"], r["reference"])
+    differs = np.flatnonzero(r["alone"].ravel() != r["reference"].ravel()).tolist()
+    assert differs and set(differs) <= set(expected)  # the inputs need it, and nowhere else
+
+
+@pytest.mark.parametrize("case", ["too many tiny inputs", "tiny weight", "nan, unchecked"])
+def test_trim_merges_the_kernel_cannot_match_exactly_fall_back_to_xla(kernel_calls, monkeypatch, case):
     base, fts = _llama_like(np.random.default_rng(14), jnp.float32, shapes=((16, 24),))
     kw = {"density": 0.3}
-    if case == "tiny inputs":
-        fts[1] = {"w0": fts[1]["w0"].at[3, 4].set(1e-39)}
+    if case == "too many tiny inputs":
+        base, fts, expected = _with_tiny_inputs(base, fts)
+        monkeypatch.setattr(cpu_leaf, "PATCH_MAX", len(expected) - 1)
     elif case == "tiny weight":
         kw["weight"] = [1.0, 1e-6, 1.0]
     else:
         fts[0] = {"w0": fts[0]["w0"].at[0, 0].set(jnp.nan)}
         kw["check_finite"] = False
     eager = merging.merge("ties", fts, base=base, **kw)
-    assert True not in kernel_calls
+    assert kernel_calls == ([True] if case == "too many tiny inputs" else [False] if case == "tiny weight" else [])
     if case != "nan, unchecked":  # with NaN the trims themselves differ (eager counts skip NaN)
         jitted = jax.jit(lambda fts, base: merging.merge("ties", fts, base=base, **kw))(fts, base)
         np.testing.assert_array_equal(np.asarray(eager["w0"]), np.asarray(jitted["w0"]))

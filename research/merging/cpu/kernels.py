@@ -33,8 +33,11 @@ everything else keeps the XLA programs, which give the same results.
 The results agree bit for bit with the XLA programs (the tests check it).
 XLA:CPU runs with subnormals flushed to zero (inputs and results).  The
 ranks and the flushing count flush them too; the fast counting pass and the
-merge pass flush nothing and are used only where no input has a non-zero
-magnitude below 2**-32, which rules subnormals out (``cut_merge`` says why).
+merge passes flush nothing.  The counting pass counts again with the flushes
+in the rows where an input has a non-zero magnitude below 2**-32, and the
+merge passes match XLA at every entry whose inputs have none, which rules
+subnormals out (``cut_merge`` says why): they report those rows, and the
+caller merges those entries again by the XLA program (``tiny_entries``).
 """
 
 from __future__ import annotations
@@ -115,8 +118,8 @@ def probe_counts(base, fts, probe_model, t_gt, t_ge):
     counts ``d = |fts[probe_model[p]] - base|`` (float32) per row above
     ``t_gt[p]`` and above ``t_ge[p]``.  Returns ``gt`` and ``ge`` (``[probes,
     rows]`` int64), ``bad`` (the same: how many ``d`` are NaN/Inf) and
-    ``hazard``: whether ``base`` or a probed ``ft`` holds a non-zero magnitude
-    below 2**-32 (``cut_merge`` refuses those leaves).
+    ``tiny``: per row (bool), whether ``base`` or a probed ``ft`` holds a non-zero
+    magnitude below 2**-32 (``tiny_entries``).
 
     Thresholds are float32; subnormal ones act as 0, and subnormal inputs and
     differences count as 0, as in XLA:CPU.  The pass skips those flushes and
@@ -128,16 +131,35 @@ def probe_counts(base, fts, probe_model, t_gt, t_ge):
     n_probes, rows = len(probe_model), b.shape[0]
     gt, ge = (np.empty((n_probes, rows), np.int64) for _ in range(2))
     bad = np.zeros((n_probes, rows), np.int64)
-    any_bad, hazard = np.empty(rows, np.bool_), np.empty(rows, np.bool_)
+    any_bad, tiny = np.empty(rows, np.bool_), np.empty(rows, np.bool_)
     flushed = lambda ts: np.array([0.0 if abs(t) < _TINY else t for t in ts], np.float32)
     t_gt, t_ge = flushed(t_gt), flushed(t_ge)
     unrolled = _generated().probe_counts(tuple(int(i) for i in probe_model))
     with _LOCK:
-        unrolled(b, views, t_gt, t_ge, gt, ge, any_bad, hazard)
-        risky = bool(hazard.any())
-        if risky or any_bad.any():  # count again, exactly as XLA:CPU does, with NaN/Inf per probe
+        unrolled(b, views, t_gt, t_ge, gt, ge, any_bad, tiny)
+        if tiny.any() or any_bad.any():  # count again, exactly as XLA:CPU does, with NaN/Inf per probe
             _loops().probe_counts_flushed(b, views, np.asarray(probe_model, np.int64), t_gt, t_ge, _TINY, gt, ge, bad)
-    return gt, ge, bad, risky
+    return gt, ge, bad, tiny
+
+
+def tiny_entries(base, fts, rows, shape=None) -> np.ndarray:
+    """Flat positions (int64, ascending) of the entries of ``rows`` where ``base`` or
+    some ``ft`` holds a non-zero magnitude below 2**-32: the only ones where
+    the merge passes, which flush no subnormal, can differ from XLA:CPU.
+    ``rows`` index the ``[rows, last]`` view, or the ``shape`` view if given."""
+    views = [_host_view(x) if shape is None else _as_2d(x, shape) for x in (base, *fts)]
+    rows = np.asarray(rows, np.int64)
+    hit = np.zeros((len(rows), views[0].shape[1]), np.bool_)
+    for v in views:
+        bits = v[rows]
+        if bits.dtype == np.uint16:  # bf16
+            mag = bits & np.uint16(0x7FFF)
+            hit |= (mag != 0) & (mag < np.uint16(95 << 7))
+        else:
+            mag = bits.view(np.uint32) & np.uint32(0x7FFFFFFF)
+            hit |= (mag != 0) & (mag < np.uint32(95 << 23))
+    r, c = np.nonzero(hit)
+    return rows[r] * views[0].shape[1] + c
 
 
 def pair_counts(ft, base, t_gt, t_ge):
@@ -277,12 +299,13 @@ def cut_merge(base, fts, keep, top, weights, *, consensus, vote_on, normalize, d
     where the result could differ from XLA's: weights or ``lam`` outside
     [2**-16, 2**16] (other than 0).
 
-    The kernel flushes nothing.  XLA:CPU flushes subnormals, so the caller
-    must rule them out: no NaN/Inf and no non-zero magnitude below 2**-32 in
-    the inputs (``probe_counts`` reports both).  Then every difference is 0 or
-    above 2**-55, every weighted one above 2**-71, every mean above 2**-90, and
-    every sum of them cancels to 0 or to at least the smallest spacing of its
-    terms: no intermediate is subnormal, and the result is XLA's.
+    The kernel flushes nothing, where XLA:CPU flushes subnormals.  The caller
+    rules out NaN/Inf (``probe_counts`` reports them), and merges again the
+    entries with a non-zero input magnitude below 2**-32 (``tiny_entries``).
+    At every other entry each difference is 0 or above 2**-55, each weighted
+    one above 2**-71, each mean above 2**-90, and each sum of them cancels to
+    0 or to at least the smallest spacing of its terms: no intermediate is
+    subnormal, and the result is XLA's.
     """
     if not all(_safe_scale(float(w)) for w in weights) or not _safe_scale(float(lam)):
         return None
@@ -345,6 +368,11 @@ class Masks(NamedTuple):
     def unpacked(self) -> np.ndarray:
         """``[n, rows, cols]`` bool."""
         return np.unpackbits(self.bits, axis=-1, count=self.cols).view(np.bool_)
+
+    def at(self, i: int, flat) -> np.ndarray:
+        """Model ``i``'s mask at flat positions ``flat`` of the view (bool)."""
+        r, c = np.divmod(np.asarray(flat, np.int64), self.cols)
+        return ((self.bits[i, r, c >> 3] >> (7 - (c & 7)).astype(np.uint8)) & 1).astype(np.bool_)
 
 
 def _masks_out(n: int, shape) -> Masks:
@@ -412,8 +440,9 @@ def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, de
     so, by its float32 reciprocal), the L1 rescale's factor, or 1.  The options are ``consensus.disjoint_sum``'s.
     Returns ``(leaf, flags)``: the merged leaf as NumPy (``out_dtype``: bf16 or
     float32) and per row 1 where its inputs hold a non-zero magnitude below
-    2**-32, 2 where a difference is NaN/Inf.  The leaf is XLA's bit for bit
-    where every flag is 0 (``cut_merge`` says why).  None where weights or
+    2**-32, 2 where a difference is NaN/Inf.  Without NaN/Inf, the leaf is
+    XLA's bit for bit but at the entries ``tiny_entries`` lists in the rows
+    flagged 1 (``cut_merge`` says why).  None where weights or
     ``lam`` are outside [2**-16, 2**16] (other than 0).
     """
     if not all(_safe_scale(float(w)) for w in weights) or not _safe_scale(float(lam)):

@@ -4,7 +4,10 @@ first (cuts, masks, rescale factors), then one merge pass.
 Each model's state is a ``Kept``: what ``task_vectors.sparsify_leaf`` would
 keep, given as a mask or as top-k cuts, and the rescale it would apply.  The
 merge pass is ``task_vectors.mix`` over those kept deltas (an XLA program),
-or for TIES and breadcrumbs, where it applies, the numba ``kernels.cut_merge``.
+or, where they apply, the numba ``kernels.cut_merge`` (TIES, breadcrumbs) and
+``kernels.random_merge`` (DARE, DELLA).  Those flush no subnormal, where
+XLA:CPU flushes every one: the few entries where that can matter (an input
+non-zero below 2**-32) are merged again by the XLA program (``patch_tiny``).
 Each mask is drawn by its own call, so the random bits of all models are
 never alive together.
 """
@@ -59,13 +62,13 @@ def _on_cpu(x) -> bool:
     return next(iter(devices)).platform == "cpu"
 
 
-def _kept_delta(ft, base, kept: Kept, opts):
+def _kept_delta(ft, base, kept: Kept, opts, at=None):
     tau = ft - base
     if kept.cuts:
         mag = jnp.abs(tau)
-        mask = search.keep_mask_cut(mag, kept.cuts[0])
+        mask = search.keep_mask_cut(mag, kept.cuts[0], at)
         if len(kept.cuts) > 1:
-            mask = mask & ~search.keep_mask_cut(mag, kept.cuts[1])
+            mask = mask & ~search.keep_mask_cut(mag, kept.cuts[1], at)
     else:
         mask = kept.mask
     if mask is None:
@@ -83,6 +86,44 @@ def _mix_jit(base, models, kept, *, opts, out_dtype):
     base = base.astype(jnp.float32)
     deltas = [_kept_delta(m.astype(jnp.float32), base, k, opts) for m, k in zip(models, kept)]
     return task_vectors.mix(base, deltas, opts).astype(out_dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("opts", "out_dtype"))
+def _mix_at_jit(base, models, at, kept, *, opts, out_dtype):
+    """``_mix_jit`` at some entries of the leaves: ``base`` and ``models`` hold them
+    (1-D), ``at`` their ``(row, col)`` in the ``[rows, last]`` view, where cuts
+    break their ties; masks in ``kept`` hold them too."""
+    base = base.astype(jnp.float32)
+    deltas = [_kept_delta(m.astype(jnp.float32), base, k, opts, at) for m, k in zip(models, kept)]
+    return task_vectors.mix(base, deltas, opts).astype(out_dtype)
+
+
+# A leaf with more entries to merge again than this is merged whole by XLA.
+PATCH_MAX = 1 << 14
+
+
+def patch_tiny(leaf: np.ndarray, base, ms, flat, kept, opts, cols: int) -> bool:
+    """Merge again by the XLA program the entries at flat positions ``flat`` of a
+    leaf a numba pass merged (those of ``kernels.tiny_entries``), and write
+    them into ``leaf`` (NumPy, the leaves' shape).  ``kept[i]``: model ``i``'s
+    ``Kept`` with cuts, or with its mask at those entries; ``cols``: the last
+    dimension of the ``[rows, last]`` view, where cuts break their ties.  The
+    entries are padded to a power of two (at least 256), so a merge compiles
+    few programs.  Returns False, writing nothing, past ``PATCH_MAX`` entries.
+    """
+    m = len(flat)
+    if m > PATCH_MAX:
+        return False
+    size = max(256, 1 << (m - 1).bit_length())
+    idx = np.zeros(size, np.int64)
+    idx[:m] = flat
+    pad = lambda a: np.pad(np.asarray(a), (0, size - m))
+    kept = [k._replace(mask=pad(k.mask)) if k.mask is not None else k for k in kept]
+    gather = lambda x: np.asarray(x).reshape(-1)[idx]
+    at = (jnp.asarray(idx // cols, jnp.int32), jnp.asarray(idx % cols, jnp.int32))
+    out = _mix_at_jit(gather(base), [gather(x) for x in ms], at, kept, opts=opts, out_dtype=leaf.dtype)
+    leaf.flat[flat] = np.asarray(out)[:m]
+    return True
 
 
 @functools.partial(jax.jit, static_argnames=("density", "shape"))
@@ -233,10 +274,17 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
         if factors is None:
             factors = [dare_factor(sums[i]) if l1 and k is not None else np.float32(1.0) for i, k in enumerate(keys)]
         res = kernels.random_merge(base, ms, opts.weight, masks=masks, scale=factors, **kw)
-        if res is not None and res[1].any():  # the XLA pass, on the same masks and factors
+        if res is not None and res[1].any():
             if screen is not None and (res[1] & 2).any():
                 screen()
-            unpacked = masks.unpacked()
+            if not (res[1] & 2).any():  # the entries with tiny inputs again, by XLA on the same masks
+                shape = (masks.bits.shape[1], masks.cols)
+                flat = kernels.tiny_entries(base, ms, np.flatnonzero(res[1]), shape)
+                kept = [Kept() if k is None else Kept(mask=masks.at(i, flat), mul=jnp.float32(factors[i]))
+                        for i, k in enumerate(keys)]
+                if patch_tiny(res[0], base, ms, flat, kept, opts, _last(base)):
+                    return res[0]
+            unpacked = masks.unpacked()  # the XLA pass, on the same masks and factors
             kept = [Kept() if k is None else Kept(mask=jnp.reshape(unpacked[i], np.shape(base)),
                                                   mul=jnp.float32(factors[i])) for i, k in enumerate(keys)]
             return np.asarray(_mix_jit(base, ms, kept, opts=opts, out_dtype=jnp.dtype(out_dtype)))
@@ -268,14 +316,34 @@ def _cuts_merge(base, ms, opts, out_dtype, screen: bool):
     n = base.size
     fused = search.topk_cuts_host(base, ms, [task_vectors.trim_ks(opts, i, n) for i in range(len(ms))], screen)
     states = [Kept(cuts=tuple(cuts)) if cuts else Kept() for cuts in fused.cuts]
+    leaf = cut_merge(base, ms, states, fused.finite, fused.tiny, opts, out_dtype)
+    return (None if leaf is None else jax.device_put(leaf)), states
+
+
+def cut_merge(base, ms, states, finite: bool, tiny, opts, out_dtype):
+    """The numba merge pass of a trim (``kernels.cut_merge``) given every model's
+    cuts (``states``, as ``Kept``), the entries with tiny inputs merged again
+    by XLA (``tiny``: per row of the ``[rows, last]`` view, whether it holds
+    some), or None where the XLA program must merge the whole leaf: NaN/Inf
+    (``finite`` False), a rescale, another dtype."""
     out = str(jnp.dtype(out_dtype))
-    if not fused.finite or fused.hazard or opts.rescale or out not in ("bfloat16", "float32"):
-        return None, states  # the XLA merge pass: NaN/Inf or tiny inputs, a rescale, another dtype
-    keep = [c[0] if c else search.trivial_cut(n, n) for c in fused.cuts]  # no cut: keep everything
-    top = [c[1] if len(c) > 1 else None for c in fused.cuts]
+    if not finite or opts.rescale or out not in ("bfloat16", "float32"):
+        return None
+    n = base.size
+    keep = [s.cuts[0] if s.cuts else search.trivial_cut(n, n) for s in states]  # no cut: keep everything
+    top = [s.cuts[1] if len(s.cuts) > 1 else None for s in states]
     leaf = kernels.cut_merge(base, ms, keep, top, opts.weight, consensus=opts.consensus, vote_on=opts.vote_on,
                              normalize=opts.normalize, divide_by=opts.divide_by, lam=opts.lam, out_dtype=out)
-    return (None if leaf is None else jax.device_put(leaf)), states
+    if leaf is not None and tiny.any():
+        flat = kernels.tiny_entries(base, ms, np.flatnonzero(tiny))
+        if not patch_tiny(leaf, base, ms, flat, states, opts, _last(base)):
+            return None
+    return leaf
+
+
+def _last(x) -> int:
+    """The last dimension of ``x``'s ``[rows, last]`` view."""
+    return np.shape(x)[-1] if np.ndim(x) else 1
 
 
 def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):

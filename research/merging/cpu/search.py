@@ -49,11 +49,16 @@ def _view2d(x):
     return x.reshape(1, -1) if x.ndim < 2 else x.reshape(-1, x.shape[-1])
 
 
-def keep_mask_cut(x, cut: Cut):
-    """The mask of a ``Cut``: one fused elementwise expression, no control flow."""
-    x2 = _view2d(jnp.asarray(x, jnp.float32))
-    r = jnp.arange(x2.shape[0])[:, None]
-    c = jnp.arange(x2.shape[1])[None, :]
+def keep_mask_cut(x, cut: Cut, at=None):
+    """The mask of a ``Cut``: one fused elementwise expression, no control flow.
+    ``at``: where ``x`` holds some entries of the tensor, their ``(row, col)``
+    in its ``[rows, last]`` view (arrays shaped as ``x``)."""
+    x2 = _view2d(jnp.asarray(x, jnp.float32)) if at is None else jnp.asarray(x, jnp.float32)
+    if at is None:
+        r = jnp.arange(x2.shape[0])[:, None]
+        c = jnp.arange(x2.shape[1])[None, :]
+    else:
+        r, c = at
     before = (r < cut.row) | ((r == cut.row) & (c < cut.col))
     return ((x2 > cut.value) | ((x2 == cut.value) & before)).reshape(x.shape)
 
@@ -317,7 +322,7 @@ def topk_cut_delta_host(ft, base, k: int, screen: bool = False, kernel: bool | N
 class FusedCuts(NamedTuple):
     cuts: list  # per model, one Cut per requested k
     finite: bool  # no NaN/Inf in base, the fts, or their differences
-    hazard: bool  # some input is non-zero below 2**-32 (see ``kernels.cut_merge``)
+    tiny: np.ndarray  # per row of the [rows, last] view: an input is non-zero below 2**-32 (``kernels.tiny_entries``)
 
 
 def topk_cuts_host(base, fts: Sequence, ks: Sequence[Sequence[int]], screen: bool = False) -> FusedCuts:
@@ -345,9 +350,9 @@ def topk_cuts_host(base, fts: Sequence, ks: Sequence[Sequence[int]], screen: boo
                 if probe not in probes:
                     probes.append(probe)
         if not any(p[0] == i for p in probes):
-            probes.append((i, _INF_BITS))  # screens the model, checks it for hazards
+            probes.append((i, _INF_BITS))  # screens the model, checks it for tiny magnitudes
     bits = [b for _, b in probes]
-    gt, ge, bad, hazard = kernels.probe_counts(
+    gt, ge, bad, tiny = kernels.probe_counts(
         base, fts, [i for i, _ in probes], [_bits_f32(b) for b in bits], [_bits_f32(max(b - 1, 0)) for b in bits])
     finite = not bad.any()
     if screen and not finite:
@@ -356,4 +361,4 @@ def topk_cuts_host(base, fts: Sequence, ks: Sequence[Sequence[int]], screen: boo
         counts[i].store(b, gt[p], ge[p])
     cuts = [[_resolve(counts[i], samples[i], k) if 0 < k < n else trivial_cut(n, k) for k in k_list]
             for i, k_list in enumerate(ks)]
-    return FusedCuts(cuts, finite, hazard)
+    return FusedCuts(cuts, finite, tiny)

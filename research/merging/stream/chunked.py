@@ -45,7 +45,7 @@ from research.merging.merge import merge as _merge, model_keys
 from research.merging import methods, registry, sparsify, task_vectors, topk, tree
 from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
-                                       _mix_jit, dare_applies, dare_factor, dare_merge, random_masks)
+                                       _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, random_masks)
 
 # Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
 # else the checkpoint's).  A float32 merge of bf16 checkpoints reads them as
@@ -183,15 +183,15 @@ def _block_cut(th, offset: int, ft, base, gt, ge):
 
 def _cuts(base, models, trims, offsets):
     """Every model's block-local cuts, from one counting pass over the block (numba):
-    ``(cuts, offsets after, finite, hazard)``."""
+    ``(cuts, offsets after, finite, tiny)``, ``tiny`` per row of the block (see
+    ``kernels.probe_counts``).  A model without a threshold to count is probed
+    at Inf, which counts nothing but screens it."""
     probes = [(i, j) for i, tr in enumerate(trims) for j, th in enumerate(tr) if 0 <= float(th.value) < np.inf]
-    gt = ge = None
-    finite, hazard = True, False
-    if probes:
-        vals = [float(trims[i][j].value) for i, j in probes]
-        below = [float(np.nextafter(np.float32(v), np.float32(-1))) if v > 0 else -1.0 for v in vals]
-        gt, ge, bad, hazard = kernels.probe_counts(base, models, [i for i, _ in probes], vals, below)
-        finite = not bad.any()
+    probes += [(i, None) for i in range(len(models)) if not any(p[0] == i for p in probes)]
+    vals = [np.inf if j is None else float(trims[i][j].value) for i, j in probes]
+    below = [float(np.nextafter(np.float32(v), np.float32(-1))) if v > 0 else -1.0 for v in vals]
+    gt, ge, bad, tiny = kernels.probe_counts(base, models, [i for i, _ in probes], vals, below)
+    finite = not bad.any()
     cols = kernels._host_view(base).shape[1]
     cuts, new = [[] for _ in trims], [list(o) for o in offsets]
     for i, tr in enumerate(trims):
@@ -204,7 +204,7 @@ def _cuts(base, models, trims, offsets):
             cut, ties = _block_cut(th, offsets[i][j], models[i], base, g, e)
             cuts[i].append(cut)
             new[i][j] += ties
-    return cuts, new, finite, hazard
+    return cuts, new, finite, tiny
 
 
 # --- per-block programs ----------------------------------------------------------------
@@ -346,11 +346,11 @@ def _screen_all(t: Tensor) -> None:
 
 
 def _trimmed_blocks(t: Tensor, trims, offsets):
-    """Each block with every model's cuts: ``(base, models, cuts, finite, hazard)``;
+    """Each block with every model's cuts: ``(base, models, cuts, finite, tiny)``;
     ``offsets`` (ties before the block, per model and threshold) advance in place."""
     for base, models in t.blocks():
-        cuts, offsets[:], finite, hazard = _cuts(base, models, trims, offsets)
-        yield base, models, cuts, finite, hazard
+        cuts, offsets[:], finite, tiny = _cuts(base, models, trims, offsets)
+        yield base, models, cuts, finite, tiny
 
 
 @jax.jit
@@ -376,21 +376,13 @@ def merge_trimmed(opts, t: Tensor, trims, out_dtype, write, offsets=None) -> lis
                 if cuts[i]:
                     _add_sums(sums[i], _cut_sums(m, base, tuple(cuts[i])))
         factors = [_factor(x) for x in sums]
-    name = str(out_dtype)
-    for base, models, cuts, finite, hazard in _trimmed_blocks(t, trims, offsets):
-        leaf = None
-        if finite and not hazard and not opts.rescale and name in ("bfloat16", "float32"):
-            n = base.size
-            keep = [c[0] if c else search.trivial_cut(n, n) for c in cuts]
-            top = [c[1] if len(c) > 1 else None for c in cuts]
-            leaf = kernels.cut_merge(base, models, keep, top, opts.weight, consensus=opts.consensus,
-                                     vote_on=opts.vote_on, normalize=opts.normalize, divide_by=opts.divide_by,
-                                     lam=opts.lam, out_dtype=name)
+    for base, models, cuts, finite, tiny in _trimmed_blocks(t, trims, offsets):
+        kept = [Kept(cuts=tuple(c), mul=None if factors is None else factors[i]) if c else Kept()
+                for i, c in enumerate(cuts)]
+        leaf = cut_merge(base, models, kept, finite, tiny, opts, out_dtype)
         if leaf is None:
             if not finite:
                 _screen(t, base, models)
-            kept = [Kept(cuts=tuple(c), mul=None if factors is None else factors[i]) if c else Kept()
-                    for i, c in enumerate(cuts)]
             leaf = _mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype)
         write(np.asarray(leaf))
     return offsets
@@ -440,7 +432,8 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
     """DARE or DELLA in row blocks by the numba passes (``cpu.leaf.dare_merge``); the L1
     rescale's factors from a first pass of per-row sums.  False, having written
     nothing, where the first block shows that the passes do not apply."""
-    block_keys = lambda c: [k[c * per_block:(c + 1) * per_block] for k in keys]
+    # a model with density >= 1 keeps every entry: it draws no mask (DELLA's table would drop some)
+    block_keys = lambda c: [None if d >= 1 else k[c * per_block:(c + 1) * per_block] for k, d in zip(keys, opts.density)]
     factors = kept_masks = None
     if opts.rescale and opts.rescale_mode == "l1":
         rows = [[] for _ in t.models]
