@@ -407,7 +407,7 @@ def test_l1_factor_does_not_depend_on_the_row_blocks(monkeypatch, sparsifier):
         np.testing.assert_array_equal(masks[0], np.asarray(jax_s))
 
 
-def test_dare_on_tiny_inputs_falls_back_to_the_xla_pass(monkeypatch):
+def test_dare_s_merge_pass_flags_the_rows_holding_tiny_inputs(monkeypatch):
     base, fts = _llama_like(np.random.default_rng(18), jnp.float32, shapes=((16, 24),))
     fts[1] = {"w0": fts[1]["w0"].at[3, 4].set(1e-39)}
     kw = dict(density=0.3, rescale_mode="inverse", key=jax.random.key(1))
@@ -415,7 +415,7 @@ def test_dare_on_tiny_inputs_falls_back_to_the_xla_pass(monkeypatch):
     real = cpu_kernels.random_merge
     monkeypatch.setattr(cpu_kernels, "random_merge", lambda *a, **k: flags.append((out := real(*a, **k))[1]) or out)
     eager = merging.merge("dare_ties", fts, base=base, **kw)
-    assert flags[0][3] == 1 and not flags[0][:3].any()  # row 3 flagged: the XLA pass merged the leaf
+    assert flags[0][3] == 1 and not flags[0][:3].any() and not flags[0][4:].any()  # row 3 flagged: merged again by XLA
     monkeypatch.setattr(cpu_leaf, "_dare_leaf", lambda *a: None)
     np.testing.assert_array_equal(np.asarray(eager["w0"]), np.asarray(merging.merge("dare_ties", fts, base=base, **kw)["w0"]))
 
@@ -501,7 +501,10 @@ TINY_SETTINGS = [
     ("breadcrumbs_ties", {"density": [1.0, 0.4, 0.4], "gamma": 0.05}),
     ("dare_ties", {"density": [1.0, 0.3, 0.3]}),
     ("della", {"density": [1.0, 0.5, 0.5], "epsilon": 0.1}),
+    ("dare_linear", {"density": [1.0, 0.3, 0.3], "rescale_mode": "inverse"}),  # masks drawn inside the merge pass
+    ("dare_ties", {"density": [1.0, 0.4, 0.4], "rescale": False, "lam": 1.5}),
 ]
+_L1 = {3, 4}  # the settings with the L1 rescale, whose factor is summed apart from XLA's
 
 
 def _tiny_inputs(dtype):
@@ -512,9 +515,8 @@ def write_tiny_results(path):
     """Each TINY_SETTINGS merge of ``_tiny_inputs``, bf16 and float32, as raw bits into
     ``path`` (npz): ``merged`` (the CPU backend), ``patched`` (the entries it
     merged again), ``alone`` (the numba pass without them) and ``reference``:
-    for the trims the jitted merge, for DARE and DELLA (whose L1 factor is
-    summed apart) the XLA pass over the whole leaf on the same masks and
-    factors."""
+    the jitted merge, or with the L1 rescale the XLA pass over the whole leaf
+    on the same masks and factors."""
     out, real = {}, cpu_leaf.patch_tiny
     for i, (method, kw) in enumerate(TINY_SETTINGS):
         kw = dict(kw, key=jax.random.key(3)) if method in merging.RANDOM_METHODS else kw
@@ -528,7 +530,7 @@ def write_tiny_results(path):
             cpu_leaf.patch_tiny = lambda *a: True
             out[f"{tag}/alone"] = _bits(merge(fts, base))
             cpu_leaf.patch_tiny = real
-            if method in merging.RANDOM_METHODS:
+            if i in _L1:
                 cpu_leaf.PATCH_MAX, limit = -1, cpu_leaf.PATCH_MAX
                 out[f"{tag}/reference"] = _bits(merge(fts, base))
                 cpu_leaf.PATCH_MAX = limit

@@ -247,8 +247,8 @@ def random_masks(opts, base, ms, block_keys, block_rows: int, sums: bool = True)
 def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, masks=None, screen=None):
     """DARE (``sparsify="random"``) or DELLA by the numba passes, or None where they
     do not apply (``dare_applies``; arrays off the host) or cannot match the XLA
-    program (tiny magnitudes, NaN/Inf: ``screen()`` is called first on NaN/Inf,
-    to raise).
+    program (NaN/Inf: ``screen()`` is called first, to raise; more entries with
+    tiny inputs than ``patch_tiny`` takes).
 
     ``block_keys[i]``: model ``i``'s draw-block keys (``_block_key_data``) for the
     rows of ``base``, blocks of ``block_rows``.  DARE without the L1 rescale
@@ -265,7 +265,15 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     kw = dict(consensus=opts.consensus, vote_on=opts.vote_on, normalize=opts.normalize, divide_by=opts.divide_by,
               lam=opts.lam, out_dtype=out)
     l1 = opts.rescale and opts.rescale_mode == "l1"
-    if l1 or opts.sparsify == "della":
+    inline = not (l1 or opts.sparsify == "della")
+    if inline:
+        scale = [np.float32(1) / np.float32(d) if opts.rescale and k is not None else np.float32(1)
+                 for d, k in zip(opts.density, keys)]
+        res = kernels.random_merge(base, ms, opts.weight, block_keys=keys, block_rows=block_rows,
+                                   density=opts.density, scale=scale, **kw)
+        # as ``_random_state`` keeps them: the inverse rescale divides by the density
+        rescaled = [dict(div=jnp.float32(d)) if opts.rescale else {} for d in opts.density]
+    else:
         if masks is None:
             drawn = random_masks(opts, base, ms, keys, block_rows, sums=l1)
             if drawn is None:
@@ -274,30 +282,27 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
         if factors is None:
             factors = [dare_factor(sums[i]) if l1 and k is not None else np.float32(1.0) for i, k in enumerate(keys)]
         res = kernels.random_merge(base, ms, opts.weight, masks=masks, scale=factors, **kw)
-        if res is not None and res[1].any():
-            if screen is not None and (res[1] & 2).any():
-                screen()
-            if not (res[1] & 2).any():  # the entries with tiny inputs again, by XLA on the same masks
-                shape = (masks.bits.shape[1], masks.cols)
-                flat = kernels.tiny_entries(base, ms, np.flatnonzero(res[1]), shape)
-                kept = [Kept() if k is None else Kept(mask=masks.at(i, flat), mul=jnp.float32(factors[i]))
-                        for i, k in enumerate(keys)]
-                if patch_tiny(res[0], base, ms, flat, kept, opts, _last(base)):
-                    return res[0]
-            unpacked = masks.unpacked()  # the XLA pass, on the same masks and factors
-            kept = [Kept() if k is None else Kept(mask=jnp.reshape(unpacked[i], np.shape(base)),
-                                                  mul=jnp.float32(factors[i])) for i, k in enumerate(keys)]
-            return np.asarray(_mix_jit(base, ms, kept, opts=opts, out_dtype=jnp.dtype(out_dtype)))
-    else:
-        scale = [np.float32(1) / np.float32(d) if opts.rescale and k is not None else np.float32(1)
-                 for d, k in zip(opts.density, keys)]
-        res = kernels.random_merge(base, ms, opts.weight, block_keys=keys, block_rows=block_rows,
-                                   density=opts.density, scale=scale, **kw)
-        if res is not None and res[1].any():
-            if screen is not None and (res[1] & 2).any():
-                screen()
-            return None
-    return None if res is None else res[0]
+        rescaled = [dict(mul=jnp.float32(f)) for f in factors]
+    if res is None or not res[1].any():
+        return None if res is None else res[0]
+    leaf, flags = res
+    if (flags & 2).any():  # NaN/Inf
+        if screen is not None:
+            screen()
+    else:  # the entries with tiny inputs again, by XLA on the same masks
+        if inline:
+            masks, _ = kernels.random_masks(base, ms, keys, block_rows, opts.density, sums=False)
+        shape = (masks.bits.shape[1], masks.cols)
+        flat = kernels.tiny_entries(base, ms, np.flatnonzero(flags), shape)
+        kept = [Kept() if k is None else Kept(mask=masks.at(i, flat), **rescaled[i]) for i, k in enumerate(keys)]
+        if patch_tiny(leaf, base, ms, flat, kept, opts, _last(base)):
+            return leaf
+    if inline:
+        return None  # the caller's XLA pass draws the masks again
+    unpacked = masks.unpacked()  # the XLA pass, on the same masks and factors
+    kept = [Kept() if k is None else Kept(mask=jnp.reshape(unpacked[i], np.shape(base)), **rescaled[i])
+            for i, k in enumerate(keys)]
+    return np.asarray(_mix_jit(base, ms, kept, opts=opts, out_dtype=jnp.dtype(out_dtype)))
 
 
 def _dare_leaf(base, ms, opts, keys, out_dtype, screen: bool):

@@ -458,7 +458,7 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
         if leaf is None:
             if c == 0:
                 return False
-            kept = []  # tiny magnitudes in this block: the XLA pass on the same masks
+            kept = []  # too many tiny magnitudes in this block to merge again apart: the XLA pass on the same masks
             for i, (m, d) in enumerate(zip(models, opts.density)):
                 mask, div = _random_kept(opts, i, m, base, keys[i], c * per_block, (c + 1) * per_block, rb)
                 kept.append(Kept() if d >= 1 else Kept(mask=mask, div=div if opts.rescale else None))
