@@ -33,11 +33,11 @@ everything else keeps the XLA programs, which give the same results.
 The results agree bit for bit with the XLA programs (the tests check it).
 XLA:CPU runs with subnormals flushed to zero (inputs and results).  The
 ranks and the flushing count flush them too; the fast counting pass and the
-merge passes flush nothing.  The counting pass counts again with the flushes
-in the rows where an input has a non-zero magnitude below 2**-32, and the
-merge passes match XLA at every entry whose inputs have none, which rules
-subnormals out (``cut_merge`` says why): they report those rows, and the
-caller merges those entries again by the XLA program (``tiny_entries``).
+merge passes flush nothing.  An entry whose inputs have no non-zero
+magnitude below 2**-32 never meets a subnormal (``cut_merge`` says why).
+The passes report the rows that hold other entries: the counting pass
+counts those rows again with the flushes, and the caller merges those
+entries again by the XLA program (``tiny_entries``, ``leaf.patch_tiny``).
 """
 
 from __future__ import annotations
