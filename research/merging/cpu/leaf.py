@@ -82,17 +82,11 @@ def _kept_delta(ft, base, kept: Kept, opts, at=None):
 
 
 @functools.partial(jax.jit, static_argnames=("opts", "out_dtype"))
-def _mix_jit(base, models, kept, *, opts, out_dtype):
-    base = base.astype(jnp.float32)
-    deltas = [_kept_delta(m.astype(jnp.float32), base, k, opts) for m, k in zip(models, kept)]
-    return task_vectors.mix(base, deltas, opts).astype(out_dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("opts", "out_dtype"))
-def _mix_at_jit(base, models, at, kept, *, opts, out_dtype):
-    """``_mix_jit`` at some entries of the leaves: ``base`` and ``models`` hold them
-    (1-D), ``at`` their ``(row, col)`` in the ``[rows, last]`` view, where cuts
-    break their ties; masks in ``kept`` hold them too."""
+def _mix_jit(base, models, kept, at=None, *, opts, out_dtype):
+    """The merge pass over the kept deltas.  ``at``: where ``base`` and ``models``
+    hold some entries of the leaves (1-D), their ``(row, col)`` in the
+    ``[rows, last]`` view, where cuts break their ties (masks in ``kept`` hold
+    those entries too)."""
     base = base.astype(jnp.float32)
     deltas = [_kept_delta(m.astype(jnp.float32), base, k, opts, at) for m, k in zip(models, kept)]
     return task_vectors.mix(base, deltas, opts).astype(out_dtype)
@@ -102,16 +96,16 @@ def _mix_at_jit(base, models, at, kept, *, opts, out_dtype):
 PATCH_MAX = 1 << 14
 
 
-def patch_tiny(leaf: np.ndarray, base, ms, flat, kept, opts, cols: int) -> bool:
+def patch_tiny(leaf: np.ndarray, base, ms, flat, kept, opts) -> bool:
     """Merge again by the XLA program the entries at flat positions ``flat`` of a
     leaf a numba pass merged (those of ``kernels.tiny_entries``), and write
     them into ``leaf`` (NumPy, the leaves' shape).  ``kept[i]``: model ``i``'s
-    ``Kept`` with cuts, or with its mask at those entries; ``cols``: the last
-    dimension of the ``[rows, last]`` view, where cuts break their ties.  The
-    entries are padded to a power of two (at least 256), so a merge compiles
-    few programs.  Returns False, writing nothing, past ``PATCH_MAX`` entries.
+    ``Kept`` with cuts, or with its mask at those entries.  The entries are
+    padded to a power of two (at least 256), so a merge compiles few
+    programs.  Returns False, writing nothing, past ``PATCH_MAX`` entries.
     """
     m = len(flat)
+    cols = np.shape(base)[-1] if np.ndim(base) else 1  # of the [rows, last] view, where cuts break ties
     if m > PATCH_MAX:
         return False
     size = max(256, 1 << (m - 1).bit_length())
@@ -121,7 +115,7 @@ def patch_tiny(leaf: np.ndarray, base, ms, flat, kept, opts, cols: int) -> bool:
     kept = [k._replace(mask=pad(k.mask)) if k.mask is not None else k for k in kept]
     gather = lambda x: np.asarray(x).reshape(-1)[idx]
     at = (jnp.asarray(idx // cols, jnp.int32), jnp.asarray(idx % cols, jnp.int32))
-    out = _mix_at_jit(gather(base), [gather(x) for x in ms], at, kept, opts=opts, out_dtype=leaf.dtype)
+    out = _mix_jit(gather(base), [gather(x) for x in ms], kept, at, opts=opts, out_dtype=leaf.dtype)
     leaf.flat[flat] = np.asarray(out)[:m]
     return True
 
@@ -295,7 +289,7 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
         shape = (masks.bits.shape[1], masks.cols)
         flat = kernels.tiny_entries(base, ms, np.flatnonzero(flags), shape)
         kept = [Kept() if k is None else Kept(mask=masks.at(i, flat), **rescaled[i]) for i, k in enumerate(keys)]
-        if patch_tiny(leaf, base, ms, flat, kept, opts, _last(base)):
+        if patch_tiny(leaf, base, ms, flat, kept, opts):
             return leaf
     if inline:
         return None  # the caller's XLA pass draws the masks again
@@ -341,14 +335,9 @@ def cut_merge(base, ms, states, finite: bool, tiny, opts, out_dtype):
                              normalize=opts.normalize, divide_by=opts.divide_by, lam=opts.lam, out_dtype=out)
     if leaf is not None and tiny.any():
         flat = kernels.tiny_entries(base, ms, np.flatnonzero(tiny))
-        if not patch_tiny(leaf, base, ms, flat, states, opts, _last(base)):
+        if not patch_tiny(leaf, base, ms, flat, states, opts):
             return None
     return leaf
-
-
-def _last(x) -> int:
-    """The last dimension of ``x``'s ``[rows, last]`` view."""
-    return np.shape(x)[-1] if np.ndim(x) else 1
 
 
 def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
