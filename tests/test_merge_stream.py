@@ -176,6 +176,48 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models):
     assert not (tmp / "dry").exists()
 
 
+def test_the_dry_run_lists_each_parameter_as_the_merge_will_use_it(models, capsys):
+    """Parameters the same for every tensor are listed once, the method's defaults
+    marked; one that varies (a gradient over the layers, a filter) is given beside
+    each tensor; a random method's seed is listed, a deterministic one's not."""
+    tmp, *_ = models
+    text = """merge_method: dare_ties
+base_model: base
+models:
+  - model: ft0
+    parameters: {weight: 1.0, density: [0.2, 0.8]}
+  - model: ft1
+    parameters:
+      weight: 0.5
+      density: [{filter: mlp, value: 0.3}, {value: 0.6}]
+parameters: {lambda: 0.9}
+"""
+    assert stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "dry"), seed=3, dry_run=True, progress=False) is None
+    out = capsys.readouterr().out
+    assert out.startswith("merge_method: dare_ties (Yu et al. 2024")
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in out.splitlines() if line.startswith("  ")}
+    assert listed["weight"] == "1, 0.5"
+    assert listed["lambda"] == "0.9"
+    assert listed["normalize"] == "false  (default)"
+    assert listed["rescale"] == "true  (default)"
+    assert listed["consensus"] == "sum  (default)"
+    assert listed["density"] == "varies by tensor (below)"
+    assert listed["seed"] == "3  (--seed)"
+    # 3 layers: the gradient gives 0.2, 0.5 and 0.8; the filter 0.3 on the MLP, 0.6 elsewhere
+    for name, density in [("model.layers.0.self_attn.q_proj.weight", "0.2, 0.6"),
+                          ("model.layers.1.mlp.up_proj.weight", "0.5, 0.3"),
+                          ("model.layers.2.self_attn.q_proj.weight", "0.8, 0.6")]:
+        assert listed[name].endswith(f"density={density}"), listed[name]
+    assert not (tmp / "dry").exists()
+
+    stream.run(stream.load(write_cfg(tmp, TIES)), str(tmp / "dry"), dry_run=True, progress=False)
+    listed = {line.split()[0]: line.split(None, 1)[1] for line in capsys.readouterr().out.splitlines()
+              if line.startswith("  ")}
+    assert listed["weight"] == "1, 0.5, 1" and listed["density"] == "0.3, 0.3, 0.3"  # the base is no model
+    assert listed["lambda"] == "0.8" and "seed" not in listed
+    assert listed["model.layers.0.mlp.up_proj.weight"].split() == ["(32,", "16)", "bfloat16"]
+
+
 def test_merging_plain_checkpoints_loads_no_model_code(models):
     """A merge of safetensors checkpoints imports neither flax nor the model package
     (peft adapters are recognised without them)."""

@@ -183,13 +183,11 @@ def _resolve(spec: Method, name: str, params: dict, n: int):
     return value
 
 
-def options(method: str, n: int, params: dict):
-    """The validated options of ``method`` over ``n`` models: every check ``merge``
-    makes of its parameters, without any tensor (``--dry-run`` uses it).
-
-    Returns a hashable value, static under ``jit``: ``task_vectors.Options``
-    for the task-vector family, ``Settings`` for the other methods.
-    """
+def resolve(method: str, n: int, params: dict) -> dict:
+    """Every parameter ``method`` takes, as ``merge`` uses it over ``n`` models: the
+    value given in ``params`` or the method's default, checked (per-model ones as
+    tuples of ``n``).  Makes every check ``merge`` makes of its parameters,
+    without any tensor (``--dry-run`` prints the result)."""
     spec = get(method)
     check_names(method, params)
     if params.get("out_dtype") is not None:
@@ -201,14 +199,24 @@ def options(method: str, n: int, params: dict):
     if values.get("normalize") and abs(sum(values["weight"])) < 1e-8:
         raise MergeError(f"method {method!r}: the weights {list(values['weight'])} sum to 0, so normalize: true has "
                          "nothing to divide by; give non-zero weights or normalize: false")
-    if method not in RECIPES:
-        return Settings(tuple(values.items()))
-    recipe = RECIPES[method]
-    if recipe.sparsify == "della":
+    if method in RECIPES and RECIPES[method].sparsify == "della":
         for i, (d, e) in enumerate(zip(values["density"], values["epsilon"])):
             if d < 1 and not (0 < d - e and d + e < 1):
                 raise MergeError(f"method {method!r}: density +/- epsilon must lie in (0, 1), got density={d}, "
                                  f"epsilon={e} for model {i}")
+    return values
+
+
+def options(method: str, n: int, params: dict):
+    """The validated options of ``method`` over ``n`` models (``resolve``'s values).
+
+    Returns a hashable value, static under ``jit``: ``task_vectors.Options``
+    for the task-vector family, ``Settings`` for the other methods.
+    """
+    values = resolve(method, n, params)
+    if method not in RECIPES:
+        return Settings(tuple(values.items()))
+    recipe = RECIPES[method]
     return task_vectors.Options(
         sparsify=recipe.sparsify,
         consensus=values.get("consensus") if recipe.consensus else None,

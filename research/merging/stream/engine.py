@@ -243,22 +243,53 @@ def tensor_params(plan: Plan, name: str, source: str) -> dict:
 
 
 def check_tensor_params(plan: Plan, name: str, source: str) -> dict:
-    """``tensor_params``, checked by ``merging.options`` as ``merge`` will check them."""
+    """Tensor ``name``'s parameters as the merge will use them, checked as ``merge``
+    checks them: ``registry.resolve`` of ``tensor_params`` (given, else the
+    method's default), plus ``out_dtype`` and ``check_finite`` where given."""
     params = tensor_params(plan, name, source)
     try:
-        merging.options(plan.method, len(plan.models), params)
+        values = registry.resolve(plan.method, len(plan.models), params)
     except merging.MergeError as e:
         raise MergeFailed(f"{source}: tensor {name}: {_name_models(str(e), plan)}") from None
-    return params
+    return {**values, **{k: params[k] for k in registry.COMMON if k in params}}
 
 
-def describe(plan: Plan) -> str:
+def _show(value) -> str:
+    """A resolved parameter as YAML spells it: per-model values comma-separated."""
+    if isinstance(value, (tuple, list)):
+        return ", ".join(map(_show, value))
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def describe(plan: Plan, source: str, seed: int | None = None) -> str:
+    """The plan as ``--dry-run`` prints it, with each parameter as the merge will use
+    it (``check_tensor_params``).  Parameters the same for every tensor are
+    listed once, marked ``(default)`` where the config leaves them to the
+    method; the others beside each tensor."""
     ref = plan.base or plan.models[0]
-    lines = [f"merge_method: {plan.method}", f"base: {plan.base.path if plan.base else '-'}"]
+    method = registry.get(plan.method)
+    lines = [f"merge_method: {plan.method} ({method.paper})", f"base: {plan.base.path if plan.base else '-'}"]
     lines += [f"model {i}: {m.path}" for i, m in enumerate(plan.models)]
+    params = {n: check_tensor_params(plan, n, source) for n in plan.names}
+    given = set().union(*(tensor_params(plan, n, source) for n in plan.names))
+    spell = {v: k for k, v in _GLOBAL_RENAME.items()}.get
+    varying = []
+    lines.append("parameters (per-model values in model order):")
+    for k in dict.fromkeys(k for n in plan.names for k in params[n]):
+        shown = {_show(params[n].get(k)) for n in plan.names}
+        if len(shown) > 1:
+            varying.append(k)
+            lines.append(f"  {spell(k, k):<14} varies by tensor (below)")
+        else:
+            lines.append(f"  {spell(k, k):<14} {shown.pop()}{'' if k in given else '  (default)'}")
+    if method.random and seed is not None:
+        lines.append(f"  {'seed':<14} {seed}  (--seed)")
     lines.append(f"{len(plan.names)} tensors, {plan.n_layers} layers:")
     for n in plan.names:
-        lines.append(f"  {n:<60} {str(ref.shapes[n]):<18} {ref.dtypes[n]}")
+        extra = "  ".join(f"{spell(k, k)}={_show(params[n][k])}" for k in varying)
+        lines.append(f"  {n:<60} {str(ref.shapes[n]):<18} {ref.dtypes[n]}{'  ' + extra if extra else ''}")
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
@@ -296,7 +327,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
         check_tensor_params(plan, name, mc.source)
     _global_trim(plan, mc)
     if dry_run:
-        print(describe(plan))
+        print(describe(plan, mc.source, seed))
         return None
     inputs = [src.path for src in plan.sources]
     if mc.tokenizer_source:
