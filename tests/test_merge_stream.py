@@ -179,7 +179,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models):
 def test_the_dry_run_lists_each_parameter_as_the_merge_will_use_it(models, capsys):
     """Parameters the same for every tensor are listed once, the method's defaults
     marked; one that varies (a gradient over the layers, a filter) is given beside
-    each tensor; a random method's seed is listed, a deterministic one's not."""
+    each tensor; a random method's seed is listed, a deterministic one's not; and
+    each tensor's dtype, with the one written where ``dtype`` changes it."""
     tmp, *_ = models
     text = """merge_method: dare_ties
 base_model: base
@@ -191,6 +192,7 @@ models:
       weight: 0.5
       density: [{filter: mlp, value: 0.3}, {value: 0.6}]
 parameters: {lambda: 0.9}
+dtype: float32
 """
     assert stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "dry"), seed=3, dry_run=True, progress=False) is None
     out = capsys.readouterr().out
@@ -207,7 +209,7 @@ parameters: {lambda: 0.9}
     for name, density in [("model.layers.0.self_attn.q_proj.weight", "0.2, 0.6"),
                           ("model.layers.1.mlp.up_proj.weight", "0.5, 0.3"),
                           ("model.layers.2.self_attn.q_proj.weight", "0.8, 0.6")]:
-        assert listed[name].endswith(f"density={density}"), listed[name]
+        assert listed[name].endswith(f"bfloat16 -> float32  density={density}"), listed[name]
     assert not (tmp / "dry").exists()
 
     stream.run(stream.load(write_cfg(tmp, TIES)), str(tmp / "dry"), dry_run=True, progress=False)

@@ -254,6 +254,14 @@ def check_tensor_params(plan: Plan, name: str, source: str) -> dict:
     return {**values, **{k: params[k] for k in registry.COMMON if k in params}}
 
 
+def written_dtype(plan: Plan, mc, name: str) -> np.dtype:
+    """The dtype tensor ``name`` is written in: the config's ``out_dtype``, else its
+    ``dtype``, else the stored one (tensors that are not floats: the stored one)."""
+    stored = plan.sources[0].dtypes[name]
+    want = mc.out_dtype or mc.dtype
+    return np.dtype(want) if want and _is_float(stored) else np.dtype(stored)
+
+
 def _show(value) -> str:
     """A resolved parameter as YAML spells it: per-model values comma-separated."""
     if isinstance(value, (tuple, list)):
@@ -263,12 +271,13 @@ def _show(value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def describe(plan: Plan, source: str, seed: int | None = None) -> str:
+def describe(plan: Plan, mc, seed: int | None = None) -> str:
     """The plan as ``--dry-run`` prints it, with each parameter as the merge will use
     it (``check_tensor_params``).  Parameters the same for every tensor are
     listed once, marked ``(default)`` where the config leaves them to the
-    method; the others beside each tensor."""
-    ref = plan.base or plan.models[0]
+    method; the others beside each tensor.  Each tensor's dtype is the stored
+    one, ``-> `` the one written where they differ."""
+    ref, source = plan.sources[0], mc.source
     method = registry.get(plan.method)
     lines = [f"merge_method: {plan.method} ({method.paper})", f"base: {plan.base.path if plan.base else '-'}"]
     lines += [f"model {i}: {m.path}" for i, m in enumerate(plan.models)]
@@ -289,7 +298,9 @@ def describe(plan: Plan, source: str, seed: int | None = None) -> str:
     lines.append(f"{len(plan.names)} tensors, {plan.n_layers} layers:")
     for n in plan.names:
         extra = "  ".join(f"{spell(k, k)}={_show(params[n][k])}" for k in varying)
-        lines.append(f"  {n:<60} {str(ref.shapes[n]):<18} {ref.dtypes[n]}{'  ' + extra if extra else ''}")
+        out = written_dtype(plan, mc, n)
+        dtype = str(ref.dtypes[n]) + ("" if out == np.dtype(ref.dtypes[n]) else f" -> {out}")
+        lines.append(f"  {n:<60} {str(ref.shapes[n]):<18} {dtype}{'  ' + extra if extra else ''}")
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
@@ -327,7 +338,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
         check_tensor_params(plan, name, mc.source)
     _global_trim(plan, mc)
     if dry_run:
-        print(describe(plan, mc.source, seed))
+        print(describe(plan, mc, seed))
         return None
     inputs = [src.path for src in plan.sources]
     if mc.tokenizer_source:
@@ -371,8 +382,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     ref_src = srcs[0]
     global_opts = _global_trim(plan, mc)
     names = sorted(plan.names) if global_opts else plan.names  # the global trim breaks ties in name order
-    layout = [(n, ref_src.shapes[n], np.dtype(out_dtype or ref_src.dtypes[n]) if _is_float(ref_src.dtypes[n])
-               else ref_src.dtypes[n]) for n in names]
+    layout = [(n, ref_src.shapes[n], written_dtype(plan, mc, n)) for n in names]
     writer = ShardWriter(tmp, shard_size, layout=layout)  # each tensor goes straight to its shard on disk
     cast_to = lambda n: None if plan.widened(n) else in_dtype  # the dtype tensor n's float inputs are cast to, if any
     recipe = task_vectors.RECIPES.get(plan.method)
