@@ -102,15 +102,27 @@ def usable(*arrays) -> bool:
     return True
 
 
+def _readonly(a: np.ndarray) -> np.ndarray:
+    """A read-only view of ``a``.  numba compiles a kernel once per type of its
+    arguments, and whether an array is writable is part of its type: the
+    kernels' inputs (JAX arrays, which NumPy views read-only, or mapped and
+    read tensors, which are writable) are all passed read-only, so that each
+    kernel is compiled once per dtype, not twice."""
+    if a.flags.writeable:
+        a = a.view()
+        a.flags.writeable = False
+    return a
+
+
 def _host_view(x, rows_first: bool = False) -> np.ndarray:
-    """``x`` as a 2-D NumPy view without copying (bf16 as uint16 bits): ``[rows, last]``,
-    or ``[shape[0], -1]`` with ``rows_first``."""
+    """``x`` as a read-only 2-D NumPy view without copying (bf16 as uint16 bits):
+    ``[rows, last]``, or ``[shape[0], -1]`` with ``rows_first``."""
     a = np.asarray(x)
     if a.ndim < 2:
         a = a.reshape(1, -1)
     else:
         a = a.reshape(a.shape[0], -1) if rows_first else a.reshape(-1, a.shape[-1])
-    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+    return _readonly(a.view(np.uint16) if a.dtype.name == "bfloat16" else a)
 
 
 def probe_counts(base, fts, probe_model, t_gt, t_ge):
@@ -331,12 +343,12 @@ def _draw_view(x, blocks: int) -> np.ndarray:
     if blocks == 1:
         return _host_view(x)
     a = np.asarray(x).reshape(np.shape(x)[0], -1)
-    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+    return _readonly(a.view(np.uint16) if a.dtype.name == "bfloat16" else a)
 
 
 def _as_2d(x, shape) -> np.ndarray:
     a = np.asarray(x).reshape(shape)
-    return a.view(np.uint16) if a.dtype.name == "bfloat16" else a
+    return _readonly(a.view(np.uint16) if a.dtype.name == "bfloat16" else a)
 
 
 def _key_array(block_keys):
