@@ -53,12 +53,11 @@ def keep_mask_cut(x, cut: Cut, at=None):
     """The mask of a ``Cut``: one fused elementwise expression, no control flow.
     ``at``: where ``x`` holds some entries of the tensor, their ``(row, col)``
     in its ``[rows, last]`` view (arrays shaped as ``x``)."""
-    x2 = _view2d(jnp.asarray(x, jnp.float32)) if at is None else jnp.asarray(x, jnp.float32)
     if at is None:
-        r = jnp.arange(x2.shape[0])[:, None]
-        c = jnp.arange(x2.shape[1])[None, :]
+        x2 = _view2d(jnp.asarray(x, jnp.float32))
+        r, c = jnp.arange(x2.shape[0])[:, None], jnp.arange(x2.shape[1])[None, :]
     else:
-        r, c = at
+        x2, (r, c) = jnp.asarray(x, jnp.float32), at
     before = (r < cut.row) | ((r == cut.row) & (c < cut.col))
     return ((x2 > cut.value) | ((x2 == cut.value) & before)).reshape(x.shape)
 

@@ -282,7 +282,7 @@ def describe(plan: Plan, mc, seed: int | None = None) -> str:
     lines = [f"merge_method: {plan.method} ({method.paper})", f"base: {plan.base.path if plan.base else '-'}"]
     lines += [f"model {i}: {m.path}" for i, m in enumerate(plan.models)]
     params = {n: check_tensor_params(plan, n, source) for n in plan.names}
-    given = set().union(*(tensor_params(plan, n, source) for n in plan.names))
+    given = {_GLOBAL_RENAME.get(k, k) for p in (plan.global_params, *plan.model_params) for k in p}
     spell = {v: k for k, v in _GLOBAL_RENAME.items()}.get
     varying = []
     lines.append("parameters (per-model values in model order):")
