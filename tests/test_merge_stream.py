@@ -125,7 +125,7 @@ def test_single_file_output_and_every_method_runs(models):
     for method in merging.METHODS:
         params = {"slerp": "t: 0.3", "della": "density: 0.5\n  epsilon: 0.1", "della_linear": "density: 0.5\n  epsilon: 0.1"}
         extra = params.get(method, "density: 0.5" if method in ("dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "ties") else "")
-        ms = ["ft0"] if method == "slerp" else ["ft0", "ft1", "ft2"]
+        ms = ["ft0"] if method in ("slerp", "passthrough") else ["ft0", "ft1", "ft2"]
         text = f"merge_method: {method}\nbase_model: base\nmodels:\n" + "".join(f"  - model: {m}\n" for m in ms)
         if extra:
             text += f"parameters:\n  {extra}\n"
@@ -345,10 +345,10 @@ def test_memory_stays_bounded_on_a_model_larger_than_the_bound(tmp_path):
 
 def _every_method_config(method, density="0.3"):
     params = {"slerp": "t: 0.3", "della": "density: 0.5\n  epsilon: 0.1", "della_linear": "density: 0.5\n  epsilon: 0.1",
-              "model_stock": "filter_wise: false", "negate": "lambda: 0.5"}
+              "model_stock": "filter_wise: false", "negate": "lambda: 0.5", "passthrough": "scale: 0.5"}
     extra = params.get(method, f"density: {density}" if method in ("dare_ties", "dare_linear", "breadcrumbs",
                                                                   "breadcrumbs_ties", "ties") else "")
-    ms = ["ft0"] if method == "slerp" else ["ft0", "ft1", "ft2"]
+    ms = ["ft0"] if method in ("slerp", "passthrough") else ["ft0", "ft1", "ft2"]
     text = f"merge_method: {method}\nbase_model: base\nmodels:\n" + "".join(f"  - model: {m}\n" for m in ms)
     return text + (f"parameters:\n  {extra}\n" if extra else "")
 

@@ -32,8 +32,8 @@ PARAMS = {m.name: set(m.params) for m in registry.METHODS_DEF.values()}
 # entry reaches its output entry through +, -, * and /; 0 * Inf is NaN):
 # for these the NaN/Inf check reads the output, one tensor instead of all of
 # them, and looks at the inputs only when the output is not finite.
-_PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "negate")
-_COUNT = {2: "two"}
+_PROPAGATES_NONFINITE = ("linear", "task_arithmetic", "negate", "passthrough")
+_COUNT = {1: "one", 2: "two"}
 
 
 def task_vector(finetuned: PyTree, base: PyTree, dtype=None) -> PyTree:
@@ -143,7 +143,8 @@ def merge(method: str, models: Sequence[PyTree], base: PyTree | None = None, *, 
     if not models:
         raise MergeError("no models to merge")
     if spec.max_models is not None and not spec.min_models <= len(models) <= spec.max_models:
-        raise MergeError(f"{method} merges exactly {_COUNT.get(spec.max_models, spec.max_models)} models, got {len(models)}")
+        raise MergeError(f"{method} merges exactly {_COUNT.get(spec.max_models, spec.max_models)} "
+                         f"model{'s' * (spec.max_models > 1)}, got {len(models)}")
     if len(models) < spec.min_models:
         raise MergeError(f"{method} needs at least {_COUNT.get(spec.min_models, spec.min_models)} fine-tuned models, got {len(models)}")
     if spec.needs_base and base is None:

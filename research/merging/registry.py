@@ -68,6 +68,7 @@ PARAMS_DEF = {p.name: p for p in [
           choices=("l1", "inverse")),
     Param("t", 0.5, "interpolation position from the first model (0) to the second (1)", interval="[0, 1]"),
     Param("filter_wise", False, "one ratio per output row instead of per tensor"),
+    Param("scale", 1.0, "factor on the model's tensor", per_model=True),
 ]}
 COMMON = ("out_dtype", "check_finite")  # accepted by every method
 
@@ -89,6 +90,7 @@ class Method:
     leaf: Callable  # (base, models, opts, keys) -> merged float32 tensor
     paper: str
     needs_base: bool = True
+    uses_base: bool = True  # False: a base_model given in a config is not an input
     random: bool = False
     min_models: int = 1
     max_models: int | None = None
@@ -120,7 +122,7 @@ def _tv_method(name: str, paper: str) -> Method:
 
 METHODS_DEF = {m.name: m for m in [
     Method("linear", ("weight", "normalize"), lambda b, ms, o, k: methods.linear(ms, o["weight"], o["normalize"]),
-           "Wortsman et al. 2022, Model soups", needs_base=False, defaults=(("normalize", True),)),
+           "Wortsman et al. 2022, Model soups", needs_base=False, uses_base=False, defaults=(("normalize", True),)),
     _tv_method("task_arithmetic", "Ilharco et al. 2023, Editing Models with Task Arithmetic"),
     _tv_method("ties", "Yadav et al. 2023, TIES-Merging"),
     _tv_method("dare_linear", "Yu et al. 2024, Language Models are Super Mario (DARE)"),
@@ -135,6 +137,9 @@ METHODS_DEF = {m.name: m for m in [
            "Jang et al. 2024, Model Stock", min_models=2),
     Method("negate", ("weight", "lam"), lambda b, ms, o, k: methods.negate(b, ms, o["weight"], o["lam"]),
            "Ilharco et al. 2023, Editing Models with Task Arithmetic (negation)"),
+    Method("passthrough", ("scale",), lambda b, ms, o, k: o["scale"][0] * ms[0],
+           "mergekit's passthrough: one model's tensors as they are (times scale), for slices", needs_base=False,
+           uses_base=False, max_models=1),
 ]}
 
 

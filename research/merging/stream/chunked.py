@@ -9,8 +9,9 @@ place:
 method                whole-tensor statistics (passes)                 blocks equal
 ====================  ===============================================  ============
 linear, task_arith-   none                                             bit for bit
-metic, negate,
-model_stock per row
+metic, negate, pass-
+through, model_stock
+per row
 ties, breadcrumbs     each model's exact top-k threshold from a        bit for bit
                       histogram of ``|tau|``'s float bits (1-2)
 dare, della           none: masks are drawn per ``sparsify.blocked_    bit for bit
@@ -312,10 +313,11 @@ def merge_blocks(method: str, opts, t: Tensor, key, out_dtype, write) -> None:
     """Merge ``t`` block by block, handing each merged block to ``write(rows_array)``."""
     n = len(t.models)
     out_dtype = jnp.dtype(out_dtype)
-    if method in ("linear", "task_arithmetic", "negate") or (method == "model_stock" and opts["filter_wise"]):
+    if method in ("linear", "task_arithmetic", "negate", "passthrough") or (method == "model_stock"
+                                                                           and opts["filter_wise"]):
         for base, models in t.blocks():  # elementwise (or row-local): each block is a merge of its own
             params = dict(opts.values) if isinstance(opts, registry.Settings) else _tv_params(opts)
-            b = None if base is None or method == "linear" else {t.name: base}
+            b = None if base is None or not registry.get(method).uses_base else {t.name: base}
             write(np.asarray(_merge(method, [{t.name: m} for m in models], base=b, out_dtype=out_dtype,
                                              **params)[t.name]))
         return

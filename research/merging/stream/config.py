@@ -16,10 +16,32 @@ A model is an HF directory, a ``.safetensors`` file, a training run of ours, or 
 peft LoRA adapter on its base, ``model: ./llama-base+./math-adapter`` (or the
 adapter directory alone when its ``adapter_config.json`` names a local base).
 
+mergekit's ``slices:`` take the place of ``models:`` to merge layer ranges, each
+output slice from its own sources' ``layer_range: [start, end)`` (end
+exclusive; the same length in every source of a slice).  The output's layers
+are the slices' in order; its embeddings come from the first slice's sources,
+its final norm and head from the last's::
+
+    merge_method: slerp
+    base_model: ./a
+    slices:
+      - sources:
+          - {model: ./a, layer_range: [0, 16]}
+          - {model: ./b, layer_range: [0, 16]}
+        parameters: {t: [0, 0.5]}      # a gradient over this slice's layers
+      - sources:
+          - {model: ./a, layer_range: [16, 32]}
+          - {model: ./b, layer_range: [16, 32]}
+
 A parameter value is a scalar, a list interpolated across layers (mergekit's
 "gradient"), or a list of ``{filter: SUBSTRING, value: V}`` whose first entry
-whose filter occurs in the tensor name wins (an entry without ``filter`` matches
-everything).  Unknown keys are errors naming the key and its line.
+whose filter occurs in the tensor name wins (``filter: "*"``, or an entry
+without one, matches everything).  As in mergekit, a parameter is looked up
+per tensor from the most specific place to the least: the model's (a slice
+source's) ``parameters``, the slice's, the top-level ``parameters``, then the
+method's default; a filter list none of whose entries matches the tensor
+passes on to the next place.  Unknown keys are errors naming the key and its
+line.
 """
 
 from __future__ import annotations
@@ -32,9 +54,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-TOP_KEYS = {"models", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
 MODEL_KEYS = {"model", "parameters"}
-_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+SLICE_KEYS = {"sources", "parameters"}
+SOURCE_KEYS = {"model", "layer_range", "parameters"}
+LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a tensor of the layer stack, and its layer
 
 
 class ConfigError(ValueError):
@@ -69,9 +93,27 @@ class ModelEntry:
 
 
 @dataclasses.dataclass(frozen=True)
+class SliceSource:
+    path: str
+    layer_range: tuple  # (start, end): layers start .. end - 1
+    parameters: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+    sources: tuple  # SliceSource
+    parameters: dict
+    line: int = 0  # of the slice in the config file
+
+    @property
+    def n_layers(self) -> int:
+        return self.sources[0].layer_range[1] - self.sources[0].layer_range[0]
+
+
+@dataclasses.dataclass(frozen=True)
 class MergeConfig:
     merge_method: str
-    models: tuple  # ModelEntry
+    models: tuple  # ModelEntry; empty where ``slices`` are given
     base_model: str | None
     parameters: dict
     dtype: str | None
@@ -79,6 +121,19 @@ class MergeConfig:
     source: str = ""
     raw: Any = None
     tokenizer_source: str | None = None  # a model directory whose tokenizer files the output gets
+    slices: tuple = ()  # Slice, where the config gives ``slices:`` rather than ``models:``
+
+
+@dataclasses.dataclass(frozen=True)
+class Scope:
+    """Where one tensor's parameters are looked up, most specific first (mergekit's
+    order): each model's ``(label, parameters)``, then the shared levels (a
+    slice's, the top level's), then the method's default.  ``t``: the gradient
+    position."""
+
+    models: tuple
+    shared: tuple
+    t: float
 
 
 DTYPES = ("float32", "float16", "bfloat16")
@@ -106,23 +161,34 @@ def load(path: str) -> MergeConfig:
             raise ConfigError(f"{_where(path, doc, key)}: unknown key {key!r} (accepted: {', '.join(sorted(TOP_KEYS))})")
     if "merge_method" not in doc:
         raise ConfigError(f"{path}: missing 'merge_method'")
-    if not isinstance(doc.get("models"), list) or not doc["models"]:
-        raise ConfigError(f"{_where(path, doc, 'models')}: 'models' must be a non-empty list")
+    if ("models" in doc) == ("slices" in doc):
+        raise ConfigError(f"{path}: give either 'models' (whole models) or 'slices' (layer ranges), "
+                          f"{'not both' if 'models' in doc else 'one of them'}")
     base_dir = os.path.dirname(os.path.abspath(path))
     one = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
     # "BASE+ADAPTER" (mergekit's syntax for a LoRA adapter on a base): each part resolved
     resolve = lambda p: one(p) if "+" not in p or os.path.exists(one(p)) else "+".join(one(q) for q in p.rsplit("+", 1))
-    entries = []
-    for i, m in enumerate(doc["models"]):
-        if not isinstance(m, dict) or "model" not in m:
-            raise ConfigError(f"{path}:{getattr(m, 'line', '?')}: models[{i}] needs a 'model' key")
-        for key in m:
-            if key not in MODEL_KEYS:
-                raise ConfigError(f"{_where(path, m, key)}: unknown key {key!r} in models[{i}] (accepted: model, parameters)")
-        if m.get("parameters") is not None and not isinstance(m["parameters"], dict):
-            raise ConfigError(f"{_where(path, m, 'parameters')}: models[{i}].parameters must be a mapping")
-        params = dict(m.get("parameters") or {})
-        entries.append(ModelEntry(resolve(str(m["model"])), params))
+    entries, slices = [], []
+    if "models" in doc:
+        for i, m in enumerate(_list(path, doc, "models")):
+            m = _entry(path, m, f"models[{i}]", MODEL_KEYS)
+            entries.append(ModelEntry(resolve(str(m["model"])), _params(path, m, f"models[{i}]")))
+    else:
+        for s, sl in enumerate(_list(path, doc, "slices")):
+            if not isinstance(sl, dict) or "sources" not in sl:
+                raise ConfigError(f"{path}:{getattr(sl, 'line', '?')}: slices[{s}] needs a 'sources' list")
+            _known(path, sl, f"slices[{s}]", SLICE_KEYS)
+            sources = []
+            for i, m in enumerate(_list(path, sl, "sources", f"slices[{s}].sources")):
+                where = f"slices[{s}].sources[{i}]"
+                m = _entry(path, m, where, SOURCE_KEYS)
+                sources.append(SliceSource(resolve(str(m["model"])), _layer_range(path, m, where),
+                                           _params(path, m, where)))
+            lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
+            if len(lengths) > 1:
+                raise ConfigError(f"{_where(path, sl, 'sources')}: the sources of slices[{s}] must span the same "
+                                  f"number of layers, got layer ranges {[list(x.layer_range) for x in sources]}")
+            slices.append(Slice(tuple(sources), _params(path, sl, f"slices[{s}]"), sl.line))
     base = doc.get("base_model")
     for key in ("dtype", "out_dtype"):
         if doc.get(key) is not None and doc[key] not in DTYPES:
@@ -152,13 +218,53 @@ def load(path: str) -> MergeConfig:
         source=path,
         raw=_plain(doc),
         tokenizer_source=tok,
+        slices=tuple(slices),
     )
+
+
+def _list(path, m, key, label=None) -> list:
+    if not isinstance(m.get(key), list) or not m[key]:
+        raise ConfigError(f"{_where(path, m, key)}: '{label or key}' must be a non-empty list")
+    return m[key]
+
+
+def _known(path, m, label, keys) -> None:
+    for key in m:
+        if key not in keys:
+            raise ConfigError(f"{_where(path, m, key)}: unknown key {key!r} in {label} (accepted: "
+                              f"{', '.join(sorted(keys))})")
+
+
+def _entry(path, m, label, keys):
+    if not isinstance(m, dict) or "model" not in m:
+        raise ConfigError(f"{path}:{getattr(m, 'line', '?')}: {label} needs a 'model' key")
+    _known(path, m, label, keys)
+    return m
+
+
+def _params(path, m, label) -> dict:
+    if m.get("parameters") is not None and not isinstance(m["parameters"], dict):
+        raise ConfigError(f"{_where(path, m, 'parameters')}: {label}.parameters must be a mapping")
+    return dict(m.get("parameters") or {})
+
+
+def _layer_range(path, m, label) -> tuple:
+    r = m.get("layer_range")
+    if not (isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            and 0 <= r[0] <= r[1]):
+        raise ConfigError(f"{_where(path, m, 'layer_range') if 'layer_range' in m else path + ':' + str(m.line)}: "
+                          f"{label} needs layer_range: [start, end], 0 <= start <= end (end exclusive), got {r!r}")
+    return tuple(r)
 
 
 def rerunnable(mc: MergeConfig) -> dict:
     """The config as a YAML document that reruns this merge from anywhere: model paths absolute."""
     doc = dict(mc.raw)
-    doc["models"] = [{**m, "model": e.path} for m, e in zip(mc.raw["models"], mc.models)]
+    if mc.slices:
+        doc["slices"] = [{**sl, "sources": [{**m, "model": src.path} for m, src in zip(sl["sources"], s.sources)]}
+                         for sl, s in zip(mc.raw["slices"], mc.slices)]
+    else:
+        doc["models"] = [{**m, "model": e.path} for m, e in zip(mc.raw["models"], mc.models)]
     if mc.base_model:
         doc["base_model"] = mc.base_model
     if mc.tokenizer_source:
@@ -175,31 +281,35 @@ def _plain(x):
 
 
 def layer_position(name: str, n_layers: int) -> float:
-    """Where a tensor sits in depth, in [0, 1]: layer i of n at i/(n-1); tensors
-    outside the layer stack (embeddings at 0, final norm and head at 1)."""
-    m = _LAYER.search(name)
-    if m:
-        return int(m.group(1)) / max(n_layers - 1, 1)
-    return 0.0 if "embed" in name else 1.0
+    """Where a tensor sits in depth, the ``t`` a gradient is read at: layer i of n at
+    i/(n-1) (1 where n is 1); every tensor outside the layer stack, the
+    embeddings and the final norm and head alike, at 0.  These are mergekit's
+    positions since its release 0.1.2 (before, the final norm and head were
+    read at 1)."""
+    m = LAYER.search(name)
+    if not m:
+        return 0.0
+    return int(m.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
 
 
-def resolve(value, name: str, n_layers: int, where: str):
-    """The value of one parameter for tensor ``name``: scalar, gradient or filters."""
+def resolve(value, name: str, t: float, where: str):
+    """The value of one parameter for tensor ``name`` at gradient position ``t``:
+    a scalar, a gradient read at ``t``, or the first matching filter's value;
+    None where no filter matches (the lookup then passes on, as in mergekit)."""
     if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
         for entry in value:
             unknown = set(entry) - {"filter", "value"}
             if unknown or "value" not in entry:
                 raise ConfigError(f"{where}: filter entries are {{filter: SUBSTRING, value: V}}, got {dict(entry)}")
-            if "filter" not in entry or str(entry["filter"]) in name:
-                return resolve(entry["value"], name, n_layers, where)
-        raise ConfigError(f"{where}: no filter matches tensor {name} and there is no default entry")
+            if entry.get("filter") in (None, "*") or str(entry["filter"]) in name:
+                return resolve(entry["value"], name, t, where)
+        return None
     if isinstance(value, list):
-        if not value or not all(isinstance(v, (int, float)) for v in value):
+        if not value or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
             raise ConfigError(f"{where}: a gradient is a list of numbers, got {value}")
         if len(value) == 1:
             return float(value[0])
-        pos = layer_position(name, n_layers) * (len(value) - 1)
-        return float(np.interp(pos, np.arange(len(value)), value))
+        return float(np.interp(t * (len(value) - 1), np.arange(len(value)), value))
     if isinstance(value, bool) or isinstance(value, (int, float, str)):
         return value
     raise ConfigError(f"{where}: unsupported parameter value {value!r}")

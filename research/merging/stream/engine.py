@@ -1,6 +1,7 @@
 """Streaming merges of real checkpoints, tensor by tensor, with bounded memory.
 
-Each output tensor is computed from the same tensor of every input.  One
+Each output tensor is computed from the same tensor of every input (or, for
+mergekit's ``slices:``, from the tensors ``slices.py`` maps it to).  One
 thread reads the next tensor from the safetensors files while the current
 one merges; another writes the previous one straight to its place in the
 output shards, which are laid out up front.  Inputs of the merges that the
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 
 from research import merging
 from research.merging import cpu, registry, task_vectors
-from research.merging.stream import chunked
+from research.merging.stream import chunked, slices
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
@@ -67,11 +68,10 @@ def _is_float(d) -> bool:
 class Plan:
     method: str
     base: TensorSource | None
-    models: list
-    model_params: list
-    global_params: dict
+    models: list  # a TensorSource per model; a slices.LayerMap per input position of a slices merge
+    scopes: dict  # tensor -> config.Scope: where its parameters are looked up
     names: list
-    n_layers: int
+    n_layers: int  # in the output
     vocab_rows: dict  # tensor -> common row count, where vocab sizes differ
     dtype: object = None  # the config's dtype, which float tensors are merged in; None: their own
 
@@ -135,18 +135,40 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
     method = mc.merge_method
     if method not in merging.METHODS:
         raise MergeFailed(f"{mc.source}: unknown merge_method {method!r}; choose from {', '.join(merging.METHODS)}")
-    entries = list(mc.models)
-    needs_base = method in merging.NEEDS_BASE or (method == "slerp" and len(entries) == 1)
+    spec = registry.get(method)
+    same = lambda a, b: os.path.abspath(a) == os.path.abspath(b)
+    n_given = len(mc.slices[0].sources) if mc.slices else len(mc.models)
+    needs_base = spec.needs_base or (method == "slerp" and n_given == 1)
     if needs_base and not mc.base_model:
         raise MergeFailed(f"{mc.source}: merge_method {method!r} needs a base_model")
-    if mc.base_model:  # mergekit configs often list the base among the models too
-        entries = [e for e in entries if os.path.abspath(e.path) != os.path.abspath(mc.base_model)]
-    base = open_source(mc.base_model) if mc.base_model and method != "linear" else None
-    models = [open_source(e.path) for e in entries]
-    if not models:
-        raise MergeFailed(f"{mc.source}: no models to merge besides the base")
+    use_base = bool(mc.base_model) and spec.uses_base
+    if mc.slices:
+        opened = {}
+        try:
+            layout = slices.plan(mc, lambda p: opened.setdefault(p, open_source(p)), use_base)
+        except slices.SliceError as e:
+            raise MergeFailed(str(e)) from None
+        base, models, names, scopes = layout.base, layout.models, layout.names, layout.scopes
+        n_layers = layout.n_layers
+    else:
+        # mergekit configs often list the base among the models too
+        entries = [(i, e) for i, e in enumerate(mc.models) if not (mc.base_model and same(e.path, mc.base_model))]
+        base = open_source(mc.base_model) if use_base else None
+        models = [open_source(e.path) for _, e in entries]
+        if not models:
+            raise MergeFailed(f"{mc.source}: no models to merge besides the base")
+        names = (base or models[0]).names
+        n_layers = _n_layers(base or models[0], names)
+        per_model = tuple((f"models[{i}].parameters", e.parameters) for i, e in entries)
+        scopes = {n: cfg_lib.Scope(per_model, (("parameters", mc.parameters),), cfg_lib.layer_position(n, n_layers))
+                  for n in names}
+    count = len(models) + (method == "slerp" and base is not None)  # SLERP from the base to one model
+    if not spec.min_models <= count <= (spec.max_models or count):
+        many = (f"exactly {spec.max_models}" if spec.max_models == spec.min_models
+                else f"{spec.min_models} to {spec.max_models}" if spec.max_models else f"at least {spec.min_models}")
+        raise MergeFailed(f"{mc.source}: merge_method {method!r} merges {many} model(s), got {count}"
+                          + (" per slice" if mc.slices else ""))
     ref = base or models[0]
-    names = ref.names
     vocab_rows = {}
     for src in models + ([base] if base else []):
         missing = [n for n in names if n not in src.shapes]
@@ -171,22 +193,25 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
                 bad.append(f"{n} {a} vs {b}")
         if bad:
             raise MergeFailed(f"{src.path}: tensor shapes differ from {ref.path}: {bad[:3]}")
-    n_layers = _n_layers(ref, names)
     spell = lambda p: "lambda" if p == "lam" else p
-    for where, params in [("parameters", mc.parameters),
-                          *((f"models[{i}].parameters", e.parameters) for i, e in enumerate(mc.models))]:
+    levels = [("parameters", mc.parameters, False)]  # every place parameters are given, the base's too
+    levels += [(f"models[{i}].parameters", e.parameters, True) for i, e in enumerate(mc.models)]
+    for s, sl in enumerate(mc.slices):
+        levels += [(f"slices[{s}].parameters", sl.parameters, False)]
+        levels += [(f"slices[{s}].sources[{i}].parameters", x.parameters, True) for i, x in enumerate(sl.sources)]
+    for where, params, per_model in levels:
         given = [_GLOBAL_RENAME.get(k, k) for k in params if k not in _IGNORED]
         try:
             registry.check_names(method, given, spell)
         except merging.MergeError as e:
             raise MergeFailed(f"{mc.source}: {where}: {e}") from None
-        shared = [spell(k) for k in given if where != "parameters" and not registry.PARAMS_DEF[k].per_model]
+        shared = [spell(k) for k in given if per_model and not registry.PARAMS_DEF[k].per_model]
         if shared:
             raise MergeFailed(f"{mc.source}: {where}: {', '.join(shared)} is one value for the whole merge; set it "
-                              "under the top-level parameters")
+                              "under the top-level parameters" + (" or the slice's" if mc.slices else ""))
     if mc.tokenizer_source:
         _check_tokenizer_source(mc, ref, names)
-    return Plan(method, base, models, [e.parameters for e in entries], dict(mc.parameters), names, n_layers, vocab_rows,
+    return Plan(method, base, models, scopes, names, n_layers, vocab_rows,
                 jnp.dtype(mc.dtype) if mc.dtype else None)
 
 
@@ -213,32 +238,30 @@ def _n_layers(ref: TensorSource, names) -> int:
             n = json.load(f).get("num_hidden_layers")
         if n:
             return int(n)
-    idx = [int(m.group(1)) for n in names if (m := cfg_lib._LAYER.search(n))]
+    idx = [int(m.group(1)) for n in names if (m := cfg_lib.LAYER.search(n))]
     return max(idx) + 1 if idx else 1
 
 
 def tensor_params(plan: Plan, name: str, source: str) -> dict:
-    """Resolved parameters of one tensor: globals, then per-model values as lists."""
+    """Tensor ``name``'s parameters as the config gives them (``config.Scope``): the
+    shared ones, then the per-model ones as lists, a model's missing value (or
+    a filter list that does not match) taken from the shared levels, else the
+    method's default."""
+    sc = plan.scopes[name]
     out = {}
-    for k, v in plan.global_params.items():
-        if k in _IGNORED:
-            continue
-        out[_GLOBAL_RENAME.get(k, k)] = cfg_lib.resolve(v, name, plan.n_layers, f"{source}: parameters.{k}")
-    per_model = {}
-    for i, params in enumerate(plan.model_params):
-        for k in params:
-            per_model.setdefault(k, [None] * len(plan.models))
+    for label, params in reversed(sc.shared):  # the most specific level last, so that it wins
         for k, v in params.items():
-            per_model[k][i] = cfg_lib.resolve(v, name, plan.n_layers, f"{source}: models[{i}].parameters.{k}")
-    for k, vals in per_model.items():
+            if k not in _IGNORED:
+                value = cfg_lib.resolve(v, name, sc.t, f"{source}: {label}.{k}")
+                if value is not None:
+                    out[_GLOBAL_RENAME.get(k, k)] = value
+    spec = registry.get(plan.method)
+    for k in dict.fromkeys(k for _, params in sc.models for k in params if k not in _IGNORED):
         key = _GLOBAL_RENAME.get(k, k)
-        default = out.get(key)
-        if any(v is None for v in vals) and default is None and key in ("weight",):
-            default = 1.0
-        filled = [default if v is None else v for v in vals]
-        if any(v is None for v in filled):
-            raise MergeFailed(f"{source}: parameter {k!r} is set for some models and has no global default")
-        out[key] = filled
+        values = [cfg_lib.resolve(p[k], name, sc.t, f"{source}: {label}.{k}") if k in p else None
+                  for label, p in sc.models]
+        fallback = out.get(key, spec.default(key) if key in spec.params else None)
+        out[key] = [fallback if v is None else v for v in values]
     return out
 
 
@@ -281,8 +304,15 @@ def describe(plan: Plan, mc, seed: int | None = None) -> str:
     method = registry.get(plan.method)
     lines = [f"merge_method: {plan.method} ({method.paper})", f"base: {plan.base.path if plan.base else '-'}"]
     lines += [f"model {i}: {m.path}" for i, m in enumerate(plan.models)]
+    start = 0
+    for s, sl in enumerate(mc.slices):  # where each output layer comes from
+        if s == 0:
+            lines.append("slices (output layers <- each source's layer_range):")
+        span = f"{start}..{start + sl.n_layers - 1}" if sl.n_layers else "none"
+        lines.append(f"  slices[{s}]: {span} <- " + ", ".join(f"{x.path} {list(x.layer_range)}" for x in sl.sources))
+        start += sl.n_layers
     params = {n: check_tensor_params(plan, n, source) for n in plan.names}
-    given = {_GLOBAL_RENAME.get(k, k) for p in (plan.global_params, *plan.model_params) for k in p}
+    given = {_GLOBAL_RENAME.get(k, k) for sc in plan.scopes.values() for _, p in (*sc.models, *sc.shared) for k in p}
     spell = {v: k for k, v in _GLOBAL_RENAME.items()}.get
     varying = []
     lines.append("parameters (per-model values in model order):")
@@ -340,7 +370,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     if dry_run:
         print(describe(plan, mc, seed))
         return None
-    inputs = [src.path for src in plan.sources]
+    inputs = [o.path for src in plan.sources for o in _origins(src)]
     if mc.tokenizer_source:
         inputs.append(mc.tokenizer_source)
     try:
@@ -521,11 +551,13 @@ def _merge_blocks(plan: Plan, mc, t: chunked.Tensor, root, out_dtype, write, glo
 
 def _write_metadata(plan: Plan, mc, tmp: str, out_dtype, seed: int, seconds: float):
     """config.json (its dtype the output's), the tokenizer files, and a rerunnable merge_config.yaml."""
-    ref = plan.base or plan.models[0]
+    ref = _origins(plan.base or plan.models[0])[0]
     cj = ref.config_json()
     if cj:
         with open(cj) as f:
             config = json.load(f)
+        if "num_hidden_layers" in config:  # slices may give the output another depth
+            config["num_hidden_layers"] = plan.n_layers
         if out_dtype is not None:
             name = str(jnp.dtype(out_dtype))
             config["torch_dtype"] = name
@@ -541,6 +573,11 @@ def _write_metadata(plan: Plan, mc, tmp: str, out_dtype, seed: int, seconds: flo
         f.write(f"# written by research-merge in {seconds:.1f} s; rerun with: research-merge THIS_FILE OUT"
                 + (f" --seed {seed}" if plan.method in merging.RANDOM_METHODS else "") + "\n")
         yaml.safe_dump(cfg_lib.rerunnable(mc), f, sort_keys=False)
+
+
+def _origins(src) -> list:
+    """The checkpoints an input reads: the sources of a slices merge's ``LayerMap``, else itself."""
+    return getattr(src, "origins", [src])
 
 
 def _merge_tensor(plan: Plan, mc, name: str, work, key, out_dtype) -> np.ndarray:

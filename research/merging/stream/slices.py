@@ -1,0 +1,183 @@
+"""mergekit's ``slices:``: the output's layers taken from layer ranges of the inputs.
+
+Each slice lists its sources, each with a ``layer_range: [start, end)``, all
+of one length ``n``; the slice gives the output ``n`` layers, after those of
+the slices before it, layer ``o`` of them merged from layer ``start + o`` of
+each source.  Tensors outside the layer stack come from the first slice's
+sources (the embeddings) or the last's (everything else: the final norm,
+the head).  Worked example, two 4-layer models ``a`` and ``b``::
+
+    slices:
+      - sources: [{model: a, layer_range: [0, 2]}, {model: b, layer_range: [0, 2]}]
+      - sources: [{model: a, layer_range: [1, 4]}, {model: b, layer_range: [1, 4]}]
+
+    output                        input position 0           input position 1
+    model.embed_tokens.weight     a  model.embed_tokens...   b  model.embed_tokens...
+    model.layers.0.*  (t = 0)     a  model.layers.0.*        b  model.layers.0.*
+    model.layers.1.*  (t = 1)     a  model.layers.1.*        b  model.layers.1.*
+    model.layers.2.*  (t = 0)     a  model.layers.1.*        b  model.layers.1.*
+    model.layers.3.*  (t = 0.5)   a  model.layers.2.*        b  model.layers.2.*
+    model.layers.4.*  (t = 1)     a  model.layers.3.*        b  model.layers.3.*
+    model.norm.weight, lm_head    a  (the last slice's)      b
+
+``t`` is where a gradient is read: a slice's layer ``o`` of ``n`` at
+``o / (n - 1)`` (1 where ``n`` is 1), the tensors outside the stack at 0, as
+mergekit plans them.  Each input position is a ``LayerMap`` that reads every
+output tensor from its own source and tensor, so the merge itself is the
+same as for whole models.  The base model (``base_model``), where the method
+uses one, is a position of its own: every slice lists it among its sources.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+
+from research.merging.stream import config as cfg_lib
+
+_LAYER = cfg_lib.LAYER
+_BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings")  # tensors planned with the first slice
+
+
+class SliceError(ValueError):
+    pass
+
+
+class LayerMap:
+    """One input position of a slices merge: each output tensor read as
+    ``table[name] = (source, input name)`` (a ``TensorSource``'s interface)."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.shapes = {out: src.shapes[n] for out, (src, n) in table.items()}
+        self.dtypes = {out: src.dtypes[n] for out, (src, n) in table.items()}
+        self.origins = list(dict.fromkeys(src for src, _ in table.values()))  # distinct sources, first first
+        self.path = ", ".join(dict.fromkeys(o.path for o in self.origins))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.table)
+
+    def nbytes(self, name: str) -> int:
+        src, n = self.table[name]
+        return src.nbytes(n)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        src, n = self.table[name]
+        return src.read(n, rows)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        src, n = self.table[name]
+        return src.view(n, rows)
+
+    def config_json(self) -> str | None:
+        return self.origins[0].config_json()
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    base: LayerMap | None
+    models: list  # LayerMap per input position
+    names: list  # output tensors, in order: embeddings, layers, the rest
+    scopes: dict  # output tensor -> cfg_lib.Scope
+    n_layers: int
+
+
+def layers_of(src) -> dict:
+    """``{layer index: [tensor names]}`` of a source's layer stack."""
+    out = {}
+    for n in src.names:
+        if m := _LAYER.search(n):
+            out.setdefault(int(m.group(1)), []).append(n)
+    return out
+
+
+def _renamed(name: str, layer: int) -> str:
+    m = _LAYER.search(name)
+    return name[:m.start(1)] + str(layer) + name[m.end(1):]
+
+
+def plan(mc: cfg_lib.MergeConfig, open_source, use_base: bool) -> Layout:
+    """The output of ``mc.slices``: each input position's ``LayerMap`` and each
+    tensor's parameter scope.  ``open_source(path)`` opens (once) a model;
+    ``use_base``: whether the method reads ``mc.base_model``."""
+    src_of, stacks = {}, {}
+    same = lambda a, b: os.path.abspath(a) == os.path.abspath(b)
+
+    def opened(path):
+        if path not in src_of:
+            src_of[path] = open_source(path)
+            stacks[path] = layers_of(src_of[path])
+        return src_of[path]
+
+    split = []  # per slice: (the base's (index in sources, source) or None, the same of each model)
+    for s, sl in enumerate(mc.slices):
+        is_base = lambda x: bool(mc.base_model) and same(x.path, mc.base_model)
+        bases = [(i, x) for i, x in enumerate(sl.sources) if is_base(x)]
+        if use_base and not bases:
+            raise SliceError(f"{mc.source}:{sl.line}: slices[{s}] does not list base_model {mc.base_model} among its "
+                             "sources; the base's layers come from its layer_range there")
+        split.append((bases[0] if use_base else None, [(i, x) for i, x in enumerate(sl.sources) if not is_base(x)]))
+    counts = {len(p) for _, p in split}
+    if len(counts) > 1 or 0 in counts:
+        raise SliceError(f"{mc.source}: every slice needs the same number of models besides the base (at least one), "
+                         f"got {[len(p) for _, p in split]} for slices 0..{len(split) - 1}")
+    for s, (b, positions) in enumerate(split):
+        for i, x in ([b] if b else []) + positions:
+            opened(x.path)
+            missing = sorted(set(range(*x.layer_range)) - set(stacks[x.path]))
+            if missing:
+                raise SliceError(f"{mc.source}:{mc.slices[s].line}: slices[{s}].sources[{i}] asks for layer_range "
+                                 f"{list(x.layer_range)}, but {x.path} has {len(stacks[x.path])} layers "
+                                 f"(no layer {missing[0]})")
+
+    tables = [{} for _ in range(len(split[0][1]) + 1)]  # the base's first
+    scopes, names = {}, []
+    global_level = ("parameters", mc.parameters)
+
+    def scope(s, t):
+        sl, (_, positions) = mc.slices[s], split[s]
+        return cfg_lib.Scope(
+            tuple((f"slices[{s}].sources[{i}].parameters", x.parameters) for i, x in positions),
+            ((f"slices[{s}].parameters", sl.parameters), global_level), t)
+
+    def add(out_name, s, in_layer_of):
+        """Output tensor ``out_name`` of slice ``s``: each position's tensor ``in_layer_of(x)``."""
+        b, positions = split[s]
+        for table, x in zip(tables, [b and b[1]] + [x for _, x in positions]):
+            if x is None:
+                continue
+            src, n = src_of[x.path], in_layer_of(x)
+            if n not in src.shapes:
+                raise SliceError(f"{mc.source}:{mc.slices[s].line}: {x.path} has no tensor {n} "
+                                 f"(for {out_name} of slices[{s}])")
+            table[out_name] = (src, n)
+        names.append(out_name)
+
+    first = lambda s: (split[s][0] or split[s][1][0])[1]  # the source whose tensor names the output follows
+    outside = [n for n in src_of[first(0).path].names if not _LAYER.search(n)]
+    for n in outside:
+        if _BEFORE_LAYERS.search(n):
+            add(n, 0, lambda x, n=n: n)
+            scopes[n] = scope(0, 0.0)
+    out_layer = 0
+    for s, sl in enumerate(mc.slices):
+        ref = first(s)
+        for o in range(sl.n_layers):
+            t = o / (sl.n_layers - 1) if sl.n_layers > 1 else 1.0
+            for n in stacks[ref.path][ref.layer_range[0] + o]:
+                out = _renamed(n, out_layer)
+                add(out, s, lambda x, n=n, o=o: _renamed(n, x.layer_range[0] + o))
+                scopes[out] = scope(s, t)
+            out_layer += 1
+    last = len(mc.slices) - 1
+    for n in [n for n in src_of[first(last).path].names if not _LAYER.search(n) and not _BEFORE_LAYERS.search(n)]:
+        add(n, last, lambda x, n=n: n)
+        scopes[n] = scope(last, 0.0)
+    if not names:
+        raise SliceError(f"{mc.source}: the slices select no tensors")
+    base = LayerMap(tables[0]) if use_base else None
+    return Layout(base, [LayerMap(t) for t in tables[1:]], names, scopes, out_layer)
