@@ -43,6 +43,18 @@ model_entry = st.one_of(
                           optional={"parameters": st.one_of(params, st.just("x"), st.none())}),
     st.just("ft0"), st.just({"parameters": {}}), st.just({"model": "ft0", "extra": 1}),
 )
+slice_source = st.one_of(
+    st.fixed_dictionaries({"model": st.sampled_from(["ft0", "ft1", "base", "other", "missing"]),
+                           "layer_range": st.one_of(st.lists(st.integers(-1, 3), min_size=2, max_size=2),
+                                                    st.just([0]), st.just("x"))},
+                          optional={"parameters": st.one_of(params, st.just("x"))}),
+    st.just({"model": "ft0"}), st.just("ft0"),
+)
+slice_entry = st.one_of(
+    st.fixed_dictionaries({"sources": st.one_of(st.lists(slice_source, max_size=3), st.just("x"))},
+                          optional={"parameters": params, "residual_weight": numbers}),
+    st.just({"parameters": {}}),
+)
 random_documents = st.fixed_dictionaries(
     {"merge_method": st.sampled_from([*METHODS, "tie", ""])},
     optional={
@@ -52,6 +64,9 @@ random_documents = st.fixed_dictionaries(
         "dtype": st.sampled_from(["float32", "bfloat16", "float16", "float8", "int4"]),
         "out_dtype": st.sampled_from(["float32", "bfloat16", "x"]),
         "tokenizer_source": st.sampled_from(["base", "union", "ft1", "missing"]),
+        "tokenizer": st.one_of(st.just({"source": "base"}), st.just({"tokens": {}}), st.just("x")),
+        "chat_template": st.sampled_from(["auto", "chatml", "llama3", "{{ x", "{{ 'x' }}", "x" * 30]),
+        "slices": st.one_of(st.lists(slice_entry, max_size=2), st.just("x"), st.none()),
         "merge_methd": st.just("ties"),
     },
 )
@@ -67,7 +82,7 @@ def plausible_documents(draw):
     from research.merging import PARAMS
 
     method = draw(st.sampled_from(METHODS))
-    names = ["ft0"] if method == "slerp" else ["ft0", "ft1"]
+    names = ["ft0"] if method in ("slerp", "passthrough") else ["ft0", "ft1"]
     allowed = [k for k in _VALID if (k if k != "lambda" else "lam") in PARAMS[method]]
     per_model = [k for k in allowed if k in ("weight", "density", "epsilon")]
     keys = [k for k in per_model if draw(st.booleans())]
@@ -78,9 +93,13 @@ def plausible_documents(draw):
     if method == "della" or method == "della_linear":
         for m in doc["models"]:
             m["parameters"]["density"] = 0.5
+    if draw(st.booleans()):  # the same merge over two slices of one layer each, the base listed in each
+        models = doc.pop("models")
+        doc["slices"] = [{"sources": [{"model": "base", "layer_range": r}] + [{**m, "layer_range": r} for m in models]}
+                         for r in ([0, 1], [1, 2])]
     if draw(st.booleans()):  # mutate one field
         key = draw(st.sampled_from(["merge_method", "base_model", "models", "parameters", "dtype", "out_dtype",
-                                    "tokenizer_source"]))
+                                    "tokenizer_source", "chat_template", "slices"]))
         doc[key] = draw(random_documents).get(key, draw(values))
     return doc
 

@@ -142,6 +142,14 @@ def test_the_written_merge_config_reruns_from_anywhere(models, tmp_path_factory)
     (("weight: 0.5, density: 0.3", "weight: 0.5, density: 0.3, trim: global"), "one value for the whole merge"),
     (("weight: 0.5, density: 0.3", "weight: 0.5, density: 0.3, gamma: 0.1"), "parameter 'gamma' applies to breadcrumbs"),
     (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\ntokenizer_source: union"), "union"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\nchat_template: llama3"),
+     "chat_template 'llama3' is not a template shipped here (chatml) or 'auto'"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\nchat_template: '{% for m in messages %}'"),
+     "cfg.yaml:12: chat template: Unexpected end of template"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\nchat_template: chatml"),
+     "chat_template: the output gets no tokenizer files"),
+    (("parameters: {lambda: 0.8}", "parameters: {lambda: 0.8}\ntokenizer: {source: base, tokens: {x: 1}}"),
+     "tokenizer.tokens (tokens added to or embedding rows padded in the output) is not supported"),
 ])
 def test_dry_run_refuses_what_the_merge_would_refuse(models, main, edit, match):
     tmp, *_ = models
@@ -161,6 +169,36 @@ def test_linear_with_weights_summing_to_zero_and_normalize_is_an_error(models, m
            "    parameters: {weight: 0}\nparameters: {normalize: true}\n"
     _fails(main(write_cfg(tmp, text), str(tmp / "out"), "--dry-run"), "sum to 0")
     _fails(main(write_cfg(tmp, text), str(tmp / "out")), "sum to 0")
+
+
+def test_a_chat_template_replaces_the_tokenizer_files_own(models):
+    """Named (chatml), written as Jinja, or ``auto``: the template most inputs have,
+    read from ``chat_template.jinja`` over ``tokenizer_config.json`` as transformers
+    reads it.  It goes where the copied tokenizer keeps its template."""
+    from research.data import tokenizers
+    from research.merging.stream.config import CHAT_TEMPLATES
+    tmp, *_ = models
+    for d in ("base", "ft0", "ft1", "ft2"):
+        (tmp / d / "tokenizer.json").write_text("{}")
+        (tmp / d / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'old' }}", "eos_token": "e"}))
+    (tmp / "ft0" / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ 'ft' }}"}))
+    (tmp / "ft1" / "chat_template.jinja").write_text("{{ 'ft' }}")
+    (tmp / "ft2" / "chat_template.jinja").write_text("{{ 'ft' }}\n")
+    out = stream.run(stream.load(write_cfg(tmp, TIES + "chat_template: auto\n")), str(tmp / "auto"), progress=False)
+    tc = json.load(open(os.path.join(out, "tokenizer_config.json")))
+    assert tc == {"chat_template": "{{ 'ft' }}", "eos_token": "e"}  # 3 of the 4 inputs' (stripped), not the base's
+    assert not os.path.exists(os.path.join(out, "chat_template.jinja")) and tokenizers.chat_template(out) == "{{ 'ft' }}"
+    # the base (the first input, whose files the output gets) keeps its template in chat_template.jinja
+    (tmp / "base" / "chat_template.jinja").write_text("{{ 'base' }}")
+    out = stream.run(stream.load(write_cfg(tmp, TIES + "chat_template: chatml\n")), str(tmp / "named"), progress=False)
+    assert open(os.path.join(out, "chat_template.jinja")).read() == CHAT_TEMPLATES["chatml"]
+    assert tokenizers.chat_template(out) == CHAT_TEMPLATES["chatml"]
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    out = stream.run(stream.load(write_cfg(tmp, TIES + f"chat_template: \"{jinja}\"\ntokenizer: {{source: ft0}}\n")),
+                     str(tmp / "text"), progress=False)
+    assert tokenizers.chat_template(out) == jinja and not os.path.exists(os.path.join(out, "chat_template.jinja"))
+    r = cli(write_cfg(tmp, TIES + "chat_template: auto\n"), str(tmp / "dry"), "--dry-run")
+    assert "chat_template: auto: the one most inputs have" in r.stdout, r.stderr
 
 
 def test_output_metadata_dtype_tokenizer_and_permissions(models):

@@ -42,6 +42,21 @@ def test_an_hf_directory_s_tokenizer_takes_its_special_tokens_from_tokenizer_con
     assert data_lib.tokenizer_spec(dataclasses.replace(cfg, tokenizer="byte")) == "byte"
 
 
+def test_chat_template_jinja_overrides_tokenizer_config_s_template(tmp_path):
+    """transformers (since 2025) saves a tokenizer's template to ``chat_template.jinja``
+    and reads that file over ``tokenizer_config.json``'s field: so do we."""
+    d = tmp_path / "llama"
+    write_tiny_llama(str(d))
+    jinja = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    (d / "chat_template.jinja").write_text(jinja)
+    assert tokenizers.load(str(d)).chat_template == jinja
+    cfg = json.load(open(d / "tokenizer_config.json"))
+    cfg["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": CHAT_TEMPLATE}]
+    json.dump(cfg, open(d / "tokenizer_config.json", "w"))
+    (d / "chat_template.jinja").unlink()
+    assert tokenizers.load(str(d)).chat_template == CHAT_TEMPLATE
+
+
 def test_a_jsonl_file_is_split_by_record_content_disjointly_and_without_repeats_across_splits(tmp_path):
     recs = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(2000)]
     recs += recs[:300]  # repeated records

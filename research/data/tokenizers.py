@@ -10,7 +10,8 @@ template or ``None``).
 
 Special tokens of an HF directory are read the way transformers reads them:
 ``tokenizer_config.json`` (``bos_token``, ``eos_token``, ``pad_token``,
-``add_bos_token``, ``chat_template``), then ``special_tokens_map.json``, then
+``add_bos_token``, ``chat_template``, which ``chat_template.jinja`` overrides),
+then ``special_tokens_map.json``, then
 the ids in ``config.json`` / ``generation_config.json``.  A missing PAD falls
 back to EOS (pad positions are masked out everywhere).
 
@@ -184,12 +185,32 @@ def hf_specials(directory: str) -> dict:
     # Llama/Mistral/Gemma tokenizers add BOS by default (LlamaTokenizer's add_bos_token=True)
     out["add_bos_token"] = tc.get("add_bos_token", ("bos_token" in out or "bos_token_id" in out) and
                                   tc.get("tokenizer_class", "").startswith(("Llama", "Gemma", "Mistral")))
-    template = tc.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    template = chat_template(directory)
     if template:
         out["chat_template"] = template
     return out
+
+
+def chat_template(directory: str) -> str | None:
+    """The default chat template of an HF directory, as transformers reads it:
+    ``chat_template.jinja`` where there is one (transformers' format since
+    2025), else ``tokenizer_config.json``'s ``chat_template`` (a string, or
+    ``[{"name", "template"}]`` whose ``default`` entry is taken)."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    p = os.path.join(directory, "tokenizer_config.json")
+    if not os.path.isfile(p):
+        return None
+    with open(p, encoding="utf-8") as f:
+        try:
+            template = json.load(f).get("chat_template")
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    return template or None
 
 
 def hf_tokenizer_file(directory: str) -> str | None:

@@ -54,7 +54,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source"}
+TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source",
+            "tokenizer", "chat_template"}
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
@@ -122,6 +123,7 @@ class MergeConfig:
     raw: Any = None
     tokenizer_source: str | None = None  # a model directory whose tokenizer files the output gets
     slices: tuple = ()  # Slice, where the config gives ``slices:`` rather than ``models:``
+    chat_template: str | None = None  # the output's chat template (Jinja), or "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,7 +140,13 @@ class Scope:
 
 DTYPES = ("float32", "float16", "bfloat16")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json")
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+# chat_template: NAME, the templates shipped here (else the config gives the template's Jinja text, or "auto")
+CHAT_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+               "{% endif %}"),
+}
 
 
 def _where(path, m, key):
@@ -198,6 +206,18 @@ def load(path: str) -> MergeConfig:
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{_where(path, doc, 'parameters')}: 'parameters' must be a mapping, got {params!r}")
     tok = doc.get("tokenizer_source")
+    if "tokenizer" in doc:  # mergekit's newer spelling, {source: ...}
+        tc = doc["tokenizer"]
+        if not isinstance(tc, dict):
+            raise ConfigError(f"{_where(path, doc, 'tokenizer')}: 'tokenizer' must be a mapping like {{source: base}}")
+        if tok is not None:
+            raise ConfigError(f"{_where(path, doc, 'tokenizer')}: give 'tokenizer' or 'tokenizer_source', not both")
+        for key in tc:
+            if key in ("tokens", "pad_to_multiple_of"):
+                raise ConfigError(f"{_where(path, tc, key)}: tokenizer.{key} (tokens added to or embedding rows "
+                                  "padded in the output) is not supported; only tokenizer.source is")
+        _known(path, tc, "tokenizer", {"source"})
+        tok = tc.get("source")
     if tok is not None:
         if tok == "union":
             raise ConfigError(f"{_where(path, doc, 'tokenizer_source')}: tokenizer_source: union (a vocabulary built "
@@ -219,7 +239,30 @@ def load(path: str) -> MergeConfig:
         raw=_plain(doc),
         tokenizer_source=tok,
         slices=tuple(slices),
+        chat_template=_chat_template(path, doc),
     )
+
+
+def _chat_template(path, doc) -> str | None:
+    """``chat_template``: "auto" (the template most inputs have), a name of
+    ``CHAT_TEMPLATES``, or a Jinja template's text (checked)."""
+    if doc.get("chat_template") is None:
+        return None
+    text, where = doc["chat_template"], _where(path, doc, "chat_template")
+    if not isinstance(text, str):
+        raise ConfigError(f"{where}: chat_template must be a string, got {text!r}")
+    if text == "auto" or text in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES.get(text, text)
+    if "{" not in text:
+        raise ConfigError(f"{where}: chat_template {text!r} is not a template shipped here "
+                          f"({', '.join(CHAT_TEMPLATES)}) or 'auto'; give the template's Jinja text instead")
+    from research.data import templates
+
+    try:
+        templates.ChatTemplate(text)
+    except templates.TemplateError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return text
 
 
 def _list(path, m, key, label=None) -> list:
@@ -268,6 +311,7 @@ def rerunnable(mc: MergeConfig) -> dict:
     if mc.base_model:
         doc["base_model"] = mc.base_model
     if mc.tokenizer_source:
+        doc.pop("tokenizer", None)
         doc["tokenizer_source"] = mc.tokenizer_source
     return doc
 

@@ -24,23 +24,21 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from research import merging
 from research.merging import cpu, registry, task_vectors
-from research.merging.stream import chunked, slices
+from research.merging.stream import chunked, metadata, slices
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
-from research.safetensors_io import CheckpointError, ShardWriter
+from research.safetensors_io import ShardWriter
 
 _VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
 _GLOBAL_RENAME = {"lambda": "lam"}
@@ -74,6 +72,7 @@ class Plan:
     n_layers: int  # in the output
     vocab_rows: dict  # tensor -> common row count, where vocab sizes differ
     dtype: object = None  # the config's dtype, which float tensors are merged in; None: their own
+    chat_template: str | None = None  # the output's, where the config sets one
 
     @property
     def sources(self) -> list:
@@ -209,26 +208,14 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
         if shared:
             raise MergeFailed(f"{mc.source}: {where}: {', '.join(shared)} is one value for the whole merge; set it "
                               "under the top-level parameters" + (" or the slice's" if mc.slices else ""))
-    if mc.tokenizer_source:
-        _check_tokenizer_source(mc, ref, names)
+    inputs = [o.path for src in ([base] if base else []) + models for o in slices.origins(src)]
+    try:
+        template = metadata.chat_template(mc, inputs, {ref.shapes[n][0] for n in names
+                                                       if _VOCAB.search(n) and ref.shapes[n]})
+    except metadata.MetadataError as e:
+        raise MergeFailed(str(e)) from None
     return Plan(method, base, models, scopes, names, n_layers, vocab_rows,
-                jnp.dtype(mc.dtype) if mc.dtype else None)
-
-
-def _check_tokenizer_source(mc, ref: TensorSource, names):
-    tok = mc.tokenizer_source
-    d = tok if os.path.isdir(tok) else os.path.dirname(tok)
-    if not any(os.path.isfile(os.path.join(d, f)) for f in cfg_lib.TOKENIZER_FILES):
-        raise MergeFailed(f"{mc.source}: tokenizer_source {tok}: no tokenizer files there "
-                          f"({', '.join(cfg_lib.TOKENIZER_FILES)})")
-    cj = os.path.join(d, "config.json")
-    if os.path.isfile(cj):
-        with open(cj) as f:
-            vocab = json.load(f).get("vocab_size")
-        rows = {ref.shapes[n][0] for n in names if _VOCAB.search(n) and ref.shapes[n]}
-        if vocab and rows and vocab not in rows:
-            raise MergeFailed(f"{mc.source}: tokenizer_source {tok} has vocab_size {vocab}, but the merged "
-                              f"embeddings have {sorted(rows)} rows; its tokenizer would not fit them")
+                jnp.dtype(mc.dtype) if mc.dtype else None, template)
 
 
 def _n_layers(ref: TensorSource, names) -> int:
@@ -325,6 +312,10 @@ def describe(plan: Plan, mc, seed: int | None = None) -> str:
             lines.append(f"  {spell(k, k):<14} {shown.pop()}{'' if k in given else '  (default)'}")
     if method.random and seed is not None:
         lines.append(f"  {'seed':<14} {seed}  (--seed)")
+    if mc.chat_template is not None:
+        how = ("auto: none of the inputs has one, the tokenizer files' own kept" if plan.chat_template is None
+               else "auto: the one most inputs have" if mc.chat_template == "auto" else "from the config")
+        lines.append(f"chat_template: {how}" + (f" ({len(plan.chat_template)} characters)" if plan.chat_template else ""))
     lines.append(f"{len(plan.names)} tensors, {plan.n_layers} layers:")
     for n in plan.names:
         extra = "  ".join(f"{spell(k, k)}={_show(params[n][k])}" for k in varying)
@@ -370,7 +361,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     if dry_run:
         print(describe(plan, mc, seed))
         return None
-    inputs = [o.path for src in plan.sources for o in _origins(src)]
+    inputs = [o.path for src in plan.sources for o in slices.origins(src)]
     if mc.tokenizer_source:
         inputs.append(mc.tokenizer_source)
     try:
@@ -493,7 +484,10 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
         pool.shutdown(cancel_futures=True)
         write_pool.shutdown()
     writer.finish()
-    _write_metadata(plan, mc, tmp, out_dtype, seed, time.perf_counter() - t0)
+    header = (f"# written by research-merge in {time.perf_counter() - t0:.1f} s; rerun with: research-merge THIS_FILE "
+              "OUT" + (f" --seed {seed}" if plan.method in merging.RANDOM_METHODS else ""))
+    metadata.write(plan, mc, tmp, out_dtype, slices.origins(plan.base or plan.models[0])[0], plan.chat_template,
+                   header)
 
 
 # The methods with a sparsifier: on the CPU their tensors go to the numba kernels.
@@ -547,37 +541,6 @@ def _merge_blocks(plan: Plan, mc, t: chunked.Tensor, root, out_dtype, write, glo
         for start, stop in chunked.spans(t.shape[0] - t.rows, t.step):
             write(np.asarray(first(t.rows + start, t.rows + stop)).astype(out_dtype))
     return offsets
-
-
-def _write_metadata(plan: Plan, mc, tmp: str, out_dtype, seed: int, seconds: float):
-    """config.json (its dtype the output's), the tokenizer files, and a rerunnable merge_config.yaml."""
-    ref = _origins(plan.base or plan.models[0])[0]
-    cj = ref.config_json()
-    if cj:
-        with open(cj) as f:
-            config = json.load(f)
-        if "num_hidden_layers" in config:  # slices may give the output another depth
-            config["num_hidden_layers"] = plan.n_layers
-        if out_dtype is not None:
-            name = str(jnp.dtype(out_dtype))
-            config["torch_dtype"] = name
-            if "dtype" in config:
-                config["dtype"] = name
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
-    tok_dir = mc.tokenizer_source or (ref.path if os.path.isdir(ref.path) else os.path.dirname(ref.path))
-    for fname in cfg_lib.TOKENIZER_FILES:
-        if os.path.isfile(os.path.join(tok_dir, fname)):
-            shutil.copyfile(os.path.join(tok_dir, fname), os.path.join(tmp, fname))
-    with open(os.path.join(tmp, "merge_config.yaml"), "w") as f:
-        f.write(f"# written by research-merge in {seconds:.1f} s; rerun with: research-merge THIS_FILE OUT"
-                + (f" --seed {seed}" if plan.method in merging.RANDOM_METHODS else "") + "\n")
-        yaml.safe_dump(cfg_lib.rerunnable(mc), f, sort_keys=False)
-
-
-def _origins(src) -> list:
-    """The checkpoints an input reads: the sources of a slices merge's ``LayerMap``, else itself."""
-    return getattr(src, "origins", [src])
 
 
 def _merge_tensor(plan: Plan, mc, name: str, work, key, out_dtype) -> np.ndarray:

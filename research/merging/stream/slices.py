@@ -77,6 +77,11 @@ class LayerMap:
         return self.origins[0].config_json()
 
 
+def origins(src) -> list:
+    """The checkpoints an input reads: a ``LayerMap``'s sources, else the input itself."""
+    return getattr(src, "origins", [src])
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     base: LayerMap | None
