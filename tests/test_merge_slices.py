@@ -211,3 +211,29 @@ def test_the_dry_run_of_slices_lists_the_output_layers(four_layers):
     assert f"slices[0]: 0..0 <- {tmp / 'a'} [3, 4], {tmp / 'b'} [0, 1]" in r.stdout
     assert f"model 0: {tmp / 'a'}" in r.stdout and f"model 1: {tmp / 'b'}" in r.stdout
     assert not os.path.exists(tmp / "dry")
+
+
+def test_a_frankenmerge_of_an_hf_llama_loads_with_its_new_depth(tmp_path):
+    """Layers 0-1 then 1 again of a 2-layer Llama: a 3-layer model that
+    ``models.from_hf`` loads, whose layer 2 is the input's layer 1 and whose
+    forward pass runs."""
+    import jax.numpy as jnp
+
+    from research import models
+    from tinyhf import write_tiny_llama
+
+    write_tiny_llama(str(tmp_path / "llama"), n_layers=2)
+    text = ("merge_method: passthrough\nslices:\n  - sources: [{model: llama, layer_range: [0, 2]}]\n"
+            "  - sources: [{model: llama, layer_range: [1, 2]}]\nchat_template: chatml\n")
+    out = stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "deeper"), progress=False)
+    src, got = models.from_hf(str(tmp_path / "llama")), models.from_hf(out)
+    assert got.cfg.n_layers == 3
+    a, b = models.hf.flat_params(src), models.hf.flat_params(got)
+    layer1 = [n for n in a if "layers.1." in n]
+    assert layer1
+    for n in layer1:
+        np.testing.assert_array_equal(np.asarray(b[n.replace("layers.1.", "layers.2.")].get_value()),
+                                      np.asarray(a[n].get_value()), err_msg=n)
+    tokens = jnp.ones((1, 8), jnp.int32)
+    batch = {"tokens": tokens, "segment_ids": tokens, "positions": jnp.arange(8)[None]}
+    assert np.isfinite(np.asarray(got(batch))).all()
