@@ -237,3 +237,14 @@ def test_a_frankenmerge_of_an_hf_llama_loads_with_its_new_depth(tmp_path):
     tokens = jnp.ones((1, 8), jnp.int32)
     batch = {"tokens": tokens, "segment_ids": tokens, "positions": jnp.arange(8)[None]}
     assert np.isfinite(np.asarray(got(batch))).all()
+
+
+def test_a_hub_id_that_is_no_local_path_is_an_error_saying_how_to_get_it(four_layers):
+    tmp, *_ = four_layers
+    text = "merge_method: ties\nbase_model: base\nmodels:\n  - model: a\n  - model: mistralai/Mistral-7B-v0.1@main\n"
+    with pytest.raises(stream.ConfigError, match=r"cfg.yaml:5: .*/mistralai/Mistral-7B-v0.1@main does not exist. If "
+                       r".* is a Hugging Face Hub id: .*huggingface-cli download mistralai/Mistral-7B-v0.1 --local-dir"):
+        stream.load(write_cfg(tmp, text))
+    with pytest.raises(stream.ConfigError, match=r"cfg.yaml:2: .*/org/base does not exist"):
+        stream.load(write_cfg(tmp, text.replace("base_model: base", "base_model: org/base").replace("@main", "")
+                              .replace("mistralai/Mistral-7B-v0.1", "b")))

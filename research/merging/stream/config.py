@@ -59,6 +59,7 @@ TOP_KEYS = {"models", "slices", "merge_method", "base_model", "parameters", "dty
 MODEL_KEYS = {"model", "parameters"}
 SLICE_KEYS = {"sources", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
+_HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")  # org/name[@revision]
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a tensor of the layer stack, and its layer
 
 
@@ -175,12 +176,21 @@ def load(path: str) -> MergeConfig:
     base_dir = os.path.dirname(os.path.abspath(path))
     one = lambda p: p if os.path.isabs(p) else os.path.normpath(os.path.join(base_dir, p))
     # "BASE+ADAPTER" (mergekit's syntax for a LoRA adapter on a base): each part resolved
-    resolve = lambda p: one(p) if "+" not in p or os.path.exists(one(p)) else "+".join(one(q) for q in p.rsplit("+", 1))
+    local = lambda p: one(p) if "+" not in p or os.path.exists(one(p)) else "+".join(one(q) for q in p.rsplit("+", 1))
+
+    def resolve(p, m=doc, key="model"):
+        """A model's path, absolute; a Hugging Face Hub id that is no local path is an error."""
+        out = local(p)
+        if _HUB_ID.fullmatch(p) and not os.path.exists(out):
+            raise ConfigError(f"{_where(path, m, key)}: {out} does not exist. If {p!r} is a Hugging Face Hub id: "
+                              "research-merge reads local checkpoints only, so download it first (huggingface-cli "
+                              f"download {p.split('@')[0]} --local-dir DIR) and give DIR")
+        return out
     entries, slices = [], []
     if "models" in doc:
         for i, m in enumerate(_list(path, doc, "models")):
             m = _entry(path, m, f"models[{i}]", MODEL_KEYS)
-            entries.append(ModelEntry(resolve(str(m["model"])), _params(path, m, f"models[{i}]")))
+            entries.append(ModelEntry(resolve(str(m["model"]), m), _params(path, m, f"models[{i}]")))
     else:
         for s, sl in enumerate(_list(path, doc, "slices")):
             if not isinstance(sl, dict) or "sources" not in sl:
@@ -190,7 +200,7 @@ def load(path: str) -> MergeConfig:
             for i, m in enumerate(_list(path, sl, "sources", f"slices[{s}].sources")):
                 where = f"slices[{s}].sources[{i}]"
                 m = _entry(path, m, where, SOURCE_KEYS)
-                sources.append(SliceSource(resolve(str(m["model"])), _layer_range(path, m, where),
+                sources.append(SliceSource(resolve(str(m["model"]), m), _layer_range(path, m, where),
                                            _params(path, m, where)))
             lengths = {src.layer_range[1] - src.layer_range[0] for src in sources}
             if len(lengths) > 1:
@@ -227,11 +237,11 @@ def load(path: str) -> MergeConfig:
             if not base:
                 raise ConfigError(f"{_where(path, doc, 'tokenizer_source')}: tokenizer_source: base needs a base_model")
             tok = base
-        tok = resolve(str(tok))
+        tok = resolve(str(tok), key="tokenizer_source" if "tokenizer_source" in doc else "tokenizer")
     return MergeConfig(
         merge_method=str(doc["merge_method"]),
         models=tuple(entries),
-        base_model=resolve(str(base)) if base else None,
+        base_model=resolve(str(base), key="base_model") if base else None,
         parameters=dict(params or {}),
         dtype=doc.get("dtype"),
         out_dtype=doc.get("out_dtype"),
