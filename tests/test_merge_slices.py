@@ -248,3 +248,13 @@ def test_a_hub_id_that_is_no_local_path_is_an_error_saying_how_to_get_it(four_la
     with pytest.raises(stream.ConfigError, match=r"cfg.yaml:2: .*/org/base does not exist"):
         stream.load(write_cfg(tmp, text.replace("base_model: base", "base_model: org/base").replace("@main", "")
                               .replace("mistralai/Mistral-7B-v0.1", "b")))
+
+
+def test_slices_whose_embeddings_and_head_have_different_vocabularies_are_an_error(tmp_path):
+    make_ckpt(tmp_path / "a", 1, layers=2, vocab=32)
+    make_ckpt(tmp_path / "b", 2, layers=2, vocab=40)
+    text = ("merge_method: passthrough\nslices:\n  - sources: [{model: a, layer_range: [0, 2]}]\n"
+            "  - sources: [{model: b, layer_range: [0, 2]}]\n")
+    with pytest.raises(stream.MergeFailed, match=r"token rows would disagree: model.embed_tokens.weight from .*/a has "
+                       r"32, .*lm_head.weight from .*/b has 40"):
+        stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "out"), progress=False)

@@ -61,6 +61,7 @@ SLICE_KEYS = {"sources", "parameters"}
 SOURCE_KEYS = {"model", "layer_range", "parameters"}
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+(@[\w./-]+)?")  # org/name[@revision]
 LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")  # a tensor of the layer stack, and its layer
+VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")  # a tensor with a row per token
 
 
 class ConfigError(ValueError):

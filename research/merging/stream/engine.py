@@ -40,7 +40,7 @@ from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
 from research.safetensors_io import ShardWriter
 
-_VOCAB = re.compile(r"embed_tokens|lm_head|wte|word_embeddings")
+_VOCAB = cfg_lib.VOCAB
 _GLOBAL_RENAME = {"lambda": "lam"}
 _IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
 _PREFETCH_BUDGET = 512 << 20  # bytes of input tensors in memory at once when overlapping reads

@@ -184,5 +184,10 @@ def plan(mc: cfg_lib.MergeConfig, open_source, use_base: bool) -> Layout:
         scopes[n] = scope(last, 0.0)
     if not names:
         raise SliceError(f"{mc.source}: the slices select no tensors")
+    for table in tables:  # the embeddings (first slice) and the head (last) must share one vocabulary
+        rows = {n: (src.path, src.shapes[m][0]) for n, (src, m) in table.items() if cfg_lib.VOCAB.search(n)}
+        if len({r for _, r in rows.values()}) > 1:
+            raise SliceError(f"{mc.source}: the output's token rows would disagree: "
+                             + ", ".join(f"{n} from {p} has {r}" for n, (p, r) in rows.items()))
     base = LayerMap(tables[0]) if use_base else None
     return Layout(base, [LayerMap(t) for t in tables[1:]], names, scopes, out_layer)
