@@ -1,5 +1,6 @@
-"""mergekit's ``slices:`` in ``research-merge``, and where each tensor's parameters
-are looked up (model, slice, top level, default), as mergekit plans them."""
+"""mergekit's config syntax in ``research-merge``: ``slices:``, where each tensor's
+parameters are looked up (model, slice, top level, default) as mergekit plans
+them, and mergekit's other spellings (Hub ids, ``torch.`` dtypes)."""
 
 import json
 import os
@@ -258,3 +259,10 @@ def test_slices_whose_embeddings_and_head_have_different_vocabularies_are_an_err
     with pytest.raises(stream.MergeFailed, match=r"token rows would disagree: model.embed_tokens.weight from .*/a has "
                        r"32, .*lm_head.weight from .*/b has 40"):
         stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "out"), progress=False)
+
+
+def test_dtypes_may_be_spelled_as_torch_names_as_mergekit_takes_them(four_layers):
+    tmp, *_ = four_layers
+    mc = stream.load(write_cfg(tmp, "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
+                                    "dtype: torch.float32\nout_dtype: torch.bfloat16\n"))
+    assert (mc.dtype, mc.out_dtype) == ("float32", "bfloat16")

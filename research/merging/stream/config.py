@@ -209,10 +209,15 @@ def load(path: str) -> MergeConfig:
                                   f"number of layers, got layer ranges {[list(x.layer_range) for x in sources]}")
             slices.append(Slice(tuple(sources), _params(path, sl, f"slices[{s}]"), sl.line))
     base = doc.get("base_model")
+    dtypes = {}
     for key in ("dtype", "out_dtype"):
-        if doc.get(key) is not None and doc[key] not in DTYPES:
+        value = doc.get(key)
+        if isinstance(value, str) and value.startswith("torch."):  # mergekit takes "torch.bfloat16" too
+            value = value[len("torch."):]
+        if value is not None and value not in DTYPES:
             raise ConfigError(f"{_where(path, doc, key)}: {key} {doc[key]!r} is not supported; choose from "
                               f"{', '.join(DTYPES)}")
+        dtypes[key] = value
     params = doc.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise ConfigError(f"{_where(path, doc, 'parameters')}: 'parameters' must be a mapping, got {params!r}")
@@ -244,8 +249,8 @@ def load(path: str) -> MergeConfig:
         models=tuple(entries),
         base_model=resolve(str(base), key="base_model") if base else None,
         parameters=dict(params or {}),
-        dtype=doc.get("dtype"),
-        out_dtype=doc.get("out_dtype"),
+        dtype=dtypes["dtype"],
+        out_dtype=dtypes["out_dtype"],
         source=path,
         raw=_plain(doc),
         tokenizer_source=tok,
