@@ -266,3 +266,21 @@ def test_dtypes_may_be_spelled_as_torch_names_as_mergekit_takes_them(four_layers
     mc = stream.load(write_cfg(tmp, "merge_method: linear\nmodels:\n  - model: a\n  - model: b\n"
                                     "dtype: torch.float32\nout_dtype: torch.bfloat16\n"))
     assert (mc.dtype, mc.out_dtype) == ("float32", "bfloat16")
+
+
+def test_the_readme_s_merge_configs_plan_as_they_say(tmp_path):
+    """Every ```yaml block of the README, on two generated 32-layer models: the slices
+    example gives t rising 0 -> 0.5 over layers 0-15, then 0.7."""
+    import re
+
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, re.S)
+    assert blocks
+    a = make_ckpt(tmp_path / "a", 0, layers=32, d=8, vocab=16, shards=1)
+    make_ckpt(tmp_path / "b", 1, layers=32, d=8, vocab=16, base=a, shards=1)
+    for i, text in enumerate(blocks):
+        mc = stream.load(write_cfg(tmp_path, text, f"readme{i}.yaml"))
+        plan = engine.make_plan(mc)
+        t = {n: engine.check_tensor_params(plan, n, mc.source).get("t") for n in plan.names}
+        if mc.slices:
+            assert [t[layer(o)] for o in (0, 15, 16, 31)] == [0.0, 0.5, 0.7, 0.7] and t["lm_head.weight"] == 0.7
