@@ -284,3 +284,35 @@ def test_the_readme_s_merge_configs_plan_as_they_say(tmp_path):
         t = {n: engine.check_tensor_params(plan, n, mc.source).get("t") for n in plan.names}
         if mc.slices:
             assert [t[layer(o)] for o in (0, 15, 16, 31)] == [0.0, 0.5, 0.7, 0.7] and t["lm_head.weight"] == 0.7
+
+
+def _tie(path, arrs):
+    """Rewrite checkpoint ``path`` as a tied model: no lm_head, tie_word_embeddings."""
+    import shutil
+
+    from safetensors.numpy import save_file
+    shutil.rmtree(path)
+    os.makedirs(path)
+    save_file({n: a for n, a in arrs.items() if n != "lm_head.weight"}, str(path / "model.safetensors"))
+    json.dump({"num_hidden_layers": 4, "tie_word_embeddings": True}, open(path / "config.json", "w"))
+
+
+def test_inputs_with_tied_heads_merge_with_untied_ones_through_their_embeddings(four_layers):
+    """Where some inputs store ``lm_head.weight`` and others tie it to their
+    embeddings, the tied ones' head is their ``embed_tokens``, and the output has a
+    head of its own (``tie_word_embeddings: false``)."""
+    tmp, base, a, b = four_layers
+    _tie(tmp / "base", base)
+    _tie(tmp / "b", b)
+    text = "merge_method: ties\nbase_model: base\nparameters: {density: 0.5}\nmodels:\n  - model: a\n  - model: b\n"
+    out = stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "out"), progress=False)
+    got = read_out(out)
+    head = merging.merge("ties", [{"h": a["lm_head.weight"]}, {"h": b["model.embed_tokens.weight"]}],
+                         base={"h": base["model.embed_tokens.weight"]}, density=0.5)["h"]
+    np.testing.assert_array_equal(got["lm_head.weight"], np.asarray(head))
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is False
+    # all tied: the output is tied too, with no head
+    _tie(tmp / "a", a)
+    out = stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "tied"), progress=False)
+    assert "lm_head.weight" not in read_out(out)
+    assert json.load(open(os.path.join(out, "config.json")))["tie_word_embeddings"] is True

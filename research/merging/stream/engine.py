@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from research import merging
 from research.merging import cpu, registry, task_vectors
-from research.merging.stream import chunked, metadata, slices
+from research.merging.stream import chunked, metadata, slices, sources
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
@@ -66,7 +66,7 @@ def _is_float(d) -> bool:
 class Plan:
     method: str
     base: TensorSource | None
-    models: list  # a TensorSource per model; a slices.LayerMap per input position of a slices merge
+    models: list  # a TensorSource per model; a sources.NameMap per input position of a slices merge
     scopes: dict  # tensor -> config.Scope: where its parameters are looked up
     names: list
     n_layers: int  # in the output
@@ -141,10 +141,13 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
     if needs_base and not mc.base_model:
         raise MergeFailed(f"{mc.source}: merge_method {method!r} needs a base_model")
     use_base = bool(mc.base_model) and spec.uses_base
+    # every input opened once; heads made explicit where some inputs tie theirs to the embeddings
+    paths = [x.path for sl in mc.slices for x in sl.sources] or [e.path for e in mc.models]
+    opened = sources.untie_head({p: open_source(p) for p in dict.fromkeys(
+        paths + ([mc.base_model] if use_base and not mc.slices else []))})
     if mc.slices:
-        opened = {}
         try:
-            layout = slices.plan(mc, lambda p: opened.setdefault(p, open_source(p)), use_base)
+            layout = slices.plan(mc, opened.__getitem__, use_base)
         except slices.SliceError as e:
             raise MergeFailed(str(e)) from None
         base, models, names, scopes = layout.base, layout.models, layout.names, layout.scopes
@@ -152,8 +155,8 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
     else:
         # mergekit configs often list the base among the models too
         entries = [(i, e) for i, e in enumerate(mc.models) if not (mc.base_model and same(e.path, mc.base_model))]
-        base = open_source(mc.base_model) if use_base else None
-        models = [open_source(e.path) for _, e in entries]
+        base = opened[mc.base_model] if use_base else None
+        models = [opened[e.path] for _, e in entries]
         if not models:
             raise MergeFailed(f"{mc.source}: no models to merge besides the base")
         names = (base or models[0]).names
@@ -208,7 +211,7 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
         if shared:
             raise MergeFailed(f"{mc.source}: {where}: {', '.join(shared)} is one value for the whole merge; set it "
                               "under the top-level parameters" + (" or the slice's" if mc.slices else ""))
-    inputs = [o.path for src in ([base] if base else []) + models for o in slices.origins(src)]
+    inputs = [o.path for src in ([base] if base else []) + models for o in sources.origins(src)]
     try:
         template = metadata.chat_template(mc, inputs, {ref.shapes[n][0] for n in names
                                                        if _VOCAB.search(n) and ref.shapes[n]})
@@ -361,7 +364,7 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
     if dry_run:
         print(describe(plan, mc, seed))
         return None
-    inputs = [o.path for src in plan.sources for o in slices.origins(src)]
+    inputs = [o.path for src in plan.sources for o in sources.origins(src)]
     if mc.tokenizer_source:
         inputs.append(mc.tokenizer_source)
     try:
@@ -486,7 +489,7 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
     writer.finish()
     header = (f"# written by research-merge in {time.perf_counter() - t0:.1f} s; rerun with: research-merge THIS_FILE "
               "OUT" + (f" --seed {seed}" if plan.method in merging.RANDOM_METHODS else ""))
-    metadata.write(plan, mc, tmp, out_dtype, slices.origins(plan.base or plan.models[0])[0], plan.chat_template,
+    metadata.write(plan, mc, tmp, out_dtype, sources.origins(plan.base or plan.models[0])[0], plan.chat_template,
                    header)
 
 

@@ -1,6 +1,6 @@
-"""What a merge writes beside its tensors: ``config.json``, the tokenizer files
-with the chat template the config asks for, and a rerunnable
-``merge_config.yaml``.
+"""What a merge writes beside its tensors: ``config.json`` (its dtype, depth and
+whether the head is tied, as the output has them), the tokenizer files with
+the chat template the config asks for, and a rerunnable ``merge_config.yaml``.
 
 The tokenizer files (``config.TOKENIZER_FILES``) are copied from
 ``tokenizer_source`` where the config gives one, else from the first input's
@@ -24,6 +24,7 @@ import yaml
 
 from research.data.tokenizers import chat_template as read_chat_template
 from research.merging.stream import config as cfg_lib
+from research.merging.stream.sources import HEAD
 
 
 class MetadataError(ValueError):
@@ -92,6 +93,8 @@ def write(plan, mc, tmp: str, out_dtype, first, template: str | None, header: st
             config = json.load(f)
         if "num_hidden_layers" in config:  # slices may give the output another depth
             config["num_hidden_layers"] = plan.n_layers
+        if config.get("tie_word_embeddings") and HEAD in plan.names:  # a head of its own (sources.untie_head)
+            config["tie_word_embeddings"] = False
         if out_dtype is not None:
             name = str(jnp.dtype(out_dtype))
             config["torch_dtype"] = name

@@ -22,9 +22,9 @@ the head).  Worked example, two 4-layer models ``a`` and ``b``::
 
 ``t`` is where a gradient is read: a slice's layer ``o`` of ``n`` at
 ``o / (n - 1)`` (1 where ``n`` is 1), the tensors outside the stack at 0, as
-mergekit plans them.  Each input position is a ``LayerMap`` that reads every
+mergekit plans them.  Each input position is a ``NameMap`` that reads every
 output tensor from its own source and tensor, so the merge itself is the
-same as for whole models.  The base model (``base_model``), where the method
+same as for whole models (``sources.NameMap``).  The base model (``base_model``), where the method
 uses one, is a position of its own: every slice lists it among its sources.
 """
 
@@ -34,9 +34,8 @@ import dataclasses
 import os
 import re
 
-import numpy as np
-
 from research.merging.stream import config as cfg_lib
+from research.merging.stream.sources import NameMap
 
 _LAYER = cfg_lib.LAYER
 _BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings")  # tensors planned with the first slice
@@ -46,46 +45,10 @@ class SliceError(ValueError):
     pass
 
 
-class LayerMap:
-    """One input position of a slices merge: each output tensor read as
-    ``table[name] = (source, input name)`` (a ``TensorSource``'s interface)."""
-
-    def __init__(self, table: dict):
-        self.table = table
-        self.shapes = {out: src.shapes[n] for out, (src, n) in table.items()}
-        self.dtypes = {out: src.dtypes[n] for out, (src, n) in table.items()}
-        self.origins = list(dict.fromkeys(src for src, _ in table.values()))  # distinct sources, first first
-        self.path = ", ".join(dict.fromkeys(o.path for o in self.origins))
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.table)
-
-    def nbytes(self, name: str) -> int:
-        src, n = self.table[name]
-        return src.nbytes(n)
-
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        src, n = self.table[name]
-        return src.read(n, rows)
-
-    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        src, n = self.table[name]
-        return src.view(n, rows)
-
-    def config_json(self) -> str | None:
-        return self.origins[0].config_json()
-
-
-def origins(src) -> list:
-    """The checkpoints an input reads: a ``LayerMap``'s sources, else the input itself."""
-    return getattr(src, "origins", [src])
-
-
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    base: LayerMap | None
-    models: list  # LayerMap per input position
+    base: NameMap | None
+    models: list  # NameMap per input position
     names: list  # output tensors, in order: embeddings, layers, the rest
     scopes: dict  # output tensor -> cfg_lib.Scope
     n_layers: int
@@ -106,7 +69,7 @@ def _renamed(name: str, layer: int) -> str:
 
 
 def plan(mc: cfg_lib.MergeConfig, open_source, use_base: bool) -> Layout:
-    """The output of ``mc.slices``: each input position's ``LayerMap`` and each
+    """The output of ``mc.slices``: each input position's ``NameMap`` and each
     tensor's parameter scope.  ``open_source(path)`` opens (once) a model;
     ``use_base``: whether the method reads ``mc.base_model``."""
     src_of, stacks = {}, {}
@@ -189,5 +152,5 @@ def plan(mc: cfg_lib.MergeConfig, open_source, use_base: bool) -> Layout:
         if len({r for _, r in rows.values()}) > 1:
             raise SliceError(f"{mc.source}: the output's token rows would disagree: "
                              + ", ".join(f"{n} from {p} has {r}" for n, (p, r) in rows.items()))
-    base = LayerMap(tables[0]) if use_base else None
-    return Layout(base, [LayerMap(t) for t in tables[1:]], names, scopes, out_layer)
+    base = NameMap(tables[0]) if use_base else None
+    return Layout(base, [NameMap(t) for t in tables[1:]], names, scopes, out_layer)

@@ -4,6 +4,7 @@ peft LoRA adapters on a base (``open_source``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -187,6 +188,68 @@ class AdapterSource:
 
     def config_json(self) -> str | None:
         return self.base.config_json()
+
+
+class NameMap:
+    """An input read through a name table: each of its tensors ``name`` is
+    ``table[name] = (source, that source's name)``, with a ``TensorSource``'s
+    interface.  A slices merge's input positions (``slices.py``) and tied heads
+    (``untie_head``) are these."""
+
+    def __init__(self, table: dict):
+        self.table = table
+        self.shapes = {out: src.shapes[n] for out, (src, n) in table.items()}
+        self.dtypes = {out: src.dtypes[n] for out, (src, n) in table.items()}
+        self.origins = list(dict.fromkeys(src for src, _ in table.values()))  # distinct sources, first first
+        self.path = ", ".join(dict.fromkeys(o.path for o in self.origins))
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.table)
+
+    def nbytes(self, name: str) -> int:
+        src, n = self.table[name]
+        return src.nbytes(n)
+
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        src, n = self.table[name]
+        return src.read(n, rows)
+
+    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+        src, n = self.table[name]
+        return src.view(n, rows)
+
+    def config_json(self) -> str | None:
+        return self.origins[0].config_json()
+
+
+def origins(src) -> list:
+    """The checkpoints an input reads: a ``NameMap``'s sources, else the input itself."""
+    return getattr(src, "origins", [src])
+
+
+HEAD, EMBED = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def untie_head(sources: dict) -> dict:
+    """``{path: source}`` with tied heads made explicit where some inputs have an
+    ``lm_head.weight`` and others, whose embeddings are tied to it, do not: those
+    read it as their ``model.embed_tokens.weight``, the matrix their logits are
+    computed with.  Inputs are left as they are where none or all have one."""
+    with_head = [s for s in sources.values() if HEAD in s.shapes]
+    if not with_head or len(with_head) == len(sources):
+        return sources
+    return {p: NameMap({**{n: (s, n) for n in s.names}, HEAD: (s, EMBED)}) if _tied(s) else s
+            for p, s in sources.items()}
+
+
+def _tied(src) -> bool:
+    """Whether ``src`` has no head of its own: its config.json says its embeddings are tied."""
+    cj = src.config_json()
+    if HEAD in src.shapes or EMBED not in src.shapes or not cj:
+        return False
+    with open(cj) as f:
+        return bool(json.load(f).get("tie_word_embeddings"))
 
 
 def _is_orbax_step(path: str) -> bool:
