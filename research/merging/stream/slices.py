@@ -68,84 +68,74 @@ def _renamed(name: str, layer: int) -> str:
     return name[:m.start(1)] + str(layer) + name[m.end(1):]
 
 
-def plan(mc: cfg_lib.MergeConfig, open_source, use_base: bool) -> Layout:
-    """The output of ``mc.slices``: each input position's ``NameMap`` and each
-    tensor's parameter scope.  ``open_source(path)`` opens (once) a model;
-    ``use_base``: whether the method reads ``mc.base_model``."""
-    src_of, stacks = {}, {}
-    same = lambda a, b: os.path.abspath(a) == os.path.abspath(b)
-
-    def opened(path):
-        if path not in src_of:
-            src_of[path] = open_source(path)
-            stacks[path] = layers_of(src_of[path])
-        return src_of[path]
-
-    split = []  # per slice: (the base's (index in sources, source) or None, the same of each model)
+def _positions(mc: cfg_lib.MergeConfig, use_base: bool) -> list:
+    """Per slice: ``(base, models)``, the base's ``(index in sources, source)`` (None
+    where the method reads no base) and each model's, checked."""
+    is_base = lambda x: bool(mc.base_model) and os.path.abspath(x.path) == os.path.abspath(mc.base_model)
+    split = []
     for s, sl in enumerate(mc.slices):
-        is_base = lambda x: bool(mc.base_model) and same(x.path, mc.base_model)
         bases = [(i, x) for i, x in enumerate(sl.sources) if is_base(x)]
         if use_base and not bases:
             raise SliceError(f"{mc.source}:{sl.line}: slices[{s}] does not list base_model {mc.base_model} among its "
                              "sources; the base's layers come from its layer_range there")
         split.append((bases[0] if use_base else None, [(i, x) for i, x in enumerate(sl.sources) if not is_base(x)]))
-    counts = {len(p) for _, p in split}
-    if len(counts) > 1 or 0 in counts:
+    counts = [len(models) for _, models in split]
+    if len(set(counts)) > 1 or 0 in counts:
         raise SliceError(f"{mc.source}: every slice needs the same number of models besides the base (at least one), "
-                         f"got {[len(p) for _, p in split]} for slices 0..{len(split) - 1}")
-    for s, (b, positions) in enumerate(split):
-        for i, x in ([b] if b else []) + positions:
-            opened(x.path)
+                         f"got {counts} for slices 0..{len(split) - 1}")
+    return split
+
+
+def plan(mc: cfg_lib.MergeConfig, source, use_base: bool) -> Layout:
+    """The output of ``mc.slices``: each input position's ``NameMap`` and each
+    tensor's parameter scope.  ``source(path)``: the opened model at ``path``;
+    ``use_base``: whether the method reads ``mc.base_model``."""
+    split = _positions(mc, use_base)
+    stacks = {}
+    for s, (b, models) in enumerate(split):
+        for i, x in ([b] if b else []) + models:
+            stacks.setdefault(x.path, layers_of(source(x.path)))
             missing = sorted(set(range(*x.layer_range)) - set(stacks[x.path]))
             if missing:
                 raise SliceError(f"{mc.source}:{mc.slices[s].line}: slices[{s}].sources[{i}] asks for layer_range "
                                  f"{list(x.layer_range)}, but {x.path} has {len(stacks[x.path])} layers "
                                  f"(no layer {missing[0]})")
 
-    tables = [{} for _ in range(len(split[0][1]) + 1)]  # the base's first
-    scopes, names = {}, []
-    global_level = ("parameters", mc.parameters)
+    tables = [{} for _ in range(len(split[0][1]) + 1)]  # per input position, the base's first
+    scopes = {}  # output tensor -> its parameters' scope, in output order
 
-    def scope(s, t):
-        sl, (_, positions) = mc.slices[s], split[s]
-        return cfg_lib.Scope(
-            tuple((f"slices[{s}].sources[{i}].parameters", x.parameters) for i, x in positions),
-            ((f"slices[{s}].parameters", sl.parameters), global_level), t)
-
-    def add(out_name, s, in_layer_of):
-        """Output tensor ``out_name`` of slice ``s``: each position's tensor ``in_layer_of(x)``."""
-        b, positions = split[s]
-        for table, x in zip(tables, [b and b[1]] + [x for _, x in positions]):
-            if x is None:
-                continue
-            src, n = src_of[x.path], in_layer_of(x)
-            if n not in src.shapes:
-                raise SliceError(f"{mc.source}:{mc.slices[s].line}: {x.path} has no tensor {n} "
-                                 f"(for {out_name} of slices[{s}])")
-            table[out_name] = (src, n)
-        names.append(out_name)
+    def add(out_name, s, t, input_name):
+        """Output tensor ``out_name`` of slice ``s`` at gradient position ``t``: each
+        position's tensor ``input_name(slice source)``."""
+        b, models = split[s]
+        for table, x in zip(tables, [b and b[1]] + [x for _, x in models]):
+            if x is not None:
+                src, n = source(x.path), input_name(x)
+                if n not in src.shapes:
+                    raise SliceError(f"{mc.source}:{mc.slices[s].line}: {x.path} has no tensor {n} "
+                                     f"(for {out_name} of slices[{s}])")
+                table[out_name] = (src, n)
+        scopes[out_name] = cfg_lib.Scope(
+            tuple((f"slices[{s}].sources[{i}].parameters", x.parameters) for i, x in models),
+            ((f"slices[{s}].parameters", mc.slices[s].parameters), ("parameters", mc.parameters)), t)
 
     first = lambda s: (split[s][0] or split[s][1][0])[1]  # the source whose tensor names the output follows
-    outside = [n for n in src_of[first(0).path].names if not _LAYER.search(n)]
-    for n in outside:
-        if _BEFORE_LAYERS.search(n):
-            add(n, 0, lambda x, n=n: n)
-            scopes[n] = scope(0, 0.0)
+    last = len(mc.slices) - 1
+    for n in source(first(0).path).names:
+        if not _LAYER.search(n) and _BEFORE_LAYERS.search(n):
+            add(n, 0, 0.0, lambda x, n=n: n)
     out_layer = 0
     for s, sl in enumerate(mc.slices):
         ref = first(s)
         for o in range(sl.n_layers):
             t = o / (sl.n_layers - 1) if sl.n_layers > 1 else 1.0
             for n in stacks[ref.path][ref.layer_range[0] + o]:
-                out = _renamed(n, out_layer)
-                add(out, s, lambda x, n=n, o=o: _renamed(n, x.layer_range[0] + o))
-                scopes[out] = scope(s, t)
+                add(_renamed(n, out_layer), s, t, lambda x, n=n, o=o: _renamed(n, x.layer_range[0] + o))
             out_layer += 1
-    last = len(mc.slices) - 1
-    for n in [n for n in src_of[first(last).path].names if not _LAYER.search(n) and not _BEFORE_LAYERS.search(n)]:
-        add(n, last, lambda x, n=n: n)
-        scopes[n] = scope(last, 0.0)
-    if not names:
+    for n in source(first(last).path).names:
+        if not _LAYER.search(n) and not _BEFORE_LAYERS.search(n):
+            add(n, last, 0.0, lambda x, n=n: n)
+    if not scopes:
         raise SliceError(f"{mc.source}: the slices select no tensors")
     for table in tables:  # the embeddings (first slice) and the head (last) must share one vocabulary
         rows = {n: (src.path, src.shapes[m][0]) for n, (src, m) in table.items() if cfg_lib.VOCAB.search(n)}
@@ -153,4 +143,4 @@ def plan(mc: cfg_lib.MergeConfig, open_source, use_base: bool) -> Layout:
             raise SliceError(f"{mc.source}: the output's token rows would disagree: "
                              + ", ".join(f"{n} from {p} has {r}" for n, (p, r) in rows.items()))
     base = NameMap(tables[0]) if use_base else None
-    return Layout(base, [NameMap(t) for t in tables[1:]], names, scopes, out_layer)
+    return Layout(base, [NameMap(t) for t in tables[1:]], list(scopes), scopes, out_layer)
