@@ -159,19 +159,21 @@ def _token_str(v):
     return v.get("content") if isinstance(v, dict) else v
 
 
+def _read_json(path: str) -> dict:
+    """A JSON file's contents; ``{}`` where there is no such file."""
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+
+
 def hf_specials(directory: str) -> dict:
     """``bos_token``/``eos_token``/``pad_token`` (strings), ``add_bos_token`` and
     ``chat_template`` of an HF model directory, read as transformers reads them."""
-    def read(name):
-        p = os.path.join(directory, name)
-        if not os.path.isfile(p):
-            return {}
-        try:
-            with open(p, encoding="utf-8") as f:
-                return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
-
+    read = lambda name: _read_json(os.path.join(directory, name))
     tc, sm = read("tokenizer_config.json"), read("special_tokens_map.json")
     model_cfg = {**read("config.json"), **{k: v for k, v in read("generation_config.json").items() if v is not None}}
     out = {}
@@ -185,29 +187,25 @@ def hf_specials(directory: str) -> dict:
     # Llama/Mistral/Gemma tokenizers add BOS by default (LlamaTokenizer's add_bos_token=True)
     out["add_bos_token"] = tc.get("add_bos_token", ("bos_token" in out or "bos_token_id" in out) and
                                   tc.get("tokenizer_class", "").startswith(("Llama", "Gemma", "Mistral")))
-    template = chat_template(directory)
+    template = chat_template(directory, tc)
     if template:
         out["chat_template"] = template
     return out
 
 
-def chat_template(directory: str) -> str | None:
+def chat_template(directory: str, tokenizer_config: dict | None = None) -> str | None:
     """The default chat template of an HF directory, as transformers reads it:
     ``chat_template.jinja`` where there is one (transformers' format since
     2025), else ``tokenizer_config.json``'s ``chat_template`` (a string, or
-    ``[{"name", "template"}]`` whose ``default`` entry is taken)."""
+    ``[{"name", "template"}]`` whose ``default`` entry is taken).
+    ``tokenizer_config``: that file's contents, where the caller has read them."""
     jinja = os.path.join(directory, "chat_template.jinja")
     if os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as f:
             return f.read()
-    p = os.path.join(directory, "tokenizer_config.json")
-    if not os.path.isfile(p):
-        return None
-    with open(p, encoding="utf-8") as f:
-        try:
-            template = json.load(f).get("chat_template")
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    if tokenizer_config is None:
+        tokenizer_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+    template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
         template = next((t["template"] for t in template if t.get("name") == "default"), None)
     return template or None

@@ -40,7 +40,6 @@ from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
 from research.safetensors_io import ShardWriter
 
-_VOCAB = cfg_lib.VOCAB
 _GLOBAL_RENAME = {"lambda": "lam"}
 _IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
 _PREFETCH_BUDGET = 512 << 20  # bytes of input tensors in memory at once when overlapping reads
@@ -182,7 +181,7 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
             a, b = src.shapes[n], ref.shapes[n]
             if a == b:
                 continue
-            if _VOCAB.search(n) and a[1:] == b[1:]:
+            if cfg_lib.VOCAB.search(n) and a[1:] == b[1:]:
                 if not allow_vocab_mismatch:
                     raise MergeFailed(
                         f"{src.path}: {n} has {a[0]} vocabulary rows, {ref.path} has {b[0]}. The models use different "
@@ -213,8 +212,8 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
                               "under the top-level parameters" + (" or the slice's" if mc.slices else ""))
     inputs = [o.path for src in ([base] if base else []) + models for o in sources.origins(src)]
     try:
-        template = metadata.chat_template(mc, inputs, {ref.shapes[n][0] for n in names
-                                                       if _VOCAB.search(n) and ref.shapes[n]})
+        template = metadata.check_tokenizer(mc, inputs, {ref.shapes[n][0] for n in names
+                                                         if cfg_lib.VOCAB.search(n) and ref.shapes[n]})
     except metadata.MetadataError as e:
         raise MergeFailed(str(e)) from None
     return Plan(method, base, models, scopes, names, n_layers, vocab_rows,

@@ -40,7 +40,7 @@ def tokenizer_dir(mc, first_input: str) -> str:
     return _directory(mc.tokenizer_source or first_input)
 
 
-def chat_template(mc, inputs: list[str], vocab_rows: set) -> str | None:
+def check_tokenizer(mc, inputs: list[str], vocab_rows: set) -> str | None:
     """Checks the config's tokenizer choices before any tensor is read; returns the
     output's chat template (None: the tokenizer files' own).  ``inputs``: the
     inputs' paths, the first input's first; ``vocab_rows``: the row counts of

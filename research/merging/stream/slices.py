@@ -37,7 +37,6 @@ import re
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import NameMap
 
-_LAYER = cfg_lib.LAYER
 _BEFORE_LAYERS = re.compile(r"embed|wte|wpe|word_embeddings")  # tensors planned with the first slice
 
 
@@ -58,13 +57,13 @@ def layers_of(src) -> dict:
     """``{layer index: [tensor names]}`` of a source's layer stack."""
     out = {}
     for n in src.names:
-        if m := _LAYER.search(n):
+        if m := cfg_lib.LAYER.search(n):
             out.setdefault(int(m.group(1)), []).append(n)
     return out
 
 
 def _renamed(name: str, layer: int) -> str:
-    m = _LAYER.search(name)
+    m = cfg_lib.LAYER.search(name)
     return name[:m.start(1)] + str(layer) + name[m.end(1):]
 
 
@@ -122,7 +121,7 @@ def plan(mc: cfg_lib.MergeConfig, source, use_base: bool) -> Layout:
     first = lambda s: (split[s][0] or split[s][1][0])[1]  # the source whose tensor names the output follows
     last = len(mc.slices) - 1
     for n in source(first(0).path).names:
-        if not _LAYER.search(n) and _BEFORE_LAYERS.search(n):
+        if not cfg_lib.LAYER.search(n) and _BEFORE_LAYERS.search(n):
             add(n, 0, 0.0, lambda x, n=n: n)
     out_layer = 0
     for s, sl in enumerate(mc.slices):
@@ -133,7 +132,7 @@ def plan(mc: cfg_lib.MergeConfig, source, use_base: bool) -> Layout:
                 add(_renamed(n, out_layer), s, t, lambda x, n=n, o=o: _renamed(n, x.layer_range[0] + o))
             out_layer += 1
     for n in source(first(last).path).names:
-        if not _LAYER.search(n) and not _BEFORE_LAYERS.search(n):
+        if not cfg_lib.LAYER.search(n) and not _BEFORE_LAYERS.search(n):
             add(n, last, 0.0, lambda x, n=n: n)
     if not scopes:
         raise SliceError(f"{mc.source}: the slices select no tensors")
