@@ -70,6 +70,16 @@ def test_negate_subtracts_task_vector():
     np.testing.assert_allclose(out["w"], [0.0])
 
 
+def test_ties_keeps_at_least_the_largest_entry_of_a_small_tensor_as_mergekit():
+    # density 0.1 of 4 entries: int(0.4) = 0, but mergekit (0.1.5) keeps one entry of a
+    # non-empty tensor: trim -> [0,0,0,3], [2,0,0,0], [-4,0,0,0]; votes: -2 -> -, 0, 0, 3 -> +
+    out = merging.merge("ties", FTS, base=BASE, density=0.1)
+    np.testing.assert_allclose(out["w"], 1 + np.array([-4.0, 0.0, 0.0, 3.0]))
+    # breadcrumbs keeps int(density * n) = 0: nothing (as mergekit)
+    out = merging.merge("breadcrumbs_ties", FTS, base=BASE, density=0.1, gamma=0.0)
+    np.testing.assert_allclose(out["w"], np.ones(4))
+
+
 def test_breadcrumbs_drops_top_gamma_and_smallest():
     tau = np.arange(1.0, 11.0)
     out = merging.merge("breadcrumbs", [{"w": jnp.asarray(tau)}], base={"w": jnp.zeros(10)}, density=0.5, gamma=0.1)
@@ -188,11 +198,11 @@ def test_trim_keeps_the_top_k_by_flat_order_and_compiles_one_program_per_shape_f
           "b": jnp.asarray(np.round(rng.normal(size=(6, 8)) * 4) / 4, jnp.float32),
           "c": jnp.asarray(rng.normal(size=(10,)), jnp.float32)}
     before = analysis._trim_leaf._cache_size()
-    for density in (0.2, 0.5, 0.7):
+    for density in (0.05, 0.2, 0.5, 0.7):
         out = merging.trim(tv, density)
         for name, x in tv.items():
             x = np.asarray(x).ravel()
-            k = int(density * x.size)
+            k = max(1, int(density * x.size))  # at least one, as TIES's trim (0.05 of 10 entries)
             keep = np.argsort(-np.abs(x), kind="stable")[:k]  # the k largest, ties by flat index
             want = np.zeros_like(x)
             want[keep] = x[keep]

@@ -267,7 +267,7 @@ def test_bad_input_names_the_culprit():
 def test_nan_or_inf_in_any_input_is_refused_even_with_zero_weight(method, params, value):
     """linear/task_arithmetic/negate screen their output first (NaN/Inf propagates
     through +, -, *, / and 0 * Inf); eager trims screen in their first counting pass
-    (density 1 and k = 0 have none: density 0.05 keeps 0 of the 5-entry leaf), DARE
+    (density 1 has none; density 0.05 keeps 1 of the 5-entry leaf), DARE
     and DELLA in their merge pass (masks drawn first for the L1 rescale, or inside
     it), or a screen of their own where that pass does not apply; the error must still name the input leaf."""
     base, a = _tree(0), _tree(1)

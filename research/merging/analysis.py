@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from research.merging import topk
+from research.merging import sparsify, topk
 
 
 def _f32(x):
@@ -79,7 +79,7 @@ def trim(tv, density: float, trim: str = "tensor"):
     if trim == "global":
         kept = _trim_global(leaves, max(int(density * sum(x.size for x in leaves)), 1))
     else:
-        kept = [_trim(x, int(density * x.size)) for x in leaves]
+        kept = [_trim(x, sparsify.keep_count(density, x.size)) for x in leaves]
     return jax.tree.unflatten(treedef, kept)
 
 

@@ -7,7 +7,7 @@ task-vector composition in ``task_vectors.py``; all are jittable.
 =====================  ==========================================  =================
 name                   keeps                                       papers / peers
 =====================  ==========================================  =================
-``magnitude``          the ``int(density*n)`` largest |tau|        TIES (trim)
+``magnitude``          the ``keep_count(density, n)`` largest |tau| TIES (trim)
 ``random``             each entry with probability ``density``     DARE
 ``magnitude_outliers`` drops the top ``gamma`` and the smallest,   Model Breadcrumbs
                        keeps ``int(density*n)``
@@ -20,9 +20,11 @@ does (``rescale_mode="l1"``).  The DARE and DELLA papers instead divide each
 kept entry by its keep probability (``rescale_mode="inverse"``): 1/density for
 DARE, 1/p_i for DELLA.  The two agree in expectation, not per draw.
 
-mergekit quirk we do not copy: its ``magnitude_outliers`` keeps nothing at all
-when ``int(gamma*n) == 0`` (``indices[n_bot:-0]`` is empty); here it then just
-drops the smallest entries.
+The counts are mergekit's (release 0.1.5): TIES keeps at least one entry of a
+non-empty tensor (``keep_count``); breadcrumbs keeps ``int(density*n)``, none
+when that is 0.  Earlier mergekit releases kept nothing at all from
+``magnitude_outliers`` when ``int(gamma*n) == 0`` (``indices[n_bot:-0]`` is
+empty); here, as in 0.1.5, it then just drops the smallest entries.
 """
 
 from __future__ import annotations
@@ -50,12 +52,19 @@ def _l1_rescale(tau, kept, eps: float = 1e-7):
     return kept * l1_factor(tau, kept, eps)
 
 
+def keep_count(density: float, n: int) -> int:
+    """How many of ``n`` entries TIES's trim keeps: ``int(density * n)``, but at least
+    one of a non-empty tensor (as mergekit 0.1.5: a small tensor at a low density,
+    a norm's 64 entries at 0.01, keeps its largest entry rather than none)."""
+    return n if density >= 1 else min(n, max(1, int(density * n)))
+
+
 def magnitude(tau, density: float, *, rescale: bool = False):
-    """TIES's trim: keep the ``int(density * tau.size)`` largest magnitudes (exactly;
-    ties by flat index)."""
+    """TIES's trim: keep the ``keep_count(density, tau.size)`` largest magnitudes
+    (exactly; ties by flat index)."""
     if density >= 1:
         return tau
-    kept = jnp.where(topk.topk_mask(tau, int(density * tau.size)), tau, 0.0)
+    kept = jnp.where(topk.topk_mask(tau, keep_count(density, tau.size)), tau, 0.0)
     return _l1_rescale(tau, kept) if rescale else kept
 
 

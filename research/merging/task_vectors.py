@@ -149,7 +149,7 @@ def trim_ks(opts: Options, i: int, n: int) -> list[int]:
     ``(keep, top)``, none when breadcrumbs trims nothing."""
     density = opts.density[i]
     if opts.sparsify == "magnitude":
-        return [n if density >= 1 else int(density * n)]
+        return [sparsify.keep_count(density, n)]
     if density >= 1:
         return []
     n_top, n_keep = sparsify.outlier_counts(n, density, opts.gamma[i])
