@@ -84,3 +84,44 @@ def test_plan_memory_compiles_ahead_of_time_on_fake_devices():
                  "--layouts", "scan", "--param-dtype", "bfloat16", "--lora-rank", "4", "--lora-targets", "q_proj,v_proj"])
     # adapters alone are trained: 2 layers x (q: 32x4 + 4x32, v: 32x4 + 4x16)
     assert "LoRA r=4 on q_proj,v_proj: 896 float32 adapter entries trained" in lora, lora
+
+
+def test_mergekit_parity_runs_against_itself_with_no_difference(tmp_path):
+    """The parity script, with research-merge standing in for mergekit (which needs
+    PyTorch, not installed here): every entry of both cases agrees, and the table is written."""
+    table = tmp_path / "parity.md"
+    out = _run(["experiments/mergekit_parity.py", "--tiny", "--write", str(table),
+                "--mergekit", f"{sys.executable} -m research.merging --no-progress"])
+    assert "| ties | float32 | 0 of 213568 (0.00%) | 0 | 0 | 0 |" in out
+    assert "| passthrough slices, filtered scale | float32 | 0 of 256704 (0.00%) | 0 | 0 | - |" in out
+    assert table.read_text().startswith("# research-merge against ") and "--tiny" in table.read_text()
+
+
+def test_mergekit_parity_counts_differences_in_ulps_and_finds_ties_at_a_cut(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    import mergekit_parity as mp
+
+    # ulps at the tensor's scale: 1.0's float32 ulp is 2**-23, its bf16 ulp 2**-7
+    assert mp.ulps(np.float32([0.25, 1.0]), np.float32([0.25, 1.0 + 2**-22])) == 2
+    assert mp.ulps(np.float32([0.5, -0.75]), np.float32([0.5, -0.75 + 2**-24])) == 1  # 0.75's ulp: 2**-24
+    bf = lambda x: np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
+    assert mp.ulps(bf([1.0, 3.0]), bf([1.0, 3.0 + 2**-6])) == 1
+    # a cut inside a run of equal magnitudes: k = 2 of [3, 2, -2, 1]; none at [3, 2, 1, 1]
+    assert mp.tied_cut(np.float32([3, 2, -2, 1]), 0.5, None) and not mp.tied_cut(np.float32([3, 2, 1, 1]), 0.5, None)
+    assert mp.tied_cut(np.float32([1, 1, 2, 3]), 0.01, None) is False  # keeps one: 3 > 2
+    # breadcrumbs' cuts: drop the top int(0.25 * 4) = 1, keep 2: cuts at 1 and 3
+    assert mp.tied_cut(np.float32([4, 4, 2, 1]), 0.5, 0.25) and not mp.tied_cut(np.float32([4, 3, 3, 1]), 0.5, 0.25)
+    # compare: one entry changed in one of two tensors; the trim's cut on its delta is tied
+    for who in ("base", "ft0"):
+        os.makedirs(tmp_path / who)
+        delta = np.float32([[1, 1, 0.5, 0.25]]) if who == "ft0" else np.zeros((1, 4), np.float32)
+        save_file({"w": delta, "v": np.float32([1, 2])}, str(tmp_path / who / "model.safetensors"))
+    for who, w in (("ref", [[1, 2, 3, 4]]), ("ours", [[1, 2, 3, 4 + 2**-20]])):
+        os.makedirs(tmp_path / who)
+        save_file({"w": np.float32(w), "v": np.float32([1, 2])}, str(tmp_path / who / "model.safetensors"))
+    row = mp.compare(str(tmp_path / "ref"), str(tmp_path / "ours"), str(tmp_path), "", [("ft0", 0.25, None)])
+    assert row == {"entries": 6, "differ": 1, "max_ulps": 2.0, "tensors": 1, "tied": 1}  # 4's ulp: 2**-21
