@@ -1,7 +1,8 @@
 """research-merge against mergekit itself, tensor for tensor, on every deterministic method.
 
     python -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit       # brings PyTorch: not our dependency
-    python experiments/mergekit_parity.py --mergekit /tmp/mk/bin/mergekit-yaml --write results/mergekit_parity.md
+    python experiments/mergekit_parity.py --write results/mergekit_parity.md \
+        --mergekit '/tmp/mk/bin/mergekit-yaml --quiet --lora-merge-cache /tmp/mk/lora-cache'
     python experiments/mergekit_parity.py --mergekit research-merge --tiny    # the script against itself (a test)
 
 Generates a Llama-shaped base (hidden 64, 4 layers, vocab 320) and three
@@ -10,7 +11,8 @@ in bf16, plus a copy of the first fine-tune that ties its head to its
 embeddings.  Each case is one mergekit YAML document, run through both tools;
 every output tensor is compared entry by entry: how many entries differ, and
 the largest difference, in units in the last place (ulps) of the tensor's
-largest entry at the output dtype.
+largest entry at the output dtype; and the outputs' ``config.json`` in the
+keys a merge may change (``CONFIG_KEYS``).
 Where a TIES-family trim is in play, each tensor that differs is checked for a
 tie at a trim's cut (the k-th largest |delta| equal to the (k+1)-th), where
 the two tools may keep different entries among equals.
@@ -42,10 +44,17 @@ results/mergekit_parity.md):
   unstable sort and research-merge by flat index.
 * DARE and DELLA: about the same share of entries changed (71-73%, where
   1 - 0.7 * 0.4 = 72% is expected), the mean ``|out - base|`` of a tensor
-  within 0.4% on average (single tensors within 9%, the small ones' sampling
-  noise), and DELLA's keep share rising with the magnitude rank as
+  within 0.4% on average (single tensors within 10%, the small ones'
+  sampling noise; mergekit draws unseeded), and DELLA's keep share rising with the magnitude rank as
   density - epsilon + 2 epsilon rank / (n - 1) says, within 0.012 in every
   decile, in both.
+* LoRA and rsLoRA adapters folded into the base (``base+adapter``): within 1
+  ulp in up to 3% of the entries (the order of the sums in ``B @ A``), bit for bit
+  where mergekit computes in float32.
+* ``config.json``: the same, but where one input ties its head to its
+  embeddings: mergekit keeps that model's ``tie_word_embeddings: true``
+  beside the merged ``lm_head`` it writes (a loader that ties weights then
+  replaces the head by the embeddings); research-merge writes ``false``.
 """
 
 from __future__ import annotations
@@ -181,6 +190,12 @@ models:
   - {{model: ft0_tied{s}, parameters: {{weight: 0.5}}}}
   - {{model: ft1{s}, parameters: {{weight: 0.5}}}}
 {dt}""", None),
+    "task_arithmetic, LoRA and rsLoRA adapters on the base": ("""merge_method: task_arithmetic
+base_model: base{s}
+models:
+  - {{model: base{s}+{w}/lora, parameters: {{weight: 1.0}}}}
+  - {{model: base{s}+{w}/rslora, parameters: {{weight: 0.5}}}}
+{dt}""", None),
 }
 _TWO = """base_model: base_f32
 models:
@@ -199,6 +214,7 @@ DELLA_RANKS = """merge_method: della_linear
 base_model: base_f32
 models: [{model: ft0_f32, parameters: {weight: 1.0, density: 0.5, epsilon: 0.3}}]
 dtype: float32"""
+CONFIG_KEYS = ("num_hidden_layers", "vocab_size", "tie_word_embeddings")  # config.json's, compared
 TINY = ("ties", "passthrough slices, filtered scale")
 # (label, checkpoints' suffix, our dtype line, mergekit's dtype line)
 SETTINGS = [
@@ -240,8 +256,26 @@ def write_model(path: str, tensors: dict, dtype, tied: bool = False) -> None:
         json.dump(config, f)
 
 
+def write_adapter(path: str, rng, rank: int, alpha: float, rslora: bool) -> None:
+    """A peft LoRA adapter (float32 factors) on ``q_proj``, ``v_proj`` and ``down_proj``."""
+    os.makedirs(path)
+    sh, factors = shapes(), {}
+    for name in sh:
+        if name.endswith(("q_proj.weight", "v_proj.weight", "down_proj.weight")):
+            out, inp = sh[name]
+            stem = "base_model.model." + name[: -len(".weight")]
+            factors[stem + ".lora_A.weight"] = (0.1 * rng.standard_normal((rank, inp))).astype(np.float32)
+            factors[stem + ".lora_B.weight"] = (0.02 * rng.standard_normal((out, rank))).astype(np.float32)
+    save_file(factors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "use_rslora": rslora,
+              "lora_dropout": 0.0, "bias": "none", "target_modules": ["q_proj", "v_proj", "down_proj"]}
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f)
+
+
 def make_workload(root: str, seed: int = 0) -> None:
-    """``base``, ``ft0..2`` and ``ft0_tied`` in bf16, and each again in float32 (``_f32``)."""
+    """``base``, ``ft0..2`` and ``ft0_tied`` in bf16, and each again in float32
+    (``_f32``); two LoRA adapters for the base, ``lora`` and ``rslora``."""
     rng = np.random.default_rng(seed)
     sh = shapes()
     base = {k: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s)).astype(np.float32)
@@ -254,6 +288,8 @@ def make_workload(root: str, seed: int = 0) -> None:
         for i, ft in enumerate(fts):
             write_model(os.path.join(root, f"ft{i}{suffix}"), ft, dtype)
         write_model(os.path.join(root, "ft0_tied" + suffix), fts[0], dtype, tied=True)
+    write_adapter(os.path.join(root, "lora"), rng, 4, 8.0, False)
+    write_adapter(os.path.join(root, "rslora"), rng, 16, 8.0, True)
 
 
 def load(path: str) -> dict:
@@ -293,7 +329,13 @@ def compare(ref_dir: str, ours_dir: str, work: str, suffix: str, trims) -> dict:
     if set(ref) != set(ours):
         raise SystemExit(f"tensor names differ: reference only {sorted(set(ref) - set(ours))}, "
                          f"ours only {sorted(set(ours) - set(ref))}")
-    row = {"entries": 0, "differ": 0, "max_ulps": 0.0, "tensors": 0, "tied": 0}
+    configs = []
+    for d in (ref_dir, ours_dir):
+        with open(os.path.join(d, "config.json")) as f:
+            configs.append(json.load(f))
+    row = {"entries": 0, "differ": 0, "max_ulps": 0.0, "tensors": 0, "tied": 0,
+           "config": {k: (configs[0].get(k), configs[1].get(k)) for k in CONFIG_KEYS
+                      if configs[0].get(k) != configs[1].get(k)}}
     base = load(os.path.join(work, "base" + suffix)) if isinstance(trims, list) else None
     fts = {m: load(os.path.join(work, m + suffix)) for m, _, _ in trims} if isinstance(trims, list) else None
     for name in sorted(ref):
@@ -391,17 +433,20 @@ def main(argv=None) -> None:
     cases = {k: v for k, v in CASES.items() if not args.tiny or k in TINY}
     settings = SETTINGS[:1] if args.tiny else SETTINGS
     lines = ["| case | checkpoints, dtype | entries that differ | largest difference (ulps at the tensor's scale) "
-             "| tensors that differ | of those, with a tie at a trim's cut |", "|---|---|---:|---:|---:|---:|"]
+             "| tensors that differ | of those, with a tie at a trim's cut | config.json: reference / ours |",
+             "|---|---|---:|---:|---:|---:|---|"]
     with tempfile.TemporaryDirectory(prefix="mergekit-parity-") as work:
         make_workload(work)
         for label, suffix, ours_dt, ref_dt in settings:
             for case, (text, trims) in cases.items():
-                texts = [text.format(s=suffix, dt=dt) for dt in (ref_dt, ours_dt)]
+                texts = [text.format(s=suffix, dt=dt, w=work) for dt in (ref_dt, ours_dt)]
                 ref, ours = run_pair(work, os.path.join(work, f"{len(lines)}"), cmds, texts)
                 r = compare(ref, ours, work, suffix, trims)
                 tied = "-" if not isinstance(trims, list) else f"{r['tied']}"
+                config = ", ".join(f"`{k}` {a} / {b}" for k, (a, b) in r["config"].items()) or "same"
                 lines.append(f"| {case} | {label} | {r['differ']} of {r['entries']} "
-                             f"({100 * r['differ'] / r['entries']:.2f}%) | {r['max_ulps']:.3g} | {r['tensors']} | {tied} |")
+                             f"({100 * r['differ'] / r['entries']:.2f}%) | {r['max_ulps']:.3g} | {r['tensors']} | {tied} "
+                             f"| {config} |")
                 print(lines[-1], flush=True)
         if not args.tiny:
             lines += ["", *random_rows(work, cmds)]

@@ -92,8 +92,8 @@ def test_mergekit_parity_runs_against_itself_with_no_difference(tmp_path):
     table = tmp_path / "parity.md"
     out = _run(["experiments/mergekit_parity.py", "--tiny", "--write", str(table),
                 "--mergekit", f"{sys.executable} -m research.merging --no-progress"])
-    assert "| ties | float32 | 0 of 213568 (0.00%) | 0 | 0 | 0 |" in out
-    assert "| passthrough slices, filtered scale | float32 | 0 of 256704 (0.00%) | 0 | 0 | - |" in out
+    assert "| ties | float32 | 0 of 213568 (0.00%) | 0 | 0 | 0 | same |" in out
+    assert "| passthrough slices, filtered scale | float32 | 0 of 256704 (0.00%) | 0 | 0 | - | same |" in out
     assert table.read_text().startswith("# research-merge against ") and "--tiny" in table.read_text()
 
 
@@ -123,5 +123,8 @@ def test_mergekit_parity_counts_differences_in_ulps_and_finds_ties_at_a_cut(tmp_
     for who, w in (("ref", [[1, 2, 3, 4]]), ("ours", [[1, 2, 3, 4 + 2**-20]])):
         os.makedirs(tmp_path / who)
         save_file({"w": np.float32(w), "v": np.float32([1, 2])}, str(tmp_path / who / "model.safetensors"))
+        (tmp_path / who / "config.json").write_text('{"num_hidden_layers": 2, "tie_word_embeddings": %s}'
+                                                    % ("true" if who == "ref" else "false"))
     row = mp.compare(str(tmp_path / "ref"), str(tmp_path / "ours"), str(tmp_path), "", [("ft0", 0.25, None)])
-    assert row == {"entries": 6, "differ": 1, "max_ulps": 2.0, "tensors": 1, "tied": 1}  # 4's ulp: 2**-21
+    assert row == {"entries": 6, "differ": 1, "max_ulps": 2.0, "tensors": 1, "tied": 1,  # 4's ulp: 2**-21
+                   "config": {"tie_word_embeddings": (True, False)}}
