@@ -7,7 +7,8 @@ task-vector composition in ``task_vectors.py``; all are jittable.
 =====================  ==========================================  =================
 name                   keeps                                       papers / peers
 =====================  ==========================================  =================
-``magnitude``          the ``keep_count(density, n)`` largest |tau| TIES (trim)
+``magnitude``          the ``keep_count(density, n)`` largest      TIES (trim)
+                       |tau|, at least one
 ``random``             each entry with probability ``density``     DARE
 ``magnitude_outliers`` drops the top ``gamma`` and the smallest,   Model Breadcrumbs
                        keeps ``int(density*n)``
