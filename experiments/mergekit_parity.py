@@ -306,7 +306,7 @@ def ulps(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     scale = np.max(np.abs(a))
     if scale == 0:
-        return float(np.max(np.abs(b)) > 0) * np.inf
+        return np.inf if np.any(b) else 0.0
     ulp = 2.0 ** (np.frexp(scale)[1] - 1 - fraction_bits)
     return float(np.max(np.abs(a - b)) / ulp)
 
@@ -315,7 +315,7 @@ def tied_cut(tau: np.ndarray, density: float, gamma) -> bool:
     """Whether one of the trim's cuts on ``tau`` falls inside a run of equal |tau|."""
     mags = np.sort(np.abs(tau.astype(np.float32)).ravel())[::-1]
     n = mags.size
-    if gamma is None:
+    if gamma is None:  # mergekit's counts: TIES keeps at least one entry, breadcrumbs may keep none
         cuts = [min(n, max(1, int(density * n)))]
     else:
         keep, top = int(density * n), int(gamma * n)

@@ -110,6 +110,8 @@ def test_mergekit_parity_counts_differences_in_ulps_and_finds_ties_at_a_cut(tmp_
     assert mp.ulps(np.float32([0.5, -0.75]), np.float32([0.5, -0.75 + 2**-24])) == 1  # 0.75's ulp: 2**-24
     bf = lambda x: np.asarray(x, np.float32).astype(ml_dtypes.bfloat16)
     assert mp.ulps(bf([1.0, 3.0]), bf([1.0, 3.0 + 2**-6])) == 1
+    assert mp.ulps(np.zeros(2, np.float32), np.zeros(2, np.float32)) == 0
+    assert mp.ulps(np.zeros(2, np.float32), np.float32([0, 1e-30])) == np.inf
     # a cut inside a run of equal magnitudes: k = 2 of [3, 2, -2, 1]; none at [3, 2, 1, 1]
     assert mp.tied_cut(np.float32([3, 2, -2, 1]), 0.5, None) and not mp.tied_cut(np.float32([3, 2, 1, 1]), 0.5, None)
     assert mp.tied_cut(np.float32([1, 1, 2, 3]), 0.01, None) is False  # keeps one: 3 > 2
