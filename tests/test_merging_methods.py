@@ -78,6 +78,11 @@ def test_ties_keeps_at_least_the_largest_entry_of_a_small_tensor_as_mergekit():
     # breadcrumbs keeps int(density * n) = 0: nothing (as mergekit)
     out = merging.merge("breadcrumbs_ties", FTS, base=BASE, density=0.1, gamma=0.0)
     np.testing.assert_allclose(out["w"], np.ones(4))
+    # the global trim counts the same way over the whole model (8 entries at 0.1: one)
+    two = lambda t: {"w": t["w"], "v": t["w"][::-1] * 0.5}  # a second leaf, with smaller entries
+    out = merging.merge("ties", [two(f) for f in FTS], base=two(BASE), density=0.1, trim="global")
+    np.testing.assert_allclose(out["w"], 1 + np.array([-4.0, 0.0, 0.0, 3.0]))
+    np.testing.assert_allclose(out["v"], 0.5 * np.ones(4))
 
 
 def test_breadcrumbs_drops_top_gamma_and_smallest():

@@ -77,7 +77,7 @@ def trim(tv, density: float, trim: str = "tensor"):
         return tv
     leaves, treedef = jax.tree.flatten(tv)
     if trim == "global":
-        kept = _trim_global(leaves, max(int(density * sum(x.size for x in leaves)), 1))
+        kept = _trim_global(leaves, sparsify.keep_count(density, sum(x.size for x in leaves)))
     else:
         kept = [_trim(x, sparsify.keep_count(density, x.size)) for x in leaves]
     return jax.tree.unflatten(treedef, kept)

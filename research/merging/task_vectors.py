@@ -164,7 +164,7 @@ def uses_global_trim(opts) -> bool:
 def global_keep_counts(base_leaves, opts: Options) -> tuple:
     """Per model: how many entries of the whole model the global trim keeps."""
     total = sum(b.size for b in base_leaves)
-    return tuple(int(d * total) for d in opts.density)
+    return tuple(sparsify.keep_count(d, total) for d in opts.density)
 
 
 def global_thresholds(base_leaves, model_leaves, ks):

@@ -545,5 +545,5 @@ def global_thresholds(tensors, opts) -> list:
     the order their ties are counted): the global trim's exact top-k."""
     n_total = sum(t.size for t in tensors)
     blocks = lambda: read_ahead((t, sp) for t in tensors for sp in t.spans())
-    ks = [[int(d * n_total)] for d in opts.density]
+    ks = [[sparsify.keep_count(d, n_total)] for d in opts.density]
     return [tr[0] for tr in thresholds(blocks, n_total, ks, sample(tensors))]
