@@ -1,4 +1,4 @@
-"""research-merge against mergekit itself, tensor for tensor, on every deterministic method.
+"""research-merge against mergekit itself: deterministic methods tensor for tensor, DARE and DELLA in distribution.
 
     python -m venv /tmp/mk && /tmp/mk/bin/pip install mergekit       # brings PyTorch: not our dependency
     python experiments/mergekit_parity.py --write results/mergekit_parity.md \
@@ -8,7 +8,7 @@
 Generates a Llama-shaped base (hidden 64, 4 layers, vocab 320) and three
 fine-tunes (base + a delta shared by all + one of each's own), in float32 and
 in bf16, plus a copy of the first fine-tune that ties its head to its
-embeddings.  Each case is one mergekit YAML document, run through both tools;
+embeddings, and a LoRA and an rsLoRA peft adapter for the base.  Each case is one mergekit YAML document, run through both tools;
 every output tensor is compared entry by entry: how many entries differ, and
 the largest difference, in units in the last place (ulps) of the tensor's
 largest entry at the output dtype; and the outputs' ``config.json`` in the
