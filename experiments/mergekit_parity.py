@@ -6,13 +6,13 @@
     python experiments/mergekit_parity.py --mergekit research-merge --tiny    # the script against itself (a test)
 
 Generates a Llama-shaped base (hidden 64, 4 layers, vocab 320) and three
-fine-tunes (base + a delta shared by all + one of each's own), in float32 and
-in bf16, plus a copy of the first fine-tune that ties its head to its
-embeddings, and a LoRA and an rsLoRA peft adapter for the base.  Each case is one mergekit YAML document, run through both tools;
-every output tensor is compared entry by entry: how many entries differ, and
-the largest difference, in units in the last place (ulps) of the tensor's
-largest entry at the output dtype; and the outputs' ``config.json`` in the
-keys a merge may change (``CONFIG_KEYS``).
+fine-tunes (base + a delta shared by all + one of each's own), in float32 and in
+bf16, plus a copy of the first fine-tune that ties its head to its embeddings,
+and a LoRA and an rsLoRA peft adapter for the base. Each case is one mergekit
+YAML document, run through both tools; every output tensor is compared entry
+by entry: how many entries differ, and the largest difference, in units in the
+last place (ulps) of the tensor's largest entry at the output dtype; and the
+outputs' ``config.json`` in the keys a merge may change (``CONFIG_KEYS``).
 Where a TIES-family trim is in play, each tensor that differs is checked for a
 tie at a trim's cut (the k-th largest |delta| equal to the (k+1)-th), where
 the two tools may keep different entries among equals.
