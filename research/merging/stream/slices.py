@@ -48,9 +48,12 @@ class SliceError(ValueError):
 class Layout:
     base: NameMap | None
     models: list  # NameMap per input position
-    names: list  # output tensors, in order: embeddings, layers, the rest
-    scopes: dict  # output tensor -> cfg_lib.Scope
+    scopes: dict  # output tensor -> cfg_lib.Scope, in output order: embeddings, layers, the rest
     n_layers: int
+
+    @property
+    def names(self) -> list:
+        return list(self.scopes)
 
 
 def layers_of(src) -> dict:
@@ -93,7 +96,8 @@ def plan(mc: cfg_lib.MergeConfig, source, use_base: bool) -> Layout:
     stacks = {}
     for s, (b, models) in enumerate(split):
         for i, x in ([b] if b else []) + models:
-            stacks.setdefault(x.path, layers_of(source(x.path)))
+            if x.path not in stacks:
+                stacks[x.path] = layers_of(source(x.path))
             missing = sorted(set(range(*x.layer_range)) - set(stacks[x.path]))
             if missing:
                 raise SliceError(f"{mc.source}:{mc.slices[s].line}: slices[{s}].sources[{i}] asks for layer_range "
@@ -142,4 +146,4 @@ def plan(mc: cfg_lib.MergeConfig, source, use_base: bool) -> Layout:
             raise SliceError(f"{mc.source}: the output's token rows would disagree: "
                              + ", ".join(f"{n} from {p} has {r}" for n, (p, r) in rows.items()))
     base = NameMap(tables[0]) if use_base else None
-    return Layout(base, [NameMap(t) for t in tables[1:]], list(scopes), scopes, out_layer)
+    return Layout(base, [NameMap(t) for t in tables[1:]], scopes, out_layer)
