@@ -156,14 +156,17 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
         np.testing.assert_array_equal(cpu_kernels.below_table(keys, rows, ranks, table), np.asarray(expected))
 
 
+@pytest.mark.parametrize("count_max", [0, cpu_kernels.DELLA_COUNT_MAX, 2**30])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("shape", [(40, 400), (3, 2, 200), (90,)])
-def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dtype, shape):
+def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dtype, shape, count_max):
     """The fused kernel ranks exactly only where the draw needs it.  Model 0: half
-    of each delta 0 (equal values, ranked by column), the rest rounded (small
-    buckets with ties); model 1: three values (large buckets); model 2 keeps
-    everything.  At eps 0.4 many draws fall between a bucket's bounds (a row
-    of 400 is then ranked whole); at eps 0.05 few do (each ranked by a count)."""
+    of each delta 0 (one bucket of equal values, ranked by column), the rest
+    rounded (buckets holding a value or several); model 1: three values (large
+    buckets of ties); model 2 keeps everything.  At eps 0.4 many draws fall
+    between a bucket's bounds, at eps 0.05 few do.  Entries in buckets of
+    several values are ranked by a count over the row, or the whole row is
+    ranked: always (``count_max`` 0), never (2**30), or past the default."""
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4000)  # (40, 400): draws in blocks of 10 rows
     rng = np.random.default_rng(11)
     base = jnp.asarray(rng.normal(size=shape) * 0.02, dtype)
@@ -175,7 +178,8 @@ def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dty
         rows = sparsify.della_rows(np.zeros(shape))
         table = sparsify.della_probs(jnp.arange(rows.shape[1])[None], density, epsilon)[0]
         block_keys = [_block_keys(k, shape)[0] for k in keys[:2]] + [None]  # model 2 keeps everything
-        packed, sums = cpu_kernels.della_masks(base, fts, block_keys, _block_keys(keys[0], shape)[1], [table] * 3)
+        packed, sums = cpu_kernels.della_masks(base, fts, block_keys, _block_keys(keys[0], shape)[1], [table] * 3,
+                                               count_max=count_max)
         masks = packed.unpacked()
         for i in range(2):
             tau = fts[i].astype(jnp.float32) - base.astype(jnp.float32)

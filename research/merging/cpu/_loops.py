@@ -420,27 +420,34 @@ def _unpack_row(bits, out):
         out[c] = (bits[c >> 3] >> np.uint8(7 - (c & 7))) & np.uint8(1)
 
 
-# Rows with more undecided entries than this are ranked whole (``_radix_ranks``),
-# fewer each by a count over the row (``_rank_by_count``).
-DELLA_COUNT_MAX = 48
-
-
 @numba.njit(inline="always")
 def _rank_by_count(key, c):
-    """``c``'s rank in ``key`` (``len(key) < 2**31``): how many entries are smaller, or
-    equal at a smaller column.  Counted in 32-bit lanes, each loop over a whole
-    range (which vectorises better than splitting the row at ``c``)."""
+    """``c``'s rank in ``key`` (int32, every entry non-negative; ``len(key) < 2**31``):
+    how many entries are smaller, or equal at a smaller column.  Counted in
+    32-bit lanes: numba widens ``int32 + int32`` to 64 bits, which halves the
+    lanes unless each sum is narrowed again, and AVX2 compares signed 32-bit
+    integers in one instruction (unsigned ones take three).  Each loop runs over
+    a whole range, which vectorises better than splitting the row at ``c``."""
     kc = key[c]
     below = np.int32(0)
     for q in range(len(key)):
-        below += np.int32(key[q] < kc)
+        below = np.int32(below + np.int32(key[q] < kc))
     for q in range(c):
-        below += np.int32(key[q] == kc)
+        below = np.int32(below + np.int32(key[q] == kc))
     return below
 
 
+@numba.njit(inline="always")
+def _count_equal(key, kc):
+    """How many entries of ``key`` (int32) equal ``kc``, in 32-bit lanes (``_rank_by_count``)."""
+    n = np.int32(0)
+    for q in range(len(key)):
+        n = np.int32(n + np.int32(key[q] == kc))
+    return n
+
+
 @numba.njit(parallel=True, cache=True, nogil=True)
-def della_masks(base, fts, keys, block_rows, tables, tiny, bits, sums):
+def della_masks(base, fts, keys, block_rows, tables, tiny, count_max, bits, sums):
     """``uniform < tables[i, rank]``: DELLA's keep masks, row ``r`` of model ``i``
     bit-packed into ``bits[i, r]`` (``_pack_row``), with ``rank``
     the rank of ``d = |fts[i] - base|`` (flushed as XLA:CPU) within its row, ties by
@@ -455,19 +462,25 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, bits, sums):
     buckets between the row's smallest and largest finite non-zero bits, one
     each for 0, Inf and NaN) bounds the entry's rank by its bucket's, and
     settles ``uniform < table[rank]`` unless the uniform falls between the
-    table's values at the bounds.  Those entries are ranked exactly: each by a
-    count over the row, or, past ``DELLA_COUNT_MAX`` of them, by ranking the
-    whole row."""
+    table's values at the bounds.  Those entries are ranked exactly.  In a
+    bucket that holds one value only (always 0's; ties, of which bf16 deltas
+    hold many), an entry ranks after the bucket's entries at smaller columns,
+    counted as the histogram is filled.  The rest are ranked each by a count
+    over the row (``_rank_by_count``), or, past ``count_max`` of them in a
+    row, by ranking the whole row (``_radix_ranks``)."""
     n, rows = bits.shape[:2]
     cols = base.shape[1]
     nb = 2048  # 0: zeros, 1..2045: finite, 2046: Inf, 2047: NaN
     inf = np.uint32(0x7F800000)
     chunks = min(rows, 256)
     for t in numba.prange(chunks):
-        key = np.empty(cols, np.uint32)
+        key = np.empty(cols, np.uint32)  # float bits of d, at most 0x7FC00000
+        key_i = key.view(np.int32)
         unif = np.empty(cols, np.float32)
         hb = np.empty(cols, np.uint16)
         pend = np.empty(cols, np.int32)
+        occ = np.empty(cols, np.int32)
+        pure = np.empty(nb, np.int8)
         pos = np.empty(cols, np.int32)
         sort_key, key2 = np.empty(cols, np.uint32), np.empty(cols, np.uint32)
         sort_idx, idx2 = np.empty(cols, np.int32), np.empty(cols, np.int32)
@@ -508,7 +521,9 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, bits, sums):
                 start[:] = 0
                 n_mid = 0
                 for c in range(cols):  # the histogram, and the entries whose rank may matter
-                    start[hb[c] + 1] += 1
+                    seen = start[hb[c] + 1]
+                    occ[c] = seen  # entries of c's bucket at smaller columns
+                    start[hb[c] + 1] = seen + 1
                     u = unif[c]
                     pend[n_mid] = c
                     n_mid += (u >= t_first) & (u < t_last)
@@ -519,20 +534,27 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, bits, sums):
                 for c in range(cols):
                     mk[c] = unif[c] < t_first
                 n_pend = 0
+                pure[:] = 0  # per bucket: 0 not yet known, 1 one value only, 2 several
+                pure[0] = pure[nb - 2] = pure[nb - 1] = 1
                 for j in range(n_mid):  # by the keep probabilities at their bucket's lowest and highest rank
                     c = pend[j]
                     h = hb[c]
                     keep_lo = unif[c] < tab[start[h]]
                     mk[c] = keep_lo
                     if keep_lo != (unif[c] < tab[start[h + 1] - 1]):  # undecided: the exact rank decides
-                        pend[n_pend] = c
-                        n_pend += 1
-                if n_pend > DELLA_COUNT_MAX:
+                        if pure[h] == 0:
+                            pure[h] = 1 if _count_equal(key_i, key_i[c]) == start[h + 1] - start[h] else 2
+                        if pure[h] == 1:  # ties (bf16 deltas hold many): ranked by column
+                            mk[c] = unif[c] < tab[start[h] + occ[c]]
+                        else:
+                            pend[n_pend] = c
+                            n_pend += 1
+                if n_pend > count_max:
                     sort_key[:] = key
                     _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
                 for j in range(n_pend):
                     c = pend[j]
-                    rk = pos[c] if n_pend > DELLA_COUNT_MAX else _rank_by_count(key, c)
+                    rk = pos[c] if n_pend > count_max else _rank_by_count(key_i, c)
                     mk[c] = unif[c] < tab[rk]
                 if sums.shape[1]:
                     sums[i, r, 0], sums[i, r, 1] = _abs_sums(f, b, mk)

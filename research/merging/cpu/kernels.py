@@ -413,12 +413,20 @@ def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = T
     return masks, out if sums else None
 
 
-def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = True):
+# Rows where DELLA's mask kernel needs more exact ranks than this (beyond those
+# of ties) are ranked whole, in fewer each rank is counted over the row
+# (``_loops.della_masks``).  A row costs about as much either way near 200.
+DELLA_COUNT_MAX = 200
+
+
+def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = True, *,
+                count_max: int = DELLA_COUNT_MAX):
     """DELLA's keep masks, ``uniform < tables[i][rank]`` (``below_table``'s, from
     ``row_ranks``' ranks, without storing them), and the L1 rescale's sums, as
     ``random_masks`` returns them over the ``[shape[0], -1]`` view.
     ``block_keys[i]``: model ``i``'s draw-block keys, None where it keeps
-    everything; ``tables[i]``: its keep probability of each rank, non-decreasing.
+    everything; ``tables[i]``: its keep probability of each rank, non-decreasing;
+    ``count_max``: see ``DELLA_COUNT_MAX`` (the masks do not depend on it).
     None where the draw's blocks are not rows of that view (a 1-D tensor drawn
     in blocks), or where rows hold 2**31 entries or more."""
     keys, blocks = _key_array(block_keys)
@@ -437,7 +445,8 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, masks.bits, out)
+        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, count_max,
+                             masks.bits, out)
     return masks, out if sums else None
 
 
