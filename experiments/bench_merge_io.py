@@ -2,6 +2,7 @@
 
     python experiments/bench_merge_io.py --dtypes bfloat16 float32 --docs       # 542M x 4 models
     python experiments/bench_merge_io.py --preset llama3_8b_slice --docs        # 8B-width tensors, 1.3B x 4
+    python experiments/bench_merge_io.py --delta 0.0002 --methods ties dare_ties della --docs  # small changes
     python experiments/bench_merge_io.py --scale 0.01 --rounds 1                # smoke
 
 Generates a Llama-shaped bf16 model (hidden 2048, 8 layers, intermediate 5632,
@@ -106,7 +107,9 @@ def shapes(scale, preset="llama_542m"):
     return out
 
 
-def write_model(path, shp, rng, base=None):
+def write_model(path, shp, rng, base=None, delta=0.002):
+    """A base (entries ~ N(0, 0.02)), or a fine-tune of ``base``: each entry moved by
+    N(0, ``delta``), both rounded to bf16."""
     os.makedirs(path)
     names = list(shp)
     half = len(names) // 2
@@ -115,7 +118,7 @@ def write_model(path, shp, rng, base=None):
     for i, group in enumerate(groups):
         arrs = {}
         for n in group:
-            x = rng.standard_normal(shp[n], dtype=np.float32) * (0.02 if base is None else 0.002)
+            x = rng.standard_normal(shp[n], dtype=np.float32) * (0.02 if base is None else delta)
             if base is not None:
                 x += base[n].astype(np.float32)
             arrs[n] = x.astype(ml_dtypes.bfloat16)
@@ -239,6 +242,9 @@ def main(argv=None):
                     help="the configs' dtype line, one table each ('none': no dtype line)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (best time is reported)")
     ap.add_argument("--dir", default=None, help="where to write the workload (default: a temp dir)")
+    ap.add_argument("--delta", type=float, default=0.002,
+                    help="standard deviation of the fine-tunes' changes to the base's entries (whose is 0.02); "
+                         "in bf16, 0.0002 leaves most changes 0 or 1-2 ulps, as small learning rates do")
     ap.add_argument("--also", choices=list(VARIANTS), default=None,
                     help="also run, interleaved, each method the numba kernels run: with --no-map (inputs pread), "
                          "or at LLVM's preferred vector width")
@@ -253,7 +259,8 @@ def main(argv=None):
     n_params = sum(math.prod(s) for s in shp.values())
     rng = np.random.default_rng(0)
     stamp = f"{work}/workload.json"  # a --dir that already holds this workload is reused
-    if not (os.path.isfile(stamp) and json.load(open(stamp)) == {"preset": args.preset, "scale": args.scale}):
+    workload = {"preset": args.preset, "scale": args.scale, "delta": args.delta}
+    if not (os.path.isfile(stamp) and json.load(open(stamp)) == workload):
         print(f"generating 4 models of {n_params / 1e6:.0f}M bf16 parameters in {work}", flush=True)
         for m in ("base", "ft0", "ft1", "ft2"):
             shutil.rmtree(f"{work}/{m}", ignore_errors=True)
@@ -265,9 +272,9 @@ def main(argv=None):
             if fn.endswith(".safetensors"):
                 base.update(load_file(f"{work}/base/{fn}"))
         for i in range(3):
-            write_model(f"{work}/ft{i}", shp, rng, base)
+            write_model(f"{work}/ft{i}", shp, rng, base, args.delta)
         del base
-        json.dump({"preset": args.preset, "scale": args.scale}, open(stamp, "w"))
+        json.dump(workload, open(stamp, "w"))
     inputs = [f"{work}/{m}" for m in ("base", "ft0", "ft1", "ft2")]
     for p in inputs:  # warm the page cache
         for fn in os.listdir(p):
@@ -328,7 +335,8 @@ def main(argv=None):
         return ", ".join(f"{t:.1f}" for t in times[(run, None)])
 
     out = [f"{n_params / 1e6:.0f}M parameters per model (largest tensor {largest[0]}x{largest[1]}), bf16 on disk, "
-           f"2 shards each, 3 fine-tunes + base; best wall time of {args.rounds} interleaved rounds, largest peak "
+           f"2 shards each, 3 fine-tunes + base (base entries ~ N(0, 0.02), each fine-tune's changes ~ N(0, "
+           f"{args.delta:g}), `--delta`); best wall time of {args.rounds} interleaved rounds, largest peak "
            f"RSS; each run starts on {warm / 2**30:.1f} GB of memory touched and freed just before it (`--warm-gb`).  "
            f"The floor reads every byte of the 4 inputs and writes one bf16 output (a byte copy of the "
            f"first): {floor:.1f} s (rounds: {spread(floor_name)}), {floor_rss / 1e9:.2f} GB.  The safetensors round "
@@ -354,8 +362,11 @@ def main(argv=None):
     if args.docs:
         cmd = "python experiments/bench_merge_io.py " + " ".join(argv if argv is not None else sys.argv[1:])
         import perfdoc
-        print("wrote", perfdoc.update(f"merge_io_{args.preset}", f"Streaming merges, {args.preset} "
-                                      "(`experiments/bench_merge_io.py`)", cmd.replace(" --docs", ""), "\n".join(out)))
+        small = args.delta != ap.get_default("delta")  # its own section: the default workload's stays
+        section = f"merge_io_{args.preset}" + (f"_delta_{args.delta:g}" if small else "")
+        title = f"Streaming merges, {args.preset}" + (f", fine-tune changes ~ N(0, {args.delta:g})" if small else "")
+        print("wrote", perfdoc.update(section, f"{title} (`experiments/bench_merge_io.py`)", cmd.replace(" --docs", ""),
+                                      "\n".join(out)))
     if not args.dir:
         shutil.rmtree(work)
 

@@ -51,8 +51,9 @@ def test_bench_merge_io_smoke(tmp_path):
     work = tmp_path / "w"
     os.makedirs(work / "out")  # as a killed run leaves it: removed, not a failed first run
     out = _run(["experiments/bench_merge_io.py", "--scale", "0.003", "--methods", "ties", "della", "slerp", "--rounds", "1",
-                "--also", "no-map", "--warm-gb", "0.05", "--dir", str(work)])
+                "--also", "no-map", "--warm-gb", "0.05", "--delta", "0.0002", "--dir", str(work)])
     assert f"removing {work}/out, left by an earlier run" in out and not os.path.exists(work / "out")
+    assert "each fine-tune's changes ~ N(0, 0.0002)" in out
     assert "(floor)" in out and "(round trip)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert "ties `--no-map` (bfloat16)" in out and rows["ties"][-2].strip() and not rows["slerp"][-2].strip()
