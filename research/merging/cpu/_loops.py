@@ -156,7 +156,7 @@ def sample_abs_deltas(base, fts, step, run, tiny, out):
                 out[i, j * run + c] = d
 
 
-@numba.njit(inline="always")
+@numba.njit
 def _radix_ranks(key, idx, key2, idx2, start, out):
     """``out[c]``: the rank of ``key[c]`` (0 = smallest, ties by column), by an LSD
     radix sort of 11 + 11 + 10 bits (stable).  ``idx``, ``key2``, ``idx2``: scratch
@@ -252,7 +252,13 @@ def _mix(x0, x1, d):
     return x0, np.uint32(x0 ^ _rotl(x1, d))
 
 
-@numba.njit(inline="always")
+# The helpers run inside the kernels' loops, most copied into each call site by
+# numba (``inline="always"``) before typing.  This one and ``_radix_ranks`` are
+# not: numba copies and types a callee's IR again at every site, and the
+# threefry's 20 rounds at each of a generated merge pass's sites (one per
+# model) made it the bulk of compiling those passes.  LLVM inlines the compiled
+# function into its loop all the same: the kernels give the same bits, as fast.
+@numba.njit
 def _threefry_bits(k1, k2, count):
     """JAX's 32 random bits at flat position ``count`` of a draw from key ``(k1, k2)``:
     threefry2x32 of the counter ``(0, count)``, the two words xor-ed (``jax_threefry_partitionable``)."""
