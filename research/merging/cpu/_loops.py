@@ -438,9 +438,7 @@ def _rank_by_count(key, c):
     below = np.int32(0)
     for q in range(len(key)):
         below = np.int32(below + np.int32(key[q] < kc))
-    for q in range(c):
-        below = np.int32(below + np.int32(key[q] == kc))
-    return below
+    return np.int32(below + _count_equal(key[:c], kc))
 
 
 @numba.njit(inline="always")
