@@ -451,14 +451,15 @@ def _count_equal(key, kc):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def della_masks(base, fts, keys, block_rows, tables, tiny, count_max, bits, sums):
-    """``uniform < tables[i, rank]``: DELLA's keep masks, row ``r`` of model ``i``
-    bit-packed into ``bits[i, r]`` (``_pack_row``), with ``rank``
-    the rank of ``d = |fts[i] - base|`` (flushed as XLA:CPU) within its row, ties by
-    column, and the uniforms drawn as in ``bernoulli_blocks`` (``keys[i]``: model
-    ``i``'s draw-block keys).  Each row of ``tables`` must be non-decreasing, and
-    rows shorter than 2**31.  ``sums[i, r]``: ``_abs_sums`` of the row and its
-    mask, where ``sums`` has a row for each (else it is ``[n, 0, 2]``).
+def della_masks(base, ft, keys, block_rows, tab, tiny, count_max, bits, sums):
+    """``uniform < tab[rank]``: DELLA's keep mask of one model, row ``r`` bit-packed
+    into ``bits[r]`` (``_pack_row``), with ``rank`` the rank of ``d = |ft - base|``
+    (flushed as XLA:CPU) within its row, ties by column, and the uniforms drawn
+    as in ``bernoulli_blocks`` (``keys``: the draw-block keys).  ``tab`` must be
+    non-decreasing, and rows shorter than 2**31.  ``sums[r]``: ``_abs_sums`` of
+    the row and its mask, where ``sums`` has a row for each (else it is
+    ``[0, 2]``).  One model a call: a tuple of models would make numba compile
+    the kernel again for each number of models.
 
     Exact ranks are found only where the draw needs them.  A uniform below
     every rank's keep probability keeps its entry, one at or above all of them
@@ -472,8 +473,7 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, count_max, bits, sums
     counted as the histogram is filled.  The rest are ranked each by a count
     over the row (``_rank_by_count``), or, past ``count_max`` of them in a
     row, by ranking the whole row (``_radix_ranks``)."""
-    n, rows = bits.shape[:2]
-    cols = base.shape[1]
+    rows, cols = base.shape
     nb = 2048  # 0: zeros, 1..2045: finite, 2046: Inf, 2047: NaN
     inf = np.uint32(0x7F800000)
     chunks = min(rows, 256)
@@ -491,75 +491,73 @@ def della_masks(base, fts, keys, block_rows, tables, tiny, count_max, bits, sums
         digits = np.empty(2049, np.int64)
         start = np.empty(nb + 1, np.int32)
         mk = np.empty(cols, np.bool_)
+        t_first = tab[0]
+        t_last = tab[cols - 1]
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
             blk = r // block_rows
             s0 = (r - blk * block_rows) * cols
             b = base[r]
-            for i in range(n):
-                f = fts[i][r]
-                tab = tables[i]
-                t_first = tab[0]
-                t_last = tab[cols - 1]
-                k1 = np.uint32(keys[i, blk, 0])
-                k2 = np.uint32(keys[i, blk, 1])
-                # the loops over columns do little each, so that all but the histogram vectorise
-                lo_k = np.uint32(0xFFFFFFFF)
-                hi_k = np.uint32(0)
-                for c in range(cols):
-                    kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
-                    kc = np.uint32(0x7FC00000) if kb > inf else kb  # NaNs tie (argsort)
-                    key[c] = kc
-                    finite = np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
-                    lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
-                    hi_k = max(hi_k, kc if finite else np.uint32(0))
-                for c in range(cols):
-                    unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
-                shift = np.uint32(0)
-                while hi_k >= lo_k and (hi_k >> shift) - (lo_k >> shift) > np.uint32(2044):
-                    shift += np.uint32(1)
-                lo_b = lo_k >> shift
-                for c in range(cols):
-                    k = key[c]
-                    hb[c] = (np.uint32(0) if k == 0 else np.uint32(2046) if k == inf
-                             else np.uint32(2047) if k > inf else (k >> shift) - lo_b + np.uint32(1))
-                start[:] = 0
-                n_mid = 0
-                for c in range(cols):  # the histogram, and the entries whose rank may matter
-                    seen = start[hb[c] + 1]
-                    occ[c] = seen  # entries of c's bucket at smaller columns
-                    start[hb[c] + 1] = seen + 1
-                    u = unif[c]
-                    pend[n_mid] = c
-                    n_mid += (u >= t_first) & (u < t_last)
-                acc = np.int32(0)
-                for h in range(nb + 1):  # running totals: bucket h's entries rank from start[h]
-                    acc += start[h]
-                    start[h] = acc
-                for c in range(cols):
-                    mk[c] = unif[c] < t_first
-                n_pend = 0
-                pure[:] = 0  # per bucket: 0 not yet known, 1 one value only, 2 several
-                pure[0] = pure[nb - 2] = pure[nb - 1] = 1
-                for j in range(n_mid):  # by the keep probabilities at their bucket's lowest and highest rank
-                    c = pend[j]
-                    h = hb[c]
-                    keep_lo = unif[c] < tab[start[h]]
-                    mk[c] = keep_lo
-                    if keep_lo != (unif[c] < tab[start[h + 1] - 1]):  # undecided: the exact rank decides
-                        if pure[h] == 0:
-                            pure[h] = 1 if _count_equal(key_i, key_i[c]) == start[h + 1] - start[h] else 2
-                        if pure[h] == 1:  # ties (bf16 deltas hold many): ranked by column
-                            mk[c] = unif[c] < tab[start[h] + occ[c]]
-                        else:
-                            pend[n_pend] = c
-                            n_pend += 1
-                if n_pend > count_max:
-                    sort_key[:] = key
-                    _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
-                for j in range(n_pend):
-                    c = pend[j]
-                    rk = pos[c] if n_pend > count_max else _rank_by_count(key_i, c)
-                    mk[c] = unif[c] < tab[rk]
-                if sums.shape[1]:
-                    sums[i, r, 0], sums[i, r, 1] = _abs_sums(f, b, mk)
-                _pack_row(mk, bits[i, r])
+            f = ft[r]
+            k1 = np.uint32(keys[blk, 0])
+            k2 = np.uint32(keys[blk, 1])
+            # the loops over columns do little each, so that all but the histogram vectorise
+            lo_k = np.uint32(0xFFFFFFFF)
+            hi_k = np.uint32(0)
+            for c in range(cols):
+                kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
+                kc = np.uint32(0x7FC00000) if kb > inf else kb  # NaNs tie (argsort)
+                key[c] = kc
+                finite = np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
+                lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
+                hi_k = max(hi_k, kc if finite else np.uint32(0))
+            for c in range(cols):
+                unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
+            shift = np.uint32(0)
+            while hi_k >= lo_k and (hi_k >> shift) - (lo_k >> shift) > np.uint32(2044):
+                shift += np.uint32(1)
+            lo_b = lo_k >> shift
+            for c in range(cols):
+                k = key[c]
+                hb[c] = (np.uint32(0) if k == 0 else np.uint32(2046) if k == inf
+                         else np.uint32(2047) if k > inf else (k >> shift) - lo_b + np.uint32(1))
+            start[:] = 0
+            n_mid = 0
+            for c in range(cols):  # the histogram, and the entries whose rank may matter
+                seen = start[hb[c] + 1]
+                occ[c] = seen  # entries of c's bucket at smaller columns
+                start[hb[c] + 1] = seen + 1
+                u = unif[c]
+                pend[n_mid] = c
+                n_mid += (u >= t_first) & (u < t_last)
+            acc = np.int32(0)
+            for h in range(nb + 1):  # running totals: bucket h's entries rank from start[h]
+                acc += start[h]
+                start[h] = acc
+            for c in range(cols):
+                mk[c] = unif[c] < t_first
+            n_pend = 0
+            pure[:] = 0  # per bucket: 0 not yet known, 1 one value only, 2 several
+            pure[0] = pure[nb - 2] = pure[nb - 1] = 1
+            for j in range(n_mid):  # by the keep probabilities at their bucket's lowest and highest rank
+                c = pend[j]
+                h = hb[c]
+                keep_lo = unif[c] < tab[start[h]]
+                mk[c] = keep_lo
+                if keep_lo != (unif[c] < tab[start[h + 1] - 1]):  # undecided: the exact rank decides
+                    if pure[h] == 0:
+                        pure[h] = 1 if _count_equal(key_i, key_i[c]) == start[h + 1] - start[h] else 2
+                    if pure[h] == 1:  # ties (bf16 deltas hold many): ranked by column
+                        mk[c] = unif[c] < tab[start[h] + occ[c]]
+                    else:
+                        pend[n_pend] = c
+                        n_pend += 1
+            if n_pend > count_max:
+                sort_key[:] = key
+                _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
+            for j in range(n_pend):
+                c = pend[j]
+                rk = pos[c] if n_pend > count_max else _rank_by_count(key_i, c)
+                mk[c] = unif[c] < tab[rk]
+            if sums.shape[0]:
+                sums[r, 0], sums[r, 1] = _abs_sums(f, b, mk)
+            _pack_row(mk, bits[r])

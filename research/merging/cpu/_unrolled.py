@@ -122,26 +122,24 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
 
 _RANDOM_SUMS = '''
 @numba.njit(parallel=True, nogil=True, cache=True)
-def draw_masks(base, fts, keys, block_rows, p, bits, sums):
-    """Model ``i``'s keep mask (``_loops.bernoulli_blocks``'s draws), row ``r``
-    bit-packed into ``bits[i, r]`` (``_pack_row``), and ``_abs_sums`` of each row
-    and its mask into ``sums[i, r]`` where ``sums`` has a row for each (else it
-    is ``[n, 0, 2]``)."""
-    n, rows = bits.shape[:2]
-    cols = base.shape[1]
+def draw_masks(base, ft, keys, block_rows, p, bits, sums):
+    """One model's keep mask (``_loops.bernoulli_blocks``' draws from the draw-block
+    keys ``keys``, keep probability ``p``), row ``r`` bit-packed into ``bits[r]``
+    (``_pack_row``), and ``_abs_sums`` of each row and its mask into ``sums[r]``
+    where ``sums`` has a row for each (else it is ``[0, 2]``).  One model a
+    call, so that one compiled kernel serves any number of models."""
+    rows, cols = base.shape
     for r in numba.prange(rows):
         blk = r // block_rows
         start = (r - blk * block_rows) * cols
         mk = np.empty(cols, np.bool_)
-        for i in range(n):
-            k1 = np.uint32(keys[i, blk, 0])
-            k2 = np.uint32(keys[i, blk, 1])
-            pi = p[i]
-            for c in range(cols):
-                mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < pi
-            if sums.shape[1]:
-                sums[i, r, 0], sums[i, r, 1] = _abs_sums(fts[i][r], base[r], mk)
-            _pack_row(mk, bits[i, r])
+        k1 = np.uint32(keys[blk, 0])
+        k2 = np.uint32(keys[blk, 1])
+        for c in range(cols):
+            mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
+        if sums.shape[0]:
+            sums[r, 0], sums[r, 1] = _abs_sums(ft[r], base[r], mk)
+        _pack_row(mk, bits[r])
 '''
 
 
@@ -155,7 +153,7 @@ def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, 
         kt = np.empty(n, np.float32)
         tt = np.empty(n, np.float32)
         for r in range(ch * rows // chunks, (ch + 1) * rows // chunks):
-            lo = 0
+            lo = np.int64(0)  # not the literal 0: numba would compile span for that type too
             while lo < cols:
                 hi = cols  # split the row at the next tie position in it
                 for i in range(n):
@@ -264,8 +262,7 @@ def random_merge(n: int, mode: int, drawn: bool):
 
 @functools.cache
 def random_sums():
-    """DARE's masks and the L1 rescale's sums (``draw_masks``), for any number of
-    models."""
+    """DARE's mask of one model and the L1 rescale's sums (``draw_masks``)."""
     return _load("random_sums", _RANDOM_SUMS)
 
 

@@ -408,8 +408,9 @@ def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = T
     masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _generated().random_sums().draw_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], p, masks.bits,
-                                              out)
+        for i, view in enumerate(views):
+            _generated().random_sums().draw_masks(b, view, keys[i], block_rows if blocks > 1 else b.shape[0], p[i],
+                                                  masks.bits[i], out[i])
     return masks, out if sums else None
 
 
@@ -445,8 +446,9 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
     with _LOCK:
-        _loops().della_masks(b, views, keys, block_rows if blocks > 1 else b.shape[0], tab, _TINY, count_max,
-                             masks.bits, out)
+        for i, view in enumerate(views):
+            _loops().della_masks(b, view, keys[i], block_rows if blocks > 1 else b.shape[0], tab[i], _TINY, count_max,
+                                 masks.bits[i], out[i])
     return masks, out if sums else None
 
 
@@ -508,7 +510,7 @@ def random_ok(key) -> bool:
 def _draw(kernel, block_keys, block_rows: int, shape, out_dtype, *args):
     rows = shape[0] if shape else 1
     out = aligned_empty((rows, math.prod(shape[1:]) if shape else 1), out_dtype)
-    keys = np.asarray(block_keys, np.uint32).reshape(-1, 2)
+    keys = _readonly(np.asarray(block_keys, np.uint32).reshape(-1, 2))
     with _LOCK:
         kernel(keys, block_rows, *args, out)
     return out.reshape(shape)
