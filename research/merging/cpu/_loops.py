@@ -132,15 +132,15 @@ def _count_row(ft, b, t_gt, t_ge, tiny):
 
 
 @numba.njit(parallel=True, cache=True, nogil=True)
-def probe_counts_flushed(base, fts, probe_model, t_gt, t_ge, tiny, gt, ge, bad):
-    """Per-row top-k counts of several probes: probe ``p`` counts ``d = |fts[probe_model[p]]
-    - base|`` above ``t_gt[p]`` into ``gt[p]``, above ``t_ge[p]`` into ``ge[p]``, and
-    NaN/Inf into ``bad[p]``, flushing subnormals as XLA:CPU does.  The flushes
-    make it compute-bound: the unrolled pass of ``_unrolled`` skips them, and
-    this one runs only where that pass found a hazard."""
+def probe_counts_flushed(base, ft, t_gt, t_ge, tiny, gt, ge, bad):
+    """Per-row top-k counts of one probe: ``d = |ft - base|`` above ``t_gt`` into
+    ``gt``, above ``t_ge`` into ``ge``, and NaN/Inf into ``bad``, flushing
+    subnormals as XLA:CPU does.  The flushes make it compute-bound: the
+    unrolled pass of ``_unrolled`` skips them, and this one runs only where
+    that pass found a hazard.  One probe a call, so that one compiled kernel
+    serves any number of models."""
     for r in numba.prange(base.shape[0]):
-        for p in range(len(probe_model)):
-            gt[p, r], ge[p, r], bad[p, r] = _count_row(fts[probe_model[p]][r], base[r], t_gt[p], t_ge[p], tiny)
+        gt[r], ge[r], bad[r] = _count_row(ft[r], base[r], t_gt, t_ge, tiny)
 
 
 @numba.njit(cache=True, nogil=True)

@@ -150,7 +150,8 @@ def probe_counts(base, fts, probe_model, t_gt, t_ge):
     with _LOCK:
         unrolled(b, views, t_gt, t_ge, gt, ge, any_bad, tiny)
         if tiny.any() or any_bad.any():  # count again, exactly as XLA:CPU does, with NaN/Inf per probe
-            _loops().probe_counts_flushed(b, views, np.asarray(probe_model, np.int64), t_gt, t_ge, _TINY, gt, ge, bad)
+            for p, i in enumerate(probe_model):
+                _loops().probe_counts_flushed(b, views[i], t_gt[p], t_ge[p], _TINY, gt[p], ge[p], bad[p])
     return gt, ge, bad, tiny
 
 
