@@ -323,6 +323,24 @@ def below_table_blocks(keys, block_rows, ranks, table, out):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]
 
 
+@numba.njit(parallel=True, cache=True, nogil=True)
+def draw_masks(base, ft, keys, block_rows, p, bits, sums):
+    """One model's keep mask, drawn as in ``bernoulli_blocks`` (keep probability ``p``),
+    row ``r`` bit-packed into ``bits[r]`` (``_pack_row``), and ``_abs_sums`` of
+    each row of ``ft - base`` and its mask into ``sums[r]`` where ``sums`` has a
+    row for each (else it is ``[0, 2]``).  One model a call: a tuple of models
+    would make numba compile the kernel again for each number of models."""
+    rows, cols = base.shape
+    for r in numba.prange(rows):
+        k1, k2, start = _block_row(keys, block_rows, r, cols)
+        mk = np.empty(cols, np.bool_)
+        for c in range(cols):
+            mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
+        if sums.shape[0]:
+            sums[r, 0], sums[r, 1] = _abs_sums(ft[r], base[r], mk)
+        _pack_row(mk, bits[r])
+
+
 def _encode(v, out):
     """float32 ``v`` as an element of ``out``: itself, or its bf16 bits (round to
     nearest even, as XLA converts).  (The Python twin of the overload numba compiles.)"""
@@ -494,12 +512,9 @@ def della_masks(base, ft, keys, block_rows, tab, tiny, count_max, bits, sums):
         t_first = tab[0]
         t_last = tab[cols - 1]
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
-            blk = r // block_rows
-            s0 = (r - blk * block_rows) * cols
+            k1, k2, s0 = _block_row(keys, block_rows, r, cols)
             b = base[r]
             f = ft[r]
-            k1 = np.uint32(keys[blk, 0])
-            k2 = np.uint32(keys[blk, 1])
             # the loops over columns do little each, so that all but the histogram vectorise
             lo_k = np.uint32(0xFFFFFFFF)
             hi_k = np.uint32(0)

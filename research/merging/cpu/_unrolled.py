@@ -21,8 +21,8 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = ("_abs_sums, _decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _pack_row, _sign, "
-            "_threefry_bits, _tiny_seen, _uniform01, _unpack_row")
+_HELPERS = ("_decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
+            "_tiny_seen, _uniform01, _unpack_row")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
 
@@ -118,29 +118,6 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
     lines += _mix_lines(n, mode, " " * 12)
     lines += ["        flags[r] = np.uint8(_tiny_seen(low, bt)) + np.uint8(2) * np.uint8(top >= np.uint32(0x7F800000))"]
     return "\n".join(lines) + "\n"
-
-
-_RANDOM_SUMS = '''
-@numba.njit(parallel=True, nogil=True, cache=True)
-def draw_masks(base, ft, keys, block_rows, p, bits, sums):
-    """One model's keep mask (``_loops.bernoulli_blocks``' draws from the draw-block
-    keys ``keys``, keep probability ``p``), row ``r`` bit-packed into ``bits[r]``
-    (``_pack_row``), and ``_abs_sums`` of each row and its mask into ``sums[r]``
-    where ``sums`` has a row for each (else it is ``[0, 2]``).  One model a
-    call, so that one compiled kernel serves any number of models."""
-    rows, cols = base.shape
-    for r in numba.prange(rows):
-        blk = r // block_rows
-        start = (r - blk * block_rows) * cols
-        mk = np.empty(cols, np.bool_)
-        k1 = np.uint32(keys[blk, 0])
-        k2 = np.uint32(keys[blk, 1])
-        for c in range(cols):
-            mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
-        if sums.shape[0]:
-            sums[r, 0], sums[r, 1] = _abs_sums(ft[r], base[r], mk)
-        _pack_row(mk, bits[r])
-'''
 
 
 _DRIVER = '''
@@ -258,12 +235,6 @@ def random_merge(n: int, mode: int, drawn: bool):
     """DARE's merge pass of ``n`` models in ``mode`` (``merge_mode``; no top cuts),
     masks drawn inline or read (``drawn``)."""
     return _load(f"random_merge_n{n}_m{mode}_{'drawn' if drawn else 'read'}", _random_source(n, mode, drawn)).random_merge
-
-
-@functools.cache
-def random_sums():
-    """DARE's mask of one model and the L1 rescale's sums (``draw_masks``)."""
-    return _load("random_sums", _RANDOM_SUMS)
 
 
 @functools.cache

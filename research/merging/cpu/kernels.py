@@ -408,10 +408,10 @@ def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = T
     b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
     masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
+    rows_per_block = block_rows if blocks > 1 else b.shape[0]
     with _LOCK:
         for i, view in enumerate(views):
-            _generated().random_sums().draw_masks(b, view, keys[i], block_rows if blocks > 1 else b.shape[0], p[i],
-                                                  masks.bits[i], out[i])
+            _loops().draw_masks(b, view, keys[i], rows_per_block, p[i], masks.bits[i], out[i])
     return masks, out if sums else None
 
 
@@ -446,10 +446,10 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
         raise ValueError("della_masks: a keep-probability table decreases with the rank")
     masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
+    rows_per_block = block_rows if blocks > 1 else b.shape[0]
     with _LOCK:
         for i, view in enumerate(views):
-            _loops().della_masks(b, view, keys[i], block_rows if blocks > 1 else b.shape[0], tab[i], _TINY, count_max,
-                                 masks.bits[i], out[i])
+            _loops().della_masks(b, view, keys[i], rows_per_block, tab[i], _TINY, count_max, masks.bits[i], out[i])
     return masks, out if sums else None
 
 
