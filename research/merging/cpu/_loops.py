@@ -144,16 +144,14 @@ def probe_counts_flushed(base, ft, t_gt, t_ge, tiny, gt, ge, bad):
 
 
 @numba.njit(cache=True, nogil=True)
-def sample_abs_deltas(base, fts, step, run, tiny, out):
-    """``out[i]``: ``|fts[i] - base|`` (flushed like XLA:CPU) at runs of ``run``
-    consecutive entries, one every ``step`` entries of the flat order."""
-    for i in range(len(fts)):
-        f = fts[i]
-        for j in range(out.shape[1] // run):
-            for c in range(run):
-                k = j * step + c
-                d = _flushed_abs_delta(f[k], base[k], tiny)
-                out[i, j * run + c] = d
+def sample_abs_deltas(base, ft, step, run, tiny, out):
+    """``out``: ``|ft - base|`` (flushed like XLA:CPU) at runs of ``run`` consecutive
+    entries, one every ``step`` entries of the flat order.  One model a call, so
+    that one compiled kernel serves any number of models."""
+    for j in range(out.shape[0] // run):
+        for c in range(run):
+            k = j * step + c
+            out[j * run + c] = _flushed_abs_delta(ft[k], base[k], tiny)
 
 
 @numba.njit

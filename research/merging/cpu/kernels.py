@@ -211,7 +211,8 @@ def sample_abs_deltas(base, fts, size: int) -> np.ndarray:
     else:
         step, run = b.size // runs, _SAMPLE_RUN
     out = np.empty((len(views), runs * run), np.float32)
-    _loops().sample_abs_deltas(b, views, step, run, _TINY, out)
+    for v, row in zip(views, out):
+        _loops().sample_abs_deltas(b, v, step, run, _TINY, row)
     return out
 
 
