@@ -43,6 +43,23 @@ def test_pair_counts_match_a_reference_count_row_by_row(dtype, shape):
         assert not bad.any()
 
 
+@pytest.mark.parametrize("shape", [(70,), (5, 40)])
+def test_probe_counts_split_rows_longer_than_the_kernels_take(monkeypatch, shape):
+    # the kernels count in 32-bit lanes; rows above ROW_MAX entries are counted in parts
+    monkeypatch.setattr(cpu_kernels, "ROW_MAX", 16)
+    rng = np.random.default_rng(5)
+    base = rng.normal(size=shape).astype(np.float32)
+    ft = base + np.round(rng.normal(size=shape) * 4).astype(np.float32) / 8
+    ft.reshape(-1)[[3, 37]] = 1e-39  # rows the flushing kernel counts again
+    ft.reshape(-1)[20] = np.inf
+    for t in [0.0, 0.25]:
+        gt, ge, bad, tiny = cpu_kernels.probe_counts(jnp.asarray(base), [jnp.asarray(ft)] * 2, [0, 1], [t, 1.0], [t, 1.0])
+        for p, tp in enumerate([t, 1.0]):
+            np.testing.assert_array_equal(gt[p], _reference(ft, base, tp))
+        assert np.flatnonzero(bad[0]).tolist() == [20 // shape[-1]]  # the row of the flat position
+        assert np.flatnonzero(tiny).tolist() == sorted({3 // shape[-1], 37 // shape[-1]})
+
+
 def test_pair_counts_agree_with_the_xla_counting_program():
     rng = np.random.default_rng(1)
     base = jnp.asarray(rng.normal(size=(40, 300)) * 0.02, jnp.bfloat16)

@@ -119,15 +119,16 @@ def _tiny_seen_impl(low, row):
 @numba.njit(nogil=True, cache=True)
 def _count_row(ft, b, t_gt, t_ge, tiny):
     """One row (1-D views): ``#[d > t_gt]``, ``#[d > t_ge]``, ``#[d not finite]`` for
-    ``d = |ft - b|``, subnormal inputs and differences flushed to 0."""
-    n_gt = 0
-    n_ge = 0
-    n_bad = 0
+    ``d = |ft - b|``, subnormal inputs and differences flushed to 0.  Counted in
+    32-bit lanes (``_count_equal``): rows of at most ``2**31 - 1`` entries."""
+    n_gt = np.int32(0)
+    n_ge = np.int32(0)
+    n_bad = np.int32(0)
     for c in range(len(ft)):
         d = _flushed_abs_delta(ft[c], b[c], tiny)
-        n_gt += d > t_gt
-        n_ge += d > t_ge
-        n_bad += not d < np.float32(np.inf)
+        n_gt = np.int32(n_gt + np.int32(d > t_gt))
+        n_ge = np.int32(n_ge + np.int32(d > t_ge))
+        n_bad = np.int32(n_bad + np.int32(not d < np.float32(np.inf)))
     return n_gt, n_ge, n_bad
 
 

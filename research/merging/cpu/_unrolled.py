@@ -151,7 +151,10 @@ def _probe_source(probe_model: tuple[int, ...]) -> str:
     model's ``|ft - base|`` computed once for all its probes.  Per row, ``hazard``
     says whether the inputs hold a non-zero magnitude below 2**-32 (a min over
     their bits) and ``bad`` whether some ``d`` is NaN/Inf (a max over its bits):
-    the caller counts again with the flushing kernel where either could matter."""
+    the caller counts again with the flushing kernel where either could matter.
+    The counts run in 32-bit lanes, narrowed after each sum (numba widens
+    ``int32 + int32`` to 64 bits, which halves the lanes): rows of at most
+    ``2**31 - 1`` entries, which the caller ensures."""
     models = sorted(set(probe_model))
     lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
              "def probe_counts(base, fts, t_gt, t_ge, gt, ge, bad, hazard):",
@@ -160,13 +163,14 @@ def _probe_source(probe_model: tuple[int, ...]) -> str:
              "        low = _low_start(bt)",
              "        top = np.uint32(0)"]
     lines += [f"        x{i} = fts[{i}][r]" for i in models]
-    lines += [f"        g{p} = t_gt[{p}]; e{p} = t_ge[{p}]; ng{p} = 0; ne{p} = 0" for p in range(len(probe_model))]
+    lines += [f"        g{p} = t_gt[{p}]; e{p} = t_ge[{p}]; ng{p} = np.int32(0); ne{p} = np.int32(0)" for p in range(len(probe_model))]
     lines += ["        for c in range(len(bt)):", "            b = _decode(bt[c])", "            low = min(low, _low_bits(bt[c]))"]
     for i in models:
         lines += [f"            d{i} = abs(_decode(x{i}[c]) - b)", f"            low = min(low, _low_bits(x{i}[c]))",
                   f"            top = max(top, np.float32(d{i}).view(np.uint32))"]
     for p, i in enumerate(probe_model):
-        lines += [f"            ng{p} += d{i} > g{p}", f"            ne{p} += d{i} > e{p}"]
+        lines += [f"            ng{p} = np.int32(ng{p} + np.int32(d{i} > g{p}))",
+                  f"            ne{p} = np.int32(ne{p} + np.int32(d{i} > e{p}))"]
     lines += [f"        gt[{p}, r] = ng{p}; ge[{p}, r] = ne{p}" for p in range(len(probe_model))]
     lines += ["        bad[r] = top >= np.uint32(0x7F800000)", "        hazard[r] = _tiny_seen(low, bt)"]
     return "\n".join(lines) + "\n"

@@ -125,6 +125,9 @@ def _host_view(x, rows_first: bool = False) -> np.ndarray:
     return _readonly(a.view(np.uint16) if a.dtype.name == "bfloat16" else a)
 
 
+ROW_MAX = 2**31 - 1  # the most entries of a row that the counting kernels take in one call
+
+
 def probe_counts(base, fts, probe_model, t_gt, t_ge):
     """Top-k counts of several probes in one pass over ``base`` and ``fts``: probe ``p``
     counts ``d = |fts[probe_model[p]] - base|`` (float32) per row above
@@ -140,6 +143,11 @@ def probe_counts(base, fts, probe_model, t_gt, t_ge):
     """
     b = _host_view(base)
     views = tuple(_host_view(f) for f in fts)
+    if b.shape[1] > ROW_MAX:  # the kernels count in 32-bit lanes: longer rows in parts
+        parts = [probe_counts(b[:, lo:lo + ROW_MAX], [v[:, lo:lo + ROW_MAX] for v in views], probe_model, t_gt, t_ge)
+                 for lo in range(0, b.shape[1], ROW_MAX)]
+        gt, ge, bad = (sum(part[j] for part in parts) for j in range(3))
+        return gt, ge, bad, np.logical_or.reduce([part[3] for part in parts])
     n_probes, rows = len(probe_model), b.shape[0]
     gt, ge = (np.empty((n_probes, rows), np.int64) for _ in range(2))
     bad = np.zeros((n_probes, rows), np.int64)
