@@ -642,3 +642,26 @@ def test_kernels_ask_for_512_bit_vectors_only_on_avx512_x86_hosts_the_user_left_
         assert got == "+avx2,+avx512f,+avx512bw,-prefer-256-bit"
     else:
         assert got is None
+
+
+def test_bf16_encoding_rounds_to_nearest_even_as_xla_converts():
+    # every high half, each with the low halves at and around the rounding boundary
+    import numba
+
+    from research.merging.cpu import _loops
+
+    @numba.njit
+    def encode_all(x, out):
+        for i in range(len(x)):
+            out[i] = _loops._encode(x[i], out)
+
+    high = np.arange(1 << 16, dtype=np.uint32) << 16
+    low = np.array([0, 1, 0x7FFF, 0x8000, 0x8001, 0xFFFF, 0x1234], np.uint32)
+    x = (high[:, None] | low[None, :]).reshape(-1).view(np.float32)
+    got = np.empty(len(x), np.uint16)
+    encode_all(x, got)
+    want = np.asarray(jax.jit(lambda v: v.astype(jnp.bfloat16))(x)).view(np.uint16)
+    nan = np.isnan(x)
+    np.testing.assert_array_equal(got[~nan], want[~nan])
+    assert np.isnan(got[nan].view(jnp.bfloat16).astype(np.float32)).all()
+    np.testing.assert_array_equal(got[nan] >> 15, x[nan].view(np.uint32) >> 31)  # the sign kept

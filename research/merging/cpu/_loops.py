@@ -354,11 +354,12 @@ def _encode(v, out):
 @overload(_encode, inline="always")
 def _encode_impl(v, out):
     if out.dtype == types.uint16:
-        def to_bf16(v, out):
+        def to_bf16(v, out):  # every step narrowed to 32 bits: numba widens uint32 arithmetic to 64
             u = np.float32(v).view(np.uint32)
             nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
-            rounded = (u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
-            return np.uint16(((u >> np.uint32(16)) | np.uint32(0x40)) if nan else rounded)
+            high = np.uint32(u >> np.uint32(16))
+            rounded = np.uint32(np.uint32(np.uint32(u + np.uint32(0x7FFF)) + (high & np.uint32(1))) >> np.uint32(16))
+            return np.uint16(np.uint32(high | np.uint32(0x40)) if nan else rounded)
         return to_bf16
     return lambda v, out: np.float32(v)
 
