@@ -8,6 +8,7 @@ import sys
 import chex
 import jax
 import jax.numpy as jnp
+import numba
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -646,8 +647,6 @@ def test_kernels_ask_for_512_bit_vectors_only_on_avx512_x86_hosts_the_user_left_
 
 def test_bf16_encoding_rounds_to_nearest_even_as_xla_converts():
     # every high half, each with the low halves at and around the rounding boundary
-    import numba
-
     from research.merging.cpu import _loops
 
     @numba.njit
