@@ -116,19 +116,28 @@ def _tiny_seen_impl(low, row):
     return lambda low, row: low < np.uint32((95 << 23) - 1)
 
 
+@numba.njit(inline="always")
+def _count32(n, hit):
+    """``n + hit`` for an int32 count ``n`` and a bool ``hit``, kept in 32 bits.
+    numba widens ``int32 + int32`` to 64 bits, which halves a vectorised loop's
+    lanes (and adds shuffles to widen them) unless each sum is narrowed again.
+    For counts over at most ``2**31 - 1`` entries."""
+    return np.int32(n + np.int32(hit))
+
+
 @numba.njit(nogil=True, cache=True)
 def _count_row(ft, b, t_gt, t_ge, tiny):
     """One row (1-D views): ``#[d > t_gt]``, ``#[d > t_ge]``, ``#[d not finite]`` for
     ``d = |ft - b|``, subnormal inputs and differences flushed to 0.  Counted in
-    32-bit lanes (``_count_equal``): rows of at most ``2**31 - 1`` entries."""
+    32-bit lanes (``_count32``): rows of at most ``2**31 - 1`` entries."""
     n_gt = np.int32(0)
     n_ge = np.int32(0)
     n_bad = np.int32(0)
     for c in range(len(ft)):
         d = _flushed_abs_delta(ft[c], b[c], tiny)
-        n_gt = np.int32(n_gt + np.int32(d > t_gt))
-        n_ge = np.int32(n_ge + np.int32(d > t_ge))
-        n_bad = np.int32(n_bad + np.int32(not d < np.float32(np.inf)))
+        n_gt = _count32(n_gt, d > t_gt)
+        n_ge = _count32(n_ge, d > t_ge)
+        n_bad = _count32(n_bad, not d < np.float32(np.inf))
     return n_gt, n_ge, n_bad
 
 
@@ -448,14 +457,13 @@ def _unpack_row(bits, out):
 def _rank_by_count(key, c):
     """``c``'s rank in ``key`` (int32, every entry non-negative; ``len(key) < 2**31``):
     how many entries are smaller, or equal at a smaller column.  Counted in
-    32-bit lanes: numba widens ``int32 + int32`` to 64 bits, which halves the
-    lanes unless each sum is narrowed again, and AVX2 compares signed 32-bit
-    integers in one instruction (unsigned ones take three).  Each loop runs over
+    32-bit lanes (``_count32``), and AVX2 compares signed 32-bit integers in
+    one instruction (unsigned ones take three).  Each loop runs over
     a whole range, which vectorises better than splitting the row at ``c``."""
     kc = key[c]
     below = np.int32(0)
     for q in range(len(key)):
-        below = np.int32(below + np.int32(key[q] < kc))
+        below = _count32(below, key[q] < kc)
     return np.int32(below + _count_equal(key[:c], kc))
 
 
@@ -464,7 +472,7 @@ def _count_equal(key, kc):
     """How many entries of ``key`` (int32) equal ``kc``, in 32-bit lanes (``_rank_by_count``)."""
     n = np.int32(0)
     for q in range(len(key)):
-        n = np.int32(n + np.int32(key[q] == kc))
+        n = _count32(n, key[q] == kc)
     return n
 
 

@@ -21,7 +21,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-_HELPERS = ("_decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
+_HELPERS = ("_count32, _decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
             "_tiny_seen, _uniform01, _unpack_row")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
 
@@ -152,8 +152,7 @@ def _probe_source(probe_model: tuple[int, ...]) -> str:
     says whether the inputs hold a non-zero magnitude below 2**-32 (a min over
     their bits) and ``bad`` whether some ``d`` is NaN/Inf (a max over its bits):
     the caller counts again with the flushing kernel where either could matter.
-    The counts run in 32-bit lanes, narrowed after each sum (numba widens
-    ``int32 + int32`` to 64 bits, which halves the lanes): rows of at most
+    The counts run in 32-bit lanes (``_count32``): rows of at most
     ``2**31 - 1`` entries, which the caller ensures."""
     models = sorted(set(probe_model))
     lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
@@ -169,8 +168,7 @@ def _probe_source(probe_model: tuple[int, ...]) -> str:
         lines += [f"            d{i} = abs(_decode(x{i}[c]) - b)", f"            low = min(low, _low_bits(x{i}[c]))",
                   f"            top = max(top, np.float32(d{i}).view(np.uint32))"]
     for p, i in enumerate(probe_model):
-        lines += [f"            ng{p} = np.int32(ng{p} + np.int32(d{i} > g{p}))",
-                  f"            ne{p} = np.int32(ne{p} + np.int32(d{i} > e{p}))"]
+        lines += [f"            ng{p} = _count32(ng{p}, d{i} > g{p})", f"            ne{p} = _count32(ne{p}, d{i} > e{p})"]
     lines += [f"        gt[{p}, r] = ng{p}; ge[{p}, r] = ne{p}" for p in range(len(probe_model))]
     lines += ["        bad[r] = top >= np.uint32(0x7F800000)", "        hazard[r] = _tiny_seen(low, bt)"]
     return "\n".join(lines) + "\n"

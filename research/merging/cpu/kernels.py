@@ -125,7 +125,7 @@ def _host_view(x, rows_first: bool = False) -> np.ndarray:
     return _readonly(a.view(np.uint16) if a.dtype.name == "bfloat16" else a)
 
 
-ROW_MAX = 2**31 - 1  # the most entries of a row that the counting kernels take in one call
+ROW_MAX = 2**31 - 1  # the most entries of a row that the kernels count or rank in 32 bits (one call)
 
 
 def probe_counts(base, fts, probe_model, t_gt, t_ge):
@@ -444,7 +444,7 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     if blocks > 1 and np.ndim(base) < 2:
         return None
     b = _host_view(base, rows_first=True)
-    if b.shape[1] >= 2**31:  # the kernel's ranks are int32
+    if b.shape[1] > ROW_MAX:  # the kernel's ranks are int32
         return None
     views = tuple(_host_view(f, rows_first=True) for f in fts)
     tab = np.full((len(fts), b.shape[1]), 2.0, np.float32)  # uniforms are < 1: everything kept
