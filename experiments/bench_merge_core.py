@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 
 import jax
@@ -134,7 +135,7 @@ def _main(args):
         fn = lambda ms, b, key, m=method, p=params: merging.merge(m, ms, base=b, key=key, check_finite=False, **p)
         t, with_compile = timed(fn, ms, b, key, between=lambda: floors.append(timed_once(floor_fn)))
         rows.append((method, t, with_compile))
-        print(f"{method}: {t:.2f} s", flush=True)
+        print(f"{method}: {t:.2f} s", file=sys.stderr, flush=True)  # progress; the table below is the record
     # The floor is timed between the calls of every method and its best time is
     # used throughout: alone, its time moves by +-50% with the state of the
     # memory allocator (whether its 1 GB of outputs land on pages already mapped).

@@ -162,7 +162,8 @@ def _probe_source(probe_model: tuple[int, ...]) -> str:
              "        low = _low_start(bt)",
              "        top = np.uint32(0)"]
     lines += [f"        x{i} = fts[{i}][r]" for i in models]
-    lines += [f"        g{p} = t_gt[{p}]; e{p} = t_ge[{p}]; ng{p} = np.int32(0); ne{p} = np.int32(0)" for p in range(len(probe_model))]
+    lines += [f"        g{p} = t_gt[{p}]; e{p} = t_ge[{p}]; ng{p} = np.int32(0); ne{p} = np.int32(0)"
+              for p in range(len(probe_model))]
     lines += ["        for c in range(len(bt)):", "            b = _decode(bt[c])", "            low = min(low, _low_bits(bt[c]))"]
     for i in models:
         lines += [f"            d{i} = abs(_decode(x{i}[c]) - b)", f"            low = min(low, _low_bits(x{i}[c]))",
