@@ -10,7 +10,15 @@ XLA's CPU backend compiles at optimisation level 0 in the tests (and in the
 subprocesses they start, through ``TEST_SUBPROCESS_XLA_FLAGS``): the programs
 are tiny, so compiling dominates, and level 0 compiles them in about two
 thirds of the time.  The computation is the same program; every comparison
-in the tests is between runs compiled alike, or against a tolerance."""
+in the tests is between runs compiled alike, or against a tolerance.
+
+Likewise numba compiles the merge kernels as plain loops rather than
+row-parallel ones (``RESEARCH_MERGE_CPU=serial``): the parallel transform is
+most of their compile time, and the bits are the same (one test compiles
+both and compares them).  The kernels, their generated modules and numba's
+machine code are kept in the run's temporary directory, so that every run
+compiles what it uses, as CI does, and nothing is written to the user's
+cache or the source tree."""
 
 import atexit
 import os
@@ -34,6 +42,9 @@ tempfile.tempdir = None  # tempfile caches the directory it found first
 
 # merge CLI runs keep compiled programs here, not in the user's ~/.cache
 _shared_tmp("RESEARCH_MERGE_CACHE", "research-merge-cache-")
+os.environ.setdefault("RESEARCH_MERGE_CPU", "serial")
+_shared_tmp("RESEARCH_KERNEL_DIR", "research-kernels-")
+_shared_tmp("NUMBA_CACHE_DIR", "research-numba-cache-")
 _shared_tmp("JAX_COMPILATION_CACHE_DIR", "research-jax-cache-")
 os.environ.setdefault("RESEARCH_JAX_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"])  # experiments/quickstart.py
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -664,3 +664,54 @@ def test_bf16_encoding_rounds_to_nearest_even_as_xla_converts():
     np.testing.assert_array_equal(got[~nan], want[~nan])
     assert np.isnan(got[nan].view(jnp.bfloat16).astype(np.float32)).all()
     np.testing.assert_array_equal(got[nan] >> 15, x[nan].view(np.uint32) >> 31)  # the sign kept
+
+
+def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
+    """The suite compiles the kernels as plain loops (``conftest``: ``RESEARCH_MERGE_CPU=serial``);
+    merges run them row-parallel.  Every row-parallel kernel, in ``_loops`` and
+    generated, gives the same bits both ways, on rows that the threads share."""
+    from research.merging.cpu import _loops, _unrolled
+
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4000)  # draws in blocks of 10 rows
+    rng = np.random.default_rng(21)
+    shape = (37, 400)
+    base = jnp.asarray(rng.normal(size=shape) * 0.02, jnp.bfloat16)
+    deltas = [np.round(rng.normal(size=shape) * 64) / 4096 for _ in range(3)]
+    fts = [jnp.asarray(np.asarray(base, np.float32) + d, jnp.bfloat16) for d in deltas]
+    fts[1] = fts[1].at[5, 7].set(1e-39)  # a tiny input: its row is counted again with the flushes
+    keys = [_block_keys(jax.random.fold_in(jax.random.key(4), i), shape)[0] for i in range(3)]
+    block_rows = _block_keys(jax.random.key(4), shape)[1]
+    table = sparsify.della_probs(jnp.arange(shape[1])[None], 0.4, 0.2)[0]
+    mix = dict(consensus="sum", vote_on="weighted", normalize=True, divide_by="weight", lam=1.0, out_dtype="bfloat16")
+
+    def run_all():
+        hist = cpu_kernels.MagnitudeHistograms(3)
+        hist.add(base, fts)
+        masks, sums = cpu_kernels.random_masks(base, fts, keys, block_rows, [0.3, 0.5, 0.7])
+        della, della_sums = cpu_kernels.della_masks(base, fts, keys, block_rows, [table] * 3)
+        ranks = cpu_kernels.row_ranks(fts[0], base)
+        cuts = [(np.float32(0.01), 3, 17), (np.float32(0.005), 0, 0), (np.float32(0.02), 36, 399)]
+        return dict(
+            counts=cpu_kernels.probe_counts(base, fts, [0, 1, 2, 1], [0.01, 0.02, 0.0, 0.004], [0.005, 0.01, 0.0, 0.004]),
+            hist=(hist.counts(), hist.bad()), masks=masks.bits, sums=sums, della=della.bits, della_sums=della_sums,
+            ranks=ranks, bernoulli=cpu_kernels.bernoulli(keys[0], block_rows, 0.3, shape),
+            below=cpu_kernels.below_table(keys[1], block_rows, ranks, table),
+            cut=cpu_kernels.cut_merge(base, fts, cuts, [None] * 3, [1.0, 0.5, 2.0], **mix).view(np.uint16),
+            drawn=cpu_kernels.random_merge(base, fts, [1.0] * 3, block_keys=keys, block_rows=block_rows,
+                                           density=[0.3, 0.5, 0.7], scale=[1.0] * 3, **mix),
+            read=cpu_kernels.random_merge(base, fts, [1.0] * 3, masks=masks, scale=[1.5, 2.0, 1.0], **mix))
+
+    monkeypatch.setattr(_loops, "PARALLEL", False)
+    plain = run_all()
+    monkeypatch.setattr(_loops, "PARALLEL", True)
+    loaded = []
+    monkeypatch.setattr(_unrolled, "_load", lambda name, body, load=_unrolled._load: loaded.append(name) or load(name, body))
+    for generated in (_unrolled._cut_merge, _unrolled._random_merge, _unrolled._probe_counts):
+        generated.cache_clear()
+    parallel = run_all()
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), plain, parallel)
+    kernels = [k for k in vars(_loops).values() if isinstance(k, _loops._RowParallel)]
+    assert len(kernels) == 7 and all(True in k._compiled and False in k._compiled for k in kernels)
+    assert sorted(name.split("_n")[0] for name in loaded) == ["cut_merge", "probe_counts_0_1_2_1", "random_merge",
+                                                              "random_merge"]
+    assert not any(name.endswith("_serial") for name in loaded)

@@ -101,10 +101,10 @@ def test_switching_the_cpu_backend_off_gives_the_same_tensors(monkeypatch, metho
 
 def test_the_environment_switch_is_read(monkeypatch):
     import importlib
-    monkeypatch.setenv("RESEARCH_MERGE_CPU", "0")
     try:
-        assert importlib.reload(cpu).ENABLED is False
+        for value, enabled in [("0", False), ("off", False), ("serial", True), ("1", True)]:
+            monkeypatch.setenv("RESEARCH_MERGE_CPU", value)
+            assert importlib.reload(cpu).ENABLED is enabled, value
     finally:
-        monkeypatch.delenv("RESEARCH_MERGE_CPU")
+        monkeypatch.undo()
         importlib.reload(cpu)
-    assert cpu.ENABLED is True

@@ -24,6 +24,8 @@ way with the same result, bit for bit:
 means the backend does not apply (another method, an accelerator, traced
 values, or switched off) and the XLA program runs instead.  Switch it off
 with ``RESEARCH_MERGE_CPU=0`` in the environment or ``cpu.ENABLED = False``.
+``RESEARCH_MERGE_CPU=serial`` keeps it, with the kernels' row loops on the
+calling thread (``_loops.PARALLEL``): the same bits, compiled in less time.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import os
 os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 import platform  # noqa: E402
+import types as pytypes  # noqa: E402
 
 import llvmlite.binding as llvm  # noqa: E402
 import numba  # noqa: E402
@@ -48,6 +49,38 @@ def _wide_vector_features() -> str | None:
 # set (NUMBA_CPU_NAME, NUMBA_CPU_FEATURES) is left as it is.
 if (_features := _wide_vector_features()) is not None:
     numba.config.CPU_FEATURES = _features
+
+
+# RESEARCH_MERGE_CPU=serial: the row-parallel kernels below run as plain loops
+# on the calling thread.  numba's parallel transform is most of a kernel's
+# compile time, and no kernel here combines values across
+# the iterations of its ``prange`` (each row, or chunk of rows, writes its own
+# outputs): the plain loop gives the same bits.
+PARALLEL = os.environ.get("RESEARCH_MERGE_CPU", "").strip().lower() != "serial"
+
+
+class _RowParallel:
+    """A kernel whose outer loop is a ``numba.prange``, compiled at its first call
+    in the mode ``PARALLEL`` names then: row-parallel, or a plain loop.  The
+    plain loop is compiled from a copy of the function named ``<name>_serial``,
+    so that numba caches the two apart (its cache keys do not hold the
+    ``parallel`` flag)."""
+
+    def __init__(self, fn):
+        self.__wrapped__ = fn
+        self._compiled = {}
+
+    def __call__(self, *args):
+        parallel = PARALLEL
+        kernel = self._compiled.get(parallel)
+        if kernel is None:
+            fn = self.__wrapped__
+            if not parallel:
+                name = fn.__name__ + "_serial"
+                fn = pytypes.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+                fn.__qualname__ = name
+            kernel = self._compiled.setdefault(parallel, numba.njit(parallel=parallel, cache=True, nogil=True)(fn))
+        return kernel(*args)
 
 
 def _decode(x):
@@ -141,7 +174,7 @@ def _count_row(ft, b, t_gt, t_ge, tiny):
     return n_gt, n_ge, n_bad
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def probe_counts_flushed(base, ft, t_gt, t_ge, tiny, gt, ge, bad):
     """Per-row top-k counts of one probe: ``d = |ft - base|`` above ``t_gt`` into
     ``gt``, above ``t_ge`` into ``ge``, and NaN/Inf into ``bad``, flushing
@@ -190,7 +223,7 @@ def _radix_ranks(key, idx, key2, idx2, start, out):
         out[idx[i]] = i
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def row_ranks(ft, base, tiny, out):
     """``out[r, c]``: the rank of ``|ft - base|`` (flushed as XLA:CPU) within row ``r``,
     ties by column (non-negative floats order like their bits; NaN sorts last,
@@ -219,7 +252,7 @@ def _abs_delta_bits(f, b, tiny, out):
             out[c] = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def magnitude_histograms(base, fts, shift, mask, match, match_shift, tiny, hist, bad):
     """Adds to ``hist[t, i, key]`` the entries of ``d = |fts[i] - base|`` (as
     ``_abs_delta_bits``) whose float bits ``b`` give ``key = (b >> shift) & mask``,
@@ -308,7 +341,7 @@ def _block_row(keys, block_rows, r, cols):
     return np.uint32(keys[b, 0]), np.uint32(keys[b, 1]), (r - b * block_rows) * cols
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def bernoulli_blocks(keys, block_rows, p, out):
     """``out[r, c] = uniform < p``: ``jax.random.bernoulli`` for row ``r`` of a draw made
     in blocks of ``block_rows`` leading rows, block ``b`` from key ``keys[b]`` (see
@@ -320,7 +353,7 @@ def bernoulli_blocks(keys, block_rows, p, out):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def below_table_blocks(keys, block_rows, ranks, table, out):
     """``out[r, c] = uniform < table[ranks[r, c]]``, uniforms drawn as in ``bernoulli_blocks``
     (DELLA's keep mask, ``table`` holding the keep probability of each rank)."""
@@ -331,7 +364,7 @@ def below_table_blocks(keys, block_rows, ranks, table, out):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def draw_masks(base, ft, keys, block_rows, p, bits, sums):
     """One model's keep mask, drawn as in ``bernoulli_blocks`` (keep probability ``p``),
     row ``r`` bit-packed into ``bits[r]`` (``_pack_row``), and ``_abs_sums`` of
@@ -476,7 +509,7 @@ def _count_equal(key, kc):
     return n
 
 
-@numba.njit(parallel=True, cache=True, nogil=True)
+@_RowParallel
 def della_masks(base, ft, keys, block_rows, tab, tiny, count_max, bits, sums):
     """``uniform < tab[rank]``: DELLA's keep mask of one model, row ``r`` bit-packed
     into ``bits[r]`` (``_pack_row``), with ``rank`` the rank of ``d = |ft - base|``

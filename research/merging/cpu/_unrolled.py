@@ -8,6 +8,8 @@ vectorising.  Each variant is a small generated module, written to a cache
 directory and imported from there, so that numba caches its machine code
 like any other module's.  A module's name carries a hash of this file and
 of ``_loops`` (whose helpers it calls), so editing either makes new ones.
+Their outer loops are row-parallel, or plain loops where ``_loops.PARALLEL``
+is off (``RESEARCH_MERGE_CPU=serial``), in modules of their own.
 """
 
 from __future__ import annotations
@@ -21,9 +23,17 @@ import tempfile
 import threading
 from pathlib import Path
 
+from research.merging.cpu import _loops
+
 _HELPERS = ("_count32, _decode, _encode, _fma, _kept, _kept_below, _low_bits, _low_start, _sign, _threefry_bits, "
             "_tiny_seen, _uniform01, _unpack_row")
 _LOCK = threading.Lock()  # one thread writes and imports a module at a time
+
+
+def _jit(parallel: bool) -> str:
+    """The decorator of a generated kernel: row-parallel, or a plain loop
+    (``_loops.PARALLEL``; the module's name then ends in ``_serial``)."""
+    return f"@numba.njit(parallel={parallel}, nogil=True, cache=True)"
 
 
 def merge_mode(consensus: int, normalize: bool, lam_is_one: bool, vote_raw: bool = False, has_top: bool = True,
@@ -87,7 +97,7 @@ def _span_source(n: int, mode: int) -> str:
     return "\n".join(lines + _mix_lines(n, mode, " " * 8)) + "\n"
 
 
-def _random_source(n: int, mode: int, drawn: bool) -> str:
+def _random_source(n: int, mode: int, drawn: bool, parallel: bool) -> str:
     """``random_merge``: DARE's merge pass, row by row.  ``drawn``: each keep mask is
     drawn inline (``_loops.bernoulli_blocks``'s bits), else read from ``bits`` (packed
     as ``_loops._pack_row`` packs them, ``[n, rows, ceil(cols / 8)]``); a
@@ -96,8 +106,7 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
     inputs hold a non-zero magnitude below 2**-32, 2 where a difference is
     NaN/Inf (the caller then merges by the XLA program, or raises)."""
     m = range(n)
-    lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
-             "def random_merge(base, fts, keys, block_rows, p, bits, q, w, dw, inv_div, lam, out, flags):",
+    lines = [_jit(parallel), "def random_merge(base, fts, keys, block_rows, p, bits, q, w, dw, inv_div, lam, out, flags):",
              "    rows, cols = base.shape",
              "    for r in numba.prange(rows):",
              "        bt = base[r]", "        o = out[r]",
@@ -121,7 +130,6 @@ def _random_source(n: int, mode: int, drawn: bool) -> str:
 
 
 _DRIVER = '''
-@numba.njit(parallel=True, nogil=True, cache=True)
 def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, top_c, w, div_w,
               inv_div, lam, chunks, out):
     rows, cols = base.shape
@@ -146,7 +154,7 @@ def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, 
 '''
 
 
-def _probe_source(probe_model: tuple[int, ...]) -> str:
+def _probe_source(probe_model: tuple[int, ...], parallel: bool) -> str:
     """``probe_counts``: ``_loops.probe_counts_flushed`` without the flushes, each
     model's ``|ft - base|`` computed once for all its probes.  Per row, ``hazard``
     says whether the inputs hold a non-zero magnitude below 2**-32 (a min over
@@ -155,8 +163,7 @@ def _probe_source(probe_model: tuple[int, ...]) -> str:
     The counts run in 32-bit lanes (``_count32``): rows of at most
     ``2**31 - 1`` entries, which the caller ensures."""
     models = sorted(set(probe_model))
-    lines = ["@numba.njit(parallel=True, nogil=True, cache=True)",
-             "def probe_counts(base, fts, t_gt, t_ge, gt, ge, bad, hazard):",
+    lines = [_jit(parallel), "def probe_counts(base, fts, t_gt, t_ge, gt, ge, bad, hazard):",
              "    for r in numba.prange(base.shape[0]):",
              "        bt = base[r]",
              "        low = _low_start(bt)",
@@ -227,20 +234,38 @@ def _load(name: str, body: str):
         return module
 
 
-@functools.cache
 def cut_merge(n: int, mode: int):
     """The merge pass of ``n`` models in ``mode`` (``merge_mode``)."""
-    return _load(f"cut_merge_n{n}_m{mode}", _span_source(n, mode) + _DRIVER).cut_merge
+    return _cut_merge(n, mode, _loops.PARALLEL)
 
 
-@functools.cache
 def random_merge(n: int, mode: int, drawn: bool):
     """DARE's merge pass of ``n`` models in ``mode`` (``merge_mode``; no top cuts),
     masks drawn inline or read (``drawn``)."""
-    return _load(f"random_merge_n{n}_m{mode}_{'drawn' if drawn else 'read'}", _random_source(n, mode, drawn)).random_merge
+    return _random_merge(n, mode, drawn, _loops.PARALLEL)
+
+
+def probe_counts(probe_model: tuple[int, ...]):
+    """The unflushed counting pass of probes on models ``probe_model``."""
+    return _probe_counts(tuple(probe_model), _loops.PARALLEL)
+
+
+def _name(name: str, parallel: bool) -> str:
+    return name if parallel else name + "_serial"
 
 
 @functools.cache
-def probe_counts(probe_model: tuple[int, ...]):
-    """The unflushed counting pass of probes on models ``probe_model``."""
-    return _load("probe_counts_" + "_".join(map(str, probe_model)), _probe_source(probe_model)).probe_counts
+def _cut_merge(n: int, mode: int, parallel: bool):
+    return _load(_name(f"cut_merge_n{n}_m{mode}", parallel), _span_source(n, mode) + "\n" + _jit(parallel) + _DRIVER).cut_merge
+
+
+@functools.cache
+def _random_merge(n: int, mode: int, drawn: bool, parallel: bool):
+    name = _name(f"random_merge_n{n}_m{mode}_{'drawn' if drawn else 'read'}", parallel)
+    return _load(name, _random_source(n, mode, drawn, parallel)).random_merge
+
+
+@functools.cache
+def _probe_counts(probe_model: tuple[int, ...], parallel: bool):
+    name = _name("probe_counts_" + "_".join(map(str, probe_model)), parallel)
+    return _load(name, _probe_source(probe_model, parallel)).probe_counts
