@@ -608,10 +608,10 @@ def test_generated_kernels_are_written_where_asked(monkeypatch, tmp_path):
     from research.merging.cpu import _unrolled
 
     monkeypatch.setenv("RESEARCH_KERNEL_DIR", str(tmp_path))
-    source = _unrolled._span_source(2, _unrolled.merge_mode(1, True, False))
-    module = _unrolled._load("test_span_n2", source + _unrolled._DRIVER)
-    assert (tmp_path / f"{module.__name__}.py").read_text().endswith(_unrolled._DRIVER)
-    assert _unrolled._load("test_span_n2", source + _unrolled._DRIVER) is module  # imported once
+    source = _unrolled._cut_source(2, _unrolled.merge_mode(1, True, False), parallel=True)
+    module = _unrolled._load("test_span_n2", source)
+    assert (tmp_path / f"{module.__name__}.py").read_text().endswith(source)
+    assert _unrolled._load("test_span_n2", source) is module  # imported once
 
 
 def test_a_search_sample_is_partitioned_for_its_first_guess_and_sorted_for_more():

@@ -154,6 +154,12 @@ def cut_merge(base, fts, keep_v, keep_ge, keep_r, keep_c, top_v, top_ge, top_r, 
 '''
 
 
+def _cut_source(n: int, mode: int, parallel: bool) -> str:
+    """``cut_merge``: rows (in chunks, one per thread task) split at the cuts' tie
+    positions, each span merged by ``span``."""
+    return _span_source(n, mode) + "\n" + _jit(parallel) + _DRIVER
+
+
 def _probe_source(probe_model: tuple[int, ...], parallel: bool) -> str:
     """``probe_counts``: ``_loops.probe_counts_flushed`` without the flushes, each
     model's ``|ft - base|`` computed once for all its probes.  Per row, ``hazard``
@@ -256,7 +262,7 @@ def _name(name: str, parallel: bool) -> str:
 
 @functools.cache
 def _cut_merge(n: int, mode: int, parallel: bool):
-    return _load(_name(f"cut_merge_n{n}_m{mode}", parallel), _span_source(n, mode) + "\n" + _jit(parallel) + _DRIVER).cut_merge
+    return _load(_name(f"cut_merge_n{n}_m{mode}", parallel), _cut_source(n, mode, parallel)).cut_merge
 
 
 @functools.cache
