@@ -33,7 +33,8 @@ sparsifier) run again as VARIANT says, as two more columns: ``no-map``, with
 from the page cache); ``256-bit``, with ``NUMBA_CPU_FEATURES`` set to the
 host's features, which the kernels then leave as they are, so LLVM keeps its
 preferred vector width (256 bits on AVX-512 CPUs, where the kernels
-otherwise ask for 512).
+otherwise ask for 512); ``serial``, with ``RESEARCH_MERGE_CPU=serial`` (the
+kernels' row loops on the merge's main thread).
 """
 
 from __future__ import annotations
@@ -229,6 +230,7 @@ def _numba_default_width() -> dict:
 VARIANTS = {  # --also: (column label, extra CLI arguments, extra environment)
     "no-map": ("`--no-map`", ["--no-map"], dict),
     "256-bit": ("256-bit vectors", [], _numba_default_width),
+    "serial": ("serial kernels", [], lambda: {"RESEARCH_MERGE_CPU": "serial"}),
 }
 
 
@@ -247,7 +249,7 @@ def main(argv=None):
                          "in bf16, 0.0002 leaves most changes 0 or 1-2 ulps, as small learning rates do")
     ap.add_argument("--also", choices=list(VARIANTS), default=None,
                     help="also run, interleaved, each method the numba kernels run: with --no-map (inputs pread), "
-                         "or at LLVM's preferred vector width")
+                         "at LLVM's preferred vector width, or with the kernels on one thread")
     ap.add_argument("--warm-gb", type=float, default=None,
                     help="GB of memory touched and freed before each run (default: twice one model's bytes plus "
                          "2 GB; 0: none), see above")
