@@ -53,18 +53,18 @@ if (_features := _wide_vector_features()) is not None:
 
 # RESEARCH_MERGE_CPU=serial: the row-parallel kernels below run as plain loops
 # on the calling thread.  numba's parallel transform is most of a kernel's
-# compile time, and no kernel here combines values across
-# the iterations of its ``prange`` (each row, or chunk of rows, writes its own
-# outputs): the plain loop gives the same bits.
+# compile time, and no kernel here combines values across the iterations of
+# its ``prange`` (each row, or chunk of rows, writes its own outputs): the
+# plain loop gives the same bits.
 PARALLEL = os.environ.get("RESEARCH_MERGE_CPU", "").strip().lower() != "serial"
 
 
 class _RowParallel:
-    """A kernel whose outer loop is a ``numba.prange``, compiled at its first call
-    in the mode ``PARALLEL`` names then: row-parallel, or a plain loop.  The
-    plain loop is compiled from a copy of the function named ``<name>_serial``,
-    so that numba caches the two apart (its cache keys do not hold the
-    ``parallel`` flag)."""
+    """A kernel whose outer loop is a ``numba.prange``, run as ``PARALLEL`` says at
+    each call: row-parallel, or a plain loop, each compiled at its first use.
+    The plain loop is compiled from a copy of the function named
+    ``<name>_serial``, so that numba caches the two apart (its cache keys do
+    not hold the ``parallel`` flag)."""
 
     def __init__(self, fn):
         self.__wrapped__ = fn
