@@ -706,8 +706,7 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
     monkeypatch.setattr(_loops, "PARALLEL", True)
     loaded = []
     monkeypatch.setattr(_unrolled, "_load", lambda name, body, load=_unrolled._load: loaded.append(name) or load(name, body))
-    for generated in (_unrolled._cut_merge, _unrolled._random_merge, _unrolled._probe_counts):
-        generated.cache_clear()
+    _unrolled._kernel_module.cache_clear()
     parallel = run_all()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), plain, parallel)
     kernels = [k for k in vars(_loops).values() if isinstance(k, _loops._RowParallel)]

@@ -242,36 +242,28 @@ def _load(name: str, body: str):
 
 def cut_merge(n: int, mode: int):
     """The merge pass of ``n`` models in ``mode`` (``merge_mode``)."""
-    return _cut_merge(n, mode, _loops.PARALLEL)
+    return _kernel(f"cut_merge_n{n}_m{mode}", _cut_source, n, mode).cut_merge
 
 
 def random_merge(n: int, mode: int, drawn: bool):
     """DARE's merge pass of ``n`` models in ``mode`` (``merge_mode``; no top cuts),
     masks drawn inline or read (``drawn``)."""
-    return _random_merge(n, mode, drawn, _loops.PARALLEL)
+    name = f"random_merge_n{n}_m{mode}_{'drawn' if drawn else 'read'}"
+    return _kernel(name, _random_source, n, mode, drawn).random_merge
 
 
 def probe_counts(probe_model: tuple[int, ...]):
     """The unflushed counting pass of probes on models ``probe_model``."""
-    return _probe_counts(tuple(probe_model), _loops.PARALLEL)
+    probe_model = tuple(probe_model)
+    return _kernel("probe_counts_" + "_".join(map(str, probe_model)), _probe_source, probe_model).probe_counts
 
 
-def _name(name: str, parallel: bool) -> str:
-    return name if parallel else name + "_serial"
-
-
-@functools.cache
-def _cut_merge(n: int, mode: int, parallel: bool):
-    return _load(_name(f"cut_merge_n{n}_m{mode}", parallel), _cut_source(n, mode, parallel)).cut_merge
-
-
-@functools.cache
-def _random_merge(n: int, mode: int, drawn: bool, parallel: bool):
-    name = _name(f"random_merge_n{n}_m{mode}_{'drawn' if drawn else 'read'}", parallel)
-    return _load(name, _random_source(n, mode, drawn, parallel)).random_merge
+def _kernel(name: str, source, *args):
+    """Generated module ``name``, ``source(*args, parallel)``, in the mode
+    ``_loops.PARALLEL`` says now."""
+    return _kernel_module(name, source, args, _loops.PARALLEL)
 
 
 @functools.cache
-def _probe_counts(probe_model: tuple[int, ...], parallel: bool):
-    name = _name("probe_counts_" + "_".join(map(str, probe_model)), parallel)
-    return _load(name, _probe_source(probe_model, parallel)).probe_counts
+def _kernel_module(name: str, source, args: tuple, parallel: bool):
+    return _load(name if parallel else name + "_serial", source(*args, parallel))
