@@ -120,6 +120,39 @@ def test_random_merges_draw_the_same_masks_through_the_api_and_the_cli(models, m
     assert any((np.asarray(other[n]) != got[n]).any() for n in base)  # the seed matters
 
 
+@pytest.mark.parametrize("rescale_mode", ["l1", "inverse"])
+def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tmp_path, monkeypatch, rescale_mode):
+    """An MoE-style ``[experts, out, in]`` tensor, which DELLA ranks along dim 1
+    (``test_della_ranks_along_dim_1_as_mergekit``): the CLI, merging it whole and
+    in blocks of rows, draws the masks ``merging.merge`` draws for the seed."""
+    from research.merging import sparsify
+    from research.merging.stream import chunked
+    rng = np.random.default_rng(0)
+    shapes = {"model.layers.0.mlp.experts.w": (8, 6, 10), "model.layers.0.mlp.gate.weight": (8, 12)}
+    base = {k: (rng.standard_normal(s) * 0.02).astype(BF16) for k, s in shapes.items()}
+    fts = [{k: (v.astype(np.float32) + rng.standard_normal(v.shape) * 0.002).astype(BF16) for k, v in base.items()}
+           for _ in range(3)]
+    for name, tensors in [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(fts)]:
+        os.makedirs(tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    text = ("merge_method: della\nbase_model: base\nmodels:\n" + "".join(f"  - model: ft{i}\n" for i in range(3))
+            + f"parameters:\n  density: 0.5\n  epsilon: 0.2\n  rescale: true\n  rescale_mode: {rescale_mode}\n")
+    cfg = write_cfg(tmp_path, text)
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 120)  # draw blocks of 2 rows of the 3-D tensor
+    expect = merging.merge("della", fts, base=base, key=jax.random.key(3), density=0.5, epsilon=0.2, rescale=True,
+                           rescale_mode=rescale_mode)
+    whole = read_out(stream.run(stream.load(cfg), str(tmp_path / "whole"), progress=False, seed=3))
+    monkeypatch.setattr(chunked, "MIN_BYTES", 100)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 480)  # blocks of 4 rows
+    calls, real = [], chunked.merge_blocks
+    monkeypatch.setattr(chunked, "merge_blocks", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
+    blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=3))
+    assert sorted(calls) == sorted(shapes)
+    for name in shapes:
+        np.testing.assert_array_equal(whole[name], np.asarray(expect[name]), err_msg=name)
+        np.testing.assert_array_equal(blocks[name], np.asarray(expect[name]), err_msg=name)
+
+
 def test_single_file_output_and_every_method_runs(models):
     tmp, base, fts = models
     for method in merging.METHODS:

@@ -117,15 +117,30 @@ def test_row_ranks_equal_a_double_argsort_ties_by_column(dtype, shape):
     base = jnp.asarray(rng.normal(size=shape), dtype)
     ft = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.normal(size=shape) * 4) / 8, dtype)  # many ties
     ranks = cpu_kernels.row_ranks(ft, base)
-    expected = sparsify.della_ranks(sparsify.della_rows(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    d = np.abs(np.asarray(ft, np.float32) - np.asarray(base, np.float32)).reshape(ranks.shape)
+    expected = np.argsort(np.argsort(d, axis=1, kind="stable"), axis=1, kind="stable")
     assert ranks.dtype == (np.int32 if shape[-1] > 65536 else np.uint16)
-    np.testing.assert_array_equal(ranks, np.asarray(expected))
+    np.testing.assert_array_equal(ranks, expected)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("shape", [(9,), (33, 65), (2, 3, 40), (4, 5, 2, 3)])
+def test_della_host_ranks_rank_along_dim_1_as_a_double_argsort(dtype, shape):
+    """``host_ranks``: each ``|ft - base|`` ranked among those along dim 1 (for 3-D
+    and up, a transposed copy through the row kernel), as a ``[shape[0], -1]`` table."""
+    rng = np.random.default_rng(3)
+    base = jnp.asarray(rng.normal(size=shape), dtype)
+    ft = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.normal(size=shape) * 4) / 8, dtype)  # many ties
+    d = np.abs(np.asarray(ft, np.float32) - np.asarray(base, np.float32))
+    d = d.reshape(1, -1, 1) if d.ndim < 2 else d.reshape(d.shape[0], d.shape[1], -1)
+    expected = np.argsort(np.argsort(d, axis=1, kind="stable"), axis=1, kind="stable")
+    np.testing.assert_array_equal(cpu_leaf.host_ranks(ft, base), expected.reshape(d.shape[0], -1))
 
 
 def test_row_ranks_flush_subnormal_differences_like_xla():
     base = jnp.zeros((1, 6), jnp.float32)
     ft = jnp.asarray([[3e-39, 1e-30, 0.0, 1e-39, -2e-39, 1e-31]], jnp.float32)  # subnormals rank as zeros
-    expected = sparsify.della_ranks(sparsify.della_rows(ft - base))
+    expected = sparsify.della_ranks(sparsify.della_view(ft - base)).reshape(1, -1)
     np.testing.assert_array_equal(cpu_kernels.row_ranks(ft, base), np.asarray(expected))
     assert cpu_kernels.row_ranks(ft, base).tolist() == [[0, 5, 1, 2, 3, 4]]
 
@@ -169,8 +184,8 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
     ranks = np.argsort(np.random.default_rng(0).random(shape), axis=1).astype(np.uint16)
     keys, rows = _block_keys(key, shape)
     for density, epsilon in [(0.4, 0.1), (0.7, 0.29)]:
-        table = sparsify.della_probs(jnp.arange(shape[1])[None], density, epsilon)[0]
-        expected = sparsify.della_mask(key, jnp.asarray(ranks), density, epsilon)
+        table = cpu_leaf._della_probs_table(shape[1], density, epsilon)
+        expected = sparsify.della_mask(key, jnp.asarray(ranks)[:, :, None], density, epsilon)[:, :, 0]
         np.testing.assert_array_equal(cpu_kernels.below_table(keys, rows, ranks, table), np.asarray(expected))
 
 
@@ -192,18 +207,18 @@ def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dty
               rng.choice([0.0, 1 / 256, -1 / 128], size=shape), np.zeros(shape)]
     fts = [jnp.asarray(np.asarray(base, np.float32) + d, dtype) for d in deltas]
     keys = [jax.random.fold_in(jax.random.key(2), i) for i in range(3)]
+    rows = lambda x: x.reshape(1, -1) if x.ndim < 2 else x.reshape(x.shape[0], -1)  # the kernel ranks within rows
     for density, epsilon in [(0.5, 0.4), (0.3, 0.05)]:
-        rows = sparsify.della_rows(np.zeros(shape))
-        table = sparsify.della_probs(jnp.arange(rows.shape[1])[None], density, epsilon)[0]
+        table = cpu_leaf._della_probs_table(rows(np.zeros(shape)).shape[1], density, epsilon)
         block_keys = [_block_keys(k, shape)[0] for k in keys[:2]] + [None]  # model 2 keeps everything
         packed, sums = cpu_kernels.della_masks(base, fts, block_keys, _block_keys(keys[0], shape)[1], [table] * 3,
                                                count_max=count_max)
         masks = packed.unpacked()
         for i in range(2):
             tau = fts[i].astype(jnp.float32) - base.astype(jnp.float32)
-            expected = sparsify.della_mask(keys[i], sparsify.della_ranks(sparsify.della_rows(tau)), density, epsilon)
-            np.testing.assert_array_equal(masks[i], np.asarray(expected), err_msg=f"model {i}")
-            a = np.abs(np.asarray(sparsify.della_rows(tau), np.float64))
+            expected = sparsify.della_mask(keys[i], sparsify.della_ranks(sparsify.della_view(rows(tau))), density, epsilon)
+            np.testing.assert_array_equal(masks[i], np.asarray(expected)[:, :, 0], err_msg=f"model {i}")
+            a = np.abs(np.asarray(rows(tau), np.float64))
             np.testing.assert_allclose(sums[i], np.stack([a.sum(1), (a * masks[i]).sum(1)], -1), rtol=1e-6)
         assert masks[2].all()
 
@@ -411,7 +426,7 @@ def test_l1_factor_does_not_depend_on_the_row_blocks(monkeypatch, sparsifier):
     base = rng.normal(size=(64, 50)).astype(np.float32)
     ft = base + rng.normal(size=base.shape).astype(np.float32) * 1e-3
     keys = np.asarray(cpu_leaf._block_key_data(jax.random.key(2), 4))
-    table = sparsify.della_probs(jnp.arange(50)[None], 0.3, 0.1)[0]
+    table = cpu_leaf._della_probs_table(50, 0.3, 0.1)
     draw = ((lambda b, f, k, sums=True: cpu_kernels.random_masks(b, f, k, 16, [0.3], sums)) if sparsifier == "random"
             else (lambda b, f, k, sums=True: cpu_kernels.della_masks(b, f, k, 16, [table], sums)))
     packed, sums = draw(base, [ft], [keys])
@@ -681,7 +696,7 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
     fts[1] = fts[1].at[5, 7].set(1e-39)  # a tiny input: its row is counted again with the flushes
     keys = [_block_keys(jax.random.fold_in(jax.random.key(4), i), shape)[0] for i in range(3)]
     block_rows = _block_keys(jax.random.key(4), shape)[1]
-    table = sparsify.della_probs(jnp.arange(shape[1])[None], 0.4, 0.2)[0]
+    table = cpu_leaf._della_probs_table(shape[1], 0.4, 0.2)
     mix = dict(consensus="sum", vote_on="weighted", normalize=True, divide_by="weight", lam=1.0, out_dtype="bfloat16")
 
     def run_all():

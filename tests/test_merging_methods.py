@@ -129,6 +129,30 @@ def test_della_keep_probability_follows_magnitude_rank():
     np.testing.assert_allclose(float(est.mean()), float(row.mean()), rtol=0.05)
 
 
+@pytest.mark.parametrize("eager", [True, False])
+def test_della_ranks_along_dim_1_as_mergekit(eager):
+    """mergekit's ``della_magprune`` ranks along dim 1: within each row of a matrix,
+    within each ``x[i, :, j]`` of a 3-D tensor.  With the inverse rescale a kept
+    entry is ``tau / p``, so every draw shows the keep probability it used.
+    density 0.5, epsilon 0.2, 3 entries a rank axis: p = 0.3, 0.5, 0.7 by rank."""
+    tau = np.array([[[0.3, 1.0], [-0.1, 5.0], [0.2, -3.0]],
+                    [[-2.0, 0.5], [1.0, 0.25], [4.0, -1.0]]], np.float32)  # [2, 3, 2]
+    p = np.array([[[0.7, 0.3], [0.3, 0.7], [0.5, 0.5]],  # x[0, :, 0] ranks 2 0 1; x[0, :, 1] 0 2 1
+                  [[0.5, 0.5], [0.3, 0.3], [0.7, 0.7]]], np.float32)  # x[1, :, 0] 1 0 2; x[1, :, 1] 1 0 2
+    matrix = tau[0].T  # [2, 3]: rows [0.3, -0.1, 0.2] and [1.0, 5.0, -3.0]
+    for x, want in [(tau, p), (matrix, p[0].T)]:
+        merge = lambda key: merging.merge("della_linear", [{"w": jnp.asarray(x)}], base={"w": jnp.zeros(x.shape)},
+                                          density=0.5, epsilon=0.2, rescale_mode="inverse", key=key)["w"]
+        merge = merge if eager else jax.jit(merge)
+        seen = np.zeros(x.shape, bool)
+        for seed in range(12):
+            out = np.asarray(merge(jax.random.key(seed)))
+            kept = out != 0
+            np.testing.assert_allclose(out[kept], (x / want)[kept], rtol=1e-6)
+            seen |= kept
+        assert seen.all()
+
+
 def test_consensus_count_vs_sum():
     # entry 0: deltas +1, +1, -5: sum says -, count says +
     fts = [{"w": jnp.array([2.0])}, {"w": jnp.array([2.0])}, {"w": jnp.array([-4.0])}]

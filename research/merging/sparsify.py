@@ -13,7 +13,8 @@ name                   keeps                                       papers / peer
 ``magnitude_outliers`` drops the top ``gamma`` and the smallest,   Model Breadcrumbs
                        keeps ``int(density*n)``
 ``della``              entry with probability ``density - eps +    DELLA (MagPrune)
-                       2*eps*rank/(n-1)`` (rank of |tau| per row)
+                       2*eps*rank/(n-1)`` (rank of |tau| along
+                       dim 1, ``della_view``)
 =====================  ==========================================  =================
 
 Rescaling (``rescale=True``) restores the L1 norm of the tensor, as mergekit
@@ -142,45 +143,62 @@ def magnitude_outliers(tau, density: float, gamma: float = 0.01, *, rescale: boo
     return _l1_rescale(tau, kept) if rescale else kept
 
 
-def della_rows(x):
-    """The rows DELLA ranks within: ``x.reshape(shape[0], -1)`` (a 1-D tensor is one row)."""
-    return x.reshape(1, -1) if x.ndim < 2 else x.reshape(x.shape[0], -1)
+def della_shape(shape) -> tuple[int, int, int]:
+    """The view DELLA ranks in, ``[shape[0], shape[1], -1]`` (a 1-D tensor: ``[1, n, 1]``):
+    each entry is ranked among those along its axis 1, as mergekit's
+    ``della_magprune`` ranks along dim 1: within its row for a matrix, within
+    ``x[i, :, j]`` for 3-D.  Flattening the last two axes gives the
+    ``[shape[0], -1]`` rows the keep mask is drawn over."""
+    if len(shape) < 2:
+        return 1, math.prod(shape), 1
+    return shape[0], shape[1], math.prod(shape[2:])
 
 
-def della_ranks(rows):
-    """Rank of each ``|rows|`` within its row (0 = smallest; ties by column)."""
-    return jnp.argsort(jnp.argsort(jnp.abs(replicate(rows, axes=[1])), axis=1), axis=1)
+def della_view(x):
+    """``x`` reshaped to ``della_shape(x.shape)``."""
+    return x.reshape(della_shape(x.shape))
+
+
+def della_ranks(view):
+    """Rank of each ``|view|`` (``[rows, n, cols]``) among the ``n`` along axis 1
+    (0 = smallest; ties by index)."""
+    return jnp.argsort(jnp.argsort(jnp.abs(replicate(view, axes=[1])), axis=1), axis=1)
 
 
 def della_probs(ranks, density: float, epsilon: float):
-    """Keep probabilities, linear in the rank: ``density - epsilon`` (smallest) to
-    ``density + epsilon`` (largest)."""
-    cols = ranks.shape[1]
+    """Keep probabilities, linear in the rank among the ``n = ranks.shape[1]``:
+    ``density - epsilon`` (smallest) to ``density + epsilon`` (largest);
+    ``density`` where ``n`` is 1."""
+    n = ranks.shape[1]
     ranks = ranks.astype(jnp.float32)
-    rank_norm = ranks / (cols - 1) if cols > 1 else jnp.full_like(ranks, 0.5)
+    rank_norm = ranks / (n - 1) if n > 1 else jnp.full_like(ranks, 0.5)
     return (density - epsilon) + rank_norm * (2 * epsilon)
 
 
 def della_mask(key, ranks, density: float, epsilon: float):
-    """DELLA's keep mask over ``[rows, cols]``: ``uniform < probs`` (uniforms drawn
-    in blocks of rows for large tensors, see ``blocked_draw``)."""
-    return blocked_draw(jax.random.uniform, key, ranks.shape) < della_probs(ranks, density, epsilon)
+    """DELLA's keep mask over ``ranks``' ``[rows, n, cols]``: ``uniform < probs``, the
+    uniforms drawn over ``[rows, n * cols]`` (in blocks of rows for large
+    tensors, see ``blocked_draw``)."""
+    rows, n, cols = ranks.shape
+    u = blocked_draw(jax.random.uniform, key, (rows, n * cols)).reshape(ranks.shape)
+    return u < della_probs(ranks, density, epsilon)
 
 
 def della(tau, density: float, epsilon: float, key, *, rescale: bool = True, rescale_mode: str = "l1"):
-    """DELLA MagPrune: keep probability grows linearly with the magnitude rank in each row.
+    """DELLA MagPrune: keep probability grows linearly with the magnitude rank along dim 1.
 
-    Rows are ``della_rows(tau)``; probabilities go from ``density - epsilon``
-    (smallest) to ``density + epsilon`` (largest), see ``della_probs``.
+    Ranks are taken in ``della_view(tau)`` (within each row of a matrix);
+    probabilities go from ``density - epsilon`` (smallest) to ``density +
+    epsilon`` (largest), see ``della_probs``.
     """
     if density >= 1:
         return tau
-    rows = replicate(della_rows(tau), axes=[1])  # ranks need whole rows
-    ranks = della_ranks(rows)
+    view = replicate(della_view(tau), axes=[1])  # ranks need whole rank axes
+    ranks = della_ranks(view)
     mask = della_mask(key, ranks, density, epsilon)
     if rescale and rescale_mode == "inverse":
-        kept = jnp.where(mask, rows / della_probs(ranks, density, epsilon), 0.0)
+        kept = jnp.where(mask, view / della_probs(ranks, density, epsilon), 0.0)
     else:
-        kept = jnp.where(mask, rows, 0.0)
-        kept = _l1_rescale(rows, kept) if rescale else kept
+        kept = jnp.where(mask, view, 0.0)
+        kept = _l1_rescale(view, kept) if rescale else kept
     return like(kept.reshape(tau.shape), tau)

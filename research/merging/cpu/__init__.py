@@ -17,8 +17,9 @@ way with the same result, bit for bit:
   only where the draw falls between the bounds' keep probabilities
   (``kernels.della_masks``);
   then DARE's merge pass on those masks, and the same L1 factor.  With the
-  inverse rescale (a divisor per entry) every rank, by a radix sort, and
-  the XLA merge program.
+  inverse rescale (a divisor per entry), or on a tensor of 3-D and up (whose
+  ranks run along dim 1, across rows), every rank, by a radix sort
+  (``leaf.host_ranks``), and the XLA merge program.
 
 ``merge()`` calls ``merge_leaf`` on every leaf of an eager merge; ``None``
 means the backend does not apply (another method, an accelerator, traced

@@ -17,8 +17,9 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   (``_unrolled``).
 * ``row_ranks``: the rank of each ``d`` within its row of the
   ``[shape[0], -1]`` view (stable: ties by column), which DELLA's keep
-  probabilities need.  XLA sorts twice (``argsort(argsort(d))``); the kernel
-  radix-sorts the float bits.
+  probabilities need (``leaf.host_ranks`` hands it a transposed copy where
+  DELLA ranks along a middle axis).  XLA sorts twice
+  (``argsort(argsort(d))``); the kernel radix-sorts the float bits.
 * ``bernoulli``/``below_table``: DARE's and DELLA's keep masks, drawn by a
   threefry2x32 that gives JAX's bits exactly; ``della_masks``: DELLA's,
   ranking exactly only the entries whose draw needs it; ``random_merge``:

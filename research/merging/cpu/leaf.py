@@ -132,25 +132,50 @@ def _l1_factor_jit(ft, base, mask):
     return sparsify.l1_factor(tau, jnp.where(mask, tau, 0.0))
 
 
+# DELLA's ranks are handled here as ``[rows, n * cols]`` tables, laid out as the
+# ``[shape[0], -1]`` rows its masks are drawn over: each entry's rank among the
+# ``n`` along axis 1 of ``sparsify.della_view``.
+def della_rank_count(shape) -> int:
+    """How many entries each is ranked among: ``n`` of ``sparsify.della_shape``."""
+    return sparsify.della_shape(shape)[1]
+
+
+def _as_view(ranks, n: int):
+    return ranks.reshape(ranks.shape[0], n, -1)
+
+
+def host_ranks(ft, base) -> np.ndarray:
+    """``kernels.row_ranks`` in DELLA's view: each ``|ft - base|`` ranked along axis 1
+    of ``sparsify.della_shape``, as a ``[rows, n * cols]`` table.  Where ``cols > 1``
+    the kernel ranks the rows of a transposed copy."""
+    rows, n, cols = sparsify.della_shape(np.shape(ft))
+    if cols == 1:
+        return kernels.row_ranks(ft, base)
+    moved = lambda x: np.ascontiguousarray(np.asarray(x).reshape(rows, n, cols).transpose(0, 2, 1))
+    ranks = kernels.row_ranks(moved(ft).reshape(rows * cols, n), moved(base).reshape(rows * cols, n))
+    return np.ascontiguousarray(ranks.reshape(rows, cols, n).transpose(0, 2, 1)).reshape(rows, n * cols)
+
+
 @jax.jit
 def _della_ranks_jit(ft, base):
-    return sparsify.della_ranks(sparsify.della_rows(ft.astype(jnp.float32) - base.astype(jnp.float32)))
+    view = sparsify.della_view(ft.astype(jnp.float32) - base.astype(jnp.float32))
+    return sparsify.della_ranks(view).reshape(view.shape[0], -1)
 
 
-@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
-def _della_mask_jit(key, ranks, density, epsilon):
-    return sparsify.della_mask(key, ranks, density, epsilon)
+@functools.partial(jax.jit, static_argnames=("n", "density", "epsilon"))
+def _della_mask_jit(key, ranks, n, density, epsilon):
+    return sparsify.della_mask(key, _as_view(ranks, n), density, epsilon).reshape(ranks.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("density", "epsilon"))
-def _della_probs_jit(ranks, density, epsilon):
-    return sparsify.della_probs(ranks, density, epsilon)
+@functools.partial(jax.jit, static_argnames=("n", "density", "epsilon"))
+def _della_probs_jit(ranks, n, density, epsilon):
+    return sparsify.della_probs(_as_view(ranks, n), density, epsilon).reshape(ranks.shape)
 
 
-@functools.partial(jax.jit, static_argnames=("cols", "density", "epsilon"))
-def _della_probs_table(cols, density, epsilon):
-    """DELLA's keep probability of each rank, as the merge program computes it."""
-    return sparsify.della_probs(jnp.arange(cols, dtype=jnp.int32)[None], density, epsilon)[0]
+@functools.partial(jax.jit, static_argnames=("n", "density", "epsilon"))
+def _della_probs_table(n, density, epsilon):
+    """DELLA's keep probability of each rank among ``n``, as the merge program computes it."""
+    return sparsify.della_probs(jnp.arange(n, dtype=jnp.int32)[None, :, None], density, epsilon)[0, :, 0]
 
 
 @functools.partial(jax.jit, static_argnames="blocks")
@@ -161,15 +186,16 @@ def _block_key_data(key, blocks):
     return jax.random.key_data(jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(blocks)))
 
 
-def _mask_on_host(key, shape, density: float, ranks=None, epsilon: float = 0.0):
+def _mask_on_host(key, shape, density: float, ranks=None, epsilon: float = 0.0, n: int = 0):
     """The keep mask drawn by the numba threefry (bit for bit JAX's): DARE's
-    ``bernoulli(density)`` over ``shape``, or DELLA's from ``ranks``."""
+    ``bernoulli(density)`` over ``shape``, or DELLA's from ``ranks`` (a table of
+    ranks among ``n``, see ``host_ranks``)."""
     shape = shape if ranks is None else ranks.shape
     blocks, rows = sparsify.draw_blocks(shape)
     keys = np.asarray(_block_key_data(key, blocks))
     if ranks is None:
         return kernels.bernoulli(keys, rows, density, shape)
-    return kernels.below_table(keys, rows, ranks, _della_probs_table(ranks.shape[1], density, epsilon))
+    return kernels.below_table(keys, rows, ranks, _della_probs_table(n, density, epsilon))
 
 
 def _screen(base, ms) -> None:
@@ -196,11 +222,12 @@ def _random_state(ft, base, opts, key, i: int) -> Kept:
     on_host = kernels.usable(ft, base)
     draw_on_host = on_host and kernels.random_ok(key)
     if opts.sparsify == "della":
-        ranks = kernels.row_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
-        eps = opts.epsilon[i]
-        mask = _mask_on_host(key, None, density, ranks, eps) if draw_on_host else _della_mask_jit(key, ranks, density, eps)
+        ranks = host_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
+        eps, n = opts.epsilon[i], della_rank_count(ft.shape)
+        mask = (_mask_on_host(key, None, density, ranks, eps, n) if draw_on_host
+                else _della_mask_jit(key, ranks, n, density, eps))
         if opts.rescale and opts.rescale_mode == "inverse":
-            return Kept(mask=jnp.reshape(mask, ft.shape), div=jnp.reshape(_della_probs_jit(ranks, density, eps), ft.shape))
+            return Kept(mask=jnp.reshape(mask, ft.shape), div=jnp.reshape(_della_probs_jit(ranks, n, density, eps), ft.shape))
     else:
         mask = _mask_on_host(key, ft.shape, density) if draw_on_host else _dare_mask_jit(key, density, ft.shape)
         if opts.rescale and opts.rescale_mode == "inverse":
@@ -228,12 +255,16 @@ def dare_applies(opts, base, ms, out_dtype) -> bool:
 def random_masks(opts, base, ms, block_keys, block_rows: int, sums: bool = True):
     """DARE's or DELLA's keep masks of every model and the L1 rescale's per-row sums
     (``kernels.random_masks``, ``kernels.della_masks``; None unless ``sums``), or
-    None where DELLA's kernel does not take the leaf (``kernels.della_masks``:
-    a 1-D leaf over ``sparsify._MASK_BLOCK`` entries, drawn in blocks)."""
+    None where DELLA's kernel does not take the leaf: one that ranks along an
+    axis 1 with more axes after it (the kernel ranks within rows), and those of
+    ``kernels.della_masks`` (a 1-D leaf over ``sparsify._MASK_BLOCK`` entries,
+    drawn in blocks)."""
     if opts.sparsify != "della":
         return kernels.random_masks(base, ms, block_keys, block_rows, opts.density, sums)
-    cols = math.prod(np.shape(base)[1:]) if np.ndim(base) > 1 else np.size(base)
-    tables = [None if k is None else _della_probs_table(cols, d, e)
+    _, n, cols = sparsify.della_shape(np.shape(base))
+    if cols > 1:
+        return None
+    tables = [None if k is None else _della_probs_table(n, d, e)
               for k, d, e in zip(block_keys, opts.density, opts.epsilon)]
     return kernels.della_masks(base, ms, block_keys, block_rows, tables, sums)
 

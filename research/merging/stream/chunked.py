@@ -46,7 +46,8 @@ from research.merging.merge import merge as _merge, model_keys
 from research.merging import methods, registry, sparsify, task_vectors, topk, tree
 from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
-                                       _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, random_masks)
+                                       _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, della_rank_count,
+                                       host_ranks, random_masks)
 
 # Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
 # else the checkpoint's).  A float32 merge of bf16 checkpoints reads them as
@@ -66,7 +67,7 @@ def block_rows(shape, itemsize: int) -> int:
 
 def chunked(shape, itemsize: int) -> bool:
     """Whether a tensor of ``shape`` merged at ``itemsize`` bytes an entry is merged in
-    row blocks (2-D and up: DELLA ranks within rows of the ``[shape[0], -1]`` view,
+    row blocks (2-D and up: DELLA ranks along axis 1, ``sparsify.della_shape``,
     which blocks of rows keep whole)."""
     return len(shape) >= 2 and math.prod(shape) * itemsize > MIN_BYTES and shape[0] > 1
 
@@ -412,14 +413,14 @@ def _random_kept(opts, i, m, base, keys, b0, b1, rb):
     block_keys = keys[b0:b1]
     host = kernels.usable(m, base)
     if opts.sparsify == "della":
-        ranks = kernels.row_ranks(m, base) if host else _della_ranks_jit(m, base)
-        eps = opts.epsilon[i]
+        ranks = host_ranks(m, base) if host else _della_ranks_jit(m, base)
+        eps, n = opts.epsilon[i], della_rank_count(m.shape)
         if host:
-            mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(cols, d, eps))
+            mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(n, d, eps))
         else:
             u = _draw_blocks(jax.random.wrap_key_data(block_keys), d, rows, cols, True)
-            mask = u < _della_probs_jit(ranks, d, eps)
-        div = _della_probs_jit(ranks, d, eps) if opts.rescale_mode == "inverse" else None
+            mask = u < _della_probs_jit(ranks, n, d, eps)
+        div = _della_probs_jit(ranks, n, d, eps) if opts.rescale_mode == "inverse" else None
     else:
         if host:
             mask = kernels.bernoulli(block_keys, rb, d, (rows, cols))
