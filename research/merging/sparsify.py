@@ -168,7 +168,8 @@ def della_ranks(view):
 def della_probs(ranks, density: float, epsilon: float):
     """Keep probabilities, linear in the rank among the ``n = ranks.shape[1]``:
     ``density - epsilon`` (smallest) to ``density + epsilon`` (largest);
-    ``density`` where ``n`` is 1."""
+    ``density`` where ``n`` is 1 (where mergekit's ``(r - min) / (max - min)``
+    is 0/0)."""
     n = ranks.shape[1]
     ranks = ranks.astype(jnp.float32)
     rank_norm = ranks / (n - 1) if n > 1 else jnp.full_like(ranks, 0.5)
