@@ -199,6 +199,28 @@ def test_sharded_leaves_keep_their_sharding(method):
     assert jitted["w"].sharding.is_equivalent_to(sharding, 2)
 
 
+@pytest.mark.parametrize("spec, shape", [(P("x", "y", "z"), (8, 6, 10)), (P("x", None, "y"), (8, 6, 10)),
+                                         (P(None, None, "x"), (8, 6, 10)), (P("x", None, None, "y"), (4, 6, 3, 4))])
+def test_della_on_sharded_leaves_of_3d_and_up_merges_as_their_local_copy(spec, shape):
+    """DELLA ranks along dim 1 (``sparsify.della_view``), across the shards of the
+    other axes: eagerly and under jit (the L1 rescale), the merge equals the
+    local copy's and keeps the leaf's sharding."""
+    mesh = jax.make_mesh((2, 2, 2), ("x", "y", "z"))
+    sharding = NamedSharding(mesh, spec)
+    method = "della"
+    rng = np.random.default_rng(1)
+    mk = lambda: {"w": jax.device_put(rng.normal(size=shape).astype(np.float32), sharding)}
+    base, fts = mk(), [mk(), mk()]
+    kw = dict(key=jax.random.key(3), density=0.5, epsilon=0.2)
+    local = jax.tree.map(np.asarray, [base, *fts])
+    ref = merging.merge(method, local[1:], base=local[0], **kw)
+    eager = merging.merge(method, fts, base=base, **kw)
+    jitted = jax.jit(lambda f, b: merging.merge(method, f, base=b, **kw))(fts, base)
+    for out in (eager, jitted):
+        assert out["w"].sharding.is_equivalent_to(sharding, len(shape))
+        chex.assert_trees_all_close(out, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", sorted(merging.RANDOM_METHODS))
 def test_random_methods_are_keyed(method):
     base = _tree(0)

@@ -155,7 +155,10 @@ def della_shape(shape) -> tuple[int, int, int]:
 
 
 def della_view(x):
-    """``x`` reshaped to ``della_shape(x.shape)``."""
+    """``x`` reshaped to ``della_shape(x.shape)`` (axes 2 and up unsharded first where
+    there are several: a sharded minor axis cannot join the others)."""
+    if x.ndim > 3:
+        x = replicate(x, axes=list(range(2, x.ndim)))
     return x.reshape(della_shape(x.shape))
 
 

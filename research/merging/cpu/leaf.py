@@ -128,8 +128,8 @@ def _dare_mask_jit(key, density: float, shape):
 @jax.jit
 def _l1_factor_jit(ft, base, mask):
     """The L1 rescale factor of a DARE or DELLA keep mask (shaped as its sparsifier's view)."""
-    tau = (ft.astype(jnp.float32) - base.astype(jnp.float32)).reshape(mask.shape)
-    return sparsify.l1_factor(tau, jnp.where(mask, tau, 0.0))
+    tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
+    return sparsify.l1_factor(tau, jnp.where(mask.reshape(tau.shape), tau, 0.0))
 
 
 # DELLA's ranks are handled here as ``[rows, n * cols]`` tables, laid out as the
@@ -159,7 +159,8 @@ def host_ranks(ft, base) -> np.ndarray:
 @jax.jit
 def _della_ranks_jit(ft, base):
     view = sparsify.della_view(ft.astype(jnp.float32) - base.astype(jnp.float32))
-    return sparsify.della_ranks(view).reshape(view.shape[0], -1)
+    ranks = tree.replicate(sparsify.della_ranks(view), axes=[1, 2])  # a sharded last axis cannot join the rank axis
+    return ranks.reshape(view.shape[0], -1)
 
 
 @functools.partial(jax.jit, static_argnames=("n", "density", "epsilon"))
