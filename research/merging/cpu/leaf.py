@@ -127,7 +127,8 @@ def _dare_mask_jit(key, density: float, shape):
 
 @jax.jit
 def _l1_factor_jit(ft, base, mask):
-    """The L1 rescale factor of a DARE or DELLA keep mask (shaped as its sparsifier's view)."""
+    """The L1 rescale factor of a DARE or DELLA keep mask (the leaf's entries in order,
+    in any shape: its sparsifier's view)."""
     tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
     return sparsify.l1_factor(tau, jnp.where(mask.reshape(tau.shape), tau, 0.0))
 
