@@ -254,7 +254,6 @@ def random_merge(n: int, mode: int, drawn: bool):
 
 def probe_counts(probe_model: tuple[int, ...]):
     """The unflushed counting pass of probes on models ``probe_model``."""
-    probe_model = tuple(probe_model)
     return _kernel("probe_counts_" + "_".join(map(str, probe_model)), _probe_source, probe_model).probe_counts
 
 

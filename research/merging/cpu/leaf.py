@@ -136,11 +136,6 @@ def _l1_factor_jit(ft, base, mask):
 # DELLA's ranks are handled here as ``[rows, n * cols]`` tables, laid out as the
 # ``[shape[0], -1]`` rows its masks are drawn over: each entry's rank among the
 # ``n`` along axis 1 of ``sparsify.della_view``.
-def della_rank_count(shape) -> int:
-    """How many entries each is ranked among: ``n`` of ``sparsify.della_shape``."""
-    return sparsify.della_shape(shape)[1]
-
-
 def _as_view(ranks, n: int):
     return ranks.reshape(ranks.shape[0], n, -1)
 
@@ -188,15 +183,23 @@ def _block_key_data(key, blocks):
     return jax.random.key_data(jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(blocks)))
 
 
-def _mask_on_host(key, shape, density: float, ranks=None, epsilon: float = 0.0, n: int = 0):
-    """The keep mask drawn by the numba threefry (bit for bit JAX's): DARE's
-    ``bernoulli(density)`` over ``shape``, or DELLA's from ``ranks`` (a table of
-    ranks among ``n``, see ``host_ranks``)."""
-    shape = shape if ranks is None else ranks.shape
+def _host_keys(key, shape):
+    """The draw-block keys (raw data) and rows per block of a draw over ``shape``."""
     blocks, rows = sparsify.draw_blocks(shape)
-    keys = np.asarray(_block_key_data(key, blocks))
-    if ranks is None:
-        return kernels.bernoulli(keys, rows, density, shape)
+    return np.asarray(_block_key_data(key, blocks)), rows
+
+
+def _dare_mask_on_host(key, shape, density: float):
+    """DARE's keep mask, ``bernoulli(density)`` over ``shape``, drawn by the numba
+    threefry (bit for bit JAX's)."""
+    keys, rows = _host_keys(key, shape)
+    return kernels.bernoulli(keys, rows, density, shape)
+
+
+def _della_mask_on_host(key, ranks, n: int, density: float, epsilon: float):
+    """DELLA's keep mask from ``ranks`` (a table of ranks among ``n``, see
+    ``host_ranks``), drawn as ``_dare_mask_on_host`` draws."""
+    keys, rows = _host_keys(key, ranks.shape)
     return kernels.below_table(keys, rows, ranks, _della_probs_table(n, density, epsilon))
 
 
@@ -225,13 +228,13 @@ def _random_state(ft, base, opts, key, i: int) -> Kept:
     draw_on_host = on_host and kernels.random_ok(key)
     if opts.sparsify == "della":
         ranks = host_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
-        eps, n = opts.epsilon[i], della_rank_count(ft.shape)
-        mask = (_mask_on_host(key, None, density, ranks, eps, n) if draw_on_host
+        eps, n = opts.epsilon[i], sparsify.della_shape(ft.shape)[1]
+        mask = (_della_mask_on_host(key, ranks, n, density, eps) if draw_on_host
                 else _della_mask_jit(key, ranks, n, density, eps))
         if opts.rescale and opts.rescale_mode == "inverse":
             return Kept(mask=jnp.reshape(mask, ft.shape), div=jnp.reshape(_della_probs_jit(ranks, n, density, eps), ft.shape))
     else:
-        mask = _mask_on_host(key, ft.shape, density) if draw_on_host else _dare_mask_jit(key, density, ft.shape)
+        mask = _dare_mask_on_host(key, ft.shape, density) if draw_on_host else _dare_mask_jit(key, density, ft.shape)
         if opts.rescale and opts.rescale_mode == "inverse":
             return Kept(mask=mask, div=jnp.float32(density))
     mul = _l1_factor_jit(ft, base, mask) if opts.rescale else None

@@ -46,8 +46,8 @@ from research.merging.merge import merge as _merge, model_keys
 from research.merging import methods, registry, sparsify, task_vectors, topk, tree
 from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
-                                       _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, della_rank_count,
-                                       host_ranks, random_masks)
+                                       _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, host_ranks,
+                                       random_masks)
 
 # Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
 # else the checkpoint's).  A float32 merge of bf16 checkpoints reads them as
@@ -414,7 +414,7 @@ def _random_kept(opts, i, m, base, keys, b0, b1, rb):
     host = kernels.usable(m, base)
     if opts.sparsify == "della":
         ranks = host_ranks(m, base) if host else _della_ranks_jit(m, base)
-        eps, n = opts.epsilon[i], della_rank_count(m.shape)
+        eps, n = opts.epsilon[i], sparsify.della_shape(m.shape)[1]
         if host:
             mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(n, d, eps))
         else:
