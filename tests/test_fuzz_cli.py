@@ -7,7 +7,7 @@ import os
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings, strategies as st
+from hypothesis import HealthCheck, event, example, given, settings, strategies as st
 
 from research.merging import METHODS
 from research.merging.__main__ import main as merge_main
@@ -145,6 +145,9 @@ raw = st.one_of(st.sampled_from(["0", "-1", "1e-3", "abc", "", "None", "()", "(1
 
 
 @FUZZ
+@example(assignments=["seq_len=\n"])  # the values, echoed raw, once broke the error's single line
+@example(assignments=["mixing=\n"])
+@example(assignments=["lr_typo\n=1"])
 @given(assignments=st.lists(st.builds(lambda k, v, eq: f"{k}{'=' if eq else ''}{v}", keys, raw, st.booleans()),
                             max_size=3))
 def test_random_set_overrides_give_a_config_or_a_named_error(assignments):

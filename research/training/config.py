@@ -73,6 +73,11 @@ class TrainConfig:
     progress: bool = True
 
 
+_EXPECTED = {int: "an integer", "int": "an integer", float: "a number", "float": "a number",
+             bool: "true or false", "bool": "true or false", tuple: "a tuple or comma-separated names",
+             "tuple": "a tuple or comma-separated names"}
+
+
 def _parse(value: str, typ):
     origin = typing.get_origin(typ)
     if typ in ("str | None", typing.Optional[str]):  # a path or a name; None to unset
@@ -116,11 +121,12 @@ def override(cfg: TrainConfig, assignments: typing.Sequence[str]) -> TrainConfig
             raise ConfigError(f"--set {a!r}: expected key=value")
         key, value = a.split("=", 1)
         if key not in fields:
-            raise ConfigError(f"--set {key}=...: unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
+            raise ConfigError(f"--set {a!r}: unknown config key {key!r}; known keys: {', '.join(sorted(fields))}")
         try:
             changes[key] = _parse(value, fields[key].type)
         except (ValueError, SyntaxError):
-            raise ConfigError(f"--set {key}={value}: cannot parse as {fields[key].type}") from None
+            raise ConfigError(f"--set {a!r}: expected {_EXPECTED.get(fields[key].type, 'a Python literal or a name')}"
+                              ) from None
         if isinstance(changes[key], list):
             changes[key] = tuple(changes[key])
     return validate(dataclasses.replace(cfg, **changes))
