@@ -3,6 +3,7 @@
     python experiments/bench_merge_io.py --dtypes bfloat16 float32 --docs       # 542M x 4 models
     python experiments/bench_merge_io.py --preset llama3_8b_slice --docs        # 8B-width tensors, 1.3B x 4
     python experiments/bench_merge_io.py --delta 0.0002 --methods ties dare_ties della --docs  # small changes
+    python experiments/bench_merge_io.py --preset llama4_experts --methods linear ties dare_ties della --docs  # 3-D
     python experiments/bench_merge_io.py --scale 0.01 --rounds 1                # smoke
 
 Generates a Llama-shaped bf16 model (hidden 2048, 8 layers, intermediate 5632,
@@ -86,10 +87,17 @@ PRESETS = {  # hidden, layers, intermediate, vocab, kv width
     "llama_542m": (2048, 8, 5632, 32000, 2048),
     "llama3_8b_slice": (4096, 1, 14336, 128256, 1024),  # 8B's embeddings and lm_head, one 8B layer
 }
+# A 3-D tensor of fused experts, [experts, hidden, 2 x intermediate] as Llama 4 stores its
+# ``gate_up_proj``, with 4 of its 16 experts: each expert's slice (a row) holds 84M entries.
+FUSED_PRESETS = {"llama4_experts": (4, 5120, 16384)}
 
 
 def shapes(scale, preset="llama_542m"):
     s = math.sqrt(scale)
+    if preset in FUSED_PRESETS:
+        experts, hidden, width = FUSED_PRESETS[preset]
+        h, w = max(64, int(hidden * s) // 64 * 64), max(64, int(width * s) // 64 * 64)
+        return {"model.layers.0.feed_forward.experts.gate_up_proj": (experts, h, w), "model.norm.weight": (h,)}
     hidden, layers, inter, vocab, kv = PRESETS[preset]
     h = max(64, int(hidden * s) // 64 * 64)
     inter = max(64, int(inter * s) // 64 * 64)
@@ -236,7 +244,7 @@ VARIANTS = {  # --also: (column label, extra CLI arguments, extra environment)
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="llama_542m", choices=list(PRESETS))
+    ap.add_argument("--preset", default="llama_542m", choices=[*PRESETS, *FUSED_PRESETS])
     ap.add_argument("--scale", type=float, default=1.0)
     ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=list(METHODS),
                     help=f"default: all; the speed goals concern {', '.join(GOALS)}")
@@ -336,7 +344,7 @@ def main(argv=None):
     def spread(run):
         return ", ".join(f"{t:.1f}" for t in times[(run, None)])
 
-    out = [f"{n_params / 1e6:.0f}M parameters per model (largest tensor {largest[0]}x{largest[1]}), bf16 on disk, "
+    out = [f"{n_params / 1e6:.0f}M parameters per model (largest tensor {'x'.join(map(str, largest))}), bf16 on disk, "
            f"2 shards each, 3 fine-tunes + base (base entries ~ N(0, 0.02), each fine-tune's changes ~ N(0, "
            f"{args.delta:g}), `--delta`); best wall time of {args.rounds} interleaved rounds, largest peak "
            f"RSS; each run starts on {warm / 2**30:.1f} GB of memory touched and freed just before it (`--warm-gb`).  "

@@ -151,6 +151,16 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
     for name in shapes:
         np.testing.assert_array_equal(whole[name], np.asarray(expect[name]), err_msg=name)
         np.testing.assert_array_equal(blocks[name], np.asarray(expect[name]), err_msg=name)
+    if rescale_mode == "l1":  # the sums pass's masks, kept, serve the merge pass; past MASK_BUDGET drawn again
+        draws, real_kept = [], chunked._random_kept
+        monkeypatch.setattr(chunked, "_random_kept", lambda *a: draws.append(a[1]) or real_kept(*a))
+        for budget, passes in ((chunked.MASK_BUDGET, 1), (0, 2)):
+            monkeypatch.setattr(chunked, "MASK_BUDGET", budget)
+            draws.clear()
+            again = read_out(stream.run(stream.load(cfg), str(tmp_path / f"budget{budget}"), progress=False, seed=3))
+            np.testing.assert_array_equal(again["model.layers.0.mlp.experts.w"],
+                                          np.asarray(expect["model.layers.0.mlp.experts.w"]))
+            assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
 
 
 def test_single_file_output_and_every_method_runs(models):

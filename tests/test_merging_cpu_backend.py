@@ -124,10 +124,11 @@ def test_row_ranks_equal_a_double_argsort_ties_by_column(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("shape", [(9,), (33, 65), (2, 3, 40), (4, 5, 2, 3)])
+@pytest.mark.parametrize("shape", [(9,), (33, 65), (2, 3, 40), (3, 7, 21), (4, 5, 2, 3)])
 def test_della_host_ranks_rank_along_dim_1_as_a_double_argsort(dtype, shape):
     """``host_ranks``: each ``|ft - base|`` ranked among those along dim 1 (for 3-D
-    and up, a transposed copy through the row kernel), as a ``[shape[0], -1]`` table."""
+    and up by ``axis1_ranks``, in tiles of columns and a last partial one), as a
+    ``[shape[0], -1]`` table."""
     rng = np.random.default_rng(3)
     base = jnp.asarray(rng.normal(size=shape), dtype)
     ft = jnp.asarray(np.asarray(base, np.float32) + np.round(rng.normal(size=shape) * 4) / 8, dtype)  # many ties
@@ -143,6 +144,10 @@ def test_row_ranks_flush_subnormal_differences_like_xla():
     expected = sparsify.della_ranks(sparsify.della_view(ft - base)).reshape(1, -1)
     np.testing.assert_array_equal(cpu_kernels.row_ranks(ft, base), np.asarray(expected))
     assert cpu_kernels.row_ranks(ft, base).tolist() == [[0, 5, 1, 2, 3, 4]]
+    ft3, base3 = ft.reshape(1, 3, 2), base.reshape(1, 3, 2)  # along axis 1: [3e-39, 0, -2e-39], [1e-30, 1e-39, 1e-31]
+    expected = sparsify.della_ranks(sparsify.della_view(ft3 - base3)).reshape(1, -1)
+    np.testing.assert_array_equal(cpu_kernels.row_ranks(ft3, base3, (1, 3, 2)), np.asarray(expected))
+    assert cpu_kernels.row_ranks(ft3, base3, (1, 3, 2)).tolist() == [[0, 2, 1, 0, 2, 1]]
 
 
 @pytest.mark.parametrize("method", ["della", "della_linear"])
@@ -705,11 +710,12 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
         masks, sums = cpu_kernels.random_masks(base, fts, keys, block_rows, [0.3, 0.5, 0.7])
         della, della_sums = cpu_kernels.della_masks(base, fts, keys, block_rows, [table] * 3)
         ranks = cpu_kernels.row_ranks(fts[0], base)
+        ranks_axis1 = cpu_kernels.row_ranks(fts[2], base, (37, 16, 25))
         cuts = [(np.float32(0.01), 3, 17), (np.float32(0.005), 0, 0), (np.float32(0.02), 36, 399)]
         return dict(
             counts=cpu_kernels.probe_counts(base, fts, [0, 1, 2, 1], [0.01, 0.02, 0.0, 0.004], [0.005, 0.01, 0.0, 0.004]),
             hist=(hist.counts(), hist.bad()), masks=masks.bits, sums=sums, della=della.bits, della_sums=della_sums,
-            ranks=ranks, bernoulli=cpu_kernels.bernoulli(keys[0], block_rows, 0.3, shape),
+            ranks=ranks, ranks_axis1=ranks_axis1, bernoulli=cpu_kernels.bernoulli(keys[0], block_rows, 0.3, shape),
             below=cpu_kernels.below_table(keys[1], block_rows, ranks, table),
             cut=cpu_kernels.cut_merge(base, fts, cuts, [None] * 3, [1.0, 0.5, 2.0], **mix).view(np.uint16),
             drawn=cpu_kernels.random_merge(base, fts, [1.0] * 3, block_keys=keys, block_rows=block_rows,
@@ -725,7 +731,7 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
     parallel = run_all()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), plain, parallel)
     kernels = [k for k in vars(_loops).values() if isinstance(k, _loops._RowParallel)]
-    assert len(kernels) == 7 and all(True in k._compiled and False in k._compiled for k in kernels)
+    assert len(kernels) == 8 and all(True in k._compiled and False in k._compiled for k in kernels)
     assert sorted(name.split("_n")[0] for name in loaded) == ["cut_merge", "probe_counts_0_1_2_1", "random_merge",
                                                               "random_merge"]
     assert not any(name.endswith("_serial") for name in loaded)

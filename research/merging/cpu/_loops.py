@@ -197,6 +197,9 @@ def sample_abs_deltas(base, ft, step, run, tiny, out):
             out[j * run + c] = _flushed_abs_delta(ft[k], base[k], tiny)
 
 
+RANK_TILE = 8  # columns ranked together by ``axis1_ranks`` (wider tiles gathered more slowly)
+
+
 @numba.njit
 def _radix_ranks(key, idx, key2, idx2, start, out):
     """``out[c]``: the rank of ``key[c]`` (0 = smallest, ties by column), by an LSD
@@ -235,6 +238,34 @@ def row_ranks(ft, base, tiny, out):
             key[c] = np.float32(_flushed_abs_delta(ft[r, c], base[r, c], tiny)).view(np.uint32)
         _radix_ranks(key, np.empty(cols, np.int32), np.empty(cols, np.uint32), np.empty(cols, np.int32),
                      np.empty(2049, np.int64), out[r])
+
+
+@_RowParallel
+def axis1_ranks(ft, base, tiny, out):
+    """``out[r, i, j]``: the rank of ``|ft - base|`` at ``[r, i, j]`` (flushed as XLA:CPU)
+    among the ``n`` entries of ``[r, :, j]``, ties by ``i``, as ``row_ranks`` ranks
+    rows.  All four arrays are ``[rows, n, cols]``.  The columns go in tiles of
+    up to ``RANK_TILE``, gathered and scattered a row ``i`` at a time, so that
+    every read and write runs over contiguous entries."""
+    rows, n, cols = ft.shape
+    tile = min(cols, RANK_TILE)
+    tiles = (cols + tile - 1) // tile
+    for q in numba.prange(rows * tiles):
+        r = q // tiles
+        j0 = (q - r * tiles) * tile
+        w = min(tile, cols - j0)
+        key = np.empty((w, n), np.uint32)
+        rank = np.empty((w, n), np.int32)
+        idx, key2, idx2 = np.empty(n, np.int32), np.empty(n, np.uint32), np.empty(n, np.int32)
+        start = np.empty(2049, np.int64)
+        for i in range(n):
+            for t in range(w):
+                key[t, i] = np.float32(_flushed_abs_delta(ft[r, i, j0 + t], base[r, i, j0 + t], tiny)).view(np.uint32)
+        for t in range(w):
+            _radix_ranks(key[t], idx, key2, idx2, start, rank[t])
+        for i in range(n):
+            for t in range(w):
+                out[r, i, j0 + t] = rank[t, i]
 
 
 @numba.njit(nogil=True, cache=True)

@@ -15,10 +15,9 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   known (trim, sign vote, disjoint weighted mean, lambda).
   It and the counting pass are written out per number of models
   (``_unrolled``).
-* ``row_ranks``: the rank of each ``d`` within its row of the
-  ``[shape[0], -1]`` view (stable: ties by column), which DELLA's keep
-  probabilities need (``leaf.host_ranks`` hands it a transposed copy where
-  DELLA ranks along a middle axis).  XLA sorts twice
+* ``row_ranks``: the rank of each ``d`` along axis 1 of a ``[rows, n,
+  cols]`` view (stable: ties by position), which DELLA's keep probabilities
+  need (``leaf.host_ranks``: ``sparsify.della_shape``).  XLA sorts twice
   (``argsort(argsort(d))``); the kernel radix-sorts the float bits.
 * ``bernoulli``/``below_table``: DARE's and DELLA's keep masks, drawn by a
   threefry2x32 that gives JAX's bits exactly; ``della_masks``: DELLA's,
@@ -230,15 +229,21 @@ def abs_delta_row(ft, base, row: int) -> np.ndarray:
     return _abs_delta(_host_view(ft)[row], _host_view(base)[row])
 
 
-def row_ranks(ft, base) -> np.ndarray:
-    """Rank (0 = smallest) of each ``|ft - base|`` within its row of the
-    ``[shape[0], -1]`` view, ties by column: ``argsort(argsort(d, axis=1), axis=1)``.
-    uint16 when rows are shorter than 2**16 (half the memory), else int32."""
+def row_ranks(ft, base, view=None) -> np.ndarray:
+    """Rank (0 = smallest) of each ``|ft - base|`` along axis 1 of ``view``, a shape
+    ``[rows, n, cols]`` of the same entries in order (default ``[shape[0], -1,
+    1]``: within each row), ties by position: ``argsort(argsort(d, axis=1),
+    axis=1)``.  Returned as the ``[rows, n * cols]`` table of the entries in
+    order; uint16 when ``n <= 2**16`` (half the memory), else int32."""
     f, b = _host_view(ft, rows_first=True), _host_view(base, rows_first=True)
-    out = aligned_empty(f.shape, np.uint16 if f.shape[1] <= (1 << 16) else np.int32)
+    view = (f.shape[0], f.shape[1], 1) if view is None else tuple(view)
+    out = aligned_empty(view, np.uint16 if view[1] <= (1 << 16) else np.int32)
     with _LOCK:
-        _loops().row_ranks(f, b, _TINY, out)
-    return out
+        if view[2] == 1:
+            _loops().row_ranks(f.reshape(view[:2]), b.reshape(view[:2]), _TINY, out.reshape(view[:2]))
+        else:
+            _loops().axis1_ranks(f.reshape(view), b.reshape(view), _TINY, out)
+    return out.reshape(view[0], -1)
 
 
 _NO_CUT = (np.float32(np.inf), 0, 0)  # a top cut that removes nothing

@@ -142,14 +142,8 @@ def _as_view(ranks, n: int):
 
 def host_ranks(ft, base) -> np.ndarray:
     """``kernels.row_ranks`` in DELLA's view: each ``|ft - base|`` ranked along axis 1
-    of ``sparsify.della_shape``, as a ``[rows, n * cols]`` table.  Where ``cols > 1``
-    the kernel ranks the rows of a transposed copy."""
-    rows, n, cols = sparsify.della_shape(np.shape(ft))
-    if cols == 1:
-        return kernels.row_ranks(ft, base)
-    moved = lambda x: np.ascontiguousarray(np.asarray(x).reshape(rows, n, cols).transpose(0, 2, 1))
-    ranks = kernels.row_ranks(moved(ft).reshape(rows * cols, n), moved(base).reshape(rows * cols, n))
-    return np.ascontiguousarray(ranks.reshape(rows, cols, n).transpose(0, 2, 1)).reshape(rows, n * cols)
+    of ``sparsify.della_shape``, as a ``[rows, n * cols]`` table."""
+    return kernels.row_ranks(ft, base, sparsify.della_shape(np.shape(ft)))
 
 
 @jax.jit

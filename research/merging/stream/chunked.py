@@ -479,6 +479,8 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
             opts, t, keys, per_block, rb, out_dtype, write):
         return
     sums = [[0.0, 0.0] for _ in t.models]
+    # the L1 pass's masks, one bit an entry, kept for the merge pass where they fit MASK_BUDGET
+    kept_bits = {} if l1 and t.size * len(t.models) <= 8 * MASK_BUDGET else None
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
         for c, (base, models) in enumerate(t.blocks()):
             b0, b1 = c * per_block, (c + 1) * per_block
@@ -489,9 +491,14 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
                 if opts.density[i] >= 1:
                     kept.append(Kept())
                     continue
-                mask, div = _random_kept(opts, i, m, base, keys[i], b0, b1, rb)
+                if pass_ == "merge" and kept_bits is not None:
+                    mask, div = np.unpackbits(kept_bits.pop((c, i)), count=m.size).view(bool).reshape(m.shape), None
+                else:
+                    mask, div = _random_kept(opts, i, m, base, keys[i], b0, b1, rb)
                 if pass_ == "sums":
                     _add_sums(sums[i], _kept_sums(m, base, mask))
+                    if kept_bits is not None:
+                        kept_bits[c, i] = np.packbits(np.asarray(mask))
                     continue
                 mul = _factor(sums[i]) if l1 else None
                 kept.append(Kept(mask=mask, div=div if opts.rescale else None, mul=mul))
