@@ -431,6 +431,11 @@ def _random_kept(opts, i, m, base, keys, b0, b1, rb):
     return mask, (None if div is None else jnp.reshape(div, m.shape) if jnp.ndim(div) else div)
 
 
+def _masks_fit(t: Tensor) -> bool:
+    """Whether every model's keep mask of ``t``, one bit an entry, fits ``MASK_BUDGET``."""
+    return t.size * len(t.models) <= 8 * MASK_BUDGET
+
+
 def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, write) -> bool:
     """DARE or DELLA in row blocks by the numba passes (``cpu.leaf.dare_merge``); the L1
     rescale's factors from a first pass of per-row sums.  False, having written
@@ -441,7 +446,7 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
     if opts.rescale and opts.rescale_mode == "l1":
         rows = [[] for _ in t.models]
         # the masks (one bit an entry) kept for the merge pass where they fit MASK_BUDGET; else drawn again
-        kept_masks = [] if t.size * len(t.models) <= 8 * MASK_BUDGET else None
+        kept_masks = [] if _masks_fit(t) else None
         for c, (base, models) in enumerate(t.blocks()):
             applies = dare_applies(opts, base, models, out_dtype)
             drawn = applies and random_masks(opts, base, models, block_keys(c), rb)
@@ -480,7 +485,7 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
         return
     sums = [[0.0, 0.0] for _ in t.models]
     # the L1 pass's masks, one bit an entry, kept for the merge pass where they fit MASK_BUDGET
-    kept_bits = {} if l1 and t.size * len(t.models) <= 8 * MASK_BUDGET else None
+    kept_bits = {} if l1 and _masks_fit(t) else None
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
         for c, (base, models) in enumerate(t.blocks()):
             b0, b1 = c * per_block, (c + 1) * per_block
