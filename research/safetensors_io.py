@@ -64,6 +64,9 @@ class SafetensorsFile:
         return SafetensorsError(f"{self.path}: corrupt or truncated safetensors file ({why})")
 
     def _parse(self):
+        """The header, validated as the format's reference reader validates it: every
+        tensor's bytes lie back to back from the start of the data, in some order,
+        without gaps or overlaps, and cover the rest of the file exactly."""
         size = os.fstat(self._fd).st_size
         head = os.pread(self._fd, 8, 0)
         if len(head) < 8:
@@ -72,26 +75,41 @@ class SafetensorsFile:
         if n > min(_MAX_HEADER, size - 8):
             raise self._bad(f"header length {n} does not fit in {size} bytes")
         try:
-            header = json.loads(os.pread(self._fd, n, 8))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = json.loads(os.pread(self._fd, n, 8), parse_constant=_no_constant)
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise self._bad(f"header is not JSON: {e}") from None
         if not isinstance(header, dict):
             raise self._bad("header is not a JSON object")
-        self.metadata = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise self._bad(f"__metadata__ is not a map of strings to strings: {meta!r:.80}")
+        self.metadata = meta or {}
         self._start = 8 + n
         self.entries = {}
         for name, e in header.items():
-            try:
-                dtype = DTYPES[e["dtype"]]
-                shape = tuple(int(d) for d in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise self._bad(f"bad entry for tensor {name!r}: {e!r}") from None
-            if end - begin != math.prod(shape) * dtype.itemsize or begin < 0:
-                raise self._bad(f"tensor {name!r}: offsets {begin}..{end} do not match shape {shape} {e['dtype']}")
-            if self._start + end > size:
-                raise self._bad(f"tensor {name!r} ends at byte {self._start + end}, past the end of the file ({size})")
-            self.entries[name] = (dtype, shape, begin)
+            self.entries[name] = self._entry(name, e)
+        covered = 0  # bytes of data accounted for, tensors taken in the order of their offsets
+        for begin, end, name in sorted((b, b + _nbytes(d, s), k) for k, (d, s, b) in self.entries.items()):
+            if begin != covered:
+                how = "overlap the previous tensor's" if begin < covered else f"leave {begin - covered} bytes unused before them"
+                raise self._bad(f"tensor {name!r}: its bytes {begin}..{end} {how}")
+            covered = end
+        if self._start + covered > size:
+            raise self._bad(f"the tensors end at byte {self._start + covered}, past the end of the file ({size})")
+        if self._start + covered < size:
+            raise self._bad(f"{size - self._start - covered} bytes after the last tensor belong to none")
+
+    def _entry(self, name: str, e):
+        """``(dtype, shape, begin)`` of one header entry."""
+        if not (isinstance(e, dict) and _naturals(e.get("shape")) and _naturals(e.get("data_offsets"))
+                and len(e["data_offsets"]) == 2 and "dtype" in e):
+            raise self._bad(f"bad entry for tensor {name!r}: {e!r:.200}")
+        code, shape, (begin, end) = e["dtype"], tuple(e["shape"]), e["data_offsets"]
+        if not isinstance(code, str) or code not in DTYPES:
+            raise self._bad(f"tensor {name!r}: dtype {code!r} is not one this reader takes ({', '.join(DTYPES)})")
+        if end - begin != _nbytes(DTYPES[code], shape):
+            raise self._bad(f"tensor {name!r}: offsets {begin}..{end} do not match shape {shape} {code}")
+        return DTYPES[code], shape, begin
 
     def keys(self):
         return list(self.entries)
@@ -158,6 +176,19 @@ class SafetensorsFile:
             self.close()
         except Exception:
             pass
+
+
+def _naturals(x) -> bool:
+    """Whether ``x`` is a JSON list of non-negative integers (as a shape or offsets are)."""
+    return isinstance(x, list) and all(type(d) is int and d >= 0 for d in x)
+
+
+def _nbytes(dtype, shape) -> int:
+    return math.prod(shape) * dtype.itemsize
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def aligned_empty(shape, dtype, alignment: int = 64) -> np.ndarray:
@@ -286,8 +317,9 @@ def checkpoint_files(path: str) -> dict:
         index = os.path.join(path, "model.safetensors.index.json")
         single = os.path.join(path, "model.safetensors")
         if os.path.isfile(index):
-            with open(index) as f:
-                wm = json.load(f)["weight_map"]
+            wm = json_object(index).get("weight_map")
+            if not (isinstance(wm, dict) and wm and all(isinstance(v, str) and v for v in wm.values())):
+                raise CheckpointError(f"{index}: no weight_map of tensor names to shard file names ({wm!r:.80})")
             out = {}
             for name, fname in wm.items():
                 fp = os.path.join(path, fname)
@@ -312,6 +344,23 @@ def checkpoint_files(path: str) -> dict:
         out.update({name: fp for name in f.keys()})
         f.close()
     return out
+
+
+def json_object(path: str) -> dict:
+    """The JSON object that file ``path`` holds (a checkpoint's index or config); a
+    file that cannot be read, or holds anything else, is a ``CheckpointError``
+    naming it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f, parse_constant=_no_constant)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(doc), "a number")
+        raise CheckpointError(f"{path}: holds {kind}, not a JSON object")
+    return doc
 
 
 def open_checked(fp: str) -> SafetensorsFile:

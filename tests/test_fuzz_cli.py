@@ -1,7 +1,10 @@
 """Standing fuzz tests: random mergekit YAML documents through ``research-merge``
 (dry run and real merge), random ``--set`` overrides through the trainer's
-config.  Each either succeeds or fails with exit code 2 and one line; never a
-traceback, never a partial output directory."""
+config, and merges of damaged checkpoints.  Each either succeeds or fails with
+exit code 2 and one line; never a traceback, never a partial output directory.
+
+The examples are fixed (derandomised); ``FUZZ_EXAMPLES=1500 pytest
+tests/test_fuzz_cli.py`` runs a campaign of 1500 fresh ones per test."""
 
 import os
 
@@ -14,7 +17,10 @@ from research.merging.__main__ import main as merge_main
 from research.training import TrainConfig, config as config_lib
 from test_merge_stream import make_ckpt
 
-FUZZ = settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+# FUZZ_EXAMPLES=N: a campaign of N fresh random examples per test instead of the fixed ones
+_CAMPAIGN = int(os.environ.get("FUZZ_EXAMPLES", 0))
+FUZZ = settings(max_examples=_CAMPAIGN or 40, deadline=None, derandomize=not _CAMPAIGN,
+                suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +164,97 @@ def test_random_set_overrides_give_a_config_or_a_named_error(assignments):
         assert str(e) and "\n" not in str(e)
         return
     assert config_lib.validate(cfg) == cfg  # what is accepted is valid
+
+
+# --- damaged checkpoints through the merge ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def damage_zoo(tmp_path_factory):
+    """A base (two shards, with config.json), a fine-tune and a peft LoRA adapter on the
+    base, and a config that merges all three."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from research.models import lora
+    from research.models.config import LoRAConfig
+
+    root = tmp_path_factory.mktemp("damage")
+    base = make_ckpt(root / "base", 0, layers=2, d=8, vocab=16, shards=2)
+    make_ckpt(root / "ft0", 1, layers=2, d=8, vocab=16, base=base, shards=2)
+    rng = np.random.default_rng(3)
+    (root / "ad").mkdir()
+    save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
+               rng.standard_normal(shape).astype(np.float32)
+               for i in range(2) for ab, shape in (("A", (2, 8)), ("B", (8, 2)))}, str(root / "ad" / "adapter_model.safetensors"))
+    (root / "ad" / "adapter_config.json").write_text(json.dumps(
+        lora.peft_config(LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",)), str(root / "base"))))
+    (root / "merge.yaml").write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\nmodels:\n"
+                                     f"  - model: {root / 'ft0'}\n    parameters: {{weight: 0.5}}\n"
+                                     f"  - model: {root / 'base'}+{root / 'ad'}\n    parameters: {{weight: 0.5}}\n")
+    return root
+
+
+_DAMAGEABLE = ["ft0/model-00001-of-00002.safetensors", "ad/adapter_model.safetensors",
+               "ft0/model.safetensors.index.json", "base/config.json", "ad/adapter_config.json"]
+
+
+@st.composite
+def _damage(draw, pristine: dict):
+    """One input file of ``damage_zoo`` and new bytes for it: a safetensors file edited
+    as ``test_safetensors_io.damaged`` edits them, or a JSON file with one key set
+    to anything, removed, or the whole text cut or replaced."""
+    import json
+
+    from test_safetensors_io import _json, damaged
+
+    name = draw(st.sampled_from(_DAMAGEABLE))
+    blob = pristine[name]
+    if name.endswith(".safetensors"):
+        return name, draw(damaged(blob))
+    doc = json.loads(blob)
+    kind = draw(st.sampled_from(["set", "set", "drop", "cut", "replace"]))
+    if kind == "cut":
+        return name, blob[:draw(st.integers(0, len(blob) - 1))]
+    if kind == "replace":
+        return name, json.dumps(draw(_json)).encode()
+    key = draw(st.sampled_from(sorted(doc) + ["weight_map", "num_hidden_layers", "tie_word_embeddings", "r"]))
+    if kind == "drop":
+        doc.pop(key, None)
+    elif key == "weight_map" and draw(st.booleans()):  # one tensor's shard renamed or dropped
+        wm = dict(doc.get("weight_map") or {})
+        tensor = draw(st.sampled_from(sorted(wm) or ["x"]))
+        wm[tensor] = draw(st.one_of(_json, st.sampled_from(sorted(set(wm.values())) or ["y"])))
+        doc["weight_map"] = wm
+    else:
+        doc[key] = draw(_json)
+    return name, json.dumps(doc).encode()
+
+
+@settings(FUZZ, max_examples=_CAMPAIGN or 60)
+@given(data=st.data())
+def test_damaged_inputs_merge_or_fail_in_one_line_naming_the_damaged_file(damage_zoo, capsys, data):
+    """A merge whose input has a damaged shard, index, config or adapter either succeeds
+    or fails with one line that names that file or its model's directory."""
+    pristine = {n: (damage_zoo / n).read_bytes() for n in _DAMAGEABLE}
+    name, blob = data.draw(_damage(pristine))
+    event(name)
+    (damage_zoo / name).write_bytes(blob)
+    out = str(damage_zoo / "out")
+    try:
+        for extra in (["--dry-run"], []):
+            capsys.readouterr()
+            rc = merge_main([str(damage_zoo / "merge.yaml"), out, "--no-progress", *extra])
+            err = capsys.readouterr().err
+            _check(rc, err, out)
+            event(f"{extra[0] if extra else 'merge'}: rc {rc}")
+            if rc == 2:
+                assert str(damage_zoo / os.path.dirname(name)) in err, err
+    finally:
+        (damage_zoo / name).write_bytes(pristine[name])
+        if os.path.isdir(out):
+            import shutil
+
+            shutil.rmtree(out)

@@ -10,6 +10,8 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
+import safetensors
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 from safetensors.numpy import save_file
 
 from research import safetensors_io
@@ -99,3 +101,111 @@ def test_a_file_truncated_after_it_was_opened_is_named_not_mapped(file):
         f.view("big")
     with pytest.raises(SafetensorsError, match=r"m\.safetensors.*'big'.*file ended"):
         f.read("big")
+
+
+# --- corrupt files: the reference reader as the oracle -----------------------------------
+
+_GOOD = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.arange(4).astype(BF16),
+         "c": np.arange(3, dtype=np.int64), "empty": np.zeros((0, 4), np.float32)}
+_CODES = [*safetensors_io.DTYPES, "F8_E4M3", "F8_E5M2", "U16", "U32", "U64", "C64", "bf16", ""]
+_json = st.recursive(st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True),
+                               st.sampled_from(_CODES), st.text(max_size=4)),
+                     lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=3), inner,
+                                                                                          max_size=2)), max_leaves=6)
+_dims = st.lists(st.integers(-1, 9), max_size=3)
+
+
+def _layout(order) -> bytes:
+    """A valid file of ``_GOOD``'s tensors, their bytes laid out in ``order``."""
+    header, data = {"__metadata__": {"format": "pt"}}, b""
+    for name in order:
+        a = _GOOD[name]
+        header[name] = {"dtype": safetensors_io.CODES[a.dtype], "shape": list(a.shape),
+                        "data_offsets": [len(data), len(data) + a.nbytes]}
+        data += a.tobytes()
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + data
+
+
+@st.composite
+def damaged(draw, blob: bytes) -> bytes:
+    """``blob`` (a valid file's bytes) with one to three edits: of a header entry's
+    fields, of the metadata, of which entries there are, or of the raw bytes."""
+    n = struct.unpack("<Q", blob[:8])[0]
+    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
+    off = len(data)
+    raw_edits = []
+    for _ in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(["field", "field", "drop_field", "metadata", "drop", "add", "bytes"]))
+        names = sorted(n for n in header if n != "__metadata__") or ["a"]
+        name = draw(st.sampled_from(names))
+        entry = header.setdefault(name, {})
+        if kind == "field" and isinstance(entry, dict):
+            field = draw(st.sampled_from(["dtype", "shape", "data_offsets", "extra"]))
+            near = {"dtype": st.sampled_from(_CODES), "shape": _dims,
+                    "data_offsets": st.lists(st.integers(-2, off + 40), min_size=1, max_size=3),
+                    "extra": _json}[field]
+            entry[field] = draw(st.one_of(near, _json))
+        elif kind == "drop_field" and isinstance(entry, dict) and entry:
+            del entry[draw(st.sampled_from(sorted(entry)))]
+        elif kind == "metadata":
+            header["__metadata__"] = draw(_json)
+        elif kind == "drop":
+            del header[name]
+        elif kind == "add":
+            header[draw(st.text(min_size=1, max_size=3))] = draw(st.one_of(_json, st.fixed_dictionaries(
+                {"dtype": st.sampled_from(_CODES), "shape": _dims,
+                 "data_offsets": st.lists(st.integers(0, off + 8), min_size=2, max_size=2)})))
+        else:
+            raw_edits.append(draw(st.tuples(st.sampled_from(["truncate", "append", "flip", "length"]),
+                                            st.integers(0, 1 << 16), st.binary(min_size=1, max_size=9))))
+    text = json.dumps(header).encode()
+    blob = struct.pack("<Q", len(text)) + text + data
+    for how, at, more in raw_edits:
+        at %= len(blob) + 1
+        if how == "truncate":
+            blob = blob[:at]
+        elif how == "append":
+            blob += more
+        elif how == "flip" and blob:
+            at %= len(blob)
+            blob = blob[:at] + bytes([blob[at] ^ more[0]]) + blob[at + 1:]
+        elif how == "length":
+            blob = struct.pack("<Q", at) + blob[8:]
+    return blob
+
+
+def _ours(path):
+    f = SafetensorsFile(path)
+    try:
+        return {n: (safetensors_io.CODES[f.entries[n][0]], list(f.entries[n][1]), f.read(n).tobytes())
+                for n in f.keys()}
+    finally:
+        f.close()
+
+
+def _reference(blob):
+    try:
+        return {n: (t["dtype"], list(t["shape"]), bytes(t["data"])) for n, t in safetensors.deserialize(blob)}
+    except safetensors.SafetensorError:
+        return None
+
+
+@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+@given(blob=st.permutations(sorted(_GOOD)).map(_layout).flatmap(damaged))
+def test_a_damaged_file_reads_as_the_reference_reader_reads_it_or_is_refused_by_name(tmp_path_factory, blob):
+    """Whatever the bytes, ``SafetensorsFile`` gives the tensors the format's reference
+    reader gives, or a ``SafetensorsError`` naming the file; it refuses only files
+    the reference refuses, and files in dtypes it does not take."""
+    path = str(tmp_path_factory.mktemp("damaged") / "x.safetensors")
+    with open(path, "wb") as f:
+        f.write(blob)
+    ref = _reference(blob)
+    event(f"the reference {'refuses' if ref is None else 'reads'} it")
+    try:
+        ours = _ours(path)
+    except SafetensorsError as e:
+        assert str(e).startswith(path + ": ") and "\n" not in str(e)
+        assert ref is None or any(code not in safetensors_io.DTYPES for code, _, _ in ref.values()), (str(e), ref)
+        return
+    assert ours == ref

@@ -171,3 +171,46 @@ def test_special_tokens_known_only_by_id_come_from_config_json(tmp_path, llama):
     (d / "generation_config.json").write_text(json.dumps({"pad_token_id": 0}))
     tok = tokenizers.load(str(d))
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_token) == (2, 1, 0, "<s>") and not tok.add_bos
+
+
+def _hole(d):
+    """Drops a tensor's header entry: its bytes then belong to no tensor."""
+    import struct
+
+    path = d / "model.safetensors"
+    blob = path.read_bytes()
+    n = struct.unpack("<Q", blob[:8])[0]
+    header = json.loads(blob[8:8 + n])
+    header.pop(sorted(k for k in header if k != "__metadata__")[0])
+    text = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text)) + text + blob[8 + n:])
+
+
+def _config(d, edit):
+    cfg = json.loads((d / "config.json").read_text())
+    edit(cfg)
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: _config(d, lambda c: c.pop("num_attention_heads")), r"config\.json: num_attention_heads is missing"),
+    (lambda d: _config(d, lambda c: c.update(vocab_size=-3)), r"config\.json: vocab_size=-3: expected a positive integer"),
+    (lambda d: _config(d, lambda c: c.update(rope_theta="x")), r"config\.json: rope_theta='x': expected a positive number"),
+    (lambda d: _config(d, lambda c: c.update(hidden_act=["silu"])), r"config\.json: hidden activation \['silu'\]"),
+    (lambda d: (d / "config.json").write_text("[]"), r"config\.json: not a JSON object"),
+    (_hole, r"model\.safetensors: corrupt .*leave \d+ bytes unused before them"),
+])
+def test_a_damaged_init_from_checkpoint_stops_training_in_one_line_naming_file_and_key(tmp_path, capsys, damage,
+                                                                                      message):
+    import re
+
+    from research.train import main
+
+    write_tiny_llama(str(tmp_path / "llama"))
+    write_jsonl(str(tmp_path / "d.jsonl"), "copy", n=40)
+    damage(tmp_path / "llama")
+    rc = main(["--config", "experiments/configs/finetune_hf.py", "--workdir", str(tmp_path / "run"),
+               "--set", f"init_from={tmp_path / 'llama'}", "--set", f"data=jsonl:{tmp_path / 'd.jsonl'}"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'llama'}/"), err
+    assert re.search(message, err[0]), err

@@ -50,7 +50,8 @@ from flax import nnx
 
 from research.models import scan
 from research.models.config import ModelConfig
-from research.safetensors_io import CheckpointError, SafetensorsError, ShardWriter, atomic_directory, checkpoint_files
+from research.safetensors_io import (CheckpointError, SafetensorsError, ShardWriter, atomic_directory,
+                                     checkpoint_files, json_object)
 from research.safetensors_io import open_checked as _open
 from research.models.transformer import Transformer
 
@@ -60,46 +61,68 @@ SUPPORTED = ("llama", "mistral", "qwen2", "gemma")
 _ACT = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu"}
 
 
-def _activation(hf: dict) -> str:
+def _activation(hf: dict, source: str) -> str:
     if hf.get("model_type") == "gemma":
         act = hf.get("hidden_activation") or "gelu_pytorch_tanh"
     else:
         act = hf.get("hidden_act", "silu")
-    if act not in _ACT:
-        raise CheckpointError(f"config.json: hidden activation {act!r} is not supported ({', '.join(_ACT)})")
+    if not isinstance(act, str) or act not in _ACT:
+        raise CheckpointError(f"{source}: hidden activation {act!r} is not supported ({', '.join(_ACT)})")
     return _ACT[act]
 
 
-def config_from_hf(hf: dict, **overrides) -> ModelConfig:
+_REQUIRED = object()
+
+
+def _field(hf: dict, key: str, source: str, default=_REQUIRED, *, integer: bool = True):
+    """``hf[key]`` (else ``default``): a positive integer, or with ``integer=False`` a
+    positive number, as a float."""
+    if key not in hf or (hf[key] is None and default is not _REQUIRED):
+        if default is _REQUIRED:
+            raise CheckpointError(f"{source}: {key} is missing")
+        return default
+    v = hf[key]
+    ok = type(v) is int if integer else isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not ok or not v > 0:
+        raise CheckpointError(f"{source}: {key}={v!r}: expected a positive {'integer' if integer else 'number'}")
+    return v if integer else float(v)
+
+
+def config_from_hf(hf: dict, *, source: str = "config.json", **overrides) -> ModelConfig:
+    """The ``ModelConfig`` of an HF ``config.json``'s contents ``hf``; a field missing
+    or out of range is a ``CheckpointError`` naming ``source`` and the key."""
+    if not isinstance(hf, dict):
+        raise CheckpointError(f"{source}: not a JSON object")
     kind = hf.get("model_type", "llama")
-    if kind not in SUPPORTED:
-        raise CheckpointError(f"config.json: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
+    if not isinstance(kind, str) or kind not in SUPPORTED:
+        raise CheckpointError(f"{source}: model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED)})")
     gemma = kind == "gemma"
     scaling = hf.get("rope_scaling") or {}
     rope = ()
     if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "llama3":
-            raise CheckpointError(f"config.json: rope_scaling type {kind!r} is not supported (only 'llama3')")
-        rope = tuple((k, float(v)) for k, v in sorted(scaling.items()) if k not in ("rope_type", "type"))
-    n_heads = hf["num_attention_heads"]
+        rope_kind = scaling.get("rope_type", scaling.get("type")) if isinstance(scaling, dict) else scaling
+        if rope_kind != "llama3":
+            raise CheckpointError(f"{source}: rope_scaling type {rope_kind!r} is not supported (only 'llama3')")
+        rope = tuple((k, _field(scaling, k, f"{source}: rope_scaling", integer=False))
+                     for k in sorted(scaling) if k not in ("rope_type", "type"))
+    n_heads = _field(hf, "num_attention_heads", source)
     return ModelConfig(
-        vocab_size=hf["vocab_size"],
-        d_model=hf["hidden_size"],
-        n_layers=hf["num_hidden_layers"],
+        vocab_size=_field(hf, "vocab_size", source),
+        d_model=_field(hf, "hidden_size", source),
+        n_layers=_field(hf, "num_hidden_layers", source),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads", n_heads),
-        head_dim=hf.get("head_dim"),
-        d_ff=hf["intermediate_size"],
-        rope_theta=float(hf.get("rope_theta", 10_000.0)),
+        n_kv_heads=_field(hf, "num_key_value_heads", source, n_heads),
+        head_dim=_field(hf, "head_dim", source, None),
+        d_ff=_field(hf, "intermediate_size", source),
+        rope_theta=_field(hf, "rope_theta", source, 10_000.0, integer=False),
         rope_scaling=rope,
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        norm_eps=_field(hf, "rms_norm_eps", source, 1e-6, integer=False),
         tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # GemmaConfig ties by default
         qkv_bias=kind == "qwen2" or bool(hf.get("attention_bias", False)),
-        activation=_activation(hf),
+        activation=_activation(hf, source),
         embed_scale=gemma,
         norm_offset=1.0 if gemma else 0.0,
-        max_position=int(hf.get("max_position_embeddings", 8192)),
+        max_position=_field(hf, "max_position_embeddings", source, 8192),
     ).replace(**overrides)
 
 
@@ -171,8 +194,7 @@ def from_hf(path: str, dtype=jnp.float32, **overrides) -> Transformer:
     cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
     if not os.path.isfile(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing (needed for the model shape)")
-    with open(cfg_path) as f:
-        cfg = config_from_hf(json.load(f), param_dtype=jnp.dtype(dtype).name, **overrides)
+    cfg = config_from_hf(json_object(cfg_path), source=cfg_path, param_dtype=jnp.dtype(dtype).name, **overrides)
     files = checkpoint_files(path)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     params = flat_params(model)

@@ -47,7 +47,7 @@ from safetensors.numpy import load_file, save_file
 from research.merging.tree import path_name
 from research.models import scan
 from research.models.config import LORA_TARGETS, LoRAConfig
-from research.safetensors_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, atomic_directory
+from research.safetensors_io import ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, atomic_directory, json_object
 
 _MODULE = {t: ("attn", "self_attn") if t in ("q_proj", "k_proj", "v_proj", "o_proj") else ("mlp", "mlp")
            for t in LORA_TARGETS}
@@ -313,13 +313,9 @@ def read_peft_config(path: str) -> tuple[LoRAConfig, dict]:
     """The ``LoRAConfig`` of a peft adapter directory and its raw config; anything
     this model cannot represent is a ``CheckpointError`` naming the key."""
     cfg_path = os.path.join(path, ADAPTER_CONFIG)
-    try:
-        with open(cfg_path) as f:
-            raw = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path}: missing (not a peft adapter directory)") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not os.path.isfile(cfg_path):
+        raise CheckpointError(f"{cfg_path}: missing (not a peft adapter directory)")
+    raw = json_object(cfg_path)
     if raw.get("peft_type") != "LORA":
         raise CheckpointError(f"{cfg_path}: peft_type {raw.get('peft_type')!r}; only 'LORA' adapters are supported")
     unsupported = {"use_dora": False, "fan_in_fan_out": False, "bias": "none", "modules_to_save": None,
@@ -328,18 +324,25 @@ def read_peft_config(path: str) -> tuple[LoRAConfig, dict]:
         if raw.get(key, plain) not in (plain, None, [], {}, False, "none"):
             raise CheckpointError(f"{cfg_path}: {key}={raw[key]!r} is not supported (only {plain!r})")
     targets = raw.get("target_modules")
-    if isinstance(targets, str) or not targets:
+    if not (isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets)):
         raise CheckpointError(f"{cfg_path}: target_modules={targets!r}: expected a list of module names "
                               f"among {', '.join(LORA_TARGETS)}")
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad:
         raise CheckpointError(f"{cfg_path}: target_modules names {bad[0]!r}; this model adapts only "
                               f"{', '.join(LORA_TARGETS)}")
-    for key in ("r", "lora_alpha"):
-        if not isinstance(raw.get(key), (int, float)) or raw[key] <= 0:
-            raise CheckpointError(f"{cfg_path}: {key}={raw.get(key)!r}: expected a positive number")
-    lora = LoRAConfig(rank=int(raw["r"]), alpha=float(raw["lora_alpha"]), targets=tuple(sorted(targets)),
-                      dropout=float(raw.get("lora_dropout", 0.0) or 0.0), rslora=bool(raw.get("use_rslora", False)))
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+    if not (type(raw.get("r")) is int and raw["r"] > 0):
+        raise CheckpointError(f"{cfg_path}: r={raw.get('r')!r}: expected a positive integer")
+    if not (number(raw.get("lora_alpha")) and raw["lora_alpha"] > 0):
+        raise CheckpointError(f"{cfg_path}: lora_alpha={raw.get('lora_alpha')!r}: expected a positive number")
+    dropout, rslora = raw.get("lora_dropout") or 0.0, raw.get("use_rslora") or False
+    if not (number(dropout) and 0 <= dropout < 1):
+        raise CheckpointError(f"{cfg_path}: lora_dropout={dropout!r}: expected a number in [0, 1)")
+    if not isinstance(rslora, bool):
+        raise CheckpointError(f"{cfg_path}: use_rslora={rslora!r}: expected true or false")
+    lora = LoRAConfig(rank=raw["r"], alpha=float(raw["lora_alpha"]), targets=tuple(sorted(targets)),
+                      dropout=float(dropout), rslora=rslora)
     return lora, raw
 
 

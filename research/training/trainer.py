@@ -123,7 +123,7 @@ def build_model(cfg: TrainConfig, mesh):
 def check_hf_overrides(cfg: TrainConfig) -> None:
     """``model_overrides`` may set how an HF model computes (``_RUNTIME_FIELDS``) and
     its parameter dtype; a shape field must agree with its ``config.json``."""
-    hf = config_from_hf(data_lib.hf_config(cfg.init_from))
+    hf = config_from_hf(data_lib.hf_config(cfg.init_from), source=os.path.join(cfg.init_from, "config.json"))
     for k, v in cfg.model_overrides:
         if k not in (*_RUNTIME_FIELDS, "param_dtype") and getattr(hf, k) != v:
             raise ConfigError(f"model_overrides: {k}={v!r} contradicts {os.path.join(cfg.init_from, 'config.json')}, "
@@ -133,7 +133,9 @@ def check_hf_overrides(cfg: TrainConfig) -> None:
 def vocab_rows(cfg: TrainConfig) -> int:
     """The embedding rows of the model ``cfg`` trains (from ``config.json`` for an HF init)."""
     hf = data_lib.hf_init_dir(cfg)
-    return config_from_hf(data_lib.hf_config(hf)).vocab_size if hf else model_config(cfg).vocab_size
+    if not hf:
+        return model_config(cfg).vocab_size
+    return config_from_hf(data_lib.hf_config(hf), source=os.path.join(hf, "config.json")).vocab_size
 
 
 def _build_base(cfg: TrainConfig, mesh):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import dataclasses
-import json
 import os
 import re
 import sys
@@ -38,7 +37,7 @@ from research.merging.stream import chunked, metadata, slices, sources
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
-from research.safetensors_io import ShardWriter
+from research.safetensors_io import CheckpointError, ShardWriter, json_object
 
 _GLOBAL_RENAME = {"lambda": "lam"}
 _IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
@@ -223,10 +222,11 @@ def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Pl
 def _n_layers(ref: TensorSource, names) -> int:
     cj = ref.config_json()
     if cj:
-        with open(cj) as f:
-            n = json.load(f).get("num_hidden_layers")
+        n = json_object(cj).get("num_hidden_layers")
+        if n is not None and not (type(n) is int and n > 0):
+            raise CheckpointError(f"{cj}: num_hidden_layers is {n!r}, not a positive integer")
         if n:
-            return int(n)
+            return n
     idx = [int(m.group(1)) for n in names if (m := cfg_lib.LAYER.search(n))]
     return max(idx) + 1 if idx else 1
 

@@ -25,6 +25,7 @@ import yaml
 from research.data.tokenizers import chat_template as read_chat_template
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.sources import HEAD
+from research.safetensors_io import CheckpointError, json_object
 
 
 class MetadataError(ValueError):
@@ -53,8 +54,7 @@ def check_tokenizer(mc, inputs: list[str], vocab_rows: set) -> str | None:
                                 f"({', '.join(cfg_lib.TOKENIZER_FILES)})")
         cj = os.path.join(tok_dir, "config.json")
         if os.path.isfile(cj):
-            with open(cj) as f:
-                vocab = json.load(f).get("vocab_size")
+            vocab = json_object(cj).get("vocab_size")
             if vocab and vocab_rows and vocab not in vocab_rows:
                 raise MetadataError(f"{mc.source}: tokenizer_source {mc.tokenizer_source} has vocab_size {vocab}, but "
                                     f"the merged embeddings have {sorted(vocab_rows)} rows; its tokenizer would not "
@@ -67,10 +67,9 @@ def check_tokenizer(mc, inputs: list[str], vocab_rows: set) -> str | None:
     tc = os.path.join(tok_dir, "tokenizer_config.json")
     if os.path.isfile(tc):  # the template goes in there
         try:
-            with open(tc, encoding="utf-8") as f:
-                json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MetadataError(f"{mc.source}: chat_template: {tc} is not valid JSON ({e})") from None
+            json_object(tc)
+        except CheckpointError as e:
+            raise MetadataError(f"{mc.source}: chat_template: {e}") from None
     if mc.chat_template != "auto":
         return mc.chat_template
     found = []
@@ -89,8 +88,7 @@ def write(plan, mc, tmp: str, out_dtype, first, template: str | None, header: st
     first input's ``TensorSource``; ``header``: the comment atop merge_config.yaml."""
     cj = first.config_json()
     if cj:
-        with open(cj) as f:
-            config = json.load(f)
+        config = json_object(cj)
         if "num_hidden_layers" in config:  # slices may give the output another depth
             config["num_hidden_layers"] = plan.n_layers
         if config.get("tie_word_embeddings") and HEAD in plan.names:  # a head of its own (sources.untie_head)
@@ -116,8 +114,7 @@ def write(plan, mc, tmp: str, out_dtype, first, template: str | None, header: st
 def _set_chat_template(out: str, template: str) -> None:
     jinja, tc_path = os.path.join(out, "chat_template.jinja"), os.path.join(out, "tokenizer_config.json")
     if os.path.isfile(tc_path):
-        with open(tc_path, encoding="utf-8") as f:
-            tc = json.load(f)
+        tc = json_object(tc_path)
         tc["chat_template"] = template
         with open(tc_path, "w", encoding="utf-8") as f:
             json.dump(tc, f, indent=2, ensure_ascii=False)

@@ -4,14 +4,13 @@ peft LoRA adapters on a base (``open_source``)."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 
 import numpy as np
 
 from research.safetensors_io import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, CheckpointError, SafetensorsError,
-                                     checkpoint_files, is_adapter_dir)
+                                     checkpoint_files, is_adapter_dir, json_object)
 from research.safetensors_io import open_checked as _open
 
 
@@ -134,15 +133,17 @@ class AdapterSource:
     tensor is the base's."""
 
     def __init__(self, base: TensorSource, adapter: str):
-        from safetensors.numpy import load_file
-
         from research.models import lora
 
         cfg, _ = lora.read_peft_config(adapter)
         file = os.path.join(adapter, ADAPTER_WEIGHTS)
         if not os.path.isfile(file):
             raise CheckpointError(f"{adapter}: {ADAPTER_WEIGHTS} is missing")
-        tensors = load_file(file)
+        f = _open(file)
+        try:
+            tensors = {n: f.read(n) for n in f.keys()}
+        finally:
+            f.close()
         self.base, self.path, self.scale = base, f"{base.path}+{adapter}", cfg.scale
         self.shapes, self.dtypes = base.shapes, base.dtypes
         self._factors = {}
@@ -151,6 +152,9 @@ class AdapterSource:
             if not m:
                 if ".lora_B" not in name_a:
                     raise CheckpointError(f"{file}: tensor {name_a} is not a LoRA factor (only lora_A/lora_B)")
+                if name_a.replace(".lora_B", ".lora_A") not in tensors:
+                    raise CheckpointError(f"{file}: tensor {name_a.replace('.lora_B', '.lora_A')} is missing "
+                                          "(its lora_B is there)")
                 continue
             name_b = name_a.replace(".lora_A", ".lora_B")
             target = f"{m.group(1)}.weight"
@@ -158,6 +162,9 @@ class AdapterSource:
                 raise CheckpointError(f"{file}: tensor {name_b} is missing (its lora_A is there)")
             if target not in base.shapes:
                 raise CheckpointError(f"{file}: tensor {name_a} adapts {target}, which {base.path} does not hold")
+            if len(base.shapes[target]) != 2:
+                raise CheckpointError(f"{file}: tensor {name_a} adapts {target} of shape {base.shapes[target]}; "
+                                      "LoRA adapts matrices")
             a, b = tensors[name_a].astype(np.float32), tensors[name_b].astype(np.float32)
             out, inp = base.shapes[target]
             if a.shape != (cfg.rank, inp) or b.shape != (out, cfg.rank):
@@ -248,8 +255,7 @@ def _tied(src) -> bool:
     cj = src.config_json()
     if HEAD in src.shapes or EMBED not in src.shapes or not cj:
         return False
-    with open(cj) as f:
-        return bool(json.load(f).get("tie_word_embeddings"))
+    return json_object(cj).get("tie_word_embeddings") is True
 
 
 def _is_orbax_step(path: str) -> bool:
