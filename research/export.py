@@ -108,6 +108,7 @@ def main(argv=None) -> int:
     ap.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     args = ap.parse_args(argv)
     from research.safetensors_io import CheckpointError
+    from research.training.checkpoint import CheckpointMismatch
     from research.training.config import ConfigError
 
     try:
@@ -115,7 +116,7 @@ def main(argv=None) -> int:
 
         step = export(args.run_dir, args.out_dir, step=args.step, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
                       shard_size=args.shard_size, force=args.force)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, CheckpointError, CheckpointMismatch, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"exported {args.run_dir} step {step} to {args.out_dir}")

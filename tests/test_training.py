@@ -91,6 +91,33 @@ def test_checkpoint_of_another_model_shape_is_refused(tmp_path):
         train(other, str(tmp_path / "shape"), evaluate_at_end=False, override_resume=True)
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_damaged_checkpoint_is_named_on_resume_in_a_merge_and_an_export(tmp_path, capsys, damage):
+    """orbax and tensorstore raise many kinds of error on a step's damaged files; each
+    reads as one line naming the directory and the step, whether a run resumes
+    from it, a merge reads it or ``research.export`` converts it."""
+    import re
+
+    from research.export import main as export_main
+    from research.merging.stream.sources import TensorSource
+    from research.safetensors_io import CheckpointError
+
+    _run(tmp_path, "run", steps=3)
+    meta = tmp_path / "run" / "checkpoints" / "3" / "state" / "_METADATA"
+    if damage == "truncate":
+        meta.write_bytes(meta.read_bytes()[:100])
+    else:
+        meta.unlink()
+    where = rf"{tmp_path / 'run' / 'checkpoints'} step 3 cannot be read back \(\w+: [^\n]*\); move"
+    with pytest.raises(CheckpointMismatch, match=where):
+        _run(tmp_path, "run", steps=6)
+    with pytest.raises(CheckpointError, match=where):
+        TensorSource(str(tmp_path / "run"))
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and re.search(where, err[0]) and not (tmp_path / "hf").exists(), err
+
+
 def test_disk_full_while_saving_is_reported_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     _run(tmp_path, "disk", stop_at=3)
     import orbax.checkpoint as ocp

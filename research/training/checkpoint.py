@@ -10,7 +10,8 @@ A save that cannot complete (a full disk, found before it starts or when the
 background write fails) is a ``CheckpointSaveError`` naming the directory, the
 space needed and the last complete step.  Temporary directories of saves that
 never completed (a killed run) are removed when the next run opens the
-directory.
+directory.  A step whose files cannot be read back (damaged or partly deleted)
+is a ``CheckpointMismatch`` naming the directory and the step.
 
 In a multi-process run every process opens the ``Checkpointer`` and calls
 ``save``/``restore`` at the same steps: orbax writes each process's shards
@@ -20,6 +21,7 @@ stale temporaries, and the others wait for it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import glob
 import logging
@@ -153,6 +155,19 @@ class Checkpointer:
         self._pending = (step, needed)
         return True
 
+    @contextlib.contextmanager
+    def _reading(self, step: int):
+        """Whatever orbax or tensorstore raise on a step's damaged files, as one
+        ``CheckpointMismatch`` line naming the directory and the step."""
+        try:
+            yield
+        except CheckpointMismatch:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise CheckpointMismatch(f"{self.directory} step {step} cannot be read back ({type(e).__name__}: {first}); "
+                                     "move that step's directory away to use the one before") from None
+
     def restore(self, step: int, params_target, opt_target):
         """Restore onto the shardings of ``params_target``/``opt_target`` (arrays or ShapeDtypeStructs)."""
         self._check_shapes(step, params_target)
@@ -160,9 +175,10 @@ class Checkpointer:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
             {"params": params_target, "opt_state": opt_target},
         )
-        out = self.manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
-        )
+        with self._reading(step):
+            out = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore())
+            )
         return out["state"]["params"], out["state"]["opt_state"], out["data"]
 
     def restore_params(self, step: int, params_target):
@@ -173,15 +189,20 @@ class Checkpointer:
         )
         restore_args = jax.tree.map(lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding), abstract)
         state_dir = os.path.join(self.directory, str(step), "state")
-        with ocp.PyTreeCheckpointer() as reader:
+        with self._reading(step), ocp.PyTreeCheckpointer() as reader:
             out = reader.restore(state_dir, args=ocp.args.PyTreeRestore(
                 item={"params": abstract}, restore_args={"params": restore_args}, partial_restore=True))
         return out["params"]
 
+    def param_metadata(self, step: int):
+        """The saved parameters' tree of array metadata (shape, dtype) at ``step``."""
+        with self._reading(step):
+            return self.manager.item_metadata(step)["state"]["params"]
+
     def param_shapes(self, step: int) -> dict:
         """``{parameter name (``layers/0/attn/q_proj``): shape}`` as saved at ``step``
         (from the metadata alone)."""
-        meta = self.manager.item_metadata(step)["state"]["params"]
+        meta = self.param_metadata(step)
         return {_name(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
 
     def _check_shapes(self, step, params_target):

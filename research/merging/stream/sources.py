@@ -51,7 +51,7 @@ class TensorSource:
 
         from research.merging.tree import path_name
         from research.models import scan
-        from research.training.checkpoint import Checkpointer
+        from research.training.checkpoint import Checkpointer, CheckpointMismatch
 
         ck_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else os.path.dirname(path)
         ck = Checkpointer(ck_dir, save_every=0, keep=1, async_save=False)
@@ -60,9 +60,11 @@ class TensorSource:
             if step is None:
                 raise CheckpointError(f"{path}: an orbax directory without checkpoints")
             here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-            meta = ck.manager.item_metadata(step)["state"]["params"]
+            meta = ck.param_metadata(step)
             target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), meta)
             params = ck.restore_params(step, target)
+        except CheckpointMismatch as e:
+            raise CheckpointError(str(e)) from None
         finally:
             ck.close()
         flat = {path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
