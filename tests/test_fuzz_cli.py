@@ -201,36 +201,52 @@ _DAMAGEABLE = ["ft0/model-00001-of-00002.safetensors", "ad/adapter_model.safeten
                "ft0/model.safetensors.index.json", "base/config.json", "ad/adapter_config.json"]
 
 
+def _strings(doc):
+    if isinstance(doc, str):
+        yield doc
+    elif isinstance(doc, (dict, list)):
+        for k, v in (doc.items() if isinstance(doc, dict) else enumerate(doc)):
+            yield from _strings(k)
+            yield from _strings(v)
+
+
 @st.composite
-def _damage(draw, pristine: dict):
-    """One input file of ``damage_zoo`` and new bytes for it: a safetensors file edited
-    as ``test_safetensors_io.damaged`` edits them, or a JSON file with one key set
-    to anything, removed, or the whole text cut or replaced."""
+def damaged_json(draw, blob: bytes) -> bytes:
+    """``blob`` (a JSON file) cut short, replaced by any JSON, or with one entry, at any
+    depth, removed or set to any JSON value or to another string of the document."""
     import json
 
-    from test_safetensors_io import _json, damaged
+    from test_safetensors_io import _json
+
+    kind = draw(st.sampled_from(["set", "set", "set", "drop", "cut", "replace"]))
+    if kind == "cut":
+        return blob[:draw(st.integers(0, len(blob) - 1))]
+    if kind == "replace":
+        return json.dumps(draw(_json)).encode()
+    doc = json.loads(blob)
+    node = doc
+    while isinstance(node, (dict, list)) and node:
+        key = draw(st.sampled_from(sorted(node) if isinstance(node, dict) else range(len(node))))
+        if isinstance(node[key], (dict, list)) and node[key] and draw(st.booleans()):
+            node = node[key]
+            continue
+        if kind == "drop":
+            del node[key]
+        else:
+            node[key] = draw(st.one_of(_json, st.sampled_from(sorted(set(_strings(doc))) or [""])))
+        break
+    return json.dumps(doc).encode()
+
+
+@st.composite
+def _damage(draw, pristine: dict):
+    """One input file of ``damage_zoo`` and new bytes for it (``damaged`` safetensors,
+    ``damaged_json`` for the rest)."""
+    from test_safetensors_io import damaged
 
     name = draw(st.sampled_from(_DAMAGEABLE))
     blob = pristine[name]
-    if name.endswith(".safetensors"):
-        return name, draw(damaged(blob))
-    doc = json.loads(blob)
-    kind = draw(st.sampled_from(["set", "set", "drop", "cut", "replace"]))
-    if kind == "cut":
-        return name, blob[:draw(st.integers(0, len(blob) - 1))]
-    if kind == "replace":
-        return name, json.dumps(draw(_json)).encode()
-    key = draw(st.sampled_from(sorted(doc) + ["weight_map", "num_hidden_layers", "tie_word_embeddings", "r"]))
-    if kind == "drop":
-        doc.pop(key, None)
-    elif key == "weight_map" and draw(st.booleans()):  # one tensor's shard renamed or dropped
-        wm = dict(doc.get("weight_map") or {})
-        tensor = draw(st.sampled_from(sorted(wm) or ["x"]))
-        wm[tensor] = draw(st.one_of(_json, st.sampled_from(sorted(set(wm.values())) or ["y"])))
-        doc["weight_map"] = wm
-    else:
-        doc[key] = draw(_json)
-    return name, json.dumps(doc).encode()
+    return name, draw(damaged(blob) if name.endswith(".safetensors") else damaged_json(blob))
 
 
 @settings(FUZZ, max_examples=_CAMPAIGN or 60)
@@ -258,3 +274,51 @@ def test_damaged_inputs_merge_or_fail_in_one_line_naming_the_damaged_file(damage
             import shutil
 
             shutil.rmtree(out)
+
+
+@pytest.fixture(scope="module")
+def init_zoo(tmp_path_factory):
+    """A tiny Llama-style HF directory (config, safetensors, tokenizer files) and a JSONL file."""
+    from tinyhf import write_jsonl, write_tiny_llama
+
+    root = tmp_path_factory.mktemp("init")
+    write_tiny_llama(str(root / "llama"))
+    write_jsonl(str(root / "d.jsonl"), "copy", n=40)
+    return root
+
+
+_INIT_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors"]
+
+
+@settings(FUZZ, max_examples=_CAMPAIGN or 30)
+@given(data=st.data())
+def test_a_damaged_init_from_directory_trains_or_fails_in_one_line_naming_it(init_zoo, capsys, data):
+    """Fine-tuning from an HF directory with one damaged file (its config, tokenizer,
+    tokenizer config or weights) either trains or stops with exit code 2 and one
+    line naming the directory's file."""
+    import shutil
+
+    from research.train import main as train_main
+    from test_safetensors_io import damaged
+
+    llama = init_zoo / "llama"
+    name = data.draw(st.sampled_from(_INIT_FILES))
+    pristine = (llama / name).read_bytes()
+    blob = data.draw(damaged(pristine) if name.endswith(".safetensors") else damaged_json(pristine))
+    event(name)
+    (llama / name).write_bytes(blob)
+    try:
+        capsys.readouterr()
+        rc = train_main(["--config", "experiments/configs/finetune_hf.py", "--workdir", str(init_zoo / "run"),
+                         "--no-resume", *[a for kv in (f"init_from={llama}", f"data=jsonl:{init_zoo / 'd.jsonl'}",
+                                                       "steps=1", "save_every=0", "eval_samples=1", "max_new_tokens=1",
+                                                       "batch_size=2", "seq_len=32", "chunk_size=16", "mesh=(1,1,1)")
+                                          for a in ("--set", kv)]])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        event(f"rc {rc}")
+        assert rc in (0, 2), err
+        if rc == 2:
+            assert len(err) == 1 and err[0].startswith("error: ") and str(llama) in err[0], err
+    finally:
+        (llama / name).write_bytes(pristine)
+        shutil.rmtree(init_zoo / "run", ignore_errors=True)

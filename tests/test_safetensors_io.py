@@ -191,7 +191,11 @@ def _reference(blob):
         return None
 
 
-@settings(max_examples=400, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
+_CAMPAIGN = int(os.environ.get("FUZZ_EXAMPLES", 0))  # as in test_fuzz_cli: fresh random examples
+
+
+@settings(max_examples=_CAMPAIGN or 400, deadline=None, derandomize=not _CAMPAIGN,
+          suppress_health_check=list(HealthCheck))
 @given(blob=st.permutations(sorted(_GOOD)).map(_layout).flatmap(damaged))
 def test_a_damaged_file_reads_as_the_reference_reader_reads_it_or_is_refused_by_name(tmp_path_factory, blob):
     """Whatever the bytes, ``SafetensorsFile`` gives the tensors the format's reference

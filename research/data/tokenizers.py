@@ -70,8 +70,14 @@ class SentencePieceTokenizer:
         import sentencepiece as spm
 
         self.name = path
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        try:
+            self._sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as e:  # sentencepiece raises RuntimeError or OSError on a damaged model
+            raise ValueError(f"{path}: sentencepiece cannot read it ({_first_line(e)})") from None
         self.vocab_size = self._sp.get_piece_size()
+        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if specials and specials.get(k) is not None and not 0 <= specials[k] < self.vocab_size:
+                raise ValueError(f"{path}: {k}={specials[k]} is not an id of its {self.vocab_size}")
         specials = specials or {}
         ids = lambda tok: self._sp.piece_to_id(tok) if tok and self._sp.piece_to_id(tok) != self._sp.unk_id() else None
         eos = ids(specials.get("eos_token"))
@@ -96,6 +102,9 @@ class SentencePieceTokenizer:
         return self._sp.decode([int(i) for i in ids])
 
 
+_PROBE = "copy: Hello, World!\n  0123 \u00e9\u4e2d\U0001f600\t"  # words, digits, spaces, accents, CJK, emoji
+
+
 class HFTokenizer:
     """A local Hugging Face ``tokenizer.json`` (the ``tokenizers`` library).
 
@@ -112,7 +121,14 @@ class HFTokenizer:
         from tokenizers import Tokenizer as _Tok
 
         self.name = path
-        self._tok = _Tok.from_file(path)
+        try:  # a damaged file may load and then fail on its first text: tried here, where it can be named
+            self._tok = _Tok.from_file(path)
+            self._tok.decode(self._tok.encode(_PROBE, add_special_tokens=False).ids)
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as e:  # a bare Exception on a damaged file, or a Rust panic (pyo3's PanicException)
+            raise ValueError(f"{path}: the tokenizers library cannot read it or encode with it "
+                             f"({_first_line(e)})") from None
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         vocab = self._tok.get_vocab(with_added_tokens=True)
         specials = dict(specials or {})
@@ -154,39 +170,68 @@ def encode_sequence(tok: Tokenizer, text: str) -> list[int]:
     return ids
 
 
-def _token_str(v):
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _token_str(v, where: str, key: str):
     """A special token as ``tokenizer_config.json`` writes it: a string or ``{"content": ...}``."""
-    return v.get("content") if isinstance(v, dict) else v
+    t = v.get("content") if isinstance(v, dict) else v
+    if t is not None and not isinstance(t, str):
+        raise ValueError(f"{where}: {key}={v!r}: expected a token string or {{\"content\": string}}")
+    return t
 
 
 def _read_json(path: str) -> dict:
-    """A JSON file's contents; ``{}`` where there is no such file."""
+    """A JSON file's object; ``{}`` where there is no such file."""
     if not os.path.isfile(path):
         return {}
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            doc = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply
+        raise ValueError(f"{path}: not valid JSON ({_first_line(e)})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: not a JSON object")
+    return doc
+
+
+def _token_id(v, where: str, key: str) -> int:
+    """An id as configs write it: an integer, or a list of them (the first is taken)."""
+    i = v[0] if isinstance(v, list) and v else v
+    if type(i) is not int or i < 0:
+        raise ValueError(f"{where}: {key}={v!r}: expected a token id")
+    return i
 
 
 def hf_specials(directory: str) -> dict:
     """``bos_token``/``eos_token``/``pad_token`` (strings), ``add_bos_token`` and
-    ``chat_template`` of an HF model directory, read as transformers reads them."""
-    read = lambda name: _read_json(os.path.join(directory, name))
-    tc, sm = read("tokenizer_config.json"), read("special_tokens_map.json")
-    model_cfg = {**read("config.json"), **{k: v for k, v in read("generation_config.json").items() if v is not None}}
+    ``chat_template`` of an HF model directory, read as transformers reads them.
+    A value of the wrong type is a ``ValueError`` naming the file and key."""
+    path = lambda name: os.path.join(directory, name)
+    tc, sm = _read_json(path("tokenizer_config.json")), _read_json(path("special_tokens_map.json"))
+    ids = [(name, {k: v for k, v in _read_json(path(name)).items() if v is not None})
+           for name in ("config.json", "generation_config.json")]
     out = {}
     for k in ("bos_token", "eos_token", "pad_token"):
-        v = _token_str(tc.get(k)) or _token_str(sm.get(k))
+        v = _token_str(tc.get(k), path("tokenizer_config.json"), k) or _token_str(sm.get(k), path("special_tokens_map.json"), k)
         if v:
             out[k] = v
-        elif model_cfg.get(f"{k}_id") is not None:  # only an id: the model's config.json / generation_config.json
-            i = model_cfg[f"{k}_id"]
-            out[f"{k}_id"] = int(i[0] if isinstance(i, list) else i)
+            continue
+        for name, cfg in reversed(ids):  # only an id: generation_config.json's, else config.json's
+            if f"{k}_id" in cfg:
+                out[f"{k}_id"] = _token_id(cfg[f"{k}_id"], path(name), f"{k}_id")
+                break
+    add_bos, cls = tc.get("add_bos_token"), tc.get("tokenizer_class") or ""
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise ValueError(f"{path('tokenizer_config.json')}: add_bos_token={add_bos!r}: expected true or false")
+    if not isinstance(cls, str):
+        raise ValueError(f"{path('tokenizer_config.json')}: tokenizer_class={cls!r}: expected a class name")
     # Llama/Mistral/Gemma tokenizers add BOS by default (LlamaTokenizer's add_bos_token=True)
-    out["add_bos_token"] = tc.get("add_bos_token", ("bos_token" in out or "bos_token_id" in out) and
-                                  tc.get("tokenizer_class", "").startswith(("Llama", "Gemma", "Mistral")))
+    out["add_bos_token"] = add_bos if add_bos is not None else (
+        ("bos_token" in out or "bos_token_id" in out) and cls.startswith(("Llama", "Gemma", "Mistral")))
     template = chat_template(directory, tc)
     if template:
         out["chat_template"] = template
@@ -203,11 +248,16 @@ def chat_template(directory: str, tokenizer_config: dict | None = None) -> str |
     if os.path.isfile(jinja):
         with open(jinja, encoding="utf-8") as f:
             return f.read()
+    where = os.path.join(directory, "tokenizer_config.json")
     if tokenizer_config is None:
-        tokenizer_config = _read_json(os.path.join(directory, "tokenizer_config.json"))
+        tokenizer_config = _read_json(where)
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        if not all(isinstance(t, dict) for t in template):
+            raise ValueError(f"{where}: chat_template: expected a string or a list of {{\"name\", \"template\"}}")
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{where}: chat_template={template!r:.60}: expected a Jinja template string")
     return template or None
 
 

@@ -21,7 +21,7 @@ import json
 import os
 
 from research.data import sources as sources_lib, tokenizers
-from research.data.templates import ChatTemplate
+from research.data.templates import ChatTemplate, TemplateError
 from research.training.config import ConfigError, TrainConfig
 
 
@@ -59,8 +59,12 @@ def chat_for(cfg: TrainConfig, tok) -> ChatTemplate:
             raise ConfigError(f"chat_template={template!r}: no such file")
         with open(template, encoding="utf-8") as f:
             template = f.read()
+    source = f"chat_template={cfg.chat_template!r}" if template else f"the chat template of {tok.name}"
     template = template or tok.chat_template
-    return ChatTemplate(template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    try:
+        return ChatTemplate(template, bos_token=tok.bos_token, eos_token=tok.eos_token)
+    except TemplateError as e:
+        raise ConfigError(f"{source}: {e} (set chat_template= to use another)") from None
 
 
 def sources_for(cfg: TrainConfig, tok) -> tuple[list, object]:
