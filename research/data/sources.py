@@ -150,8 +150,9 @@ class JsonlSource:
             if not isinstance(text, str) or not text:
                 raise DataError(f"{f['text']!r} must be a non-empty string")
             return "", text
+        nulls = [f[k] for k in _FIELD_OPTIONS if f[k] in rec and rec[f[k]] is None]
         raise DataError(f"needs {f['prompt']!r} and {f['response']!r}, or {f['text']!r}, or {f['messages']!r}; "
-                        f"got keys {sorted(rec)}")
+                        f"got keys {sorted(rec)}" + "".join(f" ({k!r} is null)" for k in nulls))
 
     def example(self, split: str, index: int) -> tuple[str, str]:
         tasks_lib._check_split(split)
