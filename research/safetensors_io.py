@@ -114,18 +114,19 @@ class SafetensorsFile:
     def keys(self):
         return list(self.entries)
 
-    def _locate(self, name: str, rows):
+    def _locate(self, name: str, rows, flat: bool = False):
         dtype, shape, begin = self.entries[name]
         if rows is not None:
             start, stop = rows
-            begin += start * math.prod(shape[1:]) * dtype.itemsize
-            shape = (stop - start, *shape[1:])
+            row = (shape[-1],) if flat else shape[1:]
+            begin += start * math.prod(row) * dtype.itemsize
+            shape = (stop - start, *row)
         return dtype, shape, self._start + begin
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """The tensor, or its leading-axis slice ``rows = (start, stop)``, in a fresh
-        64-byte-aligned array."""
-        dtype, shape, offset = self._locate(name, rows)
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
+        """The tensor, or its leading-axis slice ``rows = (start, stop)`` (with ``flat``,
+        rows of its ``[-1, shape[-1]]`` view), in a fresh 64-byte-aligned array."""
+        dtype, shape, offset = self._locate(name, rows, flat)
         out = aligned_empty(shape, dtype)
         buf = memoryview(out.reshape(-1).view(np.uint8))
         done, total = 0, out.nbytes
@@ -136,7 +137,7 @@ class SafetensorsFile:
             done += got
         return out
 
-    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         """What ``read`` returns, as an array over the file's pages in the page cache
         instead of a copy: a private copy-on-write map (writing to the array never
         changes the file), its page table filled up front.  Its pages count towards
@@ -146,17 +147,17 @@ class SafetensorsFile:
         ``jax.device_put`` needs to alias rather than copy it.  As with any memory
         map, truncating the file while the array lives kills the process (SIGBUS)
         when it touches lost pages."""
-        dtype, shape, offset = self._locate(name, rows)
+        dtype, shape, offset = self._locate(name, rows, flat)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes < MAP_MIN or offset % dtype.itemsize:
-            return self.read(name, rows)
+            return self.read(name, rows, flat=flat)
         if os.fstat(self._fd).st_size < offset + nbytes:
             raise self._bad(f"tensor {name!r}: the file is shorter than its header says (truncated since opened)")
         start = offset - offset % mmap.ALLOCATIONGRANULARITY
         try:
             pages = mmap.mmap(self._fd, offset + nbytes - start, access=mmap.ACCESS_COPY, offset=start)
         except OSError:  # a file system that cannot map files (ENODEV), or no address space left
-            return self.read(name, rows)
+            return self.read(name, rows, flat=flat)
         try:
             if _MADV_POPULATE_READ is not None:
                 pages.madvise(_MADV_POPULATE_READ)
@@ -258,14 +259,16 @@ class ShardWriter:
         self.add_rows(name, arr, whole=True)
 
     def add_rows(self, name: str, arr: np.ndarray, whole: bool = False) -> None:
-        """The next leading-axis rows of tensor ``name`` (``add`` them in order, all of them)."""
+        """The next rows of tensor ``name``: of its leading axis, or of its ``[-1,
+        shape[-1]]`` view (``add`` them in order, all of them)."""
         arr = np.ascontiguousarray(arr)
         if arr.dtype not in CODES:
             raise SafetensorsError(f"tensor {name!r}: dtype {arr.dtype} has no safetensors code")
         want = self._plan[self._next] if self._next < len(self._plan) else None
-        done = getattr(self, "_rows_done", 0)
+        done = getattr(self, "_entries_done", 0)
         fits = want is not None and want[0] == name and want[2] == arr.dtype and (
-            arr.shape == want[1] if whole else (arr.shape[1:] == want[1][1:] and done + arr.shape[0] <= want[1][0]))
+            arr.shape == want[1] if whole else (arr.shape[1:] in (want[1][1:], want[1][-1:])
+                                                and done + arr.size <= math.prod(want[1])))
         if not fits:
             raise SafetensorsError(f"tensor {name!r} {arr.shape} {arr.dtype} arrived where the layout expects {want}")
         i = self._shard_of[name]
@@ -273,9 +276,9 @@ class ShardWriter:
             self._open_shard(i)
         self._file.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self.total += arr.nbytes
-        self._rows_done = 0 if whole else done + arr.shape[0]
-        if whole or self._rows_done == want[1][0]:
-            self._rows_done = 0
+        self._entries_done = 0 if whole else done + arr.size
+        if whole or self._entries_done == math.prod(want[1]):
+            self._entries_done = 0
             self._next += 1
 
     def _close_file(self):

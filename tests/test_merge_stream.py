@@ -163,6 +163,44 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
             assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
 
 
+@pytest.mark.parametrize("method", merging.METHODS)
+def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method):
+    """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
+    the tensors of whole-tensor merges.  The methods that see a tensor in flat order
+    alone (``chunked.FLAT_METHODS``) read blocks of its ``[-1, in]`` view, a few rows
+    of one expert each, so memory is bounded within an expert too; the others read
+    whole experts."""
+    from research.merging import sparsify
+    from research.merging.stream import chunked
+    rng = np.random.default_rng(1)
+    shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10), "model.layers.0.mlp.experts.down_proj": (1, 12, 10),
+              "model.layers.0.mlp.router.weight": (3, 10)}
+    base = {k: (rng.standard_normal(s) * 0.02).astype(BF16) for k, s in shapes.items()}
+    fts = [{k: (v.astype(np.float32) + rng.standard_normal(v.shape) * 0.002).astype(BF16) for k, v in base.items()}
+           for _ in range(3)]
+    for name, tensors in [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(fts)]:
+        os.makedirs(tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    cfg = write_cfg(tmp_path, _every_method_config(method, density="0.5"))
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 200)  # draw blocks of one expert, in both runs
+    whole = read_out(stream.run(stream.load(cfg), str(tmp_path / "whole"), progress=False, seed=2))
+    monkeypatch.setattr(chunked, "MIN_BYTES", 100)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 80)  # 4 rows of 10 bf16 entries (16-bit: 2 rows of float32)
+    reads, real = [], chunked.Tensor.read
+    monkeypatch.setattr(chunked.Tensor, "read", lambda self, sp: reads.append((self.name, self.shape, sp)) or real(self, sp))
+    blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=2))
+    for name in shapes:
+        np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
+    flat = method in chunked.FLAT_METHODS
+    seen = lambda name: [(shape, sp) for n, shape, sp in reads if n == name]
+    name = "model.layers.0.mlp.experts.gate_up_proj"
+    assert {shape for shape, _ in seen(name)} == {(36, 10) if flat else (3, 12, 10)}
+    assert max(b - a for _, (a, b) in seen(name)) == (4 if flat else 1)  # 4 rows of an expert, or one expert
+    single = seen("model.layers.0.mlp.experts.down_proj")  # one expert: in blocks only where they are flat
+    assert ({shape for shape, _ in single}, max((b - a for _, (a, b) in single), default=0)) == (
+        ({(12, 10)}, 4) if flat else (set(), 0))
+
+
 def test_single_file_output_and_every_method_runs(models):
     tmp, base, fts = models
     for method in merging.METHODS:
@@ -594,8 +632,8 @@ def test_merges_run_by_the_numba_kernels_map_their_inputs_and_give_the_same_tens
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 200)
     mapped, real = [], safetensors_io.SafetensorsFile.view
 
-    def view(self, name, rows=None):
-        a = real(self, name, rows)
+    def view(self, name, rows=None, *, flat=False):
+        a = real(self, name, rows, flat=flat)
         mapped.append((name, _mapped(a)))
         return a
 

@@ -1,7 +1,10 @@
 """Merging a tensor in row blocks, so memory does not grow with the tensor's size.
 
 A tensor too large to merge whole is read, merged and written in blocks of
-leading rows.  What a method needs of the whole tensor is gathered first, by
+leading rows: of the tensor itself, or, for the methods that see a tensor
+only in flat order (``FLAT_METHODS``), of its ``[-1, shape[-1]]`` view, so a
+3-D tensor (fused experts) is cut within its leading rows too
+(``block_shape``).  What a method needs of the whole tensor is gathered first, by
 streaming passes over the blocks; then each block is merged and written in
 place:
 
@@ -57,11 +60,28 @@ MIN_BYTES = 32 << 20  # tensors above this are merged in blocks
 MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry) kept between a tensor's passes
 
 
-def block_rows(shape, itemsize: int) -> int:
-    """Rows per block: a multiple of ``sparsify.draw_blocks``' rows (so each block's
-    random masks are whole draws), about ``CHUNK_BYTES`` of entries of ``itemsize`` bytes."""
+# Methods whose merge of a tensor depends on its entries in flat order alone:
+# their blocks may be rows of the tensor's [-1, shape[-1]] view.  Not DARE and
+# DELLA (masks drawn per blocks of leading rows; DELLA ranks along axis 1) nor
+# Model Stock (filter_wise: one ratio per leading row).
+FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", "slerp", "ties", "breadcrumbs",
+                          "breadcrumbs_ties"})
+
+
+def block_shape(shape, method: str) -> tuple:
+    """The shape whose leading rows a tensor of ``shape`` is merged in blocks of:
+    ``[prod(shape[:-1]), shape[-1]]`` for a tensor of 3 or more axes under a
+    ``FLAT_METHODS`` method, else ``shape``."""
+    shape = tuple(shape)
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and method in FLAT_METHODS else shape
+
+
+def block_rows(shape, itemsize: int, aligned: bool = True) -> int:
+    """Rows per block, about ``CHUNK_BYTES`` of entries of ``itemsize`` bytes: with
+    ``aligned``, a multiple of ``sparsify.draw_blocks``' rows (so each block's
+    random masks are whole draws)."""
     per_row = math.prod(shape[1:]) * itemsize
-    _, rb = sparsify.draw_blocks(shape)
+    _, rb = sparsify.draw_blocks(shape) if aligned else (1, 1)
     return rb * max(1, CHUNK_BYTES // max(1, rb * per_row))
 
 
@@ -262,14 +282,16 @@ def read_ahead(blocks):
 
 class Tensor:
     """One tensor of every input, read in row blocks: ``base`` (or None) and ``models``
-    are callables ``(start, stop) -> array`` of entries of ``itemsize`` bytes."""
+    are callables ``(start, stop) -> array`` of rows of ``shape`` (``block_shape``'s),
+    of entries of ``itemsize`` bytes; ``aligned``: blocks of whole random draws
+    (``block_rows``)."""
 
-    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int):
+    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, aligned: bool = True):
         shape = tuple(shape) or (1,)  # a scalar reads as one row
         self.name, self.shape, self.base, self.models = name, shape, base, models
         self.rows = rows or self.shape[0]  # rows to merge (fewer where vocabularies differ)
         self.size = self.rows * math.prod(self.shape[1:])  # entries to merge
-        self.step = block_rows(self.shape, itemsize)
+        self.step = block_rows(self.shape, itemsize, aligned)
 
     def spans(self):
         return spans(self.rows, self.step)

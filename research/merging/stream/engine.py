@@ -12,7 +12,9 @@ Tensors above ``chunked.MIN_BYTES`` per model (at the dtype they merge in)
 are read, merged and written in row blocks (``chunked.py``; each block is
 read while the one before is merged), so peak memory is bounded by the
 block size and the largest tensor below that size, not by the model's
-largest tensor.
+largest tensor (for a tensor of 3 or more axes merged by a method outside
+``chunked.FLAT_METHODS``, by one leading row: an expert of a fused MoE
+tensor).
 Output goes to ``OUT.tmp-<pid>-*`` under a lock on ``OUT`` and is renamed to
 ``OUT`` only when complete (``output.py``).
 """
@@ -102,19 +104,25 @@ class Plan:
         ref = self.base or self.models[0]
         return sum(ref.nbytes(n) for n in self.names)
 
+    def block_shape(self, name: str) -> tuple:
+        """The shape whose leading rows tensor ``name`` is merged in blocks of (``chunked.block_shape``)."""
+        return chunked.block_shape((self.base or self.models[0]).shapes[name], self.method)
+
     def blocked(self, name: str) -> bool:
         """Whether tensor ``name`` is read, merged and written in row blocks (a float
         tensor above ``chunked.MIN_BYTES`` at the dtype it merges in)."""
         ref = self.base or self.models[0]
-        return _is_float(ref.dtypes[name]) and chunked.chunked(ref.shapes[name], self.itemsize(name))
+        return _is_float(ref.dtypes[name]) and chunked.chunked(self.block_shape(name), self.itemsize(name))
 
     def peak_estimate(self) -> int:
         ref = self.base or self.models[0]
         n_in = len(self.models) + (self.base is not None)
         # entries in flight: a whole tensor, or one row block of a blocked one
-        unit = {n: (min(chunked.block_rows(ref.shapes[n], self.itemsize(n)), ref.shapes[n][0])
-                    * int(np.prod(ref.shapes[n][1:])) if self.blocked(n) else int(np.prod(ref.shapes[n])))
-                for n in self.names}
+        unit = {}
+        for n in self.names:
+            shape = self.block_shape(n)
+            rows = chunked.block_rows(shape, self.itemsize(n), aligned=shape == tuple(ref.shapes[n]))
+            unit[n] = min(rows, shape[0]) * int(np.prod(shape[1:])) if self.blocked(n) else int(np.prod(shape))
 
         def held(n):
             # the inputs as they merge (and the prefetched next set, within its budget),
@@ -223,8 +231,8 @@ def _n_layers(ref: TensorSource, names) -> int:
     cj = ref.config_json()
     if cj:
         n = json_object(cj).get("num_hidden_layers")
-        if n is not None and not (type(n) is int and n > 0):
-            raise CheckpointError(f"{cj}: num_hidden_layers is {n!r}, not a positive integer")
+        if n is not None and not (type(n) is int and n >= 0):
+            raise CheckpointError(f"{cj}: num_hidden_layers is {n!r}, not a count of layers")
         if n:
             return n
     idx = [int(m.group(1)) for n in names if (m := cfg_lib.LAYER.search(n))]
@@ -505,14 +513,16 @@ def mapped_inputs(method: str, devs) -> bool:
 
 
 def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
-    """Tensor ``name`` of every input, read in row blocks (each source's ``how``:
-    ``read`` or ``view``), each block passed through ``cast`` (to the config's
-    dtype, or left as it is where ``Plan.widened``)."""
-    reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop)))) if src.shapes[name] else (
+    """Tensor ``name`` of every input, read in row blocks of ``Plan.block_shape``
+    (each source's ``how``: ``read`` or ``view``), each block passed through
+    ``cast`` (to the config's dtype, or left as it is where ``Plan.widened``)."""
+    shape = plan.block_shape(name)
+    flat = shape != tuple(srcs[0].shapes[name])
+    reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop), flat=flat))) if shape else (
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
-    return chunked.Tensor(name, srcs[0].shapes[name], base, [reader(m) for m in plan.models],
-                          rows=plan.vocab_rows.get(name), itemsize=plan.itemsize(name))
+    return chunked.Tensor(name, shape, base, [reader(m) for m in plan.models],
+                          rows=plan.vocab_rows.get(name), itemsize=plan.itemsize(name), aligned=not flat)
 
 
 def _screen_all(plan: Plan, mc, blocks, names) -> None:

@@ -79,22 +79,24 @@ class TensorSource:
     def nbytes(self, name: str) -> int:
         return int(np.prod(self.shapes[name])) * self.dtypes[name].itemsize
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        """One tensor, or its leading-axis slice ``rows = (start, stop)``."""
-        return self._get(name, rows, "read")
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
+        """One tensor, or its leading-axis slice ``rows = (start, stop)`` (with ``flat``,
+        rows of its ``[-1, shape[-1]]`` view)."""
+        return self._get(name, rows, "read", flat)
 
-    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         """``read``'s tensor mapped from the page cache where it can be, else read
         (``SafetensorsFile.view``): a writable copy-on-write array."""
-        return self._get(name, rows, "view")
+        return self._get(name, rows, "view", flat)
 
-    def _get(self, name, rows, how: str) -> np.ndarray:
+    def _get(self, name, rows, how: str, flat: bool = False) -> np.ndarray:
         if self._arrays is not None:
             a = self._arrays[name]
+            a = a.reshape(-1, a.shape[-1]) if flat and a.ndim else a
             return a if rows is None else a[rows[0]:rows[1]]
         fp = self._files[name]
         try:
-            return getattr(self._handle(fp), how)(name, rows)
+            return getattr(self._handle(fp), how)(name, rows, flat=flat)
         except (SafetensorsError, OSError) as e:
             raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
 
@@ -181,15 +183,15 @@ class AdapterSource:
     def nbytes(self, name: str) -> int:
         return self.base.nbytes(name)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        return self._get(name, rows, "read")
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
+        return self._get(name, rows, "read", flat)
 
-    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
-        return self._get(name, rows, "view")
+    def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
+        return self._get(name, rows, "view", flat)
 
-    def _get(self, name, rows, how: str) -> np.ndarray:
-        w = getattr(self.base, how)(name, rows)
-        if name not in self._factors:
+    def _get(self, name, rows, how: str, flat: bool) -> np.ndarray:
+        w = getattr(self.base, how)(name, rows, flat=flat)
+        if name not in self._factors:  # adapted tensors are matrices: their flat rows are their rows
             return w
         a, b = self._factors[name]
         b = b if rows is None else b[rows[0]:rows[1]]
@@ -220,13 +222,13 @@ class NameMap:
         src, n = self.table[name]
         return src.nbytes(n)
 
-    def read(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         src, n = self.table[name]
-        return src.read(n, rows)
+        return src.read(n, rows, flat=flat)
 
-    def view(self, name: str, rows: tuple[int, int] | None = None) -> np.ndarray:
+    def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         src, n = self.table[name]
-        return src.view(n, rows)
+        return src.view(n, rows, flat=flat)
 
     def config_json(self) -> str | None:
         return self.origins[0].config_json()
