@@ -91,7 +91,8 @@ class SafetensorsFile:
         covered = 0  # bytes of data accounted for, tensors taken in the order of their offsets
         for begin, end, name in sorted((b, b + _nbytes(d, s), k) for k, (d, s, b) in self.entries.items()):
             if begin != covered:
-                how = "overlap the previous tensor's" if begin < covered else f"leave {begin - covered} bytes unused before them"
+                how = ("overlap the previous tensor's" if begin < covered
+                       else f"leave {begin - covered} bytes unused before them")
                 raise self._bad(f"tensor {name!r}: its bytes {begin}..{end} {how}")
             covered = end
         if self._start + covered > size:

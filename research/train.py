@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     try:
         result = train(cfg, workdir, stop_at=args.stop_at, resume=not args.no_resume,
                        override_resume=args.override_resume)
-    except (config_lib.ConfigError, CheckpointError) as e:  # the workdir's run contradicts this config, or a bad init_from
+    except (config_lib.ConfigError, CheckpointError) as e:  # the workdir's run contradicts the config; a bad init_from
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (UnknownTaskError, CheckpointMismatch, CheckpointSaveError, TrainingDiverged, FileNotFoundError) as e:

@@ -196,7 +196,8 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     with pytest.raises(sources.DataError, match=r"bad.jsonl:1: needs 'prompt' and 'response', or 'text'"):
         sources.JsonlSource(str(f))
     f.write_text(json.dumps({"messages": None}) + "\n")
-    with pytest.raises(sources.DataError, match=r"bad.jsonl:1: needs .*; got keys \['messages'\] \('messages' is null\)$"):
+    with pytest.raises(sources.DataError,
+                       match=r"bad.jsonl:1: needs .*; got keys \['messages'\] \('messages' is null\)$"):
         sources.JsonlSource(str(f))
     with pytest.raises(sources.DataError, match="no such file"):
         sources.JsonlSource(str(tmp_path / "missing.jsonl"))

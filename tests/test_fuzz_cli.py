@@ -188,7 +188,8 @@ def damage_zoo(tmp_path_factory):
     (root / "ad").mkdir()
     save_file({f"base_model.model.model.layers.{i}.self_attn.q_proj.lora_{ab}.weight":
                rng.standard_normal(shape).astype(np.float32)
-               for i in range(2) for ab, shape in (("A", (2, 8)), ("B", (8, 2)))}, str(root / "ad" / "adapter_model.safetensors"))
+               for i in range(2) for ab, shape in (("A", (2, 8)), ("B", (8, 2)))},
+              str(root / "ad" / "adapter_model.safetensors"))
     (root / "ad" / "adapter_config.json").write_text(json.dumps(
         lora.peft_config(LoRAConfig(rank=2, alpha=4.0, targets=("q_proj",)), str(root / "base"))))
     (root / "merge.yaml").write_text(f"merge_method: task_arithmetic\nbase_model: {root / 'base'}\nmodels:\n"

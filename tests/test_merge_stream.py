@@ -120,6 +120,19 @@ def test_random_merges_draw_the_same_masks_through_the_api_and_the_cli(models, m
     assert any((np.asarray(other[n]) != got[n]).any() for n in base)  # the seed matters
 
 
+def _write_models(tmp_path, shapes: dict, seed: int):
+    """A bf16 base (entries ~ N(0, 0.02)) and 3 fine-tunes of it (changes ~ N(0, 0.002)) of
+    tensors ``shapes``, each one ``model.safetensors`` under ``tmp_path/{base,ft0,ft1,ft2}``."""
+    rng = np.random.default_rng(seed)
+    base = {k: (rng.standard_normal(s) * 0.02).astype(BF16) for k, s in shapes.items()}
+    fts = [{k: (v.astype(np.float32) + rng.standard_normal(v.shape) * 0.002).astype(BF16) for k, v in base.items()}
+           for _ in range(3)]
+    for name, tensors in [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(fts)]:
+        os.makedirs(tmp_path / name)
+        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    return base, fts
+
+
 @pytest.mark.parametrize("rescale_mode", ["l1", "inverse"])
 def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tmp_path, monkeypatch, rescale_mode):
     """An MoE-style ``[experts, out, in]`` tensor, which DELLA ranks along dim 1
@@ -127,14 +140,8 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
     in blocks of rows, draws the masks ``merging.merge`` draws for the seed."""
     from research.merging import sparsify
     from research.merging.stream import chunked
-    rng = np.random.default_rng(0)
     shapes = {"model.layers.0.mlp.experts.w": (8, 6, 10), "model.layers.0.mlp.gate.weight": (8, 12)}
-    base = {k: (rng.standard_normal(s) * 0.02).astype(BF16) for k, s in shapes.items()}
-    fts = [{k: (v.astype(np.float32) + rng.standard_normal(v.shape) * 0.002).astype(BF16) for k, v in base.items()}
-           for _ in range(3)]
-    for name, tensors in [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(fts)]:
-        os.makedirs(tmp_path / name)
-        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    base, fts = _write_models(tmp_path, shapes, seed=0)
     text = ("merge_method: della\nbase_model: base\nmodels:\n" + "".join(f"  - model: ft{i}\n" for i in range(3))
             + f"parameters:\n  density: 0.5\n  epsilon: 0.2\n  rescale: true\n  rescale_mode: {rescale_mode}\n")
     cfg = write_cfg(tmp_path, text)
@@ -172,22 +179,17 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
     whole experts."""
     from research.merging import sparsify
     from research.merging.stream import chunked
-    rng = np.random.default_rng(1)
-    shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10), "model.layers.0.mlp.experts.down_proj": (1, 12, 10),
-              "model.layers.0.mlp.router.weight": (3, 10)}
-    base = {k: (rng.standard_normal(s) * 0.02).astype(BF16) for k, s in shapes.items()}
-    fts = [{k: (v.astype(np.float32) + rng.standard_normal(v.shape) * 0.002).astype(BF16) for k, v in base.items()}
-           for _ in range(3)]
-    for name, tensors in [("base", base)] + [(f"ft{i}", t) for i, t in enumerate(fts)]:
-        os.makedirs(tmp_path / name)
-        save_file(tensors, str(tmp_path / name / "model.safetensors"), metadata={"format": "pt"})
+    shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10),
+              "model.layers.0.mlp.experts.down_proj": (1, 12, 10), "model.layers.0.mlp.router.weight": (3, 10)}
+    _write_models(tmp_path, shapes, seed=1)
     cfg = write_cfg(tmp_path, _every_method_config(method, density="0.5"))
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 200)  # draw blocks of one expert, in both runs
     whole = read_out(stream.run(stream.load(cfg), str(tmp_path / "whole"), progress=False, seed=2))
     monkeypatch.setattr(chunked, "MIN_BYTES", 100)
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 80)  # 4 rows of 10 bf16 entries (16-bit: 2 rows of float32)
     reads, real = [], chunked.Tensor.read
-    monkeypatch.setattr(chunked.Tensor, "read", lambda self, sp: reads.append((self.name, self.shape, sp)) or real(self, sp))
+    monkeypatch.setattr(chunked.Tensor, "read",
+                        lambda self, sp: reads.append((self.name, self.shape, sp)) or real(self, sp))
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=2))
     for name in shapes:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)

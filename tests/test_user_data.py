@@ -194,7 +194,8 @@ def _config(d, edit):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda d: _config(d, lambda c: c.pop("num_attention_heads")), r"config\.json: num_attention_heads is missing"),
-    (lambda d: _config(d, lambda c: c.update(vocab_size=-3)), r"config\.json: vocab_size=-3: expected a positive integer"),
+    (lambda d: _config(d, lambda c: c.update(vocab_size=-3)),
+     r"config\.json: vocab_size=-3: expected a positive integer"),
     (lambda d: _config(d, lambda c: c.update(rope_theta="x")), r"config\.json: rope_theta='x': expected a positive number"),
     (lambda d: _config(d, lambda c: c.update(hidden_act=["silu"])), r"config\.json: hidden activation \['silu'\]"),
     (lambda d: (d / "config.json").write_text("[]"), r"config\.json: not a JSON object"),

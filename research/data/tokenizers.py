@@ -216,7 +216,8 @@ def hf_specials(directory: str) -> dict:
            for name in ("config.json", "generation_config.json")]
     out = {}
     for k in ("bos_token", "eos_token", "pad_token"):
-        v = _token_str(tc.get(k), path("tokenizer_config.json"), k) or _token_str(sm.get(k), path("special_tokens_map.json"), k)
+        v = (_token_str(tc.get(k), path("tokenizer_config.json"), k)
+             or _token_str(sm.get(k), path("special_tokens_map.json"), k))
         if v:
             out[k] = v
             continue
