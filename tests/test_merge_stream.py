@@ -203,6 +203,21 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
         ({(12, 10)}, 4) if flat else (set(), 0))
 
 
+def test_global_trim_over_fused_expert_tensors_in_flat_blocks_equals_the_api_s(tmp_path, monkeypatch):
+    """``trim: global`` counts ties in flat order across tensors; blocks of rows of a 3-D
+    tensor's ``[-1, in]`` view keep that order, so the CLI gives ``merging.merge``'s tensors."""
+    from research.merging.stream import chunked
+    shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10), "model.layers.0.mlp.router.weight": (3, 10)}
+    base, fts = _write_models(tmp_path, shapes, seed=4)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 60)  # 3 rows of 10 bf16 entries
+    text = ("merge_method: ties\nbase_model: base\nmodels:\n" + "".join(f"  - model: ft{i}\n" for i in range(3))
+            + "parameters: {density: 0.3, trim: global}\n")
+    got = read_out(stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "out"), progress=False))
+    expect = merging.merge("ties", fts, base=base, density=0.3, trim="global")
+    for name in shapes:
+        np.testing.assert_array_equal(got[name], np.asarray(expect[name]), err_msg=name)
+
+
 def test_single_file_output_and_every_method_runs(models):
     tmp, base, fts = models
     for method in merging.METHODS:
