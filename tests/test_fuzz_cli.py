@@ -295,8 +295,9 @@ _INIT_FILES = ["config.json", "tokenizer.json", "tokenizer_config.json", "model.
 @given(data=st.data())
 def test_a_damaged_init_from_directory_trains_or_fails_in_one_line_naming_it(init_zoo, capsys, data):
     """Fine-tuning from an HF directory with one damaged file (its config, tokenizer,
-    tokenizer config or weights) either trains or stops with exit code 2 and one
-    line naming the directory's file."""
+    tokenizer config or weights) trains, or refuses it with exit code 2 and one
+    line naming the directory's file, or (valid but absurd values) starts and
+    stops with exit code 1 and one line saying why."""
     import shutil
 
     from research.train import main as train_main
@@ -317,9 +318,11 @@ def test_a_damaged_init_from_directory_trains_or_fails_in_one_line_naming_it(ini
                                           for a in ("--set", kv)]])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         event(f"rc {rc}")
-        assert rc in (0, 2), err
+        assert rc in (0, 1, 2), err
+        if rc:  # 1: a run that started and stopped (a valid but absurd config diverges: rope_theta=1e-290)
+            assert len(err) == 1 and err[0].startswith("error: "), err
         if rc == 2:
-            assert len(err) == 1 and err[0].startswith("error: ") and str(llama) in err[0], err
+            assert str(llama) in err[0], err
     finally:
         (llama / name).write_bytes(pristine)
         shutil.rmtree(init_zoo / "run", ignore_errors=True)
