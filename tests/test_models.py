@@ -310,6 +310,16 @@ def test_a_gemma_checkpoint_computes_hf_gemma_s_forward(tmp_path):
         models.hf.config_from_hf({**hf, "model_type": "gemma2"})
 
 
+def test_a_qwen2_config_with_llama3_rope_scaling_keeps_its_qkv_bias():
+    """The model type decides the bias; reading ``rope_scaling`` must not overwrite it."""
+    hf = {"model_type": "qwen2", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 1,
+          "num_attention_heads": 4, "intermediate_size": 64,
+          "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                           "original_max_position_embeddings": 8192}}
+    cfg = models.hf.config_from_hf(hf)
+    assert cfg.qkv_bias and dict(cfg.rope_scaling)["factor"] == 8.0
+
+
 @pytest.mark.parametrize("mode", ["full", "dots_saveable"])
 def test_remat_recomputes_the_same_loss_and_gradients(mode):
     batch = _packed()
