@@ -27,6 +27,10 @@ def test_sentencepiece_model_from_a_local_file(tmp_path):
                                    model_type="bpe", eos_id=1, pad_id=0, unk_id=2, bos_id=-1, minloglevel=2)
     tok = tokenizers.load(str(tmp_path / "sp.model"))
     assert tok.eos_id == 1 and tok.decode(tok.encode("the lazy dog")) == "the lazy dog"
+    model = (tmp_path / "sp.model").read_bytes()
+    (tmp_path / "cut.model").write_bytes(model[:len(model) // 2])  # a damaged model is named, not a RuntimeError
+    with pytest.raises(ValueError, match=r"cut\.model: sentencepiece cannot read it \("):
+        tokenizers.load(str(tmp_path / "cut.model"))
 
 
 def test_hf_tokenizer_json_from_a_local_file(tmp_path):
