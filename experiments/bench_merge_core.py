@@ -141,7 +141,7 @@ def _main(args):
     # memory allocator (whether its 1 GB of outputs land on pages already mapped).
     floor = min(floors) if floors else timed(floor_fn)[0]
     print(f"\nfloor (a + b - c, best of {max(len(floors), 1)} calls between the methods'): {floor:.3f} s")
-    print(f"\n| method | time (s) | elements/s | ratio to floor |\n|---|---:|---:|---:|")
+    print("\n| method | time (s) | elements/s | ratio to floor |\n|---|---:|---:|---:|")
     print(f"| a + b - c (floor) | {floor:.2f} | {n / floor / 1e6:.0f}M | 1.00x |")
     for name, t, with_compile in rows:
         note = " (incl. compile)" if with_compile else ""

@@ -685,7 +685,7 @@ def claims(models) -> list:
 def print_table(report):
     tasks = report["tasks"]
     k = len(report["seeds"])
-    print(f"\n| model | " + " | ".join(tasks) + " | avg normalised |")
+    print("\n| model | " + " | ".join(tasks) + " | avg normalised |")
     print("|---|" + "---:|" * (len(tasks) + 1))
     for name, r in report["models"].items():
         cells = [f"{100 * r['accuracy'][t]:.1f} ± {100 * r['accuracy_std'][t]:.1f}" for t in tasks]

@@ -121,7 +121,7 @@ def test_rows_stop_at_eos_stop_ids_and_stop_strings():
     from research import generate
     from research.data.tokenizers import ByteTokenizer
 
-    model, tok = _tiny(), ByteTokenizer()
+    model = _tiny()
     free = generate(model, [[20, 21]], max_new_tokens=12)[0]
     cut = free[4]
     stopped = generate(model, [[20, 21]], max_new_tokens=12, stop=[cut])[0]

@@ -402,7 +402,7 @@ def test_compiled_programs_are_kept_between_cli_runs(models, tmp_path_factory):
 
 def test_vocab_mismatch_is_refused_unless_allowed(models):
     tmp, base, fts = models
-    big = make_ckpt(tmp / "bigvocab", 9, vocab=40)
+    make_ckpt(tmp / "bigvocab", 9, vocab=40)
     text = TIES.replace("- model: ft2", "- model: bigvocab")
     _err(tmp, text, "40 vocabulary rows.*--allow-vocab-mismatch")
     out = read_out(stream.run(stream.load(write_cfg(tmp, text)), str(tmp / "v"), allow_vocab_mismatch=True, progress=False))

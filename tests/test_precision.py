@@ -10,7 +10,6 @@ import optax
 import pytest
 from flax import nnx
 
-from research import models
 from research.training import TrainConfig, config as config_lib, train
 from research.training.precision import MasterWeightsState, apply_updates, master_weights
 

@@ -5,7 +5,6 @@ merges and freeze patterns that work in both layouts."""
 import dataclasses
 import json
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

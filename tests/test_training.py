@@ -260,6 +260,9 @@ def test_gates_report_each_threshold_with_its_value():
     ("model=huge", "model='huge': unknown preset"), ("mesh=(64,1,1)", "needs 64 devices"), ("keep=0", "keep=0"),
     ("lr=-1", "lr=-1.0: must be > 0"), ("steps=-5", "steps=-5"), ("neftune_alpha=-1", "neftune_alpha=-1.0"),
     ("tasks=copx", "unknown task 'copx'"), ("b2=1.5", "b2=1.5"),
+    ("mixing={'copx': 1.0}", "mixing: 'copx' is not one of tasks"),
+    ("mixing={'copy': -1.0, 'reverse': 'x'}", "weights must be finite numbers >= 0"),
+    ("mixing={'copy': 0}", "not all 0"),
 ])
 def test_bad_config_values_are_named_before_any_work(assignment, message):
     with pytest.raises(config_lib.ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -50,7 +50,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 
 from research.merging import consensus as cons

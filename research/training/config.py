@@ -282,7 +282,13 @@ def _check_data(cfg: TrainConfig, names) -> None:
         raise ConfigError(str(e)) from None
     mixing = cfg.mixing
     if isinstance(mixing, dict):
-        bad = [k for k in mixing if k not in cfg.tasks] if not entries else []
+        bad = [k for k in mixing if k not in cfg.tasks] if not entries else []  # data sources: named once opened
+        if bad:
+            raise ConfigError(f"mixing: {bad[0]!r} is not one of tasks={cfg.tasks!r}")
+        weights = list(mixing.values())
+        if not all(isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float("inf")
+                   for w in weights) or not any(weights):
+            raise ConfigError(f"mixing={mixing!r}: weights must be finite numbers >= 0, not all 0")
     elif mixing not in ("size", "temperature"):
         raise ConfigError(f"mixing={mixing!r}: expected 'size', 'temperature' or {{task: weight}}")
     tl = cfg.task_lengths
