@@ -100,6 +100,40 @@ def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_pa
     read_out(str(tmp_path / "out"))
 
 
+def test_too_little_free_space_is_found_before_the_merge_starts(models, main, monkeypatch):
+    """The output's size is known from the headers: a disk without room for it is an
+    error before any tensor is read, naming the sizes, with nothing left behind."""
+    from research.merging.stream import engine
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    real = shutil.disk_usage
+    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    reads = []
+    monkeypatch.setattr(engine, "_merge_into", lambda *a: reads.append(a))
+    _fails(main(cfg, str(tmp / "new" / "out")), f"{tmp / 'new' / 'out'}: the merge writes 0.00 GiB, but {tmp} has "
+                                                "0.00 GiB free")
+    assert not reads and not (tmp / "new").exists()
+
+
+def test_a_disk_that_fills_during_the_merge_is_named_and_leaves_nothing(models, main, monkeypatch):
+    import errno
+
+    from research.safetensors_io import ShardWriter
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    real, written = ShardWriter.add, []
+
+    def add(self, name, arr):
+        if len(written) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(name)
+        return real(self, name, arr)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+    _fails(main(cfg, str(tmp / "out")), f"{tmp / 'out'}: No space left on device; the partial output was removed")
+    assert len(written) == 3 and sorted(os.listdir(tmp)) == ["base", "cfg.yaml", "ft0", "ft1", "ft2"]
+
+
 def test_force_never_replaces_an_input(models, main):
     tmp, base, _ = models
     cfg = write_cfg(tmp, TIES)

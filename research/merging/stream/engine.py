@@ -25,6 +25,7 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -378,6 +379,13 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
         output = Output(out_dir, inputs=inputs, force=force, log=lambda m: print(m, file=sys.stderr))
     except OutputError as e:
         raise MergeFailed(str(e)) from None
+    there = output.parent
+    while not os.path.exists(there):  # the output's parent is made when the merge starts
+        there = os.path.dirname(there)
+    need, free = plan.bytes_written(), shutil.disk_usage(there).free
+    if need > free:  # found before any work, not after most of it
+        raise MergeFailed(f"{output.out}: the merge writes {need / 2**30:.2f} GiB, but {there} has "
+                          f"{free / 2**30:.2f} GiB free; free some space or choose another output directory")
     devs = _devices(device)
     try:
         with output:
@@ -385,6 +393,8 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
             return output.commit()
     except OutputError as e:
         raise MergeFailed(str(e)) from None
+    except OSError as e:  # a full disk (or a failing one) while writing: the partial output is gone
+        raise MergeFailed(f"{e.filename or output.out}: {e.strerror or e}; the partial output was removed") from None
 
 
 def _global_trim(plan: Plan, mc) -> tuple | None:
