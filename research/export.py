@@ -119,6 +119,9 @@ def main(argv=None) -> int:
     except (ConfigError, CheckpointError, CheckpointMismatch, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # no room for the output (found before writing), or a disk that fills while writing
+        print(f"error: {e.filename + ': ' if e.filename else ''}{e.strerror or e}", file=sys.stderr)
+        return 2
     print(f"exported {args.run_dir} step {step} to {args.out_dir}")
     return 0
 

@@ -377,6 +377,18 @@ def open_checked(fp: str) -> SafetensorsFile:
         raise CheckpointError(f"{fp}: cannot open ({e.strerror})") from None
 
 
+def no_room(path: str, need: int) -> str | None:
+    """Why ``need`` bytes cannot be written to ``path`` (which need not exist yet): its
+    file system, that of its nearest existing ancestor, has less free; else None."""
+    there = os.path.abspath(path)
+    while not os.path.exists(there):
+        there = os.path.dirname(there)
+    free = shutil.disk_usage(there).free
+    if need <= free:
+        return None
+    return f"{path}: needs {need / 2**30:.2f} GiB, but {there} has {free / 2**30:.2f} GiB free"
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str, *, force: bool = False):
     """A temporary directory beside ``path``, renamed to ``path`` when the block

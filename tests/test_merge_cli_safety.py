@@ -103,15 +103,16 @@ def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_pa
 def test_too_little_free_space_is_found_before_the_merge_starts(models, main, monkeypatch):
     """The output's size is known from the headers: a disk without room for it is an
     error before any tensor is read, naming the sizes, with nothing left behind."""
+    from research import safetensors_io
     from research.merging.stream import engine
     tmp, *_ = models
     cfg = write_cfg(tmp, TIES)
     real = shutil.disk_usage
-    monkeypatch.setattr(engine.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    monkeypatch.setattr(safetensors_io.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
     reads = []
     monkeypatch.setattr(engine, "_merge_into", lambda *a: reads.append(a))
-    _fails(main(cfg, str(tmp / "new" / "out")), f"{tmp / 'new' / 'out'}: the merge writes 0.00 GiB, but {tmp} has "
-                                                "0.00 GiB free")
+    _fails(main(cfg, str(tmp / "new" / "out")), f"{tmp / 'new' / 'out'}: needs 0.00 GiB, but {tmp} has 0.00 GiB free; "
+                                                "free some space")
     assert not reads and not (tmp / "new").exists()
 
 

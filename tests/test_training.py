@@ -118,6 +118,21 @@ def test_a_damaged_checkpoint_is_named_on_resume_in_a_merge_and_an_export(tmp_pa
     assert len(err) == 1 and re.search(where, err[0]) and not (tmp_path / "hf").exists(), err
 
 
+def test_export_to_a_disk_without_room_is_one_line_before_writing(tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from research import safetensors_io
+    from research.export import main as export_main
+
+    _run(tmp_path, "run", steps=2, save_every=2)
+    real = shutil.disk_usage
+    monkeypatch.setattr(safetensors_io.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / 'hf'}: needs ") and "GiB free" in err[0], err
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def test_disk_full_while_saving_is_reported_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     _run(tmp_path, "disk", stop_at=3)
     import orbax.checkpoint as ocp

@@ -39,6 +39,7 @@ is row ``i`` of the stacked parameter (``layers.attn.q_proj[i]``,
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -51,7 +52,7 @@ from flax import nnx
 from research.models import scan
 from research.models.config import ModelConfig
 from research.safetensors_io import (CheckpointError, SafetensorsError, ShardWriter, atomic_directory,
-                                     checkpoint_files, json_object)
+                                     checkpoint_files, json_object, no_room)
 from research.safetensors_io import open_checked as _open
 from research.models.transformer import Transformer
 
@@ -261,6 +262,9 @@ def save_hf(model: Transformer, path: str, *, dtype=None, shard_size: int = 5 * 
         arr = np.asarray(value if dtype is None else value.astype(dtype))
         tensors[theirs] = np.ascontiguousarray(arr.T if transpose else arr)
     out_dtype = str(next(iter(tensors.values())).dtype)
+    why = no_room(path, sum(a.nbytes for a in tensors.values()))
+    if why:
+        raise OSError(errno.ENOSPC, f"{why}; free some space or choose another directory")
     with atomic_directory(path, force=force) as tmp:
         writer = ShardWriter(tmp, shard_size, layout=[(n, a.shape, a.dtype) for n, a in tensors.items()])
         for name, arr in tensors.items():

@@ -25,7 +25,6 @@ import concurrent.futures as cf
 import dataclasses
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -40,7 +39,7 @@ from research.merging.stream import chunked, metadata, slices, sources
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
-from research.safetensors_io import CheckpointError, ShardWriter, json_object
+from research.safetensors_io import CheckpointError, ShardWriter, json_object, no_room
 
 _GLOBAL_RENAME = {"lambda": "lam"}
 _IGNORED = {"int8_mask"}  # mergekit memory options with no meaning here
@@ -379,13 +378,9 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
         output = Output(out_dir, inputs=inputs, force=force, log=lambda m: print(m, file=sys.stderr))
     except OutputError as e:
         raise MergeFailed(str(e)) from None
-    there = output.parent
-    while not os.path.exists(there):  # the output's parent is made when the merge starts
-        there = os.path.dirname(there)
-    need, free = plan.bytes_written(), shutil.disk_usage(there).free
-    if need > free:  # found before any work, not after most of it
-        raise MergeFailed(f"{output.out}: the merge writes {need / 2**30:.2f} GiB, but {there} has "
-                          f"{free / 2**30:.2f} GiB free; free some space or choose another output directory")
+    why = no_room(output.out, plan.bytes_written())  # found before any work, not after most of it
+    if why:
+        raise MergeFailed(f"{why}; free some space or choose another output directory")
     devs = _devices(device)
     try:
         with output:
