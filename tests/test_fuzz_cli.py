@@ -150,20 +150,54 @@ raw = st.one_of(st.sampled_from(["0", "-1", "1e-3", "abc", "", "None", "()", "(1
                 st.text(max_size=8))
 
 
+# plausible values, so that a share of the configs is accepted and goes on to build its data
+_PLAUSIBLE = {
+    "tasks": ["copy", "copy,reverse", "sort,add", "g2p,p2g,cipher"],
+    "mixing": ["size", "temperature", "{'copy': 1.0}", "{'copy': 2, 'reverse': 0.5}", "{'copy': 0.0, 'reverse': 1}",
+               "{'sort': 1.0}", "{'copy': -1}"],
+    "task_lengths": ["(('copy', 2, 5),)", "(('copy', 5, 2),)", "(('reverse', 1, 1),)"],
+    "seq_len": ["32", "64", "17"], "chunk_size": ["16", "32", "7"], "batch_size": ["8", "16"],
+    "neftune_alpha": ["0", "5", "0.5"], "seed": ["0", "3"], "prompt_template": ["'Q: {prompt}'", "'{prompt}\\n'"],
+    "data": ["copy", "copy,reverse", "(('copy', 2.0),)", "(('copy', 1.0), ('reverse', 0.0))"],
+}
+plausible = st.sampled_from(sorted(_PLAUSIBLE)).flatmap(
+    lambda k: st.sampled_from(_PLAUSIBLE[k]).map(lambda v: f"{k}={v}"))
+
+
 @FUZZ
 @example(assignments=["seq_len=\n"])  # the values, echoed raw, once broke the error's single line
 @example(assignments=["mixing=\n"])
 @example(assignments=["lr_typo\n=1"])
-@given(assignments=st.lists(st.builds(lambda k, v, eq: f"{k}{'=' if eq else ''}{v}", keys, raw, st.booleans()),
-                            max_size=3))
+@given(assignments=st.lists(st.one_of(st.builds(lambda k, v, eq: f"{k}{'=' if eq else ''}{v}", keys, raw, st.booleans()),
+                                      plausible, plausible), max_size=3))
 def test_random_set_overrides_give_a_config_or_a_named_error(assignments):
+    """Random and plausible ``--set`` assignments: a named one-line error, or a valid
+    config whose tokenizer, sources and mixture build and give a batch."""
     base = TrainConfig(model="tiny", tasks=("copy",), batch_size=8, mesh=(1, 1, 1))
     try:
         cfg = config_lib.override(base, assignments)
     except config_lib.ConfigError as e:
         assert str(e) and "\n" not in str(e)
+        event("refused")
         return
     assert config_lib.validate(cfg) == cfg  # what is accepted is valid
+    event("accepted")
+    if cfg.model == "tiny" and not cfg.init_from:  # and gives batches: its tokenizer, sources and mixture build
+        from research.data import pipeline
+        from research.training import data as data_lib
+
+        try:  # files a config names (tokenizer, data) are checked as they are opened
+            tok = data_lib.tokenizer_for(cfg)
+            sources, mixing = data_lib.sources_for(cfg, tok)
+        except config_lib.ConfigError as e:
+            assert str(e) and "\n" not in str(e)
+            event("refused when opened")
+            return
+        pcfg = pipeline.PipelineConfig(tasks=tuple(s.name for s in sources), seq_len=cfg.seq_len,
+                                       batch_size=cfg.batch_size, mixing=mixing, seed=cfg.seed,
+                                       chunk_size=cfg.chunk_size)
+        batch = next(iter(pipeline.make(pcfg, sources, tokenizer=tok)))
+        assert batch["tokens"].shape == (cfg.batch_size, cfg.seq_len)
 
 
 # --- damaged checkpoints through the merge ---------------------------------------------
