@@ -170,7 +170,8 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
             assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
 
 
-@pytest.mark.parametrize("method", merging.METHODS)
+# one method of each block path: elementwise, trimmed, SLERP's sums (flat); Model Stock, DARE (whole experts)
+@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs", "slerp", "model_stock", "dare_ties"])
 def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method):
     """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
     the tensors of whole-tensor merges.  The methods that see a tensor in flat order
