@@ -363,7 +363,7 @@ def json_object(path: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(doc, dict):
         kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(doc), "a number")
-        raise CheckpointError(f"{path}: holds {kind}, not a JSON object")
+        raise CheckpointError(f"{path}: not a JSON object ({kind})")
     return doc
 
 

@@ -22,9 +22,10 @@ back to EOS (pad positions are masked out everywhere).
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Protocol, Sequence
+
+from research.safetensors_io import json_object
 
 
 class Tokenizer(Protocol):
@@ -75,10 +76,10 @@ class SentencePieceTokenizer:
         except Exception as e:  # sentencepiece raises RuntimeError or OSError on a damaged model
             raise ValueError(f"{path}: sentencepiece cannot read it ({_first_line(e)})") from None
         self.vocab_size = self._sp.get_piece_size()
-        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
-            if specials and specials.get(k) is not None and not 0 <= specials[k] < self.vocab_size:
-                raise ValueError(f"{path}: {k}={specials[k]} is not an id of its {self.vocab_size}")
         specials = specials or {}
+        for k in ("eos_token_id", "bos_token_id", "pad_token_id"):
+            if specials.get(k) is not None and not 0 <= specials[k] < self.vocab_size:
+                raise ValueError(f"{path}: {k}={specials[k]} is not an id of its {self.vocab_size}")
         ids = lambda tok: self._sp.piece_to_id(tok) if tok and self._sp.piece_to_id(tok) != self._sp.unk_id() else None
         eos = ids(specials.get("eos_token"))
         eos = eos if eos is not None else specials.get("eos_token_id")
@@ -183,19 +184,10 @@ def _token_str(v, where: str, key: str):
 
 
 def _read_json(path: str) -> dict:
-    """A JSON file's object; ``{}`` where there is no such file."""
-    if not os.path.isfile(path):
-        return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            doc = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None
-    except (ValueError, RecursionError) as e:  # not UTF-8, nested too deeply
-        raise ValueError(f"{path}: not valid JSON ({_first_line(e)})") from None
-    if not isinstance(doc, dict):
-        raise ValueError(f"{path}: not a JSON object")
-    return doc
+    """A JSON file's object (``json_object``: a ``CheckpointError``, which is a
+    ``ValueError``, naming a file that holds anything else); ``{}`` where there
+    is no such file."""
+    return json_object(path) if os.path.isfile(path) else {}
 
 
 def _token_id(v, where: str, key: str) -> int:

@@ -190,12 +190,18 @@ def flat_params(model: nnx.Module) -> dict:
     return flat
 
 
+def read_config(directory: str, **overrides) -> ModelConfig:
+    """``config_from_hf`` of ``directory/config.json``, its errors naming that file."""
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: missing (needed for the model shape)")
+    return config_from_hf(json_object(path), source=path, **overrides)
+
+
 def from_hf(path: str, dtype=jnp.float32, **overrides) -> Transformer:
     """Load a Llama-family HF directory (config.json + safetensors) into a Transformer."""
-    cfg_path = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
-    if not os.path.isfile(cfg_path):
-        raise CheckpointError(f"{cfg_path}: missing (needed for the model shape)")
-    cfg = config_from_hf(json_object(cfg_path), source=cfg_path, param_dtype=jnp.dtype(dtype).name, **overrides)
+    cfg = read_config(path if os.path.isdir(path) else os.path.dirname(path), param_dtype=jnp.dtype(dtype).name,
+                      **overrides)
     files = checkpoint_files(path)
     model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     params = flat_params(model)

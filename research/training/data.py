@@ -17,7 +17,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 from research.data import sources as sources_lib, tokenizers
@@ -96,11 +95,3 @@ def sources_for(cfg: TrainConfig, tok) -> tuple[list, object]:
             raise ConfigError(f"mixing: {bad[0]!r} is not a source name; sources: {names}")
     return srcs, cfg.mixing
 
-
-def hf_config(directory: str) -> dict:
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e.msg}, line {e.lineno})") from None

@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from research import distributed, sharding
 from research.data import pipeline
 from research.models import Transformer, from_hf, lora, preset, scan
-from research.models.hf import config_from_hf
+from research.models.hf import read_config
 from research.models.config import LoRAConfig
 from research.training import data as data_lib, run_config
 from research.training.checkpoint import Checkpointer, CheckpointSaveError
@@ -123,7 +123,7 @@ def build_model(cfg: TrainConfig, mesh):
 def check_hf_overrides(cfg: TrainConfig) -> None:
     """``model_overrides`` may set how an HF model computes (``_RUNTIME_FIELDS``) and
     its parameter dtype; a shape field must agree with its ``config.json``."""
-    hf = config_from_hf(data_lib.hf_config(cfg.init_from), source=os.path.join(cfg.init_from, "config.json"))
+    hf = read_config(cfg.init_from)
     for k, v in cfg.model_overrides:
         if k not in (*_RUNTIME_FIELDS, "param_dtype") and getattr(hf, k) != v:
             raise ConfigError(f"model_overrides: {k}={v!r} contradicts {os.path.join(cfg.init_from, 'config.json')}, "
@@ -133,9 +133,7 @@ def check_hf_overrides(cfg: TrainConfig) -> None:
 def vocab_rows(cfg: TrainConfig) -> int:
     """The embedding rows of the model ``cfg`` trains (from ``config.json`` for an HF init)."""
     hf = data_lib.hf_init_dir(cfg)
-    if not hf:
-        return model_config(cfg).vocab_size
-    return config_from_hf(data_lib.hf_config(hf), source=os.path.join(hf, "config.json")).vocab_size
+    return read_config(hf).vocab_size if hf else model_config(cfg).vocab_size
 
 
 def _build_base(cfg: TrainConfig, mesh):

@@ -108,6 +108,10 @@ class Plan:
         """The shape whose leading rows tensor ``name`` is merged in blocks of (``chunked.block_shape``)."""
         return chunked.block_shape((self.base or self.models[0]).shapes[name], self.method)
 
+    def flat(self, name: str) -> bool:
+        """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""
+        return self.block_shape(name) != tuple((self.base or self.models[0]).shapes[name])
+
     def blocked(self, name: str) -> bool:
         """Whether tensor ``name`` is read, merged and written in row blocks (a float
         tensor above ``chunked.MIN_BYTES`` at the dtype it merges in)."""
@@ -121,7 +125,7 @@ class Plan:
         unit = {}
         for n in self.names:
             shape = self.block_shape(n)
-            rows = chunked.block_rows(shape, self.itemsize(n), aligned=shape == tuple(ref.shapes[n]))
+            rows = chunked.block_rows(shape, self.itemsize(n), aligned=not self.flat(n))
             unit[n] = min(rows, shape[0]) * int(np.prod(shape[1:])) if self.blocked(n) else int(np.prod(shape))
 
         def held(n):
@@ -521,8 +525,7 @@ def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
     """Tensor ``name`` of every input, read in row blocks of ``Plan.block_shape``
     (each source's ``how``: ``read`` or ``view``), each block passed through
     ``cast`` (to the config's dtype, or left as it is where ``Plan.widened``)."""
-    shape = plan.block_shape(name)
-    flat = shape != tuple(srcs[0].shapes[name])
+    shape, flat = plan.block_shape(name), plan.flat(name)
     reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop), flat=flat))) if shape else (
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
