@@ -170,38 +170,43 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
             assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
 
 
-# one method of each block path: elementwise, trimmed, SLERP's sums (flat); Model Stock, DARE (whole experts)
-@pytest.mark.parametrize("method", ["linear", "ties", "breadcrumbs", "slerp", "model_stock", "dare_ties"])
-def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method):
+# one method of each block path: elementwise, trimmed, SLERP's sums, DARE's masks with the L1 sums or drawn
+# in the merge pass (flat); Model Stock (whole experts)
+@pytest.mark.parametrize("method,extra", [("linear", ""), ("ties", ""), ("breadcrumbs", ""), ("slerp", ""),
+                                          ("model_stock", ""), ("dare_ties", ""),
+                                          ("dare_linear", "  rescale_mode: inverse\n")])
+def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method, extra):
     """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
     the tensors of whole-tensor merges.  The methods that see a tensor in flat order
-    alone (``chunked.FLAT_METHODS``) read blocks of its ``[-1, in]`` view, a few rows
-    of one expert each, so memory is bounded within an expert too; the others read
-    whole experts."""
+    alone (``chunked.FLAT_METHODS``), and DARE, whose masks are drawn from any row
+    on, read blocks of its ``[-1, in]`` view, a few rows each, some across two
+    experts, so memory is bounded within an expert too; the others read whole
+    experts."""
     from research.merging import sparsify
     from research.merging.stream import chunked
     shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10),
               "model.layers.0.mlp.experts.down_proj": (1, 12, 10), "model.layers.0.mlp.router.weight": (3, 10)}
     _write_models(tmp_path, shapes, seed=1)
-    cfg = write_cfg(tmp_path, _every_method_config(method, density="0.5"))
+    cfg = write_cfg(tmp_path, _every_method_config(method, density="0.5") + extra)
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 200)  # draw blocks of one expert, in both runs
     whole = read_out(stream.run(stream.load(cfg), str(tmp_path / "whole"), progress=False, seed=2))
     monkeypatch.setattr(chunked, "MIN_BYTES", 100)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 80)  # 4 rows of 10 bf16 entries (16-bit: 2 rows of float32)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 100)  # 5 rows of 10 bf16 entries
     reads, real = [], chunked.Tensor.read
     monkeypatch.setattr(chunked.Tensor, "read",
                         lambda self, sp: reads.append((self.name, self.shape, sp)) or real(self, sp))
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=2))
     for name in shapes:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
-    flat = method in chunked.FLAT_METHODS
+    flat = method in chunked.FLAT_METHODS or method in chunked.DRAWN_FLAT_METHODS
     seen = lambda name: [(shape, sp) for n, shape, sp in reads if n == name]
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert {shape for shape, _ in seen(name)} == {(36, 10) if flat else (3, 12, 10)}
-    assert max(b - a for _, (a, b) in seen(name)) == (4 if flat else 1)  # 4 rows of an expert, or one expert
+    assert max(b - a for _, (a, b) in seen(name)) == (5 if flat else 1)  # 5 rows, or one expert
+    assert not flat or (10, 15) in [sp for _, sp in seen(name)]  # rows of experts 0 and 1
     single = seen("model.layers.0.mlp.experts.down_proj")  # one expert: in blocks only where they are flat
     assert ({shape for shape, _ in single}, max((b - a for _, (a, b) in single), default=0)) == (
-        ({(12, 10)}, 4) if flat else (set(), 0))
+        ({(12, 10)}, 5) if flat else (set(), 0))
 
 
 def test_global_trim_over_fused_expert_tensors_in_flat_blocks_equals_the_api_s(tmp_path, monkeypatch):

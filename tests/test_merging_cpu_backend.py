@@ -420,6 +420,43 @@ def test_numba_dare_merges_equal_the_jitted_merge_bit_for_bit(monkeypatch, jitte
         np.testing.assert_array_equal(_bits(eager[k]), want[k], err_msg=k)
 
 
+@pytest.mark.parametrize("shape,mask_block", [((3, 4, 10), 40), ((3, 4, 10), 80), ((2, 5, 7), 1000)])
+def test_any_rows_of_a_blocked_draw_are_drawn_as_jax_draws_them(monkeypatch, shape, mask_block):
+    """DARE's masks over some rows of a tensor's ``[-1, last]`` view, the first of them
+    ``row0`` rows into its draw block (a fused-expert tensor merged in blocks within
+    an expert): the rows of ``jax.random.bernoulli``'s blocked draw over the
+    tensor's own shape, with the whole tensor's per-row L1 sums and merge."""
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", mask_block)  # draw blocks of 1 or 2 experts, or one draw
+    key = jax.random.key(4)
+    keys, rb = _block_keys(key, shape)
+    keys = np.asarray(keys)
+    rows, cols = shape[0] * shape[1], shape[2]
+    view_rb = rb * shape[1]  # rows of the view per draw block
+    expected = np.asarray(sparsify.blocked_draw(lambda k, s: jax.random.bernoulli(k, 0.4, s), key, shape))
+    expected = expected.reshape(rows, cols)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=shape).astype(np.float32)
+    ft = base + rng.normal(size=shape).astype(np.float32) * np.float32(1e-2)
+    b2, f2 = base.reshape(rows, cols), ft.reshape(rows, cols)
+    mix = dict(scale=[1.0], consensus=None, vote_on="weighted", normalize=False, divide_by="weight", lam=1.0,
+               out_dtype="float32")
+    whole_masks, whole_sums = cpu_kernels.random_masks(base, [ft], [keys], rb, [0.4])
+    np.testing.assert_array_equal(whole_masks.unpacked()[0], expected)
+    np.testing.assert_allclose(whole_sums[0][:, 0], np.abs(f2 - b2).sum(1), rtol=1e-6)
+    whole, _ = cpu_kernels.random_merge(base, [ft], [1.0], block_keys=[keys], block_rows=rb, density=[0.4], **mix)
+    np.testing.assert_array_equal(whole.reshape(rows, cols), b2 + np.where(expected, f2 - b2, np.float32(0)))
+    for s, e in [(0, rows), (1, 3), (3, 9), (view_rb - 1, min(rows, view_rb + 2)), (rows - 2, rows)]:
+        b0, row0 = s // view_rb, s % view_rb
+        part = keys[b0:-(-e // view_rb)]
+        np.testing.assert_array_equal(cpu_kernels.bernoulli(part, view_rb, 0.4, (e - s, cols), row0), expected[s:e])
+        masks, sums = cpu_kernels.random_masks(b2[s:e], [f2[s:e]], [part], view_rb, [0.4], row0=row0)
+        np.testing.assert_array_equal(masks.unpacked()[0], expected[s:e])
+        np.testing.assert_array_equal(sums[0], whole_sums[0][s:e])
+        leaf, _ = cpu_kernels.random_merge(b2[s:e], [f2[s:e]], [1.0], block_keys=[part], block_rows=view_rb, row0=row0,
+                                           density=[0.4], **mix)
+        np.testing.assert_array_equal(leaf, whole.reshape(rows, cols)[s:e])
+
+
 @pytest.mark.parametrize("sparsifier", ["random", "della"])
 def test_l1_factor_does_not_depend_on_the_row_blocks(monkeypatch, sparsifier):
     """The L1 rescale's sums are per row, then exactly rounded: a tensor merged in

@@ -8,9 +8,10 @@ way with the same result, bit for bit:
   the counting passes and the merge pass in numba (``kernels``);
 * DARE: the keep masks drawn by a numba threefry that gives JAX's bits,
   inside the merge pass (inverse rescale, or none) or first with the L1
-  rescale's sums (per row, exactly rounded over the rows, in float64: the
-  one step that is not XLA's bit for bit, but agrees to float32 summation
-  order, and does not depend on how a tensor is split into row blocks);
+  rescale's sums (per row of the ``[-1, last]`` view, exactly rounded over
+  the rows, in float64: the one step that is not XLA's bit for bit, but
+  agrees to float32 summation order, and does not depend on how a tensor is
+  split into row blocks);
 * DELLA: the masks drawn so, fused with the ranks they need: a draw below
   every rank's keep probability, or above all of them, needs no rank; the
   others' ranks are bounded by a histogram of their row, and found exactly

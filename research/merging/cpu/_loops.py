@@ -366,37 +366,39 @@ def _uniform01(bits):
 
 @numba.njit(inline="always")
 def _block_row(keys, block_rows, r, cols):
-    """Row ``r`` of a draw made in blocks of ``block_rows`` rows: its block's key and
-    the counter of its first entry within the block."""
+    """Row ``r`` of a draw made in blocks of ``block_rows`` rows of ``cols`` entries
+    (``keys[b]``: block ``b``'s key): its block's key and the counter of its first
+    entry within the block.  The kernels pass ``r + row0``: their rows are the
+    draw's from ``row0`` on."""
     b = r // block_rows
     return np.uint32(keys[b, 0]), np.uint32(keys[b, 1]), (r - b * block_rows) * cols
 
 
 @_RowParallel
-def bernoulli_blocks(keys, block_rows, p, out):
-    """``out[r, c] = uniform < p``: ``jax.random.bernoulli`` for row ``r`` of a draw made
-    in blocks of ``block_rows`` leading rows, block ``b`` from key ``keys[b]`` (see
+def bernoulli_blocks(keys, block_rows, row0, p, out):
+    """``out[r, c] = uniform < p``: ``jax.random.bernoulli`` for row ``row0 + r`` of a draw
+    made in blocks of ``block_rows`` rows, block ``b`` from key ``keys[b]`` (see
     ``sparsify.blocked_draw``)."""
     rows, cols = out.shape
     for r in numba.prange(rows):
-        k1, k2, start = _block_row(keys, block_rows, r, cols)
+        k1, k2, start = _block_row(keys, block_rows, r + row0, cols)
         for c in range(cols):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
 
 
 @_RowParallel
-def below_table_blocks(keys, block_rows, ranks, table, out):
+def below_table_blocks(keys, block_rows, row0, ranks, table, out):
     """``out[r, c] = uniform < table[ranks[r, c]]``, uniforms drawn as in ``bernoulli_blocks``
     (DELLA's keep mask, ``table`` holding the keep probability of each rank)."""
     rows, cols = out.shape
     for r in numba.prange(rows):
-        k1, k2, start = _block_row(keys, block_rows, r, cols)
+        k1, k2, start = _block_row(keys, block_rows, r + row0, cols)
         for c in range(cols):
             out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]
 
 
 @_RowParallel
-def draw_masks(base, ft, keys, block_rows, p, bits, sums):
+def draw_masks(base, ft, keys, block_rows, row0, p, bits, sums):
     """One model's keep mask, drawn as in ``bernoulli_blocks`` (keep probability ``p``),
     row ``r`` bit-packed into ``bits[r]`` (``_pack_row``), and ``_abs_sums`` of
     each row of ``ft - base`` and its mask into ``sums[r]`` where ``sums`` has a
@@ -404,7 +406,7 @@ def draw_masks(base, ft, keys, block_rows, p, bits, sums):
     would make numba compile the kernel again for each number of models."""
     rows, cols = base.shape
     for r in numba.prange(rows):
-        k1, k2, start = _block_row(keys, block_rows, r, cols)
+        k1, k2, start = _block_row(keys, block_rows, r + row0, cols)
         mk = np.empty(cols, np.bool_)
         for c in range(cols):
             mk[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < p
@@ -541,7 +543,7 @@ def _count_equal(key, kc):
 
 
 @_RowParallel
-def della_masks(base, ft, keys, block_rows, tab, tiny, count_max, bits, sums):
+def della_masks(base, ft, keys, block_rows, row0, tab, tiny, count_max, bits, sums):
     """``uniform < tab[rank]``: DELLA's keep mask of one model, row ``r`` bit-packed
     into ``bits[r]`` (``_pack_row``), with ``rank`` the rank of ``d = |ft - base|``
     (flushed as XLA:CPU) within its row, ties by column, and the uniforms drawn
@@ -584,7 +586,7 @@ def della_masks(base, ft, keys, block_rows, tab, tiny, count_max, bits, sums):
         t_first = tab[0]
         t_last = tab[cols - 1]
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
-            k1, k2, s0 = _block_row(keys, block_rows, r, cols)
+            k1, k2, s0 = _block_row(keys, block_rows, r + row0, cols)
             b = base[r]
             f = ft[r]
             # the loops over columns do little each, so that all but the histogram vectorise

@@ -106,11 +106,11 @@ def _random_source(n: int, mode: int, drawn: bool, parallel: bool) -> str:
     inputs hold a non-zero magnitude below 2**-32, 2 where a difference is
     NaN/Inf (the caller then merges by the XLA program, or raises)."""
     m = range(n)
-    lines = [_jit(parallel), "def random_merge(base, fts, keys, block_rows, p, bits, q, w, dw, inv_div, lam, out, flags):",
+    lines = [_jit(parallel), "def random_merge(base, fts, keys, block_rows, row0, p, bits, q, w, dw, inv_div, lam, out, flags):",
              "    rows, cols = base.shape",
              "    for r in numba.prange(rows):",
              "        bt = base[r]", "        o = out[r]",
-             "        blk = r // block_rows", "        start = (r - blk * block_rows) * cols",
+             "        blk = (r + row0) // block_rows", "        start = (r + row0 - blk * block_rows) * cols",
              "        low = _low_start(bt)", "        top = np.uint32(0)"]
     for i in m:
         lines.append(f"        x{i} = fts[{i}][r]; q{i} = q[{i}]; w{i} = w[{i}]; d{i} = dw[{i}]")

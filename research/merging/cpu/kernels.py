@@ -353,13 +353,23 @@ def cut_merge(base, fts, keep, top, weights, *, consensus, vote_on, normalize, d
     return out.view(out_dtype).reshape(np.shape(base))
 
 
-def _draw_view(x, blocks: int) -> np.ndarray:
-    """``x`` as the 2-D NumPy view a blocked draw indexes: any ``[rows, cols]`` for one
-    draw (its counter is the flat index), ``[shape[0], -1]`` for blocks of rows."""
-    if blocks == 1:
-        return _host_view(x)
-    a = np.asarray(x).reshape(np.shape(x)[0], -1)
+def _draw_view(x, block_rows: int) -> np.ndarray:
+    """``x`` as the 2-D NumPy view the DARE kernels draw over and sum by rows: ``[-1,
+    shape[-1]]``; a 1-D ``x`` as one row, or, drawn in blocks of ``block_rows``
+    entries, as ``[n, 1]``.  A draw's counter is the flat index within its block
+    of leading rows, so each row of this view lies within one block and draws
+    the bits it draws in ``x``'s own shape (``_view_rows``)."""
+    a = np.asarray(x)
+    if a.ndim >= 2:
+        a = a.reshape(-1, a.shape[-1])
+    else:
+        a = a.reshape(1, -1) if block_rows >= a.size else a.reshape(-1, 1)
     return _readonly(a.view(np.uint16) if a.dtype.name == "bfloat16" else a)
+
+
+def _view_rows(shape, block_rows: int) -> int:
+    """Rows of ``_draw_view`` in ``block_rows`` leading rows of a tensor of ``shape``."""
+    return block_rows * math.prod(shape[1:-1])
 
 
 def _as_2d(x, shape) -> np.ndarray:
@@ -378,11 +388,13 @@ def _key_array(block_keys):
     return keys, blocks
 
 
-def _draw_args(base, fts, block_keys, density):
-    """The draw views and per-model keys/probabilities of ``random_masks``/``random_merge``."""
-    keys, blocks = _key_array(block_keys)
+def _draw_args(base, fts, block_keys, block_rows: int, density):
+    """The draw views, per-model keys/probabilities and the view's rows per draw block
+    of ``random_masks``/``random_merge``."""
+    keys, _ = _key_array(block_keys)
     p = np.array([2.0 if k is None else d for k, d in zip(block_keys, density)], np.float32)  # 2: keep everything
-    return _draw_view(base, blocks), tuple(_draw_view(f, blocks) for f in fts), keys, p, blocks
+    rows = _view_rows(np.shape(base), block_rows)
+    return _draw_view(base, block_rows), tuple(_draw_view(f, block_rows) for f in fts), keys, p, rows
 
 
 class Masks(NamedTuple):
@@ -413,20 +425,21 @@ def _sums_out(n: int, rows: int, sums: bool) -> np.ndarray:
     return np.empty((n, rows if sums else 0, 2), np.float64)
 
 
-def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = True):
+def random_masks(base, fts, block_keys, block_rows: int, density, sums: bool = True, row0: int = 0):
     """DARE's keep masks, drawn as ``bernoulli`` draws them (``block_keys[i]``: model
-    ``i``'s draw-block keys, ``[blocks, 2]`` uint32, None: it keeps everything),
-    and the L1 rescale's sums.  Returns ``(masks, sums)``: ``Masks`` over the
-    draw's 2-D view ``[rows, cols]``, and per row ``sum |d|`` and ``sum |d|`` over the kept
-    entries, ``[n, rows, 2]`` float64 (each a function of its row alone; None
-    unless ``sums``)."""
-    b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
+    ``i``'s draw-block keys, ``[blocks, 2]`` uint32, None: it keeps everything;
+    ``block_rows``: leading rows of ``base`` per draw block), and the L1
+    rescale's sums.  ``base`` and ``fts`` may be a part of the tensor drawn: the
+    rows of its ``_draw_view`` from ``row0`` on, ``block_keys`` those of the
+    blocks they lie in.  Returns ``(masks, sums)``: ``Masks`` over ``_draw_view``,
+    and per row ``sum |d|`` and ``sum |d|`` over the kept entries, ``[n, rows, 2]``
+    float64 (each a function of its row alone; None unless ``sums``)."""
+    b, views, keys, p, rows_per_block = _draw_args(base, fts, block_keys, block_rows, density)
     masks = _masks_out(len(fts), b.shape)
     out = _sums_out(len(fts), b.shape[0], sums)
-    rows_per_block = block_rows if blocks > 1 else b.shape[0]
     with _LOCK:
         for i, view in enumerate(views):
-            _loops().draw_masks(b, view, keys[i], rows_per_block, p[i], masks.bits[i], out[i])
+            _loops().draw_masks(b, view, keys[i], rows_per_block, row0, p[i], masks.bits[i], out[i])
     return masks, out if sums else None
 
 
@@ -464,15 +477,15 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     rows_per_block = block_rows if blocks > 1 else b.shape[0]
     with _LOCK:
         for i, view in enumerate(views):
-            _loops().della_masks(b, view, keys[i], rows_per_block, tab[i], _TINY, count_max, masks.bits[i], out[i])
+            _loops().della_masks(b, view, keys[i], rows_per_block, 0, tab[i], _TINY, count_max, masks.bits[i], out[i])
     return masks, out if sums else None
 
 
-def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, density=None, masks=None, scale,
-                 consensus, vote_on, normalize, divide_by, lam, out_dtype):
+def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, row0: int = 0, density=None, masks=None,
+                 scale, consensus, vote_on, normalize, divide_by, lam, out_dtype):
     """DARE's task-vector merge pass, merged as ``cut_merge`` merges.
 
-    The keep masks are drawn inline (``block_keys``, ``block_rows`` and
+    The keep masks are drawn inline (``block_keys``, ``block_rows``, ``row0`` and
     ``density`` as for ``random_masks``; none is stored), or read from
     ``masks`` (``random_masks``' ``Masks``).  A kept delta is multiplied by
     ``scale[i]``: ``1 / p`` for the inverse rescale (XLA divides by a scalar
@@ -489,22 +502,21 @@ def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, de
     n = len(fts)
     drawn = masks is None
     if drawn:
-        b, views, keys, p, blocks = _draw_args(base, fts, block_keys, density)
-        rows_per_block = block_rows if blocks > 1 else b.shape[0]
+        b, views, keys, p, rows_per_block = _draw_args(base, fts, block_keys, block_rows, density)
         bits = np.zeros((n, 1, 1), np.uint8)
     else:
         shape = (masks.bits.shape[1], masks.cols)  # the masks' view: flat order is the same in any 2-D view
         b = _as_2d(base, shape)
         views = tuple(_as_2d(f, shape) for f in fts)
         bits = masks.bits
-        keys, p, rows_per_block = np.zeros((n, 1, 2), np.uint32), np.ones(n, np.float32), b.shape[0]
+        keys, p, rows_per_block, row0 = np.zeros((n, 1, 2), np.uint32), np.ones(n, np.float32), b.shape[0], 0
     w, dw, inv_div, out = _mix_inputs(weights, consensus, divide_by, b.shape, out_dtype)
     flags = np.zeros(b.shape[0], np.uint8)
     gen = _generated()
     mode = gen.merge_mode({None: 0, "sum": 1, "count": 2}[consensus], bool(normalize), float(lam) == 1.0,
                           vote_on == "raw", False, all(float(x) == 1.0 for x in weights))
     with _LOCK:
-        gen.random_merge(n, mode, drawn)(b, views, keys, rows_per_block, p, bits, np.asarray(scale, np.float32), w,
+        gen.random_merge(n, mode, drawn)(b, views, keys, rows_per_block, row0, p, bits, np.asarray(scale, np.float32), w,
                                          dw, inv_div, np.float32(lam), out, flags)
     return out.view(np.dtype(out_dtype)).reshape(np.shape(base)), flags
 
@@ -523,26 +535,28 @@ def random_ok(key) -> bool:
     return jax.config.jax_default_prng_impl == "threefry2x32" and key.shape == (2,)
 
 
-def _draw(kernel, block_keys, block_rows: int, shape, out_dtype, *args):
+def _draw(kernel, block_keys, block_rows: int, row0: int, shape, out_dtype, *args):
     rows = shape[0] if shape else 1
     out = aligned_empty((rows, math.prod(shape[1:]) if shape else 1), out_dtype)
     keys = _readonly(np.asarray(block_keys, np.uint32).reshape(-1, 2))
     with _LOCK:
-        kernel(keys, block_rows, *args, out)
+        kernel(keys, block_rows, row0, *args, out)
     return out.reshape(shape)
 
 
-def bernoulli(block_keys, block_rows: int, p: float, shape) -> np.ndarray:
+def bernoulli(block_keys, block_rows: int, p: float, shape, row0: int = 0) -> np.ndarray:
     """``sparsify.blocked_draw(bernoulli(p), key, shape)``, bit for bit, given the raw
-    data of each block's key (``[blocks, 2]`` uint32) and the rows per block."""
-    return _draw(_loops().bernoulli_blocks, block_keys, block_rows, shape, np.bool_, np.float32(p))
+    data of each block's key (``[blocks, 2]`` uint32) and the rows per block; or
+    rows ``row0:row0 + shape[0]`` of such a draw (``block_keys``: those of the
+    blocks they lie in, the first holding row ``row0``)."""
+    return _draw(_loops().bernoulli_blocks, block_keys, block_rows, row0, shape, np.bool_, np.float32(p))
 
 
-def below_table(block_keys, block_rows: int, ranks: np.ndarray, table) -> np.ndarray:
+def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0) -> np.ndarray:
     """``uniform < table[ranks]`` over ``ranks``' 2-D shape, uniforms drawn as in ``bernoulli``:
     DELLA's keep mask from each rank's keep probability, without materialising either."""
     table = np.asarray(table, np.float32)
-    return _draw(_loops().below_table_blocks, block_keys, block_rows, ranks.shape, np.bool_, ranks, table)
+    return _draw(_loops().below_table_blocks, block_keys, block_rows, row0, ranks.shape, np.bool_, ranks, table)
 
 
 def _warm_trims(x, sparsify: str, n_models: int) -> None:

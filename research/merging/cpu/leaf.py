@@ -251,31 +251,33 @@ def dare_applies(opts, base, ms, out_dtype) -> bool:
             and kernels.scales_ok(opts.weight, opts.lam) and kernels.usable(base, *ms))
 
 
-def random_masks(opts, base, ms, block_keys, block_rows: int, sums: bool = True):
+def random_masks(opts, base, ms, block_keys, block_rows: int, sums: bool = True, row0: int = 0):
     """DARE's or DELLA's keep masks of every model and the L1 rescale's per-row sums
     (``kernels.random_masks``, ``kernels.della_masks``; None unless ``sums``), or
     None where DELLA's kernel does not take the leaf: one that ranks along an
-    axis 1 with more axes after it (the kernel ranks within rows), and those of
+    axis 1 with more axes after it (the kernel ranks within rows), those of
     ``kernels.della_masks`` (a 1-D leaf over ``sparsify._MASK_BLOCK`` entries,
-    drawn in blocks)."""
+    drawn in blocks), and a part of a draw (``row0``: DARE's only)."""
     if opts.sparsify != "della":
-        return kernels.random_masks(base, ms, block_keys, block_rows, opts.density, sums)
+        return kernels.random_masks(base, ms, block_keys, block_rows, opts.density, sums, row0)
     _, n, cols = sparsify.della_shape(np.shape(base))
-    if cols > 1:
+    if cols > 1 or row0:
         return None
     tables = [None if k is None else _della_probs_table(n, d, e)
               for k, d, e in zip(block_keys, opts.density, opts.epsilon)]
     return kernels.della_masks(base, ms, block_keys, block_rows, tables, sums)
 
 
-def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, masks=None, screen=None):
+def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=None, masks=None, screen=None,
+               row0: int = 0):
     """DARE (``sparsify="random"``) or DELLA by the numba passes, or None where they
     do not apply (``dare_applies``; arrays off the host) or cannot match the XLA
     program (NaN/Inf: ``screen()`` is called first, to raise; more entries with
     tiny inputs than ``patch_tiny`` takes).
 
     ``block_keys[i]``: model ``i``'s draw-block keys (``_block_key_data``) for the
-    rows of ``base``, blocks of ``block_rows``.  DARE without the L1 rescale
+    rows of ``base``, blocks of ``block_rows``; ``base`` and ``ms`` may be rows
+    ``row0:`` of the draw (``kernels.random_masks``).  DARE without the L1 rescale
     draws its masks inside the merge pass; otherwise the masks are drawn first
     (``random_masks``), with the sums the L1 rescale's factors need
     (``dare_factor``'s; ``factors``: given, for a tensor merged in blocks, and
@@ -293,13 +295,13 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     if inline:
         scale = [np.float32(1) / np.float32(d) if opts.rescale and k is not None else np.float32(1)
                  for d, k in zip(opts.density, keys)]
-        res = kernels.random_merge(base, ms, opts.weight, block_keys=keys, block_rows=block_rows,
+        res = kernels.random_merge(base, ms, opts.weight, block_keys=keys, block_rows=block_rows, row0=row0,
                                    density=opts.density, scale=scale, **kw)
         # as ``_random_state`` keeps them: the inverse rescale divides by the density
         rescaled = [dict(div=jnp.float32(d)) if opts.rescale else {} for d in opts.density]
     else:
         if masks is None:
-            drawn = random_masks(opts, base, ms, keys, block_rows, sums=l1)
+            drawn = random_masks(opts, base, ms, keys, block_rows, sums=l1, row0=row0)
             if drawn is None:
                 return None
             masks, sums = drawn
@@ -315,7 +317,7 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
             screen()
     else:  # the entries with tiny inputs again, by XLA on the same masks
         if inline:
-            masks, _ = kernels.random_masks(base, ms, keys, block_rows, opts.density, sums=False)
+            masks, _ = kernels.random_masks(base, ms, keys, block_rows, opts.density, sums=False, row0=row0)
         shape = (masks.bits.shape[1], masks.cols)
         flat = kernels.tiny_entries(base, ms, np.flatnonzero(flags), shape)
         kept = [Kept() if k is None else Kept(mask=masks.at(i, flat), **rescaled[i]) for i, k in enumerate(keys)]

@@ -2,8 +2,9 @@
 
 A tensor too large to merge whole is read, merged and written in blocks of
 leading rows: of the tensor itself, or, for the methods that see a tensor
-only in flat order (``FLAT_METHODS``), of its ``[-1, shape[-1]]`` view, so a
-3-D tensor (fused experts) is cut within its leading rows too
+only in flat order (``FLAT_METHODS``) and DARE where the numba threefry
+draws its masks (``DRAWN_FLAT_METHODS``), of its ``[-1, shape[-1]]`` view,
+so a 3-D tensor (fused experts) is cut within its leading rows too
 (``block_shape``).  What a method needs of the whole tensor is gathered first, by
 streaming passes over the blocks; then each block is merged and written in
 place:
@@ -18,9 +19,9 @@ per row
 ties, breadcrumbs     each model's exact top-k threshold from a        bit for bit
                       histogram of ``|tau|``'s float bits (1-2)
 dare, della           none: masks are drawn per ``sparsify.blocked_    bit for bit
-                      draw`` block, which the row blocks align to;     (XLA's path:
-                      the L1 rescale's two sums (1), per row           the L1 to
-                      (``cpu.leaf.dare_factor``)                       summation
+                      draw`` block (a row block may start within one:  (XLA's path:
+                      ``Tensor.draw_span``); the L1 rescale's two      the L1 to
+                      sums (1), per row (``cpu.leaf.dare_factor``)     summation
                                                                        order)
 slerp, model_stock    norms and dot products (1)                       to summation
                                                                        order
@@ -61,19 +62,30 @@ MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry
 
 
 # Methods whose merge of a tensor depends on its entries in flat order alone:
-# their blocks may be rows of the tensor's [-1, shape[-1]] view.  Not DARE and
-# DELLA (masks drawn per blocks of leading rows; DELLA ranks along axis 1) nor
-# Model Stock (filter_wise: one ratio per leading row).
+# their blocks may be rows of the tensor's [-1, shape[-1]] view.  Not DELLA
+# (it ranks along axis 1) nor Model Stock (filter_wise: one ratio per leading row).
 FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", "slerp", "ties", "breadcrumbs",
                           "breadcrumbs_ties"})
+# DARE's masks are drawn per block of leading rows, the counter of an entry its flat
+# index in the block; where the numba threefry draws them (``draws_on_host``),
+# from any row of the ``[-1, shape[-1]]`` view on, so its blocks may be flat too.
+DRAWN_FLAT_METHODS = frozenset({"dare_linear", "dare_ties"})
 
 
-def block_shape(shape, method: str) -> tuple:
+def draws_on_host(dtype) -> bool:
+    """Whether DARE's masks for a tensor merged at ``dtype`` are drawn by the numba
+    threefry (``cpu.kernels.bernoulli``) rather than by ``jax.random``."""
+    return str(jnp.dtype(dtype)) in ("bfloat16", "float32") and kernels.random_ok(jax.random.key(0))
+
+
+def block_shape(shape, method: str, host_draws: bool = False) -> tuple:
     """The shape whose leading rows a tensor of ``shape`` is merged in blocks of:
     ``[prod(shape[:-1]), shape[-1]]`` for a tensor of 3 or more axes under a
-    ``FLAT_METHODS`` method, else ``shape``."""
+    ``FLAT_METHODS`` method, or a ``DRAWN_FLAT_METHODS`` one whose masks are drawn
+    on the host (``host_draws``), else ``shape``."""
     shape = tuple(shape)
-    return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and method in FLAT_METHODS else shape
+    flat = method in FLAT_METHODS or (host_draws and method in DRAWN_FLAT_METHODS)
+    return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and flat else shape
 
 
 def block_rows(shape, itemsize: int, aligned: bool = True) -> int:
@@ -253,14 +265,13 @@ def _combine(models, base, coefs, base_coef, *, out_dtype):
     return out.astype(out_dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("density", "rows", "cols", "uniform"))
-def _draw_blocks(keys, density, rows, cols, uniform):
-    """The XLA twin of the numba draws: each key's whole ``(rb, cols)`` draw, joined and
-    cut to ``rows`` (as ``sparsify.blocked_draw`` cuts the last block)."""
-    rb = -(-rows // keys.shape[0])
+@functools.partial(jax.jit, static_argnames=("density", "rows", "cols", "uniform", "rb"))
+def _draw_blocks(keys, row0, density, rows, cols, uniform, rb):
+    """The XLA twin of the numba draws: each key's whole ``(rb, cols)`` draw, joined, and
+    rows ``row0:row0 + rows`` of them (``sparsify.blocked_draw``'s rows)."""
     draw = (lambda k: jax.random.uniform(k, (rb, cols))) if uniform else (
         lambda k: jax.random.bernoulli(k, density, (rb, cols)))
-    return jax.lax.map(draw, keys).reshape(-1, cols)[:rows]
+    return jax.lax.dynamic_slice_in_dim(jax.lax.map(draw, keys).reshape(-1, cols), row0, rows)
 
 
 _READER = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="block-reader")
@@ -284,17 +295,28 @@ class Tensor:
     """One tensor of every input, read in row blocks: ``base`` (or None) and ``models``
     are callables ``(start, stop) -> array`` of rows of ``shape`` (``block_shape``'s),
     of entries of ``itemsize`` bytes; ``aligned``: blocks of whole random draws
-    (``block_rows``)."""
+    (``block_rows``).  ``own_shape``: the tensor's shape, where ``shape`` is its
+    ``[-1, shape[-1]]`` view (random masks are drawn in blocks of its leading rows)."""
 
-    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, aligned: bool = True):
+    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, aligned: bool = True,
+                 own_shape=None):
         shape = tuple(shape) or (1,)  # a scalar reads as one row
         self.name, self.shape, self.base, self.models = name, shape, base, models
         self.rows = rows or self.shape[0]  # rows to merge (fewer where vocabularies differ)
         self.size = self.rows * math.prod(self.shape[1:])  # entries to merge
         self.step = block_rows(self.shape, itemsize, aligned)
+        own = tuple(own_shape or shape)
+        self.draws, rb = sparsify.draw_blocks(own)  # random masks: draw blocks, and rows of ``shape`` in each
+        self.draw_rows = rb * (self.shape[0] // own[0])
 
     def spans(self):
         return spans(self.rows, self.step)
+
+    def draw_span(self, sp) -> tuple[int, int, int]:
+        """The draw blocks ``b0:b1`` that rows ``sp`` lie in, and the first row's index
+        within block ``b0``."""
+        b0 = sp[0] // self.draw_rows
+        return b0, -(-sp[1] // self.draw_rows), sp[0] - b0 * self.draw_rows
 
     def read(self, sp):
         base = None if self.base is None else self.base(*sp)
@@ -428,26 +450,26 @@ def _factor(s, eps: float = 1e-7):
     return np.float32(before / after) if before >= eps and after >= eps else np.float32(1.0)
 
 
-def _random_kept(opts, i, m, base, keys, b0, b1, rb):
-    """Model ``i``'s DARE or DELLA keep mask for one block (draw blocks ``b0:b1``)."""
+def _random_kept(opts, i, m, base, block_keys, rb: int, row0: int):
+    """Model ``i``'s DARE or DELLA keep mask for one block: rows ``row0:`` of draws in
+    blocks of ``rb`` of its leading rows, from ``block_keys``."""
     d = opts.density[i]
     rows, cols = m.shape[0], math.prod(m.shape[1:])
-    block_keys = keys[b0:b1]
     host = kernels.usable(m, base)
     if opts.sparsify == "della":
         ranks = host_ranks(m, base) if host else _della_ranks_jit(m, base)
         eps, n = opts.epsilon[i], sparsify.della_shape(m.shape)[1]
         if host:
-            mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(n, d, eps))
+            mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(n, d, eps), row0)
         else:
-            u = _draw_blocks(jax.random.wrap_key_data(block_keys), d, rows, cols, True)
+            u = _draw_blocks(jax.random.wrap_key_data(block_keys), row0, d, rows, cols, True, rb)
             mask = u < _della_probs_jit(ranks, n, d, eps)
         div = _della_probs_jit(ranks, n, d, eps) if opts.rescale_mode == "inverse" else None
     else:
         if host:
-            mask = kernels.bernoulli(block_keys, rb, d, (rows, cols))
+            mask = kernels.bernoulli(block_keys, rb, d, (rows, cols), row0)
         else:
-            mask = _draw_blocks(jax.random.wrap_key_data(block_keys), d, rows, cols, False)
+            mask = _draw_blocks(jax.random.wrap_key_data(block_keys), row0, d, rows, cols, False, rb)
         div = jnp.float32(d) if opts.rescale_mode == "inverse" else None
     mask = jnp.reshape(mask, m.shape)
     return mask, (None if div is None else jnp.reshape(div, m.shape) if jnp.ndim(div) else div)
@@ -458,20 +480,27 @@ def _masks_fit(t: Tensor) -> bool:
     return t.size * len(t.models) <= 8 * MASK_BUDGET
 
 
-def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, write) -> bool:
+def _span_keys(t: Tensor, keys, sp) -> tuple[list, int]:
+    """Every model's keys of the draw blocks that rows ``sp`` lie in (None where the
+    model keeps every entry), and the first row's index in the first of them."""
+    b0, b1, row0 = t.draw_span(sp)
+    return [None if k is None else k[b0:b1] for k in keys], row0
+
+
+def _dare_blocks(opts, t: Tensor, keys, out_dtype, write) -> bool:
     """DARE or DELLA in row blocks by the numba passes (``cpu.leaf.dare_merge``); the L1
     rescale's factors from a first pass of per-row sums.  False, having written
-    nothing, where the first block shows that the passes do not apply."""
-    # a model with density >= 1 keeps every entry: it draws no mask (DELLA's table would drop some)
-    block_keys = lambda c: [None if d >= 1 else k[c * per_block:(c + 1) * per_block] for k, d in zip(keys, opts.density)]
+    nothing, where the first block shows that the passes do not apply.  ``keys``:
+    every model's draw-block keys, None where it keeps every entry."""
     factors = kept_masks = None
     if opts.rescale and opts.rescale_mode == "l1":
         rows = [[] for _ in t.models]
         # the masks (one bit an entry) kept for the merge pass where they fit MASK_BUDGET; else drawn again
         kept_masks = [] if _masks_fit(t) else None
-        for c, (base, models) in enumerate(t.blocks()):
+        for sp, (base, models) in zip(t.spans(), t.blocks()):
+            block_keys, row0 = _span_keys(t, keys, sp)
             applies = dare_applies(opts, base, models, out_dtype)
-            drawn = applies and random_masks(opts, base, models, block_keys(c), rb)
+            drawn = applies and random_masks(opts, base, models, block_keys, t.draw_rows, row0=row0)
             if not drawn:  # nothing written yet
                 return False
             masks, sums = drawn
@@ -480,48 +509,47 @@ def _dare_blocks(opts, t: Tensor, keys, per_block: int, rb: int, out_dtype, writ
             for i in range(len(models)):
                 rows[i].append(sums[i])
             del masks
-        factors = [dare_factor(np.concatenate(r)) if d < 1 else np.float32(1.0) for r, d in zip(rows, opts.density)]
-    for c, (base, models) in enumerate(t.blocks()):
+        factors = [dare_factor(np.concatenate(r)) if k is not None else np.float32(1.0) for r, k in zip(rows, keys)]
+    for c, (sp, (base, models)) in enumerate(zip(t.spans(), t.blocks())):
         masks = None if kept_masks is None else kept_masks[c]
-        leaf = dare_merge(base, models, opts, block_keys(c), rb, out_dtype, factors, masks=masks,
-                          screen=lambda: _screen(t, base, models))
+        block_keys, row0 = _span_keys(t, keys, sp)
+        leaf = dare_merge(base, models, opts, block_keys, t.draw_rows, out_dtype, factors, masks=masks,
+                          screen=lambda: _screen(t, base, models), row0=row0)
         if leaf is None:
             if c == 0:
                 return False
             kept = []  # too many tiny magnitudes in this block to merge again apart: the XLA pass on the same masks
-            for i, (m, d) in enumerate(zip(models, opts.density)):
-                mask, div = _random_kept(opts, i, m, base, keys[i], c * per_block, (c + 1) * per_block, rb)
-                kept.append(Kept() if d >= 1 else Kept(mask=mask, div=div if opts.rescale else None))
+            for i, (m, k) in enumerate(zip(models, block_keys)):
+                mask, div = (None, None) if k is None else _random_kept(opts, i, m, base, k, t.draw_rows, row0)
+                kept.append(Kept() if k is None else Kept(mask=mask, div=div if opts.rescale else None))
             leaf = np.asarray(_mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype))
         write(leaf)
     return True
 
 
 def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
-    n_draw, rb = sparsify.draw_blocks(t.shape)
-    keys = [np.asarray(_block_key_data(k, n_draw)) for k in model_keys]
-    per_block = t.step // rb
+    # a model with density >= 1 keeps every entry: it draws no mask (DELLA's table would drop some)
+    keys = [np.asarray(_block_key_data(k, t.draws)) if d < 1 else None for k, d in zip(model_keys, opts.density)]
     l1 = opts.rescale and opts.rescale_mode == "l1"
-    if all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(
-            opts, t, keys, per_block, rb, out_dtype, write):
+    if all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(opts, t, keys, out_dtype, write):
         return
     sums = [[0.0, 0.0] for _ in t.models]
     # the L1 pass's masks, one bit an entry, kept for the merge pass where they fit MASK_BUDGET
     kept_bits = {} if l1 and _masks_fit(t) else None
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
-        for c, (base, models) in enumerate(t.blocks()):
-            b0, b1 = c * per_block, (c + 1) * per_block
+        for c, (sp, (base, models)) in enumerate(zip(t.spans(), t.blocks())):
+            block_keys, row0 = _span_keys(t, keys, sp)
             if pass_ == "sums" or not l1:
                 _screen(t, base, models)
             kept = []
             for i, m in enumerate(models):
-                if opts.density[i] >= 1:
+                if block_keys[i] is None:
                     kept.append(Kept())
                     continue
                 if pass_ == "merge" and kept_bits is not None:
                     mask, div = np.unpackbits(kept_bits.pop((c, i)), count=m.size).view(bool).reshape(m.shape), None
                 else:
-                    mask, div = _random_kept(opts, i, m, base, keys[i], b0, b1, rb)
+                    mask, div = _random_kept(opts, i, m, base, block_keys[i], t.draw_rows, row0)
                 if pass_ == "sums":
                     _add_sums(sums[i], _kept_sums(m, base, mask))
                     if kept_bits is not None:

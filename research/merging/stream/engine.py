@@ -12,9 +12,8 @@ Tensors above ``chunked.MIN_BYTES`` per model (at the dtype they merge in)
 are read, merged and written in row blocks (``chunked.py``; each block is
 read while the one before is merged), so peak memory is bounded by the
 block size and the largest tensor below that size, not by the model's
-largest tensor (for a tensor of 3 or more axes merged by a method outside
-``chunked.FLAT_METHODS``, by one leading row: an expert of a fused MoE
-tensor).
+largest tensor (for a tensor of 3 or more axes that ``chunked.block_shape``
+keeps whole, by one leading row: an expert of a fused MoE tensor).
 Output goes to ``OUT.tmp-<pid>-*`` under a lock on ``OUT`` and is renamed to
 ``OUT`` only when complete (``output.py``).
 """
@@ -75,13 +74,18 @@ class Plan:
     chat_template: str | None = None  # the output's, where the config sets one
 
     @property
+    def ref(self):
+        """The input whose names, shapes and dtypes the output takes: the base, else the first model."""
+        return self.base or self.models[0]
+
+    @property
     def sources(self) -> list:
         """The inputs: the base, where there is one, then the models."""
         return ([self.base] if self.base else []) + self.models
 
     def itemsize(self, name: str) -> int:
         """Bytes an entry of tensor ``name`` takes while it merges."""
-        d = (self.base or self.models[0]).dtypes[name]
+        d = self.ref.dtypes[name]
         return np.dtype(self.dtype).itemsize if self.dtype is not None and _is_float(d) else d.itemsize
 
     def widened(self, name: str) -> bool:
@@ -95,31 +99,35 @@ class Plan:
     def input_itemsize(self, name: str) -> int:
         """Bytes an entry of an input of tensor ``name`` takes while it merges: its
         checkpoint's where ``widened``, else ``itemsize``."""
-        return (self.base or self.models[0]).dtypes[name].itemsize if self.widened(name) else self.itemsize(name)
+        return self.ref.dtypes[name].itemsize if self.widened(name) else self.itemsize(name)
 
     def bytes_read(self) -> int:
         return sum(s.nbytes(n) for s in self.sources for n in self.names)
 
     def bytes_written(self) -> int:
-        ref = self.base or self.models[0]
-        return sum(ref.nbytes(n) for n in self.names)
+        return sum(self.ref.nbytes(n) for n in self.names)
+
+    def merge_dtype(self, name: str):
+        """The dtype tensor ``name``'s inputs are merged from: the config's ``dtype`` (not
+        where ``widened``), else the checkpoint's."""
+        own = self.ref.dtypes[name]
+        return own if self.dtype is None or self.widened(name) or not _is_float(own) else jnp.dtype(self.dtype)
 
     def block_shape(self, name: str) -> tuple:
         """The shape whose leading rows tensor ``name`` is merged in blocks of (``chunked.block_shape``)."""
-        return chunked.block_shape((self.base or self.models[0]).shapes[name], self.method)
+        host_draws = self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(self.merge_dtype(name))
+        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws)
 
     def flat(self, name: str) -> bool:
         """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""
-        return self.block_shape(name) != tuple((self.base or self.models[0]).shapes[name])
+        return self.block_shape(name) != tuple(self.ref.shapes[name])
 
     def blocked(self, name: str) -> bool:
         """Whether tensor ``name`` is read, merged and written in row blocks (a float
         tensor above ``chunked.MIN_BYTES`` at the dtype it merges in)."""
-        ref = self.base or self.models[0]
-        return _is_float(ref.dtypes[name]) and chunked.chunked(self.block_shape(name), self.itemsize(name))
+        return _is_float(self.ref.dtypes[name]) and chunked.chunked(self.block_shape(name), self.itemsize(name))
 
     def peak_estimate(self) -> int:
-        ref = self.base or self.models[0]
         n_in = len(self.models) + (self.base is not None)
         # entries in flight: a whole tensor, or one row block of a blocked one
         unit = {}
@@ -135,7 +143,7 @@ class Plan:
             return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit[n] * 4 + unit[n] * self.itemsize(n)
 
         # DARE and DELLA keep a blocked tensor's bit-packed masks between its passes
-        masks = [int(np.prod(ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
+        masks = [int(np.prod(self.ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
         kept = max([m for m in masks if m <= chunked.MASK_BUDGET], default=0)
         return max(held(n) for n in self.names) + (kept if self.method in merging.RANDOM_METHODS else 0)
 
@@ -529,8 +537,8 @@ def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
     reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop), flat=flat))) if shape else (
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
-    return chunked.Tensor(name, shape, base, [reader(m) for m in plan.models],
-                          rows=plan.vocab_rows.get(name), itemsize=plan.itemsize(name), aligned=not flat)
+    return chunked.Tensor(name, shape, base, [reader(m) for m in plan.models], rows=plan.vocab_rows.get(name),
+                          itemsize=plan.itemsize(name), aligned=not flat, own_shape=plan.ref.shapes[name])
 
 
 def _screen_all(plan: Plan, mc, blocks, names) -> None:
