@@ -209,6 +209,35 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
         ({(12, 10)}, 5) if flat else (set(), 0))
 
 
+@pytest.mark.parametrize("without", ["random_ok", "usable"])
+def test_dare_on_fused_experts_in_blocks_drawn_by_jax_gives_the_xla_merge(tmp_path, monkeypatch, without):
+    """Where the numba threefry cannot draw DARE's masks (``random_ok``: another PRNG),
+    a fused tensor is merged in blocks of whole experts, each drawn by
+    ``jax.random``; where it could but the merge pass does not apply
+    (``usable``), in flat blocks, the XLA draws cut at the block's first row.
+    Both give ``merging.merge``'s XLA program's tensors."""
+    from research.merging import cpu, sparsify
+    from research.merging.cpu import kernels
+    from research.merging.stream import chunked
+    shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10), "model.layers.0.mlp.router.weight": (3, 10)}
+    base, fts = _write_models(tmp_path, shapes, seed=5)
+    text = ("merge_method: dare_linear\nbase_model: base\nmodels:\n" + "".join(f"  - model: ft{i}\n" for i in range(3))
+            + "parameters: {density: 0.5, rescale_mode: inverse}\n")
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 200)  # draw blocks of one expert
+    monkeypatch.setattr(cpu, "ENABLED", False)
+    expect = merging.merge("dare_linear", fts, base=base, key=jax.random.key(2), density=0.5, rescale_mode="inverse")
+    monkeypatch.setattr(chunked, "MIN_BYTES", 100)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 100)  # 5 rows of 10 bf16 entries
+    monkeypatch.setattr(kernels, without, lambda *a: False)
+    reads, real = [], chunked.Tensor.read
+    monkeypatch.setattr(chunked.Tensor, "read", lambda self, sp: reads.append((self.shape, sp)) or real(self, sp))
+    got = read_out(stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "out"), progress=False, seed=2))
+    for name in shapes:
+        np.testing.assert_array_equal(got[name], np.asarray(expect[name]), err_msg=name)
+    flat = without == "usable"
+    assert ((36, 10), (10, 15)) in reads if flat else ((3, 12, 10), (1, 2)) in reads
+
+
 def test_global_trim_over_fused_expert_tensors_in_flat_blocks_equals_the_api_s(tmp_path, monkeypatch):
     """``trim: global`` counts ties in flat order across tensors; blocks of rows of a 3-D
     tensor's ``[-1, in]`` view keep that order, so the CLI gives ``merging.merge``'s tensors."""
