@@ -327,6 +327,10 @@ class Tensor:
         works on the one before (``read_ahead``)."""
         return read_ahead((self, sp) for sp in self.spans())
 
+    def blocks_at(self):
+        """``((base, models), span)`` of every block, as ``blocks`` reads them."""
+        return zip(self.blocks(), self.spans())  # blocks first: their reader runs to its end
+
     def sample_rows(self, rows: int):
         """``rows`` rows spread evenly over the tensor, as one block ``(base, models)``."""
         picks = np.unique(np.linspace(0, self.rows - 1, max(1, min(rows, self.rows))).astype(int))
@@ -497,7 +501,7 @@ def _dare_blocks(opts, t: Tensor, keys, out_dtype, write) -> bool:
         rows = [[] for _ in t.models]
         # the masks (one bit an entry) kept for the merge pass where they fit MASK_BUDGET; else drawn again
         kept_masks = [] if _masks_fit(t) else None
-        for sp, (base, models) in zip(t.spans(), t.blocks()):
+        for (base, models), sp in t.blocks_at():
             block_keys, row0 = _span_keys(t, keys, sp)
             applies = dare_applies(opts, base, models, out_dtype)
             drawn = applies and random_masks(opts, base, models, block_keys, t.draw_rows, row0=row0)
@@ -510,7 +514,7 @@ def _dare_blocks(opts, t: Tensor, keys, out_dtype, write) -> bool:
                 rows[i].append(sums[i])
             del masks
         factors = [dare_factor(np.concatenate(r)) if k is not None else np.float32(1.0) for r, k in zip(rows, keys)]
-    for c, (sp, (base, models)) in enumerate(zip(t.spans(), t.blocks())):
+    for c, ((base, models), sp) in enumerate(t.blocks_at()):
         masks = None if kept_masks is None else kept_masks[c]
         block_keys, row0 = _span_keys(t, keys, sp)
         leaf = dare_merge(base, models, opts, block_keys, t.draw_rows, out_dtype, factors, masks=masks,
@@ -537,7 +541,7 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     # the L1 pass's masks, one bit an entry, kept for the merge pass where they fit MASK_BUDGET
     kept_bits = {} if l1 and _masks_fit(t) else None
     for pass_ in (["sums"] if l1 else []) + ["merge"]:
-        for c, (sp, (base, models)) in enumerate(zip(t.spans(), t.blocks())):
+        for c, ((base, models), sp) in enumerate(t.blocks_at()):
             block_keys, row0 = _span_keys(t, keys, sp)
             if pass_ == "sums" or not l1:
                 _screen(t, base, models)
