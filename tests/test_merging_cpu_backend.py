@@ -240,6 +240,9 @@ def test_threefry_draws_need_a_threefry_key():
     assert cpu_kernels.random_ok(jax.random.key(0))
     assert cpu_kernels.random_ok(jax.random.PRNGKey(0))  # raw uint32 keys use the default implementation
     assert not cpu_kernels.random_ok(jax.random.key(0, impl="rbg"))
+    assert cpu_kernels.random_ok()  # a key of the default implementation
+    with jax.default_prng_impl("rbg"):
+        assert not cpu_kernels.random_ok()
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])

@@ -525,11 +525,14 @@ def numba_threads() -> int:
     return _loops().numba.get_num_threads()
 
 
-def random_ok(key) -> bool:
-    """Whether draws from ``key`` can be made here bit for bit as JAX makes them:
-    a threefry2x32 key, with ``jax_threefry_partitionable`` on (JAX's default)."""
+def random_ok(key=None) -> bool:
+    """Whether draws from ``key`` (None: a key of the default implementation) can be
+    made here bit for bit as JAX makes them: a threefry2x32 key, with
+    ``jax_threefry_partitionable`` on (JAX's default)."""
     if not _has_numba() or not jax.config.jax_threefry_partitionable:
         return False
+    if key is None:
+        return jax.config.jax_default_prng_impl == "threefry2x32"
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         return str(jax.random.key_impl(key)) == "threefry2x32"
     return jax.config.jax_default_prng_impl == "threefry2x32" and key.shape == (2,)
