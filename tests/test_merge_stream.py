@@ -153,8 +153,13 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 480)  # blocks of 4 rows
     calls, real = [], chunked.merge_blocks
     monkeypatch.setattr(chunked, "merge_blocks", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
+    numba_merged, real_merge = [], chunked.dare_merge  # the merge pass on the drawn masks, where it applies
+    monkeypatch.setattr(chunked, "dare_merge", lambda *a, **k: numba_merged.append(
+        (np.shape(a[0]), (out := real_merge(*a, **k)) is not None)) or out)
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=3))
     assert sorted(calls) == sorted(shapes)
+    experts = [shape for shape, merged in numba_merged if len(shape) == 3 and merged]
+    assert experts == ([(4, 6, 10)] * 2 if rescale_mode == "l1" else [])  # inverse (a divisor per entry): XLA's
     for name in shapes:
         np.testing.assert_array_equal(whole[name], np.asarray(expect[name]), err_msg=name)
         np.testing.assert_array_equal(blocks[name], np.asarray(expect[name]), err_msg=name)
@@ -168,6 +173,33 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
             np.testing.assert_array_equal(again["model.layers.0.mlp.experts.w"],
                                           np.asarray(expect["model.layers.0.mlp.experts.w"]))
             assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
+
+
+def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the_api_s_tensors(tmp_path, monkeypatch):
+    """The numba merge pass on DELLA's masks of a 3-D tensor in blocks: a model at density 1
+    (no mask) and inputs below 2**-32 (merged again by the XLA program) give
+    ``merging.merge``'s tensors."""
+    from research.merging import sparsify
+    from research.merging.stream import chunked
+    shapes = {"model.layers.0.mlp.experts.w": (8, 6, 10)}
+    base, fts = _write_models(tmp_path, shapes, seed=6)
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 120)  # draw blocks of 2 rows
+    w = fts[1]["model.layers.0.mlp.experts.w"]
+    w[5, 2, 3] = np.float32(2.0**-40)  # a non-zero magnitude below 2**-32
+    save_file(fts[1], str(tmp_path / "ft1" / "model.safetensors"), metadata={"format": "pt"})
+    text = ("merge_method: della\nbase_model: base\nmodels:\n"
+            + "".join(f"  - model: ft{i}\n    parameters: {{density: {d}}}\n" for i, d in enumerate([0.5, 0.7, 1.0]))
+            + "parameters:\n  epsilon: 0.2\n")
+    monkeypatch.setattr(chunked, "MIN_BYTES", 100)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 480)  # blocks of 4 rows
+    merged, real_merge = [], chunked.dare_merge
+    monkeypatch.setattr(chunked, "dare_merge", lambda *a, **k: merged.append(
+        (out := real_merge(*a, **k)) is not None) or out)
+    got = read_out(stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "out"), progress=False, seed=3))
+    expect = merging.merge("della", fts, base=base, key=jax.random.key(3), density=[0.5, 0.7, 1.0], epsilon=0.2)
+    name = "model.layers.0.mlp.experts.w"
+    np.testing.assert_array_equal(got[name], np.asarray(expect[name]))
+    assert merged == [True, True]  # both blocks of 4 rows
 
 
 # one method of each block path: elementwise, trimmed, SLERP's sums, DARE's masks with the L1 sums or drawn

@@ -555,11 +555,15 @@ def bernoulli(block_keys, block_rows: int, p: float, shape, row0: int = 0) -> np
     return _draw(_loops().bernoulli_blocks, block_keys, block_rows, row0, shape, np.bool_, np.float32(p))
 
 
-def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0) -> np.ndarray:
+def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1) -> np.ndarray:
     """``uniform < table[ranks]`` over ``ranks``' 2-D shape, uniforms drawn as in ``bernoulli``:
-    DELLA's keep mask from each rank's keep probability, without materialising either."""
+    DELLA's keep mask from each rank's keep probability, without materialising either.
+    ``split``: each row drawn as that many rows of equal length (the same bits; a
+    row for each thread where ``ranks`` has few long rows)."""
     table = np.asarray(table, np.float32)
-    return _draw(_loops().below_table_blocks, block_keys, block_rows, row0, ranks.shape, np.bool_, ranks, table)
+    r = ranks.reshape(ranks.shape[0] * split, -1)
+    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_, r, table)
+    return out.reshape(ranks.shape)
 
 
 def _warm_trims(x, sparsify: str, n_models: int) -> None:

@@ -190,11 +190,19 @@ def _dare_mask_on_host(key, shape, density: float):
     return kernels.bernoulli(keys, rows, density, shape)
 
 
-def _della_mask_on_host(key, ranks, n: int, density: float, epsilon: float):
+def table_split(shape) -> int:
+    """How many rows ``kernels.below_table`` draws each row of DELLA's rank table for a
+    tensor of ``shape`` as: the ``n`` of ``sparsify.della_shape`` where its rows
+    hold several axis-1 runs (3-D and up), else 1."""
+    _, n, cols = sparsify.della_shape(shape)
+    return n if cols > 1 else 1
+
+
+def _della_mask_on_host(key, ranks, n: int, density: float, epsilon: float, shape):
     """DELLA's keep mask from ``ranks`` (a table of ranks among ``n``, see
-    ``host_ranks``), drawn as ``_dare_mask_on_host`` draws."""
+    ``host_ranks``, of a tensor of ``shape``), drawn as ``_dare_mask_on_host`` draws."""
     keys, rows = _host_keys(key, ranks.shape)
-    return kernels.below_table(keys, rows, ranks, _della_probs_table(n, density, epsilon))
+    return kernels.below_table(keys, rows, ranks, _della_probs_table(n, density, epsilon), split=table_split(shape))
 
 
 def _screen(base, ms) -> None:
@@ -223,7 +231,7 @@ def _random_state(ft, base, opts, key, i: int) -> Kept:
     if opts.sparsify == "della":
         ranks = host_ranks(ft, base) if on_host else _della_ranks_jit(ft, base)
         eps, n = opts.epsilon[i], sparsify.della_shape(ft.shape)[1]
-        mask = (_della_mask_on_host(key, ranks, n, density, eps) if draw_on_host
+        mask = (_della_mask_on_host(key, ranks, n, density, eps, ft.shape) if draw_on_host
                 else _della_mask_jit(key, ranks, n, density, eps))
         if opts.rescale and opts.rescale_mode == "inverse":
             return Kept(mask=jnp.reshape(mask, ft.shape), div=jnp.reshape(_della_probs_jit(ranks, n, density, eps), ft.shape))

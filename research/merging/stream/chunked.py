@@ -51,7 +51,7 @@ from research.merging import methods, registry, sparsify, task_vectors, topk, tr
 from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
                                        _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, host_ranks,
-                                       random_masks)
+                                       random_masks, table_split)
 
 # Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
 # else the checkpoint's).  A float32 merge of bf16 checkpoints reads them as
@@ -464,7 +464,7 @@ def _random_kept(opts, i, m, base, block_keys, rb: int, row0: int):
         ranks = host_ranks(m, base) if host else _della_ranks_jit(m, base)
         eps, n = opts.epsilon[i], sparsify.della_shape(m.shape)[1]
         if host:
-            mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(n, d, eps), row0)
+            mask = kernels.below_table(block_keys, rb, ranks, _della_probs_table(n, d, eps), row0, table_split(m.shape))
         else:
             u = _draw_blocks(jax.random.wrap_key_data(block_keys), row0, d, rows, cols, True, rb)
             mask = u < _della_probs_jit(ranks, n, d, eps)
@@ -531,12 +531,22 @@ def _dare_blocks(opts, t: Tensor, keys, out_dtype, write) -> bool:
     return True
 
 
+def _row_bits(mask, cols: int) -> np.ndarray:
+    """A keep mask as the rows of ``kernels.Masks``: its ``[-1, cols]`` view's rows, bit-packed."""
+    return np.packbits(np.asarray(mask).reshape(-1, cols), axis=-1)
+
+
 def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
+    """DARE or DELLA over ``t``'s blocks: by the numba passes (``_dare_blocks``) where they
+    apply; else each model's mask drawn per block (``_random_kept``), the L1
+    factors from a first pass of sums, and the merge pass, for DELLA by the numba
+    pass on those masks (``cpu.leaf.dare_merge``) where it applies, else by XLA."""
     # a model with density >= 1 keeps every entry: it draws no mask (DELLA's table would drop some)
     keys = [np.asarray(_block_key_data(k, t.draws)) if d < 1 else None for k, d in zip(model_keys, opts.density)]
     l1 = opts.rescale and opts.rescale_mode == "l1"
     if all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(opts, t, keys, out_dtype, write):
         return
+    cols = t.shape[-1]
     sums = [[0.0, 0.0] for _ in t.models]
     # the L1 pass's masks, one bit an entry, kept for the merge pass where they fit MASK_BUDGET
     kept_bits = {} if l1 and _masks_fit(t) else None
@@ -545,24 +555,41 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
             block_keys, row0 = _span_keys(t, keys, sp)
             if pass_ == "sums" or not l1:
                 _screen(t, base, models)
-            kept = []
+            bits, divs = [None] * len(models), [None] * len(models)  # the merge pass's masks, as Masks rows
             for i, m in enumerate(models):
                 if block_keys[i] is None:
-                    kept.append(Kept())
                     continue
                 if pass_ == "merge" and kept_bits is not None:
-                    mask, div = np.unpackbits(kept_bits.pop((c, i)), count=m.size).view(bool).reshape(m.shape), None
-                else:
-                    mask, div = _random_kept(opts, i, m, base, block_keys[i], t.draw_rows, row0)
+                    bits[i] = kept_bits.pop((c, i))
+                    continue
+                mask, divs[i] = _random_kept(opts, i, m, base, block_keys[i], t.draw_rows, row0)
                 if pass_ == "sums":
                     _add_sums(sums[i], _kept_sums(m, base, mask))
-                    if kept_bits is not None:
-                        kept_bits[c, i] = np.packbits(np.asarray(mask))
-                    continue
-                mul = _factor(sums[i]) if l1 else None
-                kept.append(Kept(mask=mask, div=div if opts.rescale else None, mul=mul))
+                bits[i] = _row_bits(mask, cols)
+                if kept_bits is not None:
+                    kept_bits[c, i] = bits[i]
             if pass_ == "merge":
-                write(np.asarray(_mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype)))
+                factors = [_factor(x) if l1 else np.float32(1.0) for x in sums]
+                write(_merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, lambda: _screen(t, base, models)))
+
+
+def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen) -> np.ndarray:
+    """One block's merge pass on each model's keep mask (``_row_bits``; None: it keeps
+    every entry), ``divs`` (the inverse rescale's) and L1 ``factors``: DELLA's by the
+    numba pass (``dare_merge``) where it applies, else by the XLA program."""
+    cols = base.shape[-1]
+    if opts.sparsify == "della" and dare_applies(opts, base, models, out_dtype):
+        every = np.full((base.size // cols, -(-cols // 8)), 0xFF, np.uint8)
+        masks = kernels.Masks(np.stack([every if b is None else b for b in bits]), cols)
+        drawn = [None if b is None else True for b in bits]  # dare_merge asks only which models have masks
+        leaf = dare_merge(base, models, opts, drawn, 1, out_dtype, factors, masks=masks, screen=screen)
+        if leaf is not None:
+            return np.asarray(leaf)
+    kept = [Kept() if b is None else Kept(
+        mask=np.unpackbits(b, axis=-1, count=cols).view(bool).reshape(np.shape(m)),
+        div=divs[i] if opts.rescale else None, mul=factors[i] if opts.rescale and opts.rescale_mode == "l1" else None)
+        for i, (m, b) in enumerate(zip(models, bits))]
+    return np.asarray(_mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype))
 
 
 def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
