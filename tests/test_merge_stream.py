@@ -153,8 +153,8 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 480)  # blocks of 4 rows
     calls, real = [], chunked.merge_blocks
     monkeypatch.setattr(chunked, "merge_blocks", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
-    numba_merged, real_merge = [], chunked.dare_merge  # the merge pass on the drawn masks, where it applies
-    monkeypatch.setattr(chunked, "dare_merge", lambda *a, **k: numba_merged.append(
+    numba_merged, real_merge = [], chunked.masks_merge  # the merge pass on the drawn masks, where it applies
+    monkeypatch.setattr(chunked, "masks_merge", lambda *a, **k: numba_merged.append(
         (np.shape(a[0]), (out := real_merge(*a, **k)) is not None)) or out)
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=3))
     assert sorted(calls) == sorted(shapes)
@@ -192,8 +192,8 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
             + "parameters:\n  epsilon: 0.2\n")
     monkeypatch.setattr(chunked, "MIN_BYTES", 100)
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 480)  # blocks of 4 rows
-    merged, real_merge = [], chunked.dare_merge
-    monkeypatch.setattr(chunked, "dare_merge", lambda *a, **k: merged.append(
+    merged, real_merge = [], chunked.masks_merge
+    monkeypatch.setattr(chunked, "masks_merge", lambda *a, **k: merged.append(
         (out := real_merge(*a, **k)) is not None) or out)
     got = read_out(stream.run(stream.load(write_cfg(tmp_path, text)), str(tmp_path / "out"), progress=False, seed=3))
     expect = merging.merge("della", fts, base=base, key=jax.random.key(3), density=[0.5, 0.7, 1.0], epsilon=0.2)

@@ -164,6 +164,24 @@ def test_eager_della_with_kernel_ranks_equals_jitted_della(method, mode, dtype):
     chex.assert_trees_all_close(eager, jitted, atol=1e-6 if dtype == jnp.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_eager_della_on_3d_leaves_merges_its_masks_by_the_numba_pass_as_xla_does(monkeypatch, dtype):
+    """DELLA's masks of a 3-D leaf (ranked along axis 1, drawn apart) merged by the numba
+    pass give the XLA program's merge on the same masks and factors, bit for bit."""
+    rng = np.random.default_rng(5)
+    mk = lambda: {"v": jnp.asarray(rng.normal(size=(3, 8, 24)), dtype), "u": jnp.asarray(rng.normal(size=(1, 5, 9)), dtype)}
+    base, fts = mk(), [mk(), mk(), mk()]
+    kw = dict(key=jax.random.key(8), density=[0.5, 0.7, 1.0], epsilon=0.2)
+    merged, real = [], cpu_leaf.masks_merge
+    monkeypatch.setattr(cpu_leaf, "masks_merge", lambda *a, **k: merged.append((out := real(*a, **k)) is not None) or out)
+    eager = merging.merge("della", fts, base=base, **kw)
+    assert merged == [True, True]
+    monkeypatch.setattr(cpu_leaf, "masks_merge", lambda *a, **k: None)  # the XLA program on the same masks
+    xla = merging.merge("della", fts, base=base, **kw)
+    for k in base:
+        np.testing.assert_array_equal(_bits(eager[k]), _bits(xla[k]), err_msg=k)
+
+
 def _block_keys(key, shape):
     blocks, rows = sparsify.draw_blocks(shape)
     if blocks == 1:

@@ -339,6 +339,25 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
     return np.asarray(_mix_jit(base, ms, kept, opts=opts, out_dtype=jnp.dtype(out_dtype)))
 
 
+def row_bits(mask, cols: int) -> np.ndarray:
+    """A keep mask as the rows of ``kernels.Masks``: its ``[-1, cols]`` view's rows, bit-packed."""
+    return np.packbits(np.asarray(mask).reshape(-1, cols), axis=-1)
+
+
+def masks_merge(base, ms, opts, bits, factors, out_dtype, screen=None):
+    """DELLA's merge pass by the numba pass (``dare_merge``) on masks drawn apart (each
+    model's ``row_bits`` over ``[-1, last]``, None where it keeps every entry) and
+    its L1 ``factors``, or None where that pass does not apply (``dare_applies``:
+    not the inverse rescale) or cannot match the XLA program."""
+    if opts.sparsify != "della" or not dare_applies(opts, base, ms, out_dtype):
+        return None
+    cols = np.shape(base)[-1]
+    every = np.full((np.size(base) // cols, -(-cols // 8)), 0xFF, np.uint8)
+    masks = kernels.Masks(np.stack([every if b is None else b for b in bits]), cols)
+    drawn = [None if b is None else True for b in bits]  # dare_merge asks only which models have masks
+    return dare_merge(base, ms, opts, drawn, 1, out_dtype, factors, masks=masks, screen=screen)
+
+
 def _dare_leaf(base, ms, opts, keys, out_dtype, screen: bool):
     if any(d < 1 and not kernels.random_ok(k) for d, k in zip(opts.density, keys)):
         return None
@@ -401,4 +420,10 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
         if screen:
             _screen(base, ms)
         states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
+        if np.ndim(base) and kernels.usable(base, *ms):  # DELLA's masks drawn apart: the numba merge pass on them
+            bits = [None if s.mask is None else row_bits(s.mask, np.shape(base)[-1]) for s in states]
+            factors = [np.float32(1.0 if s.mul is None else s.mul) for s in states]
+            leaf = masks_merge(base, ms, opts, bits, factors, out_dtype)
+            if leaf is not None:
+                return jax.device_put(leaf)
     return _mix_jit(base, ms, states, opts=opts, out_dtype=out_dtype)

@@ -51,7 +51,7 @@ from research.merging import methods, registry, sparsify, task_vectors, topk, tr
 from research.merging.cpu import kernels, search
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
                                        _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, host_ranks,
-                                       random_masks, table_split)
+                                       masks_merge, random_masks, row_bits, table_split)
 
 # Sizes per model, at the dtype the tensors are merged in (the config's ``dtype``,
 # else the checkpoint's).  A float32 merge of bf16 checkpoints reads them as
@@ -531,11 +531,6 @@ def _dare_blocks(opts, t: Tensor, keys, out_dtype, write) -> bool:
     return True
 
 
-def _row_bits(mask, cols: int) -> np.ndarray:
-    """A keep mask as the rows of ``kernels.Masks``: its ``[-1, cols]`` view's rows, bit-packed."""
-    return np.packbits(np.asarray(mask).reshape(-1, cols), axis=-1)
-
-
 def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     """DARE or DELLA over ``t``'s blocks: by the numba passes (``_dare_blocks``) where they
     apply; else each model's mask drawn per block (``_random_kept``), the L1
@@ -565,7 +560,7 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
                 mask, divs[i] = _random_kept(opts, i, m, base, block_keys[i], t.draw_rows, row0)
                 if pass_ == "sums":
                     _add_sums(sums[i], _kept_sums(m, base, mask))
-                bits[i] = _row_bits(mask, cols)
+                bits[i] = row_bits(mask, cols)
                 if kept_bits is not None:
                     kept_bits[c, i] = bits[i]
             if pass_ == "merge":
@@ -574,17 +569,13 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
 
 
 def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen) -> np.ndarray:
-    """One block's merge pass on each model's keep mask (``_row_bits``; None: it keeps
+    """One block's merge pass on each model's keep mask (``row_bits``; None: it keeps
     every entry), ``divs`` (the inverse rescale's) and L1 ``factors``: DELLA's by the
-    numba pass (``dare_merge``) where it applies, else by the XLA program."""
+    numba pass (``cpu.leaf.masks_merge``) where it applies, else by the XLA program."""
+    leaf = masks_merge(base, models, opts, bits, factors, out_dtype, screen)
+    if leaf is not None:
+        return np.asarray(leaf)
     cols = base.shape[-1]
-    if opts.sparsify == "della" and dare_applies(opts, base, models, out_dtype):
-        every = np.full((base.size // cols, -(-cols // 8)), 0xFF, np.uint8)
-        masks = kernels.Masks(np.stack([every if b is None else b for b in bits]), cols)
-        drawn = [None if b is None else True for b in bits]  # dare_merge asks only which models have masks
-        leaf = dare_merge(base, models, opts, drawn, 1, out_dtype, factors, masks=masks, screen=screen)
-        if leaf is not None:
-            return np.asarray(leaf)
     kept = [Kept() if b is None else Kept(
         mask=np.unpackbits(b, axis=-1, count=cols).view(bool).reshape(np.shape(m)),
         div=divs[i] if opts.rescale else None, mul=factors[i] if opts.rescale and opts.rescale_mode == "l1" else None)
