@@ -165,21 +165,26 @@ def test_eager_della_with_kernel_ranks_equals_jitted_della(method, mode, dtype):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_eager_della_on_3d_leaves_merges_its_masks_by_the_numba_pass_as_xla_does(monkeypatch, dtype):
-    """DELLA's masks of a 3-D leaf (ranked along axis 1, drawn apart) merged by the numba
-    pass give the XLA program's merge on the same masks and factors, bit for bit."""
+def test_della_masks_of_3d_leaves_merged_by_the_numba_pass_give_the_xla_merge(dtype):
+    """DELLA's masks of 3-D leaves (ranked along axis 1, drawn apart), bit-packed over
+    ``[-1, last]`` rows and merged by the numba pass (``masks_merge``, as the
+    streamed merge of a fused tensor merges them), give the XLA program's merge
+    on the same masks and L1 factors, bit for bit; a model at density 1 has none."""
     rng = np.random.default_rng(5)
-    mk = lambda: {"v": jnp.asarray(rng.normal(size=(3, 8, 24)), dtype), "u": jnp.asarray(rng.normal(size=(1, 5, 9)), dtype)}
-    base, fts = mk(), [mk(), mk(), mk()]
-    kw = dict(key=jax.random.key(8), density=[0.5, 0.7, 1.0], epsilon=0.2)
-    merged, real = [], cpu_leaf.masks_merge
-    monkeypatch.setattr(cpu_leaf, "masks_merge", lambda *a, **k: merged.append((out := real(*a, **k)) is not None) or out)
-    eager = merging.merge("della", fts, base=base, **kw)
-    assert merged == [True, True]
-    monkeypatch.setattr(cpu_leaf, "masks_merge", lambda *a, **k: None)  # the XLA program on the same masks
-    xla = merging.merge("della", fts, base=base, **kw)
-    for k in base:
-        np.testing.assert_array_equal(_bits(eager[k]), _bits(xla[k]), err_msg=k)
+    for shape in [(3, 8, 24), (1, 5, 9)]:
+        base = jnp.asarray(rng.normal(size=shape), dtype)
+        ms = [jnp.asarray(np.asarray(base, np.float32) + rng.normal(size=shape) * 0.1, dtype) for _ in range(3)]
+        ms[1] = ms[1].at[0, 2, 3].set(2.0**-40)  # an input below 2**-32: merged again by XLA
+        opts = merging.options("della", 3, {"density": [0.5, 0.7, 1.0], "epsilon": 0.2})
+        keys = [jax.random.fold_in(jax.random.key(8), i) for i in range(3)]
+        states = [cpu_leaf._random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
+        assert states[2].mask is None
+        bits = [None if s.mask is None else cpu_leaf.row_bits(s.mask, shape[-1]) for s in states]
+        factors = [np.float32(1.0 if s.mul is None else s.mul) for s in states]
+        got = cpu_leaf.masks_merge(base, ms, opts, bits, factors, dtype)
+        assert got is not None
+        want = cpu_leaf._mix_jit(base, ms, states, opts=opts, out_dtype=jnp.dtype(dtype))
+        np.testing.assert_array_equal(_bits(got), _bits(want), err_msg=str(shape))
 
 
 def _block_keys(key, shape):

@@ -17,11 +17,10 @@ way with the same result, bit for bit:
   others' ranks are bounded by a histogram of their row, and found exactly
   only where the draw falls between the bounds' keep probabilities
   (``kernels.della_masks``);
-  then DARE's merge pass on those masks, and the same L1 factor.  On a
-  tensor of 3-D and up (whose ranks run along dim 1, across rows), every
-  rank, by a radix sort (``leaf.host_ranks``), the masks drawn against them,
-  and DARE's merge pass on those (``leaf.masks_merge``); with the inverse
-  rescale (a divisor per entry), the XLA merge program.
+  then DARE's merge pass on those masks, and the same L1 factor.  With the
+  inverse rescale (a divisor per entry), or on a tensor of 3-D and up (whose
+  ranks run along dim 1, across rows), every rank, by a radix sort
+  (``leaf.host_ranks``), and the XLA merge program.
 
 ``merge()`` calls ``merge_leaf`` on every leaf of an eager merge; ``None``
 means the backend does not apply (another method, an accelerator, traced

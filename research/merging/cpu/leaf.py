@@ -348,7 +348,10 @@ def masks_merge(base, ms, opts, bits, factors, out_dtype, screen=None):
     """DELLA's merge pass by the numba pass (``dare_merge``) on masks drawn apart (each
     model's ``row_bits`` over ``[-1, last]``, None where it keeps every entry) and
     its L1 ``factors``, or None where that pass does not apply (``dare_applies``:
-    not the inverse rescale) or cannot match the XLA program."""
+    not the inverse rescale) or cannot match the XLA program.  The streamed merge
+    of a 3-D tensor takes it (``stream.chunked``), whose masks are kept bit-packed
+    between its passes; an eager merge's XLA program on the unpacked masks is as
+    fast."""
     if opts.sparsify != "della" or not dare_applies(opts, base, ms, out_dtype):
         return None
     cols = np.shape(base)[-1]
@@ -420,10 +423,4 @@ def merge_leaf(base, ms, opts, keys, out_dtype, screen: bool = False):
         if screen:
             _screen(base, ms)
         states = [_random_state(m, base, opts, keys[i], i) for i, m in enumerate(ms)]
-        if np.ndim(base) and kernels.usable(base, *ms):  # DELLA's masks drawn apart: the numba merge pass on them
-            bits = [None if s.mask is None else row_bits(s.mask, np.shape(base)[-1]) for s in states]
-            factors = [np.float32(1.0 if s.mul is None else s.mul) for s in states]
-            leaf = masks_merge(base, ms, opts, bits, factors, out_dtype)
-            if leaf is not None:
-                return jax.device_put(leaf)
     return _mix_jit(base, ms, states, opts=opts, out_dtype=out_dtype)
