@@ -294,18 +294,18 @@ def read_ahead(blocks):
 class Tensor:
     """One tensor of every input, read in row blocks: ``base`` (or None) and ``models``
     are callables ``(start, stop) -> array`` of rows of ``shape`` (``block_shape``'s),
-    of entries of ``itemsize`` bytes; ``aligned``: blocks of whole random draws
-    (``block_rows``).  ``own_shape``: the tensor's shape, where ``shape`` is its
-    ``[-1, shape[-1]]`` view (random masks are drawn in blocks of its leading rows)."""
+    of entries of ``itemsize`` bytes.  ``own_shape``: the tensor's shape, where
+    ``shape`` is its ``[-1, shape[-1]]`` view (random masks are drawn in blocks
+    of its leading rows; blocks of the tensor's own rows are whole draws,
+    ``block_rows``)."""
 
-    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, aligned: bool = True,
-                 own_shape=None):
+    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, own_shape=None):
         shape = tuple(shape) or (1,)  # a scalar reads as one row
+        own = tuple(own_shape or shape)
         self.name, self.shape, self.base, self.models = name, shape, base, models
         self.rows = rows or self.shape[0]  # rows to merge (fewer where vocabularies differ)
         self.size = self.rows * math.prod(self.shape[1:])  # entries to merge
-        self.step = block_rows(self.shape, itemsize, aligned)
-        own = tuple(own_shape or shape)
+        self.step = block_rows(self.shape, itemsize, aligned=own == shape)
         self.draws, rb = sparsify.draw_blocks(own)  # random masks: draw blocks, and rows of ``shape`` in each
         self.draw_rows = rb * (self.shape[0] // own[0])
 
@@ -534,8 +534,7 @@ def _dare_blocks(opts, t: Tensor, keys, out_dtype, write) -> bool:
 def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     """DARE or DELLA over ``t``'s blocks: by the numba passes (``_dare_blocks``) where they
     apply; else each model's mask drawn per block (``_random_kept``), the L1
-    factors from a first pass of sums, and the merge pass, for DELLA by the numba
-    pass on those masks (``cpu.leaf.dare_merge``) where it applies, else by XLA."""
+    factors from a first pass of sums, and the merge pass (``_merge_on_masks``)."""
     # a model with density >= 1 keeps every entry: it draws no mask (DELLA's table would drop some)
     keys = [np.asarray(_block_key_data(k, t.draws)) if d < 1 else None for k, d in zip(model_keys, opts.density)]
     l1 = opts.rescale and opts.rescale_mode == "l1"
@@ -560,7 +559,8 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
                 mask, divs[i] = _random_kept(opts, i, m, base, block_keys[i], t.draw_rows, row0)
                 if pass_ == "sums":
                     _add_sums(sums[i], _kept_sums(m, base, mask))
-                bits[i] = row_bits(mask, cols)
+                if pass_ == "merge" or kept_bits is not None:
+                    bits[i] = row_bits(mask, cols)
                 if kept_bits is not None:
                     kept_bits[c, i] = bits[i]
             if pass_ == "merge":

@@ -538,7 +538,7 @@ def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
     base = reader(plan.base) if plan.base else None
     return chunked.Tensor(name, shape, base, [reader(m) for m in plan.models], rows=plan.vocab_rows.get(name),
-                          itemsize=plan.itemsize(name), aligned=not flat, own_shape=plan.ref.shapes[name])
+                          itemsize=plan.itemsize(name), own_shape=plan.ref.shapes[name])
 
 
 def _screen_all(plan: Plan, mc, blocks, names) -> None:
