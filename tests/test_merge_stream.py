@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import weakref
 
 import jax
 import ml_dtypes
@@ -585,6 +586,34 @@ def test_the_dry_run_s_peak_estimate_counts_the_dtype_merged_in_and_dare_s_kept_
     assert est("dare_ties") - est("ties") == up * 3 // 8  # 3 models' masks, a bit an entry
     # float32: the bf16 inputs are read as they are, the output takes 2 more bytes an entry
     assert est("ties", "dtype: float32\n") - est("ties") == 2 * up
+
+
+def test_a_streamed_pass_lets_each_block_go_when_it_asks_for_the_next(monkeypatch):
+    """While a pass works on a block, it holds that block and the one read ahead,
+    never an earlier one (memory is two blocks, not three), as the passes
+    iterate: ``enumerate(t.blocks_at())`` and ``t.blocks()``."""
+    from research.merging.stream import chunked
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 8 * 4)  # 4 rows of 8 float32
+    reads = []  # (first row, weak reference) of every array read
+
+    def rows(value):
+        def read(a, b):
+            x = np.full((b - a, 8), value, np.float32)
+            reads.append((a, weakref.ref(x)))
+            return x
+        return read
+
+    t = chunked.Tensor("w", (20, 8), rows(-1), [rows(0), rows(1)], itemsize=4, own_shape=(2, 10, 8))
+    assert t.step == 4
+    for c, ((base, models), sp) in enumerate(t.blocks_at()):
+        assert sp == (4 * c, min(4 * c + 4, 20)) and base.shape[0] == sp[1] - sp[0]
+        assert [a for a, r in reads if r() is not None and a < sp[0]] == [], f"block {c}: earlier blocks held"
+    del base, models
+    reads.clear()
+    starts = iter(range(0, 20, 4))
+    for base, models in t.blocks():
+        start = next(starts)
+        assert [a for a, r in reads if r() is not None and a < start] == []
 
 
 @pytest.mark.parametrize("method", ["dare_ties", "dare_linear", "della"])

@@ -328,8 +328,13 @@ class Tensor:
         return read_ahead((self, sp) for sp in self.spans())
 
     def blocks_at(self):
-        """``((base, models), span)`` of every block, as ``blocks`` reads them."""
-        return zip(self.blocks(), self.spans())  # blocks first: their reader runs to its end
+        """``((base, models), span)`` of every block, as ``blocks`` reads them: a block
+        is let go when the caller asks for the next.  (Not ``zip``: under
+        ``enumerate``, a zip keeps the result tuple of two items back, and with it a block.)"""
+        spans = iter(self.spans())
+        for block in self.blocks():
+            yield block, next(spans)
+            del block
 
     def sample_rows(self, rows: int):
         """``rows`` rows spread evenly over the tensor, as one block ``(base, models)``."""
