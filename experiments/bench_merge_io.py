@@ -44,6 +44,7 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -158,6 +159,16 @@ def warm_memory(nbytes: int) -> None:
         pages = np.empty(nbytes, np.uint8)
         pages[::4096] = 1
         del pages
+
+
+def dry_run_estimate(cfg: str) -> int:
+    """The peak memory, in bytes, that ``--dry-run`` estimates for ``cfg``'s merge."""
+    r = subprocess.run([sys.executable, "-m", "research.merging", cfg, cfg + ".out", "--dry-run"],
+                       capture_output=True, text=True, check=True)
+    m = re.search(r"estimated peak memory: ([\d.]+) GiB", r.stdout)
+    if m is None:
+        raise SystemExit(f"{cfg}: no peak estimate in the dry run's output:\n{r.stdout[-2000:]}")
+    return round(float(m.group(1)) * 2**30)
 
 
 def timed_process(args, hwm_file, cache_dir="off", extra_env=None):
@@ -313,6 +324,7 @@ def main(argv=None):
             if method in numba_methods:
                 runs[(f"{method} {label}", dtype)] = runs[(method, dtype)] + also_args
                 envs[(f"{method} {label}", dtype)] = also_env
+    estimate = {(m, d): dry_run_estimate(runs[(m, d)][4]) for d in args.dtypes for m in args.methods}
     model_bytes = 2 * n_params  # bf16
     warm = int(2 * model_bytes + 2 * 2**30 if args.warm_gb is None else args.warm_gb * 2**30)
     cache = f"{work}/compile-cache"
@@ -358,11 +370,12 @@ def main(argv=None):
         line = "no dtype line" if dtype == "none" else f"`dtype: {dtype}`"
         extra = f" {label} wall (s) | {label} peak RSS (GB) |" if args.also else ""
         out += [f"**{line}**", "", "| method | wall (s) | ratio to floor | ratio to round trip | first run (s), compiling "
-                "| peak RSS (GB) |" + extra, "|---|---:|---:|---:|---:|---:|" + "---:|---:|" * bool(extra)]
+                "| peak RSS (GB) | `--dry-run` estimate (GB) |" + extra,
+                "|---|---:|---:|---:|---:|---:|---:|" + "---:|---:|" * bool(extra)]
         for method in args.methods:
             secs, rss = best((method, dtype))
             row = (f"| {method} | {secs:.1f} | {secs / floor:.2f}x | {secs / trip:.2f}x | "
-                   f"{times[(method, dtype)][0]:.1f} | {rss / 1e9:.2f} |")
+                   f"{times[(method, dtype)][0]:.1f} | {rss / 1e9:.2f} | {estimate[(method, dtype)] / 1e9:.2f} |")
             if extra:
                 also = (f"{method} {label}", dtype)
                 row += f" {min(times[also]):.1f} | {peak[also] / 1e9:.2f} |" if also in runs else " | |"

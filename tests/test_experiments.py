@@ -57,6 +57,7 @@ def test_bench_merge_io_smoke(tmp_path):
     assert "(floor)" in out and "(round trip)" in out and "| ties |" in out and "| della |" in out and "| slerp |" in out
     rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in out.splitlines() if line.startswith("| ")}
     assert "ties `--no-map` (bfloat16)" in out and rows["ties"][-2].strip() and not rows["slerp"][-2].strip()
+    assert "`--dry-run` estimate (GB)" in out and all(float(rows[m][5]) > 0.05 for m in ("ties", "della", "slerp"))
 
 
 def test_the_merge_io_floor_reads_every_input_and_writes_a_byte_copy_of_the_first(tmp_path):

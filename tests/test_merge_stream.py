@@ -581,11 +581,29 @@ def test_the_dry_run_s_peak_estimate_counts_the_dtype_merged_in_and_dare_s_kept_
     monkeypatch.setattr(chunked, "MIN_BYTES", 1000)  # bf16: embeddings, lm_head (1920 B), q (1152 B), up in blocks
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 1 << 20)  # one block each
     est = lambda method, dtype="": stream.make_plan(stream.load(write_cfg(
-        tmp, _every_method_config(method) + dtype, f"{method}{len(dtype)}.yaml"))).peak_estimate()
+        tmp, _every_method_config(method) + dtype, f"{method}{len(dtype)}.yaml"))).in_flight()
     up = 48 * 24  # the largest tensor's entries
     assert est("dare_ties") - est("ties") == up * 3 // 8  # 3 models' masks, a bit an entry
     # float32: the bf16 inputs are read as they are, the output takes 2 more bytes an entry
     assert est("ties", "dtype: float32\n") - est("ties") == 2 * up
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak from /proc/self/status")
+@pytest.mark.parametrize("method", ["linear", "ties"])
+def test_the_dry_run_s_peak_estimate_is_near_the_peak_the_merge_reaches(wide_models, method):
+    """The estimate counts the process itself (its resident memory when planned, plus
+    the programs it compiles: numba's kernels for ``ties``), which is most of a
+    small merge's peak: the merge, in that process, peaks within 30% of it."""
+    tmp, *_ = wide_models
+    cfg = write_cfg(tmp, _every_method_config(method))
+    code = ("import sys; from research.merging import stream; mc = stream.load(sys.argv[1]); "
+            "est = stream.make_plan(mc).peak_estimate(); stream.run(mc, sys.argv[2], progress=False); "
+            "print(est, [int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM')][0])")
+    env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
+    r = subprocess.run([sys.executable, "-c", code, cfg, str(tmp / "out")], capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    est, peak = map(int, r.stdout.split())
+    assert 0.7 <= peak / est <= 1.3, (peak / 2**30, est / 2**30)
 
 
 def test_a_streamed_pass_lets_each_block_go_when_it_asks_for_the_next(monkeypatch):

@@ -127,25 +127,61 @@ class Plan:
         tensor above ``chunked.MIN_BYTES`` at the dtype it merges in)."""
         return _is_float(self.ref.dtypes[name]) and chunked.chunked(self.block_shape(name), self.itemsize(name))
 
-    def peak_estimate(self) -> int:
+    def in_flight(self) -> int:
+        """Bytes of tensors in memory at once, at most, over the merge: a tensor's inputs
+        (or two row blocks of them: the one merging and the one read ahead), float32
+        working copies, the output waiting for the disk, DELLA's ranks and mask, and
+        DARE's and DELLA's bit-packed masks kept between a tensor's passes."""
         n_in = len(self.models) + (self.base is not None)
-        # entries in flight: a whole tensor, or one row block of a blocked one
-        unit = {}
+        della = getattr(task_vectors.RECIPES.get(self.method), "sparsify", None) == "della"
+        unit = {}  # entries in flight: a whole tensor, or one row block of a blocked one
         for n in self.names:
             shape = self.block_shape(n)
             rows = chunked.block_rows(shape, self.itemsize(n), aligned=not self.flat(n))
             unit[n] = min(rows, shape[0]) * int(np.prod(shape[1:])) if self.blocked(n) else int(np.prod(shape))
 
         def held(n):
-            # the inputs as they merge (and the prefetched next set, within its budget),
-            # float32 working copies, the previous output waiting for the disk
             in_bytes = n_in * unit[n] * self.input_itemsize(n)
-            return max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET)) + 2 * unit[n] * 4 + unit[n] * self.itemsize(n)
+            # a blocked tensor: two blocks read; a whole one: the next tensor's inputs too, within the budget
+            inputs = 2 * in_bytes if self.blocked(n) else max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET))
+            ranks = unit[n] * (1 + (2 if self.ref.shapes[n][min(1, len(self.ref.shapes[n]) - 1)] <= 1 << 16 else 4))
+            return inputs + 2 * unit[n] * 4 + unit[n] * self.itemsize(n) + (ranks if della else 0)
 
-        # DARE and DELLA keep a blocked tensor's bit-packed masks between its passes
         masks = [int(np.prod(self.ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
         kept = max([m for m in masks if m <= chunked.MASK_BUDGET], default=0)
         return max(held(n) for n in self.names) + (kept if self.method in merging.RANDOM_METHODS else 0)
+
+    def process_bytes(self, resident: int | None = None) -> int:
+        """Bytes of the merging process itself: ``resident`` (its resident memory before
+        the first tensor; default: this process's now, ``resident_bytes``) plus the
+        programs the merge compiles (``_PROGRAM_BYTES``; ``_KERNEL_BYTES`` more
+        where the numba kernels run)."""
+        resident = resident_bytes() if resident is None else resident
+        return resident + _PROGRAM_BYTES + (_KERNEL_BYTES if cpu.ENABLED and self.method in MAPPED_METHODS else 0)
+
+    def peak_estimate(self, resident: int | None = None) -> int:
+        """The merge's expected peak resident memory: ``in_flight`` plus ``process_bytes``."""
+        return self.in_flight() + self.process_bytes(resident)
+
+
+# What a merge's compiled programs add to a process that has imported JAX and
+# opened its inputs, taken from merges of a 5M-parameter model (bench_merge_io
+# --scale 0.01, x86-64 Linux): its XLA programs and runtime; numba and its
+# kernels, for the methods with a sparsifier.
+_PROGRAM_BYTES = 100 << 20
+_KERNEL_BYTES = 100 << 20
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now, in bytes (its peak so far where
+    ``/proc`` is not there to say)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        import resource
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def make_plan(mc: cfg_lib.MergeConfig, allow_vocab_mismatch: bool = False) -> Plan:
@@ -347,7 +383,9 @@ def describe(plan: Plan, mc, seed: int | None = None) -> str:
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
-    lines.append(f"estimated peak memory: {gb(plan.peak_estimate())} (tensors in flight)")
+    process = plan.process_bytes()
+    lines.append(f"estimated peak memory: {gb(plan.in_flight() + process)} ({gb(plan.in_flight())} of tensors in "
+                 f"flight, {gb(process)} for the process and its compiled programs)")
     return "\n".join(lines)
 
 
@@ -496,12 +534,11 @@ def _merge_into(plan: Plan, mc, tmp: str, devs, shard_size: int, seed: int, prog
                 work = [cast_n(a) if mapped else _place(cast_n(a), devs) for a in work]
                 key = root if plan.method in merging.RANDOM_METHODS else None  # merge() folds in the tensor's name
                 out = _merge_tensor(plan, mc, name, work, key, out_dtype or ref.dtype)
-                if rows:
-                    full = np.array(ref, copy=True).astype(out.dtype)
-                    full[:rows] = out
-                    out = full
+                if rows:  # the rows past the common vocabulary: the reference input's
+                    out = np.concatenate([np.asarray(out), np.asarray(ref[rows:]).astype(out.dtype)])
             del arrays, work
             write(writer.add, name, out)
+            del ref, out  # the writer holds the output until it is on disk; nothing else outlives the tensor
             bar.update(set_bytes(name))
             bar.set_postfix(tensors=f"{j + 1}/{len(names)}")
         if written is not None:
