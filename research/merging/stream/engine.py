@@ -33,7 +33,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from research import merging
-from research.merging import cpu, registry, task_vectors
+from research.merging import cpu, registry, sparsify, task_vectors
 from research.merging.stream import chunked, metadata, slices, sources
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
@@ -144,7 +144,7 @@ class Plan:
             in_bytes = n_in * unit[n] * self.input_itemsize(n)
             # a blocked tensor: two blocks read; a whole one: the next tensor's inputs too, within the budget
             inputs = 2 * in_bytes if self.blocked(n) else max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET))
-            ranks = unit[n] * (1 + (2 if self.ref.shapes[n][min(1, len(self.ref.shapes[n]) - 1)] <= 1 << 16 else 4))
+            ranks = unit[n] * (1 + (2 if sparsify.della_shape(self.ref.shapes[n])[1] <= 1 << 16 else 4))  # and mask
             return inputs + 2 * unit[n] * 4 + unit[n] * self.itemsize(n) + (ranks if della else 0)
 
         masks = [int(np.prod(self.ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
