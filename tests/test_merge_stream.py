@@ -176,6 +176,36 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
             assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
 
 
+def test_xla_sums_and_screens_of_a_whole_expert_block_take_it_in_row_slices(tmp_path, monkeypatch):
+    """DELLA merges a 3-D tensor a whole expert a block; what XLA checks (NaN/Inf) and
+    sums (the L1 rescale) of a block it is given in slices of about ``CHUNK_BYTES``
+    (XLA copies its inputs): the merge is ``merging.merge``'s to summation order,
+    and a NaN in a block's last slice is still named."""
+    from research.merging import sparsify, tree
+    from research.merging.stream import chunked
+    name = "model.layers.0.mlp.experts.w"
+    base, fts = _write_models(tmp_path, {name: (4, 6, 10)}, seed=4)
+    text = ("merge_method: della\nbase_model: base\nmodels:\n" + "".join(f"  - model: ft{i}\n" for i in range(3))
+            + "parameters:\n  density: 0.5\n  epsilon: 0.2\n")
+    cfg = write_cfg(tmp_path, text)
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 60)  # a draw block an expert
+    monkeypatch.setattr(chunked, "MIN_BYTES", 100)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 40)  # blocks of one expert (120 B), slices of 2 rows of 10
+    given, real_sums, real_check = [], chunked._kept_sums, tree.check_finite
+    monkeypatch.setattr(chunked, "_kept_sums", lambda *a: given.append(np.shape(a[0])) or real_sums(*a))
+    monkeypatch.setattr(tree, "check_finite", lambda ms, names: given.extend(
+        np.shape(x) for m in ms for x in m.values()) or real_check(ms, names))
+    got = read_out(stream.run(stream.load(cfg), str(tmp_path / "out"), progress=False, seed=3))
+    assert given and set(given) == {(2, 10)}
+    expect = merging.merge("della", fts, base=base, key=jax.random.key(3), density=0.5, epsilon=0.2)
+    np.testing.assert_allclose(got[name].astype(np.float32), np.asarray(expect[name]).astype(np.float32),
+                               rtol=1e-2, atol=1e-6)
+    fts[1][name][2, 5, 7] = np.nan  # expert 2's last slice
+    save_file(fts[1], str(tmp_path / "ft1" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(stream.MergeFailed, match=rf"tensor {name}: .*model 1 .*NaN or Inf"):
+        stream.run(stream.load(cfg), str(tmp_path / "nan"), progress=False, seed=3)
+
+
 def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the_api_s_tensors(tmp_path, monkeypatch):
     """The numba merge pass on DELLA's masks of a 3-D tensor in blocks: a model at density 1
     (no mask) and inputs below 2**-32 (merged again by the XLA program) give

@@ -358,9 +358,22 @@ def sample(tensors, size: int = SAMPLE) -> np.ndarray:
     return np.concatenate(parts, axis=1)
 
 
+def _row_slices(x, itemsize: int) -> list:
+    """``x``'s ``[-1, shape[-1]]`` view in slices of rows of about ``CHUNK_BYTES`` (one
+    slice where ``x`` is no larger): what an XLA check or sum of a block is given
+    at a time, as XLA copies each input it is given (a mapped block is not
+    aligned for it to take as it is), and a block may be a whole expert."""
+    v = np.reshape(x, (-1, np.shape(x)[-1]) if np.ndim(x) > 1 else (1, -1))
+    step = max(1, CHUNK_BYTES // max(1, v.shape[1] * itemsize))
+    return [v[a:b] for a, b in spans(v.shape[0], step)]
+
+
 def _screen(t: Tensor, base, models) -> None:
+    """Raise ``tree.MergeError`` naming the input whose block holds NaN or Inf."""
     names = ["base"] * (base is not None) + [f"model {i}" for i in range(len(models))]
-    tree.check_finite([{t.name: x} for x in ([base] if base is not None else []) + models], names)
+    xs = ([base] if base is not None else []) + models
+    for part in zip(*(_row_slices(x, x.dtype.itemsize) for x in xs)):
+        tree.check_finite([{t.name: x} for x in part], names)
 
 
 def merge_blocks(method: str, opts, t: Tensor, key, out_dtype, write) -> None:
@@ -480,8 +493,16 @@ def _random_kept(opts, i, m, base, block_keys, rb: int, row0: int):
         else:
             mask = _draw_blocks(jax.random.wrap_key_data(block_keys), row0, d, rows, cols, False, rb)
         div = jnp.float32(d) if opts.rescale_mode == "inverse" else None
-    mask = jnp.reshape(mask, m.shape)
+    mask = mask.reshape(m.shape)  # a NumPy mask stays one
     return mask, (None if div is None else jnp.reshape(div, m.shape) if jnp.ndim(div) else div)
+
+
+def _block_kept_sums(m, base, mask) -> list:
+    """``_kept_sums`` of one block, its ``_row_slices`` summed apart and added in float64."""
+    acc = [0.0, 0.0]
+    for parts in zip(*(_row_slices(x, m.dtype.itemsize) for x in (m, base, mask))):
+        _add_sums(acc, _kept_sums(*parts))
+    return acc
 
 
 def _masks_fit(t: Tensor) -> bool:
@@ -563,7 +584,7 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
                     continue
                 mask, divs[i] = _random_kept(opts, i, m, base, block_keys[i], t.draw_rows, row0)
                 if pass_ == "sums":
-                    _add_sums(sums[i], _kept_sums(m, base, mask))
+                    _add_sums(sums[i], _block_kept_sums(m, base, mask))
                 if pass_ == "merge" or kept_bits is not None:
                     bits[i] = row_bits(mask, cols)
                 if kept_bits is not None:
