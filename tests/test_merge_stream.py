@@ -233,24 +233,26 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
     assert merged == [True, True]  # both blocks of 4 rows
 
 
-# one method of each block path: elementwise, trimmed, SLERP's sums, DARE's masks with the L1 sums or drawn
-# in the merge pass (flat); Model Stock (whole experts)
+# one method of each block path: elementwise, trimmed, SLERP's and Model Stock's sums, DARE's masks with the
+# L1 sums or drawn in the merge pass (flat); Model Stock with filter_wise (whole experts)
 @pytest.mark.parametrize("method,extra", [("linear", ""), ("ties", ""), ("breadcrumbs", ""), ("slerp", ""),
-                                          ("model_stock", ""), ("dare_ties", ""),
-                                          ("dare_linear", "  rescale_mode: inverse\n")])
+                                          ("model_stock", ""), ("model_stock", "filter_wise: true"),
+                                          ("dare_ties", ""), ("dare_linear", "  rescale_mode: inverse\n")])
 def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method, extra):
     """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
     the tensors of whole-tensor merges.  The methods that see a tensor in flat order
-    alone (``chunked.FLAT_METHODS``), and DARE, whose masks are drawn from any row
-    on, read blocks of its ``[-1, in]`` view, a few rows each, some across two
-    experts, so memory is bounded within an expert too; the others read whole
-    experts."""
+    alone (``chunked.FLAT_METHODS``, Model Stock without ``filter_wise``), and DARE,
+    whose masks are drawn from any row on, read blocks of its ``[-1, in]`` view, a
+    few rows each, some across two experts, so memory is bounded within an expert
+    too; the others read whole experts."""
     from research.merging import sparsify
     from research.merging.stream import chunked
     shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10),
               "model.layers.0.mlp.experts.down_proj": (1, 12, 10), "model.layers.0.mlp.router.weight": (3, 10)}
     _write_models(tmp_path, shapes, seed=1)
-    cfg = write_cfg(tmp_path, _every_method_config(method, density="0.5") + extra)
+    filter_wise = extra == "filter_wise: true"
+    text = _every_method_config(method, density="0.5")
+    cfg = write_cfg(tmp_path, text.replace("filter_wise: false", extra) if filter_wise else text + extra)
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 200)  # draw blocks of one expert, in both runs
     whole = read_out(stream.run(stream.load(cfg), str(tmp_path / "whole"), progress=False, seed=2))
     monkeypatch.setattr(chunked, "MIN_BYTES", 100)
@@ -261,7 +263,8 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=2))
     for name in shapes:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
-    flat = method in chunked.FLAT_METHODS or method in chunked.DRAWN_FLAT_METHODS
+    flat = (method in chunked.FLAT_METHODS or method in chunked.DRAWN_FLAT_METHODS
+            or (method == "model_stock" and not filter_wise))
     seen = lambda name: [(shape, sp) for n, shape, sp in reads if n == name]
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert {shape for shape, _ in seen(name)} == {(36, 10) if flat else (3, 12, 10)}

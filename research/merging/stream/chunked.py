@@ -2,8 +2,9 @@
 
 A tensor too large to merge whole is read, merged and written in blocks of
 leading rows: of the tensor itself, or, for the methods that see a tensor
-only in flat order (``FLAT_METHODS``) and DARE where the numba threefry
-draws its masks (``DRAWN_FLAT_METHODS``), of its ``[-1, shape[-1]]`` view,
+only in flat order (``FLAT_METHODS``, Model Stock without ``filter_wise``) and
+DARE where the numba threefry draws its masks (``DRAWN_FLAT_METHODS``), of its
+``[-1, shape[-1]]`` view,
 so a 3-D tensor (fused experts) is cut within its leading rows too
 (``block_shape``).  What a method needs of the whole tensor is gathered first, by
 streaming passes over the blocks; then each block is merged and written in
@@ -62,8 +63,9 @@ MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry
 
 
 # Methods whose merge of a tensor depends on its entries in flat order alone:
-# their blocks may be rows of the tensor's [-1, shape[-1]] view.  Not DELLA
-# (it ranks along axis 1) nor Model Stock (filter_wise: one ratio per leading row).
+# their blocks may be rows of the tensor's [-1, shape[-1]] view, as may Model
+# Stock's without ``filter_wise`` (with it, one ratio per leading row).  Not
+# DELLA (it ranks along axis 1).
 FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", "slerp", "ties", "breadcrumbs",
                           "breadcrumbs_ties"})
 # DARE's masks are drawn per block of leading rows, the counter of an entry its flat
@@ -78,13 +80,14 @@ def draws_on_host(dtype) -> bool:
     return str(jnp.dtype(dtype)) in ("bfloat16", "float32") and kernels.random_ok()  # the keys are jax.random.key's
 
 
-def block_shape(shape, method: str, host_draws: bool = False) -> tuple:
+def block_shape(shape, method: str, host_draws: bool = False, filter_wise: bool = True) -> tuple:
     """The shape whose leading rows a tensor of ``shape`` is merged in blocks of:
     ``[prod(shape[:-1]), shape[-1]]`` for a tensor of 3 or more axes under a
-    ``FLAT_METHODS`` method, or a ``DRAWN_FLAT_METHODS`` one whose masks are drawn
-    on the host (``host_draws``), else ``shape``."""
+    ``FLAT_METHODS`` method, a ``DRAWN_FLAT_METHODS`` one whose masks are drawn
+    on the host (``host_draws``), or Model Stock without ``filter_wise``, else ``shape``."""
     shape = tuple(shape)
-    flat = method in FLAT_METHODS or (host_draws and method in DRAWN_FLAT_METHODS)
+    flat = (method in FLAT_METHODS or (host_draws and method in DRAWN_FLAT_METHODS)
+            or (method == "model_stock" and not filter_wise))
     return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and flat else shape
 
 

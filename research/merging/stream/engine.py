@@ -116,7 +116,8 @@ class Plan:
     def block_shape(self, name: str) -> tuple:
         """The shape whose leading rows tensor ``name`` is merged in blocks of (``chunked.block_shape``)."""
         host_draws = self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(self.merge_dtype(name))
-        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws)
+        filter_wise = self.method == "model_stock" and check_tensor_params(self, name, "")["filter_wise"]
+        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws, filter_wise)
 
     def flat(self, name: str) -> bool:
         """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""
