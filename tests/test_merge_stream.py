@@ -372,6 +372,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(models):
     assert r.returncode == 0, r.stderr
     assert "model.layers.2.mlp.up_proj.weight" in r.stdout and "(32, 16)" in r.stdout
     assert "bytes to read" in r.stdout and "estimated peak memory" in r.stdout
+    assert "most while merging lm_head.weight;" in r.stdout  # the largest tensor
     assert not (tmp / "dry").exists()
 
 
@@ -616,6 +617,8 @@ def test_the_dry_run_s_peak_estimate_counts_the_dtype_merged_in_and_dare_s_kept_
     est = lambda method, dtype="": stream.make_plan(stream.load(write_cfg(
         tmp, _every_method_config(method) + dtype, f"{method}{len(dtype)}.yaml"))).in_flight()
     up = 48 * 24  # the largest tensor's entries
+    held = stream.make_plan(stream.load(write_cfg(tmp, _every_method_config("ties"), "held.yaml"))).held()
+    assert max(held, key=held.get) == "model.layers.0.mlp.up_proj.weight"  # what --dry-run names
     assert est("dare_ties") - est("ties") == up * 3 // 8  # 3 models' masks, a bit an entry
     # float32: the bf16 inputs are read as they are, the output takes 2 more bytes an entry
     assert est("ties", "dtype: float32\n") - est("ties") == 2 * up

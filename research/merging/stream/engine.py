@@ -128,29 +128,31 @@ class Plan:
         tensor above ``chunked.MIN_BYTES`` at the dtype it merges in)."""
         return _is_float(self.ref.dtypes[name]) and chunked.chunked(self.block_shape(name), self.itemsize(name))
 
-    def in_flight(self) -> int:
-        """Bytes of tensors in memory at once, at most, over the merge: a tensor's inputs
-        (or two row blocks of them: the one merging and the one read ahead), float32
-        working copies, the output waiting for the disk, DELLA's ranks and mask, and
-        DARE's and DELLA's bit-packed masks kept between a tensor's passes."""
+    def held(self) -> dict:
+        """Per tensor, the bytes in memory at once while it merges: its inputs (or two
+        row blocks of them: the one merging and the one read ahead), float32 working
+        copies, the output waiting for the disk, and DELLA's ranks and mask."""
         n_in = len(self.models) + (self.base is not None)
         della = getattr(task_vectors.RECIPES.get(self.method), "sparsify", None) == "della"
-        unit = {}  # entries in flight: a whole tensor, or one row block of a blocked one
+        out = {}
         for n in self.names:
             shape = self.block_shape(n)
             rows = chunked.block_rows(shape, self.itemsize(n), aligned=not self.flat(n))
-            unit[n] = min(rows, shape[0]) * int(np.prod(shape[1:])) if self.blocked(n) else int(np.prod(shape))
-
-        def held(n):
-            in_bytes = n_in * unit[n] * self.input_itemsize(n)
+            # entries in flight: a whole tensor, or one row block of a blocked one
+            unit = min(rows, shape[0]) * int(np.prod(shape[1:])) if self.blocked(n) else int(np.prod(shape))
+            in_bytes = n_in * unit * self.input_itemsize(n)
             # a blocked tensor: two blocks read; a whole one: the next tensor's inputs too, within the budget
             inputs = 2 * in_bytes if self.blocked(n) else max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET))
-            ranks = unit[n] * (1 + (2 if sparsify.della_shape(self.ref.shapes[n])[1] <= 1 << 16 else 4))  # and mask
-            return inputs + 2 * unit[n] * 4 + unit[n] * self.itemsize(n) + (ranks if della else 0)
+            ranks = unit * (1 + (2 if sparsify.della_shape(self.ref.shapes[n])[1] <= 1 << 16 else 4))  # and mask
+            out[n] = inputs + 2 * unit * 4 + unit * self.itemsize(n) + (ranks if della else 0)
+        return out
 
+    def in_flight(self) -> int:
+        """Bytes of tensors in memory at once, at most, over the merge: the largest of
+        ``held``, plus DARE's and DELLA's bit-packed masks kept between a tensor's passes."""
         masks = [int(np.prod(self.ref.shapes[n])) * len(self.models) // 8 for n in self.names if self.blocked(n)]
         kept = max([m for m in masks if m <= chunked.MASK_BUDGET], default=0)
-        return max(held(n) for n in self.names) + (kept if self.method in merging.RANDOM_METHODS else 0)
+        return max(self.held().values()) + (kept if self.method in merging.RANDOM_METHODS else 0)
 
     def process_bytes(self, resident: int | None = None) -> int:
         """Bytes of the merging process itself: ``resident`` (its resident memory before
@@ -384,9 +386,9 @@ def describe(plan: Plan, mc, seed: int | None = None) -> str:
     gb = lambda b: f"{b / 2**30:.2f} GiB"
     lines.append(f"bytes to read: {plan.bytes_read():,} ({gb(plan.bytes_read())})")
     lines.append(f"bytes to write: {plan.bytes_written():,} ({gb(plan.bytes_written())})")
-    process = plan.process_bytes()
-    lines.append(f"estimated peak memory: {gb(plan.in_flight() + process)} ({gb(plan.in_flight())} of tensors in "
-                 f"flight, {gb(process)} for the process and its compiled programs)")
+    process, in_flight, held = plan.process_bytes(), plan.in_flight(), plan.held()
+    lines.append(f"estimated peak memory: {gb(in_flight + process)} ({gb(in_flight)} of tensors in flight, most "
+                 f"while merging {max(held, key=held.get)}; {gb(process)} for the process and its compiled programs)")
     return "\n".join(lines)
 
 
