@@ -375,7 +375,8 @@ def _screen(t: Tensor, base, models) -> None:
     """Raise ``tree.MergeError`` naming the input whose block holds NaN or Inf."""
     names = ["base"] * (base is not None) + [f"model {i}" for i in range(len(models))]
     xs = ([base] if base is not None else []) + models
-    for part in zip(*(_row_slices(x, x.dtype.itemsize) for x in xs)):
+    itemsize = max(x.dtype.itemsize for x in xs)  # one slicing for all, so zip pairs every slice
+    for part in zip(*(_row_slices(x, itemsize) for x in xs)):
         tree.check_finite([{t.name: x} for x in part], names)
 
 
