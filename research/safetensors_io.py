@@ -129,14 +129,35 @@ class SafetensorsFile:
         rows of its ``[-1, shape[-1]]`` view), in a fresh 64-byte-aligned array."""
         dtype, shape, offset = self._locate(name, rows, flat)
         out = aligned_empty(shape, dtype)
-        buf = memoryview(out.reshape(-1).view(np.uint8))
+        self._pread_into(out.reshape(-1), offset, name)
+        return out
+
+    def columns(self, name: str, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        """Columns ``cols = (start, stop)`` of rows ``rows`` of the tensor's ``[-1,
+        shape[-1]]`` view, in a fresh 64-byte-aligned array: one ``pread`` a row, so
+        that only those bytes are read (a map of the rows would bring all their pages
+        in)."""
+        dtype, shape, offset = self._locate(name, rows, flat=True)
+        (c0, c1), width = cols, shape[1] if len(shape) > 1 else 1
+        if not 0 <= c0 <= c1 <= width:
+            raise ValueError(f"tensor {name!r}: columns {c0}:{c1} of rows {width} long")
+        out = aligned_empty((shape[0], c1 - c0), dtype)
+        buf, size = memoryview(out.reshape(-1).view(np.uint8)), (c1 - c0) * dtype.itemsize
+        at, step = offset + c0 * dtype.itemsize, width * dtype.itemsize
+        for r in range(shape[0]):  # one pread a row; a short one (rare) is finished by _pread_into
+            if os.preadv(self._fd, [buf[r * size:(r + 1) * size]], at + r * step) != size:
+                self._pread_into(out[r], at + r * step, name)
+        return out
+
+    def _pread_into(self, out: np.ndarray, offset: int, name: str) -> None:
+        """Fill ``out`` (1-D, contiguous) from the file's bytes at ``offset``."""
+        buf = memoryview(out.view(np.uint8))
         done, total = 0, out.nbytes
         while done < total:
             got = os.preadv(self._fd, [buf[done:]], offset + done)
             if got <= 0:
                 raise self._bad(f"tensor {name!r}: file ended while reading")
             done += got
-        return out
 
     def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         """What ``read`` returns, as an array over the file's pages in the page cache

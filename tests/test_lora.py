@@ -17,6 +17,7 @@ from research import models
 from research.models import lora
 from research.models.config import LoRAConfig
 from research.models.hf import flat_params
+from research.merging.stream.sources import open_source
 from research.safetensors_io import CheckpointError
 from research.training import TrainConfig, config as config_lib, train
 from research.training.checkpoint import Checkpointer
@@ -263,6 +264,9 @@ def test_merge_cli_reads_adapters_on_their_base(tmp_path, capsys):
         np.testing.assert_allclose(out[k], want[k], atol=1e-5, err_msg=k)
     assert not np.array_equal(out["model.layers.0.self_attn.v_proj.weight"],
                               load_file(str(tmp_path / "base" / "model.safetensors"))["model.layers.0.self_attn.v_proj.weight"])
+    src = open_source(f"{tmp_path / 'base'}+{tmp_path / 'ad0'}")  # a strip of columns of rows reads as its slice
+    for name in ("model.layers.0.self_attn.v_proj.weight", "model.layers.0.mlp.down_proj.weight"):  # adapted, not
+        np.testing.assert_allclose(src.columns(name, (1, 5), (3, 11)), src.read(name)[1:5, 3:11], rtol=1e-6, atol=1e-7)
     (tmp_path / "bad.yaml").write_text("merge_method: linear\nmodels:\n  - model: base+base\n")
     assert main([str(tmp_path / "bad.yaml"), str(tmp_path / "out2"), "--no-progress"]) != 0
     assert "base is not a peft adapter directory (no adapter_config.json)" in capsys.readouterr().err

@@ -138,9 +138,12 @@ def _write_models(tmp_path, shapes: dict, seed: int):
 def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tmp_path, monkeypatch, rescale_mode):
     """An MoE-style ``[experts, out, in]`` tensor, which DELLA ranks along dim 1
     (``test_della_ranks_along_dim_1_as_mergekit``): the CLI, merging it whole and
-    in blocks of rows, draws the masks ``merging.merge`` draws for the seed."""
+    in blocks of rows, draws the masks ``merging.merge`` draws for the seed.  With
+    the L1 rescale the blocks are rows of its ``[-1, in]`` view, some across two
+    experts, their masks made from strips of an expert's columns
+    (``expert_masks``); with the inverse one (a divisor per entry), whole experts."""
     from research.merging import sparsify
-    from research.merging.stream import chunked
+    from research.merging.stream import chunked, expert_masks
     shapes = {"model.layers.0.mlp.experts.w": (8, 6, 10), "model.layers.0.mlp.gate.weight": (8, 12)}
     base, fts = _write_models(tmp_path, shapes, seed=0)
     text = ("merge_method: della\nbase_model: base\nmodels:\n" + "".join(f"  - model: ft{i}\n" for i in range(3))
@@ -151,37 +154,64 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
                            rescale_mode=rescale_mode)
     whole = read_out(stream.run(stream.load(cfg), str(tmp_path / "whole"), progress=False, seed=3))
     monkeypatch.setattr(chunked, "MIN_BYTES", 100)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 480)  # blocks of 4 rows
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 100)  # flat blocks of 5 rows of 10; strips of 8 and 2 columns
     calls, real = [], chunked.merge_blocks
     monkeypatch.setattr(chunked, "merge_blocks", lambda *a, **k: calls.append(a[2].name) or real(*a, **k))
     numba_merged, real_merge = [], chunked.masks_merge  # the merge pass on the drawn masks, where it applies
     monkeypatch.setattr(chunked, "masks_merge", lambda *a, **k: numba_merged.append(
         (np.shape(a[0]), (out := real_merge(*a, **k)) is not None)) or out)
+    strips, real_cols = [], TensorSource.columns
+    monkeypatch.setattr(TensorSource, "columns", lambda self, n, rows, cols: strips.append((rows, cols)) or real_cols(
+        self, n, rows, cols))
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=3))
     assert sorted(calls) == sorted(shapes)
-    experts = [shape for shape, merged in numba_merged if len(shape) == 3 and merged]
-    assert experts == ([(4, 6, 10)] * 2 if rescale_mode == "l1" else [])  # inverse (a divisor per entry): XLA's
+    name = "model.layers.0.mlp.experts.w"
+    merged = [shape for shape, ok in numba_merged if ok and shape[-1] == 10]
+    if rescale_mode == "l1":
+        assert merged == [(5, 10)] * 9 + [(3, 10)]  # rows 5:10 hold experts 0 and 1
+        assert sorted(set(strips)) == [((6 * e, 6 * e + 6), c) for e in range(8) for c in ((0, 8), (8, 10))]
+    else:
+        assert merged == [] and strips == []
     for name in shapes:
         np.testing.assert_array_equal(whole[name], np.asarray(expect[name]), err_msg=name)
         np.testing.assert_array_equal(blocks[name], np.asarray(expect[name]), err_msg=name)
-    if rescale_mode == "l1":  # the sums pass's masks, kept, serve the merge pass; past MASK_BUDGET drawn again
-        draws, real_kept = [], chunked._random_kept
-        monkeypatch.setattr(chunked, "_random_kept", lambda *a: draws.append(a[1]) or real_kept(*a))
+    if rescale_mode == "l1":  # the sums pass's masks, kept, serve the merge pass; past MASK_BUDGET made again
+        made, real_make = [], expert_masks.ExpertMasks._make
+        monkeypatch.setattr(expert_masks.ExpertMasks, "_make", lambda self, e, **k: made.append(e) or real_make(self, e, **k))
         for budget, passes in ((chunked.MASK_BUDGET, 1), (0, 2)):
             monkeypatch.setattr(chunked, "MASK_BUDGET", budget)
-            draws.clear()
+            made.clear()
             again = read_out(stream.run(stream.load(cfg), str(tmp_path / f"budget{budget}"), progress=False, seed=3))
             np.testing.assert_array_equal(again["model.layers.0.mlp.experts.w"],
                                           np.asarray(expect["model.layers.0.mlp.experts.w"]))
-            assert sorted(draws) == sorted([0, 1, 2] * 2 * passes)  # 3 models, 2 blocks of 4 rows
+            assert made == list(range(8)) * passes  # each expert once a pass
+        expert = "model.layers.0.mlp.experts.w"
+        fts[2][expert][5, 4, 9] = np.nan  # in a strip of 2 columns, made before its block's screen
+        save_file(fts[2], str(tmp_path / "ft2" / "model.safetensors"), metadata={"format": "pt"})
+        with pytest.raises(stream.MergeFailed, match=rf"tensor {expert}: .*model 2 .*NaN or Inf"):
+            stream.run(stream.load(cfg), str(tmp_path / "nan"), progress=False, seed=3)
+
+
+def test_della_blocks_are_flat_only_where_expert_strips_make_their_masks():
+    """DELLA reads a 3-D tensor in rows of its ``[-1, in]`` view only where its masks come
+    from column strips (the numba kernels, no inverse rescale, rows of several entries);
+    else whole experts, whose ranks the block holds."""
+    from research.merging.stream.chunked import block_shape
+    assert block_shape((4, 6, 10), "della", True) == block_shape((4, 6, 10), "della_linear", True) == (24, 10)
+    assert block_shape((4, 6, 10), "della", False) == (4, 6, 10)  # no host kernels
+    assert block_shape((4, 6, 10), "della", True, inverse=True) == (4, 6, 10)  # a divisor per entry
+    assert block_shape((4, 6, 1), "della", True) == (4, 6, 1)
+    assert block_shape((2, 4, 6, 10), "della", True) == (2, 4, 6, 10)  # ranks along axis 1 of [2, 4, 60]
+    assert block_shape((6, 10), "della", True) == (6, 10)
 
 
 def test_xla_sums_and_screens_of_a_whole_expert_block_take_it_in_row_slices(tmp_path, monkeypatch):
-    """DELLA merges a 3-D tensor a whole expert a block; what XLA checks (NaN/Inf) and
-    sums (the L1 rescale) of a block it is given in slices of about ``CHUNK_BYTES``
-    (XLA copies its inputs): the merge is ``merging.merge``'s to summation order,
-    and a NaN in a block's last slice is still named."""
-    from research.merging import sparsify, tree
+    """Without the CPU backend, DELLA merges a 3-D tensor a whole expert a block; what
+    XLA checks (NaN/Inf) and sums (the L1 rescale) of a block it is given in slices
+    of about ``CHUNK_BYTES`` (XLA copies its inputs): the merge is
+    ``merging.merge``'s to summation order, and a NaN in a block's last slice is
+    still named."""
+    from research.merging import cpu, sparsify, tree
     from research.merging.stream import chunked
     name = "model.layers.0.mlp.experts.w"
     base, fts = _write_models(tmp_path, {name: (4, 6, 10)}, seed=4)
@@ -189,14 +219,17 @@ def test_xla_sums_and_screens_of_a_whole_expert_block_take_it_in_row_slices(tmp_
             + "parameters:\n  density: 0.5\n  epsilon: 0.2\n")
     cfg = write_cfg(tmp_path, text)
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 60)  # a draw block an expert
+    monkeypatch.setattr(cpu, "ENABLED", False)
     monkeypatch.setattr(chunked, "MIN_BYTES", 100)
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 40)  # blocks of one expert (120 B), slices of 2 rows of 10
+    reads, real_read = [], chunked.Tensor.read
+    monkeypatch.setattr(chunked.Tensor, "read", lambda self, sp: reads.append(self.shape) or real_read(self, sp))
     given, real_sums, real_check = [], chunked._kept_sums, tree.check_finite
     monkeypatch.setattr(chunked, "_kept_sums", lambda *a: given.append(np.shape(a[0])) or real_sums(*a))
     monkeypatch.setattr(tree, "check_finite", lambda ms, names: given.extend(
         np.shape(x) for m in ms for x in m.values()) or real_check(ms, names))
     got = read_out(stream.run(stream.load(cfg), str(tmp_path / "out"), progress=False, seed=3))
-    assert given and set(given) == {(2, 10)}
+    assert given and set(given) == {(2, 10)} and set(reads) == {(4, 6, 10)}
     expect = merging.merge("della", fts, base=base, key=jax.random.key(3), density=0.5, epsilon=0.2)
     np.testing.assert_allclose(got[name].astype(np.float32), np.asarray(expect[name]).astype(np.float32),
                                rtol=1e-2, atol=1e-6)
@@ -234,17 +267,20 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
 
 
 # one method of each block path: elementwise, trimmed, SLERP's and Model Stock's sums, DARE's masks with the
-# L1 sums or drawn in the merge pass (flat); Model Stock with filter_wise (whole experts)
+# L1 sums or drawn in the merge pass, DELLA's from expert strips (flat); Model Stock with filter_wise and DELLA
+# with the inverse rescale (whole experts)
 @pytest.mark.parametrize("method,extra", [("linear", ""), ("ties", ""), ("breadcrumbs", ""), ("slerp", ""),
                                           ("model_stock", ""), ("model_stock", "filter_wise: true"),
-                                          ("dare_ties", ""), ("dare_linear", "  rescale_mode: inverse\n")])
+                                          ("dare_ties", ""), ("dare_linear", "  rescale_mode: inverse\n"),
+                                          ("della", ""), ("della", "  rescale_mode: inverse\n")])
 def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method, extra):
     """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
     the tensors of whole-tensor merges.  The methods that see a tensor in flat order
-    alone (``chunked.FLAT_METHODS``, Model Stock without ``filter_wise``), and DARE,
-    whose masks are drawn from any row on, read blocks of its ``[-1, in]`` view, a
-    few rows each, some across two experts, so memory is bounded within an expert
-    too; the others read whole experts."""
+    alone (``chunked.FLAT_METHODS``, Model Stock without ``filter_wise``), DARE,
+    whose masks are drawn from any row on, and DELLA without the inverse rescale,
+    whose masks come from strips of an expert's columns, read blocks of its ``[-1,
+    in]`` view, a few rows each, some across two experts, so memory is bounded
+    within an expert too; the others read whole experts."""
     from research.merging import sparsify
     from research.merging.stream import chunked
     shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10),
@@ -264,7 +300,7 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
     for name in shapes:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
     flat = (method in chunked.FLAT_METHODS or method in chunked.DRAWN_FLAT_METHODS
-            or (method == "model_stock" and not filter_wise))
+            or (method == "model_stock" and not filter_wise) or (method == "della" and "inverse" not in extra))
     seen = lambda name: [(shape, sp) for n, shape, sp in reads if n == name]
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert {shape for shape, _ in seen(name)} == {(36, 10) if flat else (3, 12, 10)}

@@ -215,6 +215,25 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
         table = cpu_leaf._della_probs_table(shape[1], density, epsilon)
         expected = sparsify.della_mask(key, jnp.asarray(ranks)[:, :, None], density, epsilon)[:, :, 0]
         np.testing.assert_array_equal(cpu_kernels.below_table(keys, rows, ranks, table), np.asarray(expected))
+        # a strip of columns, from a row on (how expert_masks draws an expert's columns)
+        r0 = shape[0] // 3
+        for c0, c1 in [(0, 8), (8, shape[1])] if shape[1] > 8 else [(0, shape[1])]:
+            strip = np.ascontiguousarray(ranks[r0:, c0:c1])
+            got = cpu_kernels.below_table(keys, rows, strip, table, row0=r0, col0=c0, row_len=shape[1])
+            np.testing.assert_array_equal(got, np.asarray(expected)[r0:, c0:c1], err_msg=f"columns {c0}:{c1}")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
+def test_kept_sums_are_each_row_s_l1_sums_of_the_delta_and_of_what_the_mask_keeps(dtype):
+    """``kept_sums`` (the L1 rescale's sums of masks drawn apart): per row, ``sum |ft - base|``
+    and the sum over the kept entries, against NumPy in float64 over float32 deltas."""
+    rng = np.random.default_rng(3)
+    base = np.asarray(rng.normal(size=(5, 37)) * 0.02, dtype)
+    ft = np.asarray(np.asarray(base, np.float32) + rng.normal(size=(5, 37)) * 0.002, dtype)
+    mask = rng.random((5, 37)) < 0.4
+    tau = np.abs(np.asarray(ft, np.float32) - np.asarray(base, np.float32)).astype(np.float64)
+    expect = np.stack([tau.sum(1), np.where(mask, tau, 0.0).sum(1)], axis=1)
+    np.testing.assert_allclose(cpu_kernels.kept_sums(base, ft, mask), expect, rtol=1e-6)
 
 
 @pytest.mark.parametrize("count_max", [0, cpu_kernels.DELLA_COUNT_MAX, 2**30])
@@ -780,6 +799,9 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
             hist=(hist.counts(), hist.bad()), masks=masks.bits, sums=sums, della=della.bits, della_sums=della_sums,
             ranks=ranks, ranks_axis1=ranks_axis1, bernoulli=cpu_kernels.bernoulli(keys[0], block_rows, 0.3, shape),
             below=cpu_kernels.below_table(keys[1], block_rows, ranks, table),
+            below_strip=cpu_kernels.below_table(keys[1], block_rows, np.ascontiguousarray(ranks[3:, 40:]), table,
+                                                row0=3, col0=40, row_len=shape[1]),
+            kept_sums=cpu_kernels.kept_sums(base, fts[2], masks.unpacked()[2]),
             cut=cpu_kernels.cut_merge(base, fts, cuts, [None] * 3, [1.0, 0.5, 2.0], **mix).view(np.uint16),
             drawn=cpu_kernels.random_merge(base, fts, [1.0] * 3, block_keys=keys, block_rows=block_rows,
                                            density=[0.3, 0.5, 0.7], scale=[1.0] * 3, **mix),
@@ -794,7 +816,7 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
     parallel = run_all()
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), plain, parallel)
     kernels = [k for k in vars(_loops).values() if isinstance(k, _loops._RowParallel)]
-    assert len(kernels) == 8 and all(True in k._compiled and False in k._compiled for k in kernels)
+    assert len(kernels) == 9 and all(True in k._compiled and False in k._compiled for k in kernels)
     assert sorted(name.split("_n")[0] for name in loaded) == ["cut_merge", "probe_counts_0_1_2_1", "random_merge",
                                                               "random_merge"]
     assert not any(name.endswith("_serial") for name in loaded)

@@ -52,6 +52,29 @@ def test_view_maps_the_tensor_read_copies_and_they_agree(file):
     assert not _mapped(f.view("small"))
 
 
+def test_columns_read_a_strip_of_rows_as_slicing_the_flat_view_would(tmp_path):
+    """``columns``: columns of rows of a tensor's ``[-1, shape[-1]]`` view, read apart from
+    the rest of the rows, in an aligned array of their own; a strip past the rows,
+    or a file cut short, is named."""
+    rng = np.random.default_rng(1)
+    tensors = {"experts": rng.standard_normal((3, 6, 20)).astype(BF16),
+               "matrix": rng.standard_normal((9, 13)).astype(np.float32)}
+    path = str(tmp_path / "m.safetensors")
+    save_file(tensors, path)
+    f = SafetensorsFile(path)
+    for name, want in tensors.items():
+        flat = want.reshape(-1, want.shape[-1])
+        for rows, cols in [((0, 3), (0, 8)), ((4, 9), (8, 13)), ((0, len(flat)), (0, flat.shape[1])), ((2, 2), (1, 4))]:
+            got = f.columns(name, rows, cols)
+            np.testing.assert_array_equal(got, flat[rows[0]:rows[1], cols[0]:cols[1]])
+            assert got.dtype == want.dtype and got.flags.c_contiguous and (got.ctypes.data % 64 == 0 or not got.size)
+    with pytest.raises(ValueError, match=r"'matrix': columns 8:14 of rows 13 long"):
+        f.columns("matrix", (0, 1), (8, 14))
+    os.truncate(path, os.path.getsize(path) - sum(t.nbytes for t in tensors.values()) + 4)  # all but 4 bytes of data
+    with pytest.raises(SafetensorsError, match=r"m\.safetensors.*'matrix'.*file ended"):
+        f.columns("matrix", (8, 9), (0, 13))
+
+
 def test_a_viewed_array_is_writable_and_writing_it_never_reaches_the_file(file):
     path, tensors = file
     before = open(path, "rb").read()

@@ -481,6 +481,17 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     return masks, out if sums else None
 
 
+def kept_sums(base, ft, mask) -> np.ndarray:
+    """The L1 rescale's sums of a keep mask drawn apart: per row of the ``[rows, last]``
+    view, ``sum |ft - base|`` and the sum over the entries ``mask`` keeps
+    (``[rows, 2]`` float64, as ``random_masks`` gives them)."""
+    b, f = _host_view(base), _host_view(ft)
+    out = np.empty((b.shape[0], 2), np.float64)
+    with _LOCK:
+        _loops().kept_sums_rows(b, f, _readonly(np.asarray(mask, np.bool_).reshape(b.shape)), out)
+    return out
+
+
 def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, row0: int = 0, density=None, masks=None,
                  scale, consensus, vote_on, normalize, divide_by, lam, out_dtype):
     """DARE's task-vector merge pass, merged as ``cut_merge`` merges.
@@ -555,14 +566,20 @@ def bernoulli(block_keys, block_rows: int, p: float, shape, row0: int = 0) -> np
     return _draw(_loops().bernoulli_blocks, block_keys, block_rows, row0, shape, np.bool_, np.float32(p))
 
 
-def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1) -> np.ndarray:
+def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1, *,
+                col0: int = 0, row_len: int | None = None) -> np.ndarray:
     """``uniform < table[ranks]`` over ``ranks``' 2-D shape, uniforms drawn as in ``bernoulli``:
     DELLA's keep mask from each rank's keep probability, without materialising either.
     ``split``: each row drawn as that many rows of equal length (the same bits; a
-    row for each thread where ``ranks`` has few long rows)."""
+    row for each thread where ``ranks`` has few long rows).  ``col0``, ``row_len``:
+    ``ranks`` is columns ``col0:`` of rows of the draw ``row_len`` long (default:
+    its own rows)."""
     table = np.asarray(table, np.float32)
     r = ranks.reshape(ranks.shape[0] * split, -1)
-    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_, r, table)
+    if (col0 or row_len is not None) and split != 1:
+        raise ValueError("below_table: a strip of columns (col0, row_len) is drawn with split=1")
+    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_,
+                int(col0), int(r.shape[1] if row_len is None else row_len), r, table)
     return out.reshape(ranks.shape)
 
 

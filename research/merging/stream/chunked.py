@@ -2,9 +2,10 @@
 
 A tensor too large to merge whole is read, merged and written in blocks of
 leading rows: of the tensor itself, or, for the methods that see a tensor
-only in flat order (``FLAT_METHODS``, Model Stock without ``filter_wise``) and
-DARE where the numba threefry draws its masks (``DRAWN_FLAT_METHODS``), of its
-``[-1, shape[-1]]`` view,
+only in flat order (``FLAT_METHODS``, Model Stock without ``filter_wise``),
+DARE where the numba threefry draws its masks (``DRAWN_FLAT_METHODS``), and
+DELLA where its masks of a 3-D tensor come from column strips of each expert
+(``STRIP_METHODS``, ``expert_masks``), of its ``[-1, shape[-1]]`` view,
 so a 3-D tensor (fused experts) is cut within its leading rows too
 (``block_shape``).  What a method needs of the whole tensor is gathered first, by
 streaming passes over the blocks; then each block is merged and written in
@@ -48,8 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from research.merging.merge import merge as _merge, model_keys
-from research.merging import methods, registry, sparsify, task_vectors, topk, tree
+from research.merging import cpu, methods, registry, sparsify, task_vectors, topk, tree
 from research.merging.cpu import kernels, search
+from research.merging.stream import expert_masks
 from research.merging.cpu.leaf import (Kept, _block_key_data, _della_probs_jit, _della_probs_table, _della_ranks_jit,
                                        _mix_jit, cut_merge, dare_applies, dare_factor, dare_merge, host_ranks,
                                        masks_merge, random_masks, row_bits, table_split)
@@ -72,6 +74,11 @@ FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", 
 # index in the block; where the numba threefry draws them (``draws_on_host``),
 # from any row of the ``[-1, shape[-1]]`` view on, so its blocks may be flat too.
 DRAWN_FLAT_METHODS = frozenset({"dare_linear", "dare_ties"})
+# DELLA's masks of a 3-D tensor, where the numba kernels rank and draw them
+# (``strips_on_host``) and no inverse rescale needs each entry's keep
+# probability, come from column strips of whole experts (``expert_masks``),
+# so its blocks may be flat too.
+STRIP_METHODS = frozenset({"della", "della_linear"})
 
 
 def draws_on_host(dtype) -> bool:
@@ -80,14 +87,24 @@ def draws_on_host(dtype) -> bool:
     return str(jnp.dtype(dtype)) in ("bfloat16", "float32") and kernels.random_ok()  # the keys are jax.random.key's
 
 
-def block_shape(shape, method: str, host_draws: bool = False, filter_wise: bool = True) -> tuple:
+def strips_on_host(dtype) -> bool:
+    """Whether DELLA's masks of a 3-D tensor merged at ``dtype`` can be made from column
+    strips of its experts (``expert_masks``): by the CPU backend's numba kernels."""
+    return cpu.ENABLED and draws_on_host(dtype)
+
+
+def block_shape(shape, method: str, host_draws: bool = False, filter_wise: bool = True,
+                inverse: bool = False) -> tuple:
     """The shape whose leading rows a tensor of ``shape`` is merged in blocks of:
     ``[prod(shape[:-1]), shape[-1]]`` for a tensor of 3 or more axes under a
     ``FLAT_METHODS`` method, a ``DRAWN_FLAT_METHODS`` one whose masks are drawn
-    on the host (``host_draws``), or Model Stock without ``filter_wise``, else ``shape``."""
+    on the host (``host_draws``), Model Stock without ``filter_wise``, or, for a
+    3-D tensor of rows longer than 1, a ``STRIP_METHODS`` one where ``host_draws``
+    means ``strips_on_host`` and without the ``inverse`` rescale; else ``shape``."""
     shape = tuple(shape)
     flat = (method in FLAT_METHODS or (host_draws and method in DRAWN_FLAT_METHODS)
-            or (method == "model_stock" and not filter_wise))
+            or (method == "model_stock" and not filter_wise)
+            or (host_draws and method in STRIP_METHODS and not inverse and len(shape) == 3 and shape[-1] > 1))
     return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and flat else shape
 
 
@@ -300,12 +317,15 @@ class Tensor:
     of entries of ``itemsize`` bytes.  ``own_shape``: the tensor's shape, where
     ``shape`` is its ``[-1, shape[-1]]`` view (random masks are drawn in blocks
     of its leading rows; blocks of the tensor's own rows are whole draws,
-    ``block_rows``)."""
+    ``block_rows``).  ``columns``: ``(base, models)`` callables ``(start, stop,
+    c0, c1) -> array`` of columns ``c0:c1`` of rows of ``shape``, read apart
+    from the rest of the rows (``expert_masks``), or None."""
 
-    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, own_shape=None):
+    def __init__(self, name, shape, base, models, rows=None, *, itemsize: int, own_shape=None, columns=None):
         shape = tuple(shape) or (1,)  # a scalar reads as one row
         own = tuple(own_shape or shape)
-        self.name, self.shape, self.base, self.models = name, shape, base, models
+        self.name, self.shape, self.base, self.models, self.own, self.columns = name, shape, base, models, own, columns
+        self.itemsize = itemsize
         self.rows = rows or self.shape[0]  # rows to merge (fewer where vocabularies differ)
         self.size = self.rows * math.prod(self.shape[1:])  # entries to merge
         self.step = block_rows(self.shape, itemsize, aligned=own == shape)
@@ -568,6 +588,8 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     # a model with density >= 1 keeps every entry: it draws no mask (DELLA's table would drop some)
     keys = [np.asarray(_block_key_data(k, t.draws)) if d < 1 else None for k, d in zip(model_keys, opts.density)]
     l1 = opts.rescale and opts.rescale_mode == "l1"
+    if expert_masks.applies(t.shape, t.own, opts.sparsify):
+        return _merge_expert_strips(opts, t, keys, out_dtype, write)
     if all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(opts, t, keys, out_dtype, write):
         return
     cols = t.shape[-1]
@@ -598,13 +620,34 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
                 write(_merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, lambda: _screen(t, base, models)))
 
 
-def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen) -> np.ndarray:
+def _merge_expert_strips(opts, t: Tensor, keys, out_dtype, write) -> None:
+    """DELLA over a 3-D tensor in rows of its ``[-1, cols]`` view, each block's masks its
+    rows of its experts' (``expert_masks``): with the L1 rescale, a first pass over
+    the experts' column strips for its sums (the masks kept for the merge pass
+    where they fit ``MASK_BUDGET``), then the merge pass over the blocks, which
+    screens them."""
+    l1 = opts.rescale and opts.rescale_mode == "l1"
+    experts = expert_masks.ExpertMasks(opts, t, keys, CHUNK_BYTES, t.itemsize, keep=l1 and _masks_fit(t))
+    factors = [np.float32(1.0)] * len(t.models)
+    if l1:
+        factors = [np.float32(1.0) if s is None else dare_factor(s) for s in experts.l1_sums()]
+    for (base, models), sp in t.blocks_at():
+        bits = [None if k is None else experts.rows(i, sp) for i, k in enumerate(keys)]
+        write(_merge_on_masks(opts, base, models, bits, [None] * len(models), factors, out_dtype,
+                              lambda: _screen(t, base, models), screened=False))
+
+
+def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen, screened: bool = True) -> np.ndarray:
     """One block's merge pass on each model's keep mask (``row_bits``; None: it keeps
     every entry), ``divs`` (the inverse rescale's) and L1 ``factors``: DELLA's by the
-    numba pass (``cpu.leaf.masks_merge``) where it applies, else by the XLA program."""
+    numba pass (``cpu.leaf.masks_merge``, which calls ``screen()`` where it meets
+    NaN or Inf) where it applies, else by the XLA program, after ``screen()``
+    unless the block was ``screened`` already."""
     leaf = masks_merge(base, models, opts, bits, factors, out_dtype, screen)
     if leaf is not None:
         return np.asarray(leaf)
+    if not screened:
+        screen()
     cols = base.shape[-1]
     kept = [Kept() if b is None else Kept(
         mask=np.unpackbits(b, axis=-1, count=cols).view(bool).reshape(np.shape(m)),

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from research import merging
 from research.merging import cpu, registry, sparsify, task_vectors
-from research.merging.stream import chunked, metadata, slices, sources
+from research.merging.stream import chunked, expert_masks, metadata, slices, sources
 from research.merging.stream import config as cfg_lib
 from research.merging.stream.output import Output, OutputError
 from research.merging.stream.sources import TensorSource, open_source
@@ -115,9 +115,13 @@ class Plan:
 
     def block_shape(self, name: str) -> tuple:
         """The shape whose leading rows tensor ``name`` is merged in blocks of (``chunked.block_shape``)."""
-        host_draws = self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(self.merge_dtype(name))
-        filter_wise = self.method == "model_stock" and check_tensor_params(self, name, "")["filter_wise"]
-        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws, filter_wise)
+        dtype = self.merge_dtype(name)
+        host_draws = ((self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(dtype))
+                      or (self.method in chunked.STRIP_METHODS and chunked.strips_on_host(dtype)))
+        p = check_tensor_params(self, name, "") if self.method in ("model_stock", *chunked.STRIP_METHODS) else {}
+        filter_wise = p.get("filter_wise", False)
+        inverse = bool(p.get("rescale")) and p.get("rescale_mode") == "inverse"
+        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws, filter_wise, inverse)
 
     def flat(self, name: str) -> bool:
         """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""
@@ -144,6 +148,9 @@ class Plan:
             # a blocked tensor: two blocks read; a whole one: the next tensor's inputs too, within the budget
             inputs = 2 * in_bytes if self.blocked(n) else max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET))
             ranks = unit * (1 + (2 if sparsify.della_shape(self.ref.shapes[n])[1] <= 1 << 16 else 4))  # and mask
+            if della and self.flat(n) and self.blocked(n):  # the masks of a 3-D tensor from strips of its experts
+                ranks = expert_masks.ExpertMasks.held_bytes(self.ref.shapes[n], len(self.models),
+                                                            self.input_itemsize(n), chunked.CHUNK_BYTES)
             out[n] = inputs + 2 * unit * 4 + unit * self.itemsize(n) + (ranks if della else 0)
         return out
 
@@ -576,9 +583,11 @@ def _blocks(plan: Plan, name: str, srcs, cast, how: str) -> chunked.Tensor:
     shape, flat = plan.block_shape(name), plan.flat(name)
     reader = lambda src: (lambda start, stop: cast(getattr(src, how)(name, (start, stop), flat=flat))) if shape else (
         lambda start, stop: cast(getattr(src, how)(name)).reshape(1))
+    columns = lambda src: lambda start, stop, c0, c1: cast(src.columns(name, (start, stop), (c0, c1)))
     base = reader(plan.base) if plan.base else None
     return chunked.Tensor(name, shape, base, [reader(m) for m in plan.models], rows=plan.vocab_rows.get(name),
-                          itemsize=plan.itemsize(name), own_shape=plan.ref.shapes[name])
+                          itemsize=plan.itemsize(name), own_shape=plan.ref.shapes[name],
+                          columns=(columns(plan.base) if plan.base else None, [columns(m) for m in plan.models]))
 
 
 def _screen_all(plan: Plan, mc, blocks, names) -> None:

@@ -89,6 +89,17 @@ class TensorSource:
         (``SafetensorsFile.view``): a writable copy-on-write array."""
         return self._get(name, rows, "view", flat)
 
+    def columns(self, name: str, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        """Columns ``cols = (start, stop)`` of rows ``rows`` of tensor ``name``'s ``[-1,
+        shape[-1]]`` view, read apart from the rest of the rows (``SafetensorsFile.columns``)."""
+        if self._arrays is not None:
+            return np.array(self._get(name, rows, "read", flat=True)[:, cols[0]:cols[1]])
+        fp = self._files[name]
+        try:
+            return self._handle(fp).columns(name, rows, cols)
+        except (SafetensorsError, OSError) as e:
+            raise CheckpointError(f"{fp}: cannot read tensor {name} ({e})") from None
+
     def _get(self, name, rows, how: str, flat: bool = False) -> np.ndarray:
         if self._arrays is not None:
             a = self._arrays[name]
@@ -189,12 +200,20 @@ class AdapterSource:
     def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         return self._get(name, rows, "view", flat)
 
+    def columns(self, name: str, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        return self._adapted(name, self.base.columns(name, rows, cols), rows, cols)
+
     def _get(self, name, rows, how: str, flat: bool) -> np.ndarray:
-        w = getattr(self.base, how)(name, rows, flat=flat)
+        return self._adapted(name, getattr(self.base, how)(name, rows, flat=flat), rows)
+
+    def _adapted(self, name, w, rows, cols=None) -> np.ndarray:
+        """``w``, rows ``rows`` (and columns ``cols``) of the base's tensor ``name``, with
+        the adapter's ``s * B @ A`` added where it adapts that tensor."""
         if name not in self._factors:  # adapted tensors are matrices: their flat rows are their rows
             return w
         a, b = self._factors[name]
         b = b if rows is None else b[rows[0]:rows[1]]
+        a = a if cols is None else a[:, cols[0]:cols[1]]
         return (w.astype(np.float32) + self.scale * (b @ a)).astype(w.dtype)
 
     def config_json(self) -> str | None:
@@ -229,6 +248,10 @@ class NameMap:
     def view(self, name: str, rows: tuple[int, int] | None = None, *, flat: bool = False) -> np.ndarray:
         src, n = self.table[name]
         return src.view(n, rows, flat=flat)
+
+    def columns(self, name: str, rows: tuple[int, int], cols: tuple[int, int]) -> np.ndarray:
+        src, n = self.table[name]
+        return src.columns(n, rows, cols)
 
     def config_json(self) -> str | None:
         return self.origins[0].config_json()
