@@ -267,7 +267,7 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
 
 
 # one method of each block path: elementwise, trimmed, SLERP's and Model Stock's sums, DARE's masks with the
-# L1 sums or drawn in the merge pass, DELLA's from expert strips (flat); Model Stock with filter_wise and DELLA
+# L1 sums or drawn in the merge pass, DELLA's from expert strips, Model Stock's ratio per expert (flat); DELLA
 # with the inverse rescale (whole experts)
 @pytest.mark.parametrize("method,extra", [("linear", ""), ("ties", ""), ("breadcrumbs", ""), ("slerp", ""),
                                           ("model_stock", ""), ("model_stock", "filter_wise: true"),
@@ -276,11 +276,12 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
 def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path, monkeypatch, method, extra):
     """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
     the tensors of whole-tensor merges.  The methods that see a tensor in flat order
-    alone (``chunked.FLAT_METHODS``, Model Stock without ``filter_wise``), DARE,
-    whose masks are drawn from any row on, and DELLA without the inverse rescale,
-    whose masks come from strips of an expert's columns, read blocks of its ``[-1,
-    in]`` view, a few rows each, some across two experts, so memory is bounded
-    within an expert too; the others read whole experts."""
+    alone (``chunked.FLAT_METHODS``), Model Stock (with ``filter_wise``, a ratio per
+    expert from the sums of its rows), DARE, whose masks are drawn from any row on,
+    and DELLA without the inverse rescale, whose masks come from strips of an
+    expert's columns, read blocks of its ``[-1, in]`` view, a few rows each, some
+    across two experts, so memory is bounded within an expert too; DELLA with the
+    inverse rescale reads whole experts."""
     from research.merging import sparsify
     from research.merging.stream import chunked
     shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10),
@@ -299,8 +300,8 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
     blocks = read_out(stream.run(stream.load(cfg), str(tmp_path / "blocks"), progress=False, seed=2))
     for name in shapes:
         np.testing.assert_array_equal(blocks[name], whole[name], err_msg=name)
-    flat = (method in chunked.FLAT_METHODS or method in chunked.DRAWN_FLAT_METHODS
-            or (method == "model_stock" and not filter_wise) or (method == "della" and "inverse" not in extra))
+    flat = (method in chunked.FLAT_METHODS or method in chunked.DRAWN_FLAT_METHODS or method == "model_stock"
+            or (method == "della" and "inverse" not in extra))
     seen = lambda name: [(shape, sp) for n, shape, sp in reads if n == name]
     name = "model.layers.0.mlp.experts.gate_up_proj"
     assert {shape for shape, _ in seen(name)} == {(36, 10) if flat else (3, 12, 10)}

@@ -1,13 +1,14 @@
 """Merging a tensor in row blocks, so memory does not grow with the tensor's size.
 
 A tensor too large to merge whole is read, merged and written in blocks of
-leading rows: of the tensor itself, or, for the methods that see a tensor
-only in flat order (``FLAT_METHODS``, Model Stock without ``filter_wise``),
-DARE where the numba threefry draws its masks (``DRAWN_FLAT_METHODS``), and
-DELLA where its masks of a 3-D tensor come from column strips of each expert
-(``STRIP_METHODS``, ``expert_masks``), of its ``[-1, shape[-1]]`` view,
-so a 3-D tensor (fused experts) is cut within its leading rows too
-(``block_shape``).  What a method needs of the whole tensor is gathered first, by
+leading rows: of the tensor itself, or of its ``[-1, shape[-1]]`` view, so
+that a 3-D tensor (fused experts) is cut within its leading rows too
+(``block_shape``), for the methods that see a tensor only in flat order
+(``FLAT_METHODS``), Model Stock (with ``filter_wise``, a ratio per leading
+row from the sums of the rows it holds), DARE where the numba threefry draws
+its masks (``DRAWN_FLAT_METHODS``), and DELLA where its masks of a 3-D
+tensor come from column strips of each expert (``STRIP_METHODS``,
+``expert_masks``).  What a method needs of the whole tensor is gathered first, by
 streaming passes over the blocks; then each block is merged and written in
 place:
 
@@ -17,7 +18,7 @@ method                whole-tensor statistics (passes)                 blocks eq
 linear, task_arith-   none                                             bit for bit
 metic, negate, pass-
 through, model_stock
-per row
+per row (2-D)
 ties, breadcrumbs     each model's exact top-k threshold from a        bit for bit
                       histogram of ``|tau|``'s float bits (1-2)
 dare, della           none: masks are drawn per ``sparsify.blocked_    bit for bit
@@ -25,8 +26,12 @@ dare, della           none: masks are drawn per ``sparsify.blocked_    bit for b
                       ``Tensor.draw_span``); the L1 rescale's two      the L1 to
                       sums (1), per row (``cpu.leaf.dare_factor``)     summation
                                                                        order)
-slerp, model_stock    norms and dot products (1)                       to summation
+della, 3-D in flat    each expert's masks and L1 sums, from strips of  masks bit for
+blocks                its columns (1, ``expert_masks``)                bit, the L1 to
+                                                                       summation
                                                                        order
+slerp, model_stock    norms and dot products (1); Model Stock's with   to summation
+                      ``filter_wise`` per leading row                  order
 ====================  ===============================================  ============
 
 The top-k threshold is ``topk.Threshold``: keep ``|tau| > value`` and the
@@ -66,8 +71,8 @@ MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry
 
 # Methods whose merge of a tensor depends on its entries in flat order alone:
 # their blocks may be rows of the tensor's [-1, shape[-1]] view, as may Model
-# Stock's without ``filter_wise`` (with it, one ratio per leading row).  Not
-# DELLA (it ranks along axis 1).
+# Stock's (with ``filter_wise``, one ratio per leading row, from the sums of
+# the view's rows it holds).  Not DELLA (it ranks along axis 1).
 FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", "slerp", "ties", "breadcrumbs",
                           "breadcrumbs_ties"})
 # DARE's masks are drawn per block of leading rows, the counter of an entry its flat
@@ -93,17 +98,15 @@ def strips_on_host(dtype) -> bool:
     return cpu.ENABLED and draws_on_host(dtype)
 
 
-def block_shape(shape, method: str, host_draws: bool = False, filter_wise: bool = True,
-                inverse: bool = False) -> tuple:
+def block_shape(shape, method: str, host_draws: bool = False, inverse: bool = False) -> tuple:
     """The shape whose leading rows a tensor of ``shape`` is merged in blocks of:
     ``[prod(shape[:-1]), shape[-1]]`` for a tensor of 3 or more axes under a
-    ``FLAT_METHODS`` method, a ``DRAWN_FLAT_METHODS`` one whose masks are drawn
-    on the host (``host_draws``), Model Stock without ``filter_wise``, or, for a
-    3-D tensor of rows longer than 1, a ``STRIP_METHODS`` one where ``host_draws``
-    means ``strips_on_host`` and without the ``inverse`` rescale; else ``shape``."""
+    ``FLAT_METHODS`` method, Model Stock, a ``DRAWN_FLAT_METHODS`` one whose
+    masks are drawn on the host (``host_draws``), or, for a 3-D tensor of rows
+    longer than 1, a ``STRIP_METHODS`` one where ``host_draws`` means
+    ``strips_on_host`` and without the ``inverse`` rescale; else ``shape``."""
     shape = tuple(shape)
-    flat = (method in FLAT_METHODS or (host_draws and method in DRAWN_FLAT_METHODS)
-            or (method == "model_stock" and not filter_wise)
+    flat = (method in FLAT_METHODS or method == "model_stock" or (host_draws and method in DRAWN_FLAT_METHODS)
             or (host_draws and method in STRIP_METHODS and not inverse and len(shape) == 3 and shape[-1] > 1))
     return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and flat else shape
 
@@ -404,8 +407,8 @@ def merge_blocks(method: str, opts, t: Tensor, key, out_dtype, write) -> None:
     """Merge ``t`` block by block, handing each merged block to ``write(rows_array)``."""
     n = len(t.models)
     out_dtype = jnp.dtype(out_dtype)
-    if method in ("linear", "task_arithmetic", "negate", "passthrough") or (method == "model_stock"
-                                                                           and opts["filter_wise"]):
+    row_local = method == "model_stock" and opts["filter_wise"] and t.shape == t.own  # blocks of whole leading rows
+    if method in ("linear", "task_arithmetic", "negate", "passthrough") or row_local:
         for base, models in t.blocks():  # elementwise (or row-local): each block is a merge of its own
             params = dict(opts.values) if isinstance(opts, registry.Settings) else _tv_params(opts)
             b = None if base is None or not registry.get(method).uses_base else {t.name: base}
@@ -657,18 +660,28 @@ def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen, 
 
 
 def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
-    """SLERP and Model Stock: scalars from one pass of sums, then ``sum_i c_i theta_i``."""
+    """SLERP and Model Stock: scalars from one pass of sums, then ``sum_i c_i theta_i``.
+    Model Stock with ``filter_wise`` over a tensor read in rows of its ``[-1,
+    shape[-1]]`` view: a ratio per leading row (an expert), from the sums of the
+    view's rows it holds."""
     n = len(t.models)
+    pairs = [(i, j) for i in range(n) for j in range(i, n)]
+    groups = t.own[0] if method == "model_stock" and opts["filter_wise"] else 1
+    per = t.shape[0] // groups  # rows of the view in each leading row
     acc = None
-    for base, models in t.blocks():
+    for (base, models), (lo, hi) in t.blocks_at():
         _screen(t, base, models)
         if method == "slerp":
             models = ([base] if base is not None else []) + models  # slerp(base, model) as merge() takes it
             parts = _slerp_sums(*(m.astype(np.float32) for m in models))
+        elif groups > 1:  # each row's sums, added into its leading row's
+            g = _gram_block(models, base, (1,))
+            owner = np.arange(lo, hi) // per
+            parts = [np.bincount(owner, np.asarray(g[p], np.float64).reshape(-1), groups) for p in pairs]
         else:
             g = _gram_block(models, base, tuple(range(len(t.shape))))
-            parts = [float(g[i, j].reshape(())) for i in range(n) for j in range(i, n)]
-        acc = parts if acc is None else [a + float(p) for a, p in zip(acc, parts)]
+            parts = [float(g[p].reshape(())) for p in pairs]
+        acc = parts if acc is None else [x + p for x, p in zip(acc, parts)]
     if method == "slerp":
         s00, s11, s01 = acc
         eps = 1e-8
@@ -676,13 +689,16 @@ def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
         s0, s1 = (float(x) for x in methods.slerp_coefficients(opts["t"], jnp.float32(dot)))
         coefs, base_coef, use_base = [s0, s1], 0.0, False
     else:
-        pairs = [(i, j) for i in range(n) for j in range(i, n)]
-        gram = {p: jnp.float32(v) for p, v in zip(pairs, acc)}
-        ratio = float(methods.model_stock_ratio(gram, n))
+        gram = {p: jnp.asarray(v, jnp.float32) for p, v in zip(pairs, acc)}
+        ratio = methods.model_stock_ratio(gram, n)  # [groups], or a scalar
+        ratio = np.asarray(ratio, np.float64) if groups > 1 else float(ratio)
         coefs, base_coef, use_base = [ratio / n] * n, 1.0 - ratio, True
-    for base, models in t.blocks():
+    for (base, models), (lo, hi) in t.blocks_at():
         if method == "slerp" and base is not None:
             models = [base] + models
+        if groups > 1:  # each row's leading row's ratio
+            r = ratio[np.arange(lo, hi) // per][:, None]
+            coefs, base_coef = [r / n] * n, 1.0 - r
         write(np.asarray(_combine(models, base if use_base else None, coefs, base_coef, out_dtype=out_dtype)))
 
 

@@ -118,10 +118,9 @@ class Plan:
         dtype = self.merge_dtype(name)
         host_draws = ((self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(dtype))
                       or (self.method in chunked.STRIP_METHODS and chunked.strips_on_host(dtype)))
-        p = check_tensor_params(self, name, "") if self.method in ("model_stock", *chunked.STRIP_METHODS) else {}
-        filter_wise = p.get("filter_wise", False)
+        p = check_tensor_params(self, name, "") if self.method in chunked.STRIP_METHODS else {}
         inverse = bool(p.get("rescale")) and p.get("rescale_mode") == "inverse"
-        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws, filter_wise, inverse)
+        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws, inverse)
 
     def flat(self, name: str) -> bool:
         """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""
