@@ -267,7 +267,7 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
 
 
 # one method of each block path: elementwise, trimmed, SLERP's and Model Stock's sums, DARE's masks with the
-# L1 sums or drawn in the merge pass, DELLA's from expert strips, Model Stock's ratio per expert (flat); DELLA
+# L1 sums or drawn in the merge pass, DELLA's from expert strips, Model Stock's ratio per row (flat); DELLA
 # with the inverse rescale (whole experts)
 @pytest.mark.parametrize("method,extra", [("linear", ""), ("ties", ""), ("breadcrumbs", ""), ("slerp", ""),
                                           ("model_stock", ""), ("model_stock", "filter_wise: true"),
@@ -277,7 +277,7 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
     """``[experts, out, in]`` tensors (one of them a single expert) merged in blocks give
     the tensors of whole-tensor merges.  The methods that see a tensor in flat order
     alone (``chunked.FLAT_METHODS``), Model Stock (with ``filter_wise``, a ratio per
-    expert from the sums of its rows), DARE, whose masks are drawn from any row on,
+    row of that view, as mergekit's), DARE, whose masks are drawn from any row on,
     and DELLA without the inverse rescale, whose masks come from strips of an
     expert's columns, read blocks of its ``[-1, in]`` view, a few rows each, some
     across two experts, so memory is bounded within an expert too; DELLA with the

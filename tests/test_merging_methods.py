@@ -65,6 +65,27 @@ def test_model_stock_interpolates_by_mean_cosine():
     np.testing.assert_allclose(out["w"], [0.0, 0.0], atol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(6,), (4, 6), (3, 4, 6)])
+def test_model_stock_filter_wise_takes_a_ratio_per_row_of_the_last_axis_as_mergekit(shape):
+    """mergekit's ``filter_wise`` reduces ``dim=-1``: a ratio per output row of a matrix, per
+    ``x[e, r, :]`` of a 3-D tensor (fused experts), one for a 1-D tensor.  An
+    independent NumPy transcription of its formula, in float64."""
+    rng = np.random.default_rng(7)
+    base = rng.normal(size=shape)
+    fts = [base + rng.normal(size=shape) for _ in range(3)]
+    w0 = base[None] if base.ndim == 1 else base
+    offsets = [(f[None] if f.ndim == 1 else f) - w0 for f in fts]
+    cos = [(offsets[i] * offsets[j]).sum(-1) / np.maximum(
+        np.linalg.norm(offsets[i], axis=-1) * np.linalg.norm(offsets[j], axis=-1), 1e-6)
+           for i in range(3) for j in range(i + 1, 3)]
+    c = np.clip(np.mean(cos, axis=0), -1, 1)[..., None]
+    t = 3 * c / (1 + 2 * c)
+    expect = (t * sum(fts) / 3 + (1 - t) * w0).reshape(shape)
+    out = merging.merge("model_stock", [{"w": jnp.asarray(f, jnp.float32)} for f in fts],
+                        base={"w": jnp.asarray(base, jnp.float32)}, filter_wise=True)
+    np.testing.assert_allclose(out["w"], expect, rtol=1e-5, atol=1e-5)
+
+
 def test_negate_subtracts_task_vector():
     out = merging.merge("negate", [{"w": jnp.array([3.0])}], base={"w": jnp.array([1.0])}, lam=0.5)
     np.testing.assert_allclose(out["w"], [0.0])

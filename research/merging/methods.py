@@ -69,12 +69,14 @@ def model_stock(base, models: Sequence, filter_wise: bool = False):
     """Model Stock (Jang et al. 2024): interpolate the fine-tuned average toward the base.
 
     ``t = N cos / (1 + (N-1) cos)``, cos the mean pairwise cosine of the task
-    vectors (per tensor, or per output row with ``filter_wise``), and
+    vectors (per tensor, or with ``filter_wise`` per row of the last axis, as
+    mergekit's ``filter_wise`` reduces ``dim=-1``: per output row of an ``[out,
+    in]`` matrix, per ``x[e, r, :]`` of a 3-D tensor, one for a 1-D one), and
     ``theta = t * mean(theta_i) + (1 - t) * theta_base``.
     """
-    # Reduce over every axis (or every axis but the first, filter-wise) without
-    # reshaping, so sharded leaves stay sharded.
-    axes = tuple(range(1 if filter_wise and base.ndim >= 2 else 0, base.ndim))
+    # Reduce over every axis (or the last, filter-wise) without reshaping, so
+    # sharded leaves stay sharded.
+    axes = (base.ndim - 1,) if filter_wise and base.ndim >= 2 else tuple(range(base.ndim))
     n = len(models)
     t = model_stock_ratio(_gram([m - base for m in models], axes), n)
     avg = sum(models) / n

@@ -67,7 +67,7 @@ PARAMS_DEF = {p.name: p for p in [
     Param("rescale_mode", "l1", "restore the L1 norm (mergekit) or divide by the keep probability (the papers)",
           choices=("l1", "inverse")),
     Param("t", 0.5, "interpolation position from the first model (0) to the second (1)", interval="[0, 1]"),
-    Param("filter_wise", False, "one ratio per output row instead of per tensor"),
+    Param("filter_wise", False, "one ratio per row of the last axis (a matrix's output row) instead of per tensor"),
     Param("scale", 1.0, "factor on the model's tensor", per_model=True),
 ]}
 COMMON = ("out_dtype", "check_finite")  # accepted by every method

@@ -4,13 +4,12 @@ A tensor too large to merge whole is read, merged and written in blocks of
 leading rows: of the tensor itself, or of its ``[-1, shape[-1]]`` view, so
 that a 3-D tensor (fused experts) is cut within its leading rows too
 (``block_shape``), for the methods that see a tensor only in flat order
-(``FLAT_METHODS``), Model Stock (with ``filter_wise``, a ratio per leading
-row from the sums of the rows it holds), DARE where the numba threefry draws
-its masks (``DRAWN_FLAT_METHODS``), and DELLA where its masks of a 3-D
-tensor come from column strips of each expert (``STRIP_METHODS``,
-``expert_masks``).  What a method needs of the whole tensor is gathered first, by
-streaming passes over the blocks; then each block is merged and written in
-place:
+(``FLAT_METHODS``), Model Stock (with ``filter_wise``, a ratio per row of
+that view), DARE where the numba threefry draws its masks
+(``DRAWN_FLAT_METHODS``), and DELLA where its masks of a 3-D tensor come from
+column strips of each expert (``STRIP_METHODS``, ``expert_masks``).  What a
+method needs of the whole tensor is gathered first, by streaming passes over
+the blocks; then each block is merged and written in place:
 
 ====================  ===============================================  ============
 method                whole-tensor statistics (passes)                 blocks equal
@@ -18,7 +17,7 @@ method                whole-tensor statistics (passes)                 blocks eq
 linear, task_arith-   none                                             bit for bit
 metic, negate, pass-
 through, model_stock
-per row (2-D)
+per row
 ties, breadcrumbs     each model's exact top-k threshold from a        bit for bit
                       histogram of ``|tau|``'s float bits (1-2)
 dare, della           none: masks are drawn per ``sparsify.blocked_    bit for bit
@@ -30,8 +29,8 @@ della, 3-D in flat    each expert's masks and L1 sums, from strips of  masks bit
 blocks                its columns (1, ``expert_masks``)                bit, the L1 to
                                                                        summation
                                                                        order
-slerp, model_stock    norms and dot products (1); Model Stock's with   to summation
-                      ``filter_wise`` per leading row                  order
+slerp, model_stock    norms and dot products (1)                       to summation
+                                                                       order
 ====================  ===============================================  ============
 
 The top-k threshold is ``topk.Threshold``: keep ``|tau| > value`` and the
@@ -71,8 +70,8 @@ MASK_BUDGET = 256 << 20  # bytes of DARE and DELLA keep masks (one bit per entry
 
 # Methods whose merge of a tensor depends on its entries in flat order alone:
 # their blocks may be rows of the tensor's [-1, shape[-1]] view, as may Model
-# Stock's (with ``filter_wise``, one ratio per leading row, from the sums of
-# the view's rows it holds).  Not DELLA (it ranks along axis 1).
+# Stock's (with ``filter_wise``, one ratio per row of that view).  Not DELLA
+# (it ranks along axis 1).
 FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", "slerp", "ties", "breadcrumbs",
                           "breadcrumbs_ties"})
 # DARE's masks are drawn per block of leading rows, the counter of an entry its flat
@@ -407,8 +406,8 @@ def merge_blocks(method: str, opts, t: Tensor, key, out_dtype, write) -> None:
     """Merge ``t`` block by block, handing each merged block to ``write(rows_array)``."""
     n = len(t.models)
     out_dtype = jnp.dtype(out_dtype)
-    row_local = method == "model_stock" and opts["filter_wise"] and t.shape == t.own  # blocks of whole leading rows
-    if method in ("linear", "task_arithmetic", "negate", "passthrough") or row_local:
+    if method in ("linear", "task_arithmetic", "negate", "passthrough") or (method == "model_stock"
+                                                                           and opts["filter_wise"]):
         for base, models in t.blocks():  # elementwise (or row-local): each block is a merge of its own
             params = dict(opts.values) if isinstance(opts, registry.Settings) else _tv_params(opts)
             b = None if base is None or not registry.get(method).uses_base else {t.name: base}
@@ -660,24 +659,15 @@ def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen, 
 
 
 def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
-    """SLERP and Model Stock: scalars from one pass of sums, then ``sum_i c_i theta_i``.
-    Model Stock with ``filter_wise`` over a tensor read in rows of its ``[-1,
-    shape[-1]]`` view: a ratio per leading row (an expert), from the sums of the
-    view's rows it holds."""
+    """SLERP and Model Stock: scalars from one pass of sums, then ``sum_i c_i theta_i``."""
     n = len(t.models)
     pairs = [(i, j) for i in range(n) for j in range(i, n)]
-    groups = t.own[0] if method == "model_stock" and opts["filter_wise"] else 1
-    per = t.shape[0] // groups  # rows of the view in each leading row
     acc = None
-    for (base, models), (lo, hi) in t.blocks_at():
+    for base, models in t.blocks():
         _screen(t, base, models)
         if method == "slerp":
             models = ([base] if base is not None else []) + models  # slerp(base, model) as merge() takes it
             parts = _slerp_sums(*(m.astype(np.float32) for m in models))
-        elif groups > 1:  # each row's sums, added into its leading row's
-            g = _gram_block(models, base, (1,))
-            owner = np.arange(lo, hi) // per
-            parts = [np.bincount(owner, np.asarray(g[p], np.float64).reshape(-1), groups) for p in pairs]
         else:
             g = _gram_block(models, base, tuple(range(len(t.shape))))
             parts = [float(g[p].reshape(())) for p in pairs]
@@ -689,16 +679,12 @@ def _merge_by_coefficients(method, opts, t: Tensor, out_dtype, write) -> None:
         s0, s1 = (float(x) for x in methods.slerp_coefficients(opts["t"], jnp.float32(dot)))
         coefs, base_coef, use_base = [s0, s1], 0.0, False
     else:
-        gram = {p: jnp.asarray(v, jnp.float32) for p, v in zip(pairs, acc)}
-        ratio = methods.model_stock_ratio(gram, n)  # [groups], or a scalar
-        ratio = np.asarray(ratio, np.float64) if groups > 1 else float(ratio)
+        gram = {p: jnp.float32(v) for p, v in zip(pairs, acc)}
+        ratio = float(methods.model_stock_ratio(gram, n))
         coefs, base_coef, use_base = [ratio / n] * n, 1.0 - ratio, True
-    for (base, models), (lo, hi) in t.blocks_at():
+    for base, models in t.blocks():
         if method == "slerp" and base is not None:
             models = [base] + models
-        if groups > 1:  # each row's leading row's ratio
-            r = ratio[np.arange(lo, hi) // per][:, None]
-            coefs, base_coef = [r / n] * n, 1.0 - r
         write(np.asarray(_combine(models, base if use_base else None, coefs, base_coef, out_dtype=out_dtype)))
 
 
