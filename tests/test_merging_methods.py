@@ -63,6 +63,9 @@ def test_model_stock_interpolates_by_mean_cosine():
     np.testing.assert_allclose(out["w"], [t * 1.0, t * 0.5], rtol=1e-6)
     out = merging.merge("model_stock", [{"w": jnp.array([1.0, 0.0])}, {"w": jnp.array([0.0, 1.0])}], base=base)
     np.testing.assert_allclose(out["w"], [0.0, 0.0], atol=1e-7)
+    # opposite updates: cos = -1 = -1/(N-1), where t has no finite value; the base, as mergekit keeps it
+    out = merging.merge("model_stock", [{"w": jnp.array([1.0, 2.0])}, {"w": jnp.array([-1.0, -2.0])}], base=base)
+    np.testing.assert_array_equal(out["w"], [0.0, 0.0])
 
 
 @pytest.mark.parametrize("shape", [(6,), (4, 6), (3, 4, 6)])

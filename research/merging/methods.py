@@ -84,14 +84,18 @@ def model_stock(base, models: Sequence, filter_wise: bool = False):
 
 
 def model_stock_ratio(gram, n: int):
-    """Model Stock's ``t = N cos / (1 + (N-1) cos)`` from the Gram sums ``gram[i, j]``."""
+    """Model Stock's ``t = N cos / (1 + (N-1) cos)`` from the Gram sums ``gram[i, j]``; 0
+    (the base) where ``|1 + (N-1) cos| < 1e-6``."""
     cosines = []
     for i in range(n):
         for j in range(i + 1, n):
             den = jnp.sqrt(gram[i, i] * gram[j, j])
             cosines.append(jnp.clip(gram[i, j] / jnp.maximum(den, 1e-6), -1.0, 1.0))
     cos = sum(cosines) / len(cosines)
-    return n * cos / (1 + (n - 1) * cos)
+    den = 1 + (n - 1) * cos
+    # cos = -1/(N-1) (opposite updates) has no finite t: keep the base there, as mergekit does
+    singular = jnp.abs(den) < 1e-6
+    return jnp.where(singular, 0.0, n * cos / jnp.where(singular, 1.0, den))
 
 
 def negate(base, models: Sequence, weights: Sequence[float], lam: float = 1.0):
