@@ -5,6 +5,9 @@
         --mergekit '/tmp/mk/bin/mergekit-yaml --quiet --lora-merge-cache /tmp/mk/lora-cache'
     python experiments/mergekit_parity.py --mergekit research-merge --tiny    # the script against itself (a test)
 
+(Tensors of 3 axes, fused experts, are compared function by function in
+``mergekit_functions.py``.)
+
 Generates a Llama-shaped base (hidden 64, 4 layers, vocab 320) and three
 fine-tunes (base + a delta shared by all + one of each's own), in float32 and in
 bf16, plus a copy of the first fine-tune that ties its head to its embeddings,

@@ -99,6 +99,22 @@ def test_mergekit_parity_runs_against_itself_with_no_difference(tmp_path):
     assert table.read_text().startswith("# research-merge against ") and "--tiny" in table.read_text()
 
 
+def test_mergekit_functions_script_our_side_keeps_della_entries_by_their_axis_1_rank(tmp_path):
+    """The 3-D function check without mergekit (not installed here): its table is written,
+    and our DELLA's keep share per decile of the magnitude rank along axis 1 follows
+    ``density - epsilon + 2 epsilon rank / (n - 1)`` (it would stay flat at the density
+    were the ranks taken along another axis)."""
+    table = tmp_path / "functions.md"
+    out = _run(["experiments/mergekit_functions.py", "--mergekit-python", "none", "--draws", "40",
+                "--write", str(table)])
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| ") and line.count("|") == 5
+            and line.split("|")[3].strip() == "nan"]
+    expect, ours = [float(r[2]) for r in rows], [float(r[4]) for r in rows]
+    assert len(rows) == 10 and expect[9] - expect[0] > 0.25, out
+    assert max(abs(a - b) for a, b in zip(expect, ours)) < 0.03, out  # about 10 standard deviations
+    assert "| ties_trim_0 | (no mergekit) | |" in out and table.read_text().startswith("# research-merge's leaf")
+
+
 def test_mergekit_parity_counts_differences_in_ulps_and_finds_ties_at_a_cut(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import ml_dtypes
