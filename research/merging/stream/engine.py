@@ -115,12 +115,14 @@ class Plan:
 
     def block_shape(self, name: str) -> tuple:
         """The shape whose leading rows tensor ``name`` is merged in blocks of (``chunked.block_shape``)."""
-        dtype = self.merge_dtype(name)
+        shape, dtype = self.ref.shapes[name], self.merge_dtype(name)
         host_draws = ((self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(dtype))
                       or (self.method in chunked.STRIP_METHODS and chunked.strips_on_host(dtype)))
-        p = check_tensor_params(self, name, "") if self.method in chunked.STRIP_METHODS else {}
-        inverse = bool(p.get("rescale")) and p.get("rescale_mode") == "inverse"
-        return chunked.block_shape(self.ref.shapes[name], self.method, host_draws, inverse)
+        inverse = False
+        if self.method in chunked.STRIP_METHODS and len(shape) == 3:  # the one case the rescale decides
+            p = check_tensor_params(self, name, "")
+            inverse = p["rescale"] and p["rescale_mode"] == "inverse"
+        return chunked.block_shape(shape, self.method, host_draws, inverse)
 
     def flat(self, name: str) -> bool:
         """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""

@@ -84,8 +84,9 @@ class ExpertMasks:
         this block's are let go."""
         (a, b), n = sp, self.n
         first, last = a // n, (b - 1) // n
-        for e in [e for e in self._made if not self.keep and not first <= e <= last]:
-            del self._made[e]
+        if not self.keep:
+            for e in [e for e in self._made if not first <= e <= last]:
+                del self._made[e]
         parts = [self._expert(e)[i][max(a, e * n) - e * n:min(b, (e + 1) * n) - e * n] for e in range(first, last + 1)]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
