@@ -215,25 +215,70 @@ def test_della_masks_from_rank_tables_are_bit_for_bit_jax_s(monkeypatch, shape):
         table = cpu_leaf._della_probs_table(shape[1], density, epsilon)
         expected = sparsify.della_mask(key, jnp.asarray(ranks)[:, :, None], density, epsilon)[:, :, 0]
         np.testing.assert_array_equal(cpu_kernels.below_table(keys, rows, ranks, table), np.asarray(expected))
-        # a strip of columns, from a row on (how expert_masks draws an expert's columns)
-        r0 = shape[0] // 3
-        for c0, c1 in [(0, 8), (8, shape[1])] if shape[1] > 8 else [(0, shape[1])]:
-            strip = np.ascontiguousarray(ranks[r0:, c0:c1])
-            got = cpu_kernels.below_table(keys, rows, strip, table, row0=r0, col0=c0, row_len=shape[1])
-            np.testing.assert_array_equal(got, np.asarray(expected)[r0:, c0:c1], err_msg=f"columns {c0}:{c1}")
 
 
-@pytest.mark.parametrize("dtype", [np.float32, jnp.bfloat16])
-def test_kept_sums_are_each_row_s_l1_sums_of_the_delta_and_of_what_the_mask_keeps(dtype):
-    """``kept_sums`` (the L1 rescale's sums of masks drawn apart): per row, ``sum |ft - base|``
-    and the sum over the kept entries, against NumPy in float64 over float32 deltas."""
-    rng = np.random.default_rng(3)
-    base = np.asarray(rng.normal(size=(5, 37)) * 0.02, dtype)
-    ft = np.asarray(np.asarray(base, np.float32) + rng.normal(size=(5, 37)) * 0.002, dtype)
-    mask = rng.random((5, 37)) < 0.4
-    tau = np.abs(np.asarray(ft, np.float32) - np.asarray(base, np.float32)).astype(np.float64)
-    expect = np.stack([tau.sum(1), np.where(mask, tau, 0.0).sum(1)], axis=1)
-    np.testing.assert_allclose(cpu_kernels.kept_sums(base, ft, mask), expect, rtol=1e-6)
+def _tie_heavy_deltas(rng, shape):
+    """Half zeros and rounded values (buckets of one value, and of several), then three
+    values only (large buckets of ties): what DELLA's kernels rank by bucket."""
+    return [np.where(rng.random(shape) < 0.5, 0.0, np.round(rng.normal(size=shape) * 64) / 4096),
+            rng.choice([0.0, 1 / 256, -1 / 128], size=shape)]
+
+
+@pytest.mark.parametrize("count_max", [0, 2**30])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_della_strip_masks_are_jax_s_masks_of_a_fused_expert_s_column_strips(monkeypatch, dtype, count_max):
+    """``della_strip_masks`` on a strip ``[e, :, c0:c1]`` of a fused ``[experts, n, cols]``
+    tensor gives those entries of ``sparsify.della_mask`` over the whole tensor
+    (JAX's draw, double-argsort ranks down axis 1), bit-packed along rows; its sums
+    are each column's ``sum |d|`` and kept ``|d|``.  Strips of 16 and 21
+    columns: tiles of 8 and a last partial one.  Entries that need exact ranks are
+    counted or the whole column ranked (``count_max``)."""
+    monkeypatch.setattr(sparsify, "_MASK_BLOCK", 2000)  # (4, 60, 37): draws in blocks of experts
+    shape = (4, 60, 37)
+    e, n, cols = shape
+    rng = np.random.default_rng(5)
+    base = jnp.asarray(rng.normal(size=shape) * 0.02, dtype)
+    key = jax.random.key(8)
+    draw_keys, draw_rows = _block_keys(key, (e, n * cols))
+    assert len(draw_keys) > 1
+    for delta in _tie_heavy_deltas(rng, shape):
+        ft = jnp.asarray(np.asarray(base, np.float32) + delta, dtype)
+        tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
+        for density, epsilon in [(0.5, 0.4), (0.3, 0.05)]:
+            expected = np.asarray(sparsify.della_mask(key, sparsify.della_ranks(tau), density, epsilon))
+            table = cpu_leaf._della_probs_table(n, density, epsilon)
+            for x in range(e):
+                for c0, c1 in [(0, 16), (16, cols)]:
+                    bits, sums = cpu_kernels.della_strip_masks(
+                        base[x, :, c0:c1], ft[x, :, c0:c1], draw_keys, draw_rows * n, table, row0=x * n, col0=c0,
+                        row_len=cols, count_max=count_max)
+                    want = expected[x, :, c0:c1]
+                    np.testing.assert_array_equal(np.unpackbits(bits, axis=1, count=c1 - c0).astype(bool), want,
+                                                  err_msg=f"expert {x}, columns {c0}:{c1}")
+                    a = np.abs(np.asarray(tau[x, :, c0:c1], np.float64))
+                    np.testing.assert_allclose(sums, np.stack([a.sum(0), (a * want).sum(0)], -1), rtol=1e-6)
+
+
+def test_della_strip_masks_draw_each_row_from_its_own_draw_block():
+    """A strip whose rows lie in several draw blocks: each row's uniforms come from its
+    block's key at the block's counters (``sparsify.blocked_draw`` of ``jax.random.uniform``
+    over the whole matrix), whatever row of a block the strip starts at."""
+    rows, cols, block_rows = 50, 24, 7
+    key = jax.random.key(2)
+    draw_keys = jax.random.key_data(jax.vmap(lambda b: jax.random.fold_in(key, b))(jnp.arange(8)))
+    u = np.asarray(jnp.concatenate([jax.random.uniform(jax.random.wrap_key_data(k), (block_rows, cols))
+                                    for k in draw_keys])[:rows])
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(rows, cols)).astype(np.float32)
+    ft = base + rng.normal(size=(rows, cols)).astype(np.float32)
+    r0, r1, c0, c1 = 3, 45, 8, 21
+    d = np.abs(ft[r0:r1, c0:c1] - base[r0:r1, c0:c1])
+    ranks = np.argsort(np.argsort(d, axis=0, kind="stable"), axis=0, kind="stable")
+    table = cpu_leaf._della_probs_table(r1 - r0, 0.5, 0.3)
+    want = u[r0:r1, c0:c1] < table[ranks]
+    bits, _ = cpu_kernels.della_strip_masks(base[r0:r1, c0:c1], ft[r0:r1, c0:c1], draw_keys, block_rows, table,
+                                            row0=r0, col0=c0, row_len=cols, sums=False)
+    np.testing.assert_array_equal(np.unpackbits(bits, axis=1, count=c1 - c0).astype(bool), want)
 
 
 @pytest.mark.parametrize("count_max", [0, cpu_kernels.DELLA_COUNT_MAX, 2**30])
@@ -250,8 +295,7 @@ def test_della_masks_equal_jax_s_draw_over_double_argsort_ranks(monkeypatch, dty
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 4000)  # (40, 400): draws in blocks of 10 rows
     rng = np.random.default_rng(11)
     base = jnp.asarray(rng.normal(size=shape) * 0.02, dtype)
-    deltas = [np.where(rng.random(shape) < 0.5, 0.0, np.round(rng.normal(size=shape) * 64) / 4096),
-              rng.choice([0.0, 1 / 256, -1 / 128], size=shape), np.zeros(shape)]
+    deltas = _tie_heavy_deltas(rng, shape) + [np.zeros(shape)]
     fts = [jnp.asarray(np.asarray(base, np.float32) + d, dtype) for d in deltas]
     keys = [jax.random.fold_in(jax.random.key(2), i) for i in range(3)]
     rows = lambda x: x.reshape(1, -1) if x.ndim < 2 else x.reshape(x.shape[0], -1)  # the kernel ranks within rows
@@ -784,6 +828,7 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
     keys = [_block_keys(jax.random.fold_in(jax.random.key(4), i), shape)[0] for i in range(3)]
     block_rows = _block_keys(jax.random.key(4), shape)[1]
     table = cpu_leaf._della_probs_table(shape[1], 0.4, 0.2)
+    strip_table = cpu_leaf._della_probs_table(shape[0] - 3, 0.4, 0.2)
     mix = dict(consensus="sum", vote_on="weighted", normalize=True, divide_by="weight", lam=1.0, out_dtype="bfloat16")
 
     def run_all():
@@ -799,9 +844,8 @@ def test_row_parallel_kernels_give_the_bits_of_their_plain_loops(monkeypatch):
             hist=(hist.counts(), hist.bad()), masks=masks.bits, sums=sums, della=della.bits, della_sums=della_sums,
             ranks=ranks, ranks_axis1=ranks_axis1, bernoulli=cpu_kernels.bernoulli(keys[0], block_rows, 0.3, shape),
             below=cpu_kernels.below_table(keys[1], block_rows, ranks, table),
-            below_strip=cpu_kernels.below_table(keys[1], block_rows, np.ascontiguousarray(ranks[3:, 40:]), table,
-                                                row0=3, col0=40, row_len=shape[1]),
-            kept_sums=cpu_kernels.kept_sums(base, fts[2], masks.unpacked()[2]),
+            strip=cpu_kernels.della_strip_masks(base[3:, 40:], fts[2][3:, 40:], keys[1], block_rows, strip_table, row0=3,
+                                                col0=40, row_len=shape[1]),
             cut=cpu_kernels.cut_merge(base, fts, cuts, [None] * 3, [1.0, 0.5, 2.0], **mix).view(np.uint16),
             drawn=cpu_kernels.random_merge(base, fts, [1.0] * 3, block_keys=keys, block_rows=block_rows,
                                            density=[0.3, 0.5, 0.7], scale=[1.0] * 3, **mix),

@@ -387,23 +387,14 @@ def bernoulli_blocks(keys, block_rows, row0, p, out):
 
 
 @_RowParallel
-def below_table_blocks(keys, block_rows, row0, col0, row_len, ranks, table, out):
+def below_table_blocks(keys, block_rows, row0, ranks, table, out):
     """``out[r, c] = uniform < table[ranks[r, c]]``, uniforms drawn as in ``bernoulli_blocks``
-    (DELLA's keep mask, ``table`` holding the keep probability of each rank), for
-    columns ``col0:`` of rows ``row_len`` long (``out`` may be a strip of them)."""
+    (DELLA's keep mask, ``table`` holding the keep probability of each rank)."""
     rows, cols = out.shape
     for r in numba.prange(rows):
-        k1, k2, start = _block_row(keys, block_rows, r + row0, row_len)
+        k1, k2, start = _block_row(keys, block_rows, r + row0, cols)
         for c in range(cols):
-            out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + col0 + c))) < table[ranks[r, c]]
-
-
-@_RowParallel
-def kept_sums_rows(base, ft, mask, sums):
-    """``_abs_sums`` of each row of ``ft - base`` and of the entries ``mask`` keeps, into
-    ``sums[r]`` (the L1 rescale's sums of masks drawn apart)."""
-    for r in numba.prange(base.shape[0]):
-        sums[r, 0], sums[r, 1] = _abs_sums(ft[r], base[r], mask[r])
+            out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]
 
 
 @_RowParallel
@@ -551,111 +542,193 @@ def _count_equal(key, kc):
     return n
 
 
-@_RowParallel
-def della_masks(base, ft, keys, block_rows, row0, tab, tiny, count_max, bits, sums):
-    """``uniform < tab[rank]``: DELLA's keep mask of one model, row ``r`` bit-packed
-    into ``bits[r]`` (``_pack_row``), with ``rank`` the rank of ``d = |ft - base|``
-    (flushed as XLA:CPU) within its row, ties by column, and the uniforms drawn
-    as in ``bernoulli_blocks`` (``keys``: the draw-block keys).  ``tab`` must be
-    non-decreasing, and rows shorter than 2**31.  ``sums[r]``: ``_abs_sums`` of
-    the row and its mask, where ``sums`` has a row for each (else it is
-    ``[0, 2]``).  One model a call: a tuple of models would make numba compile
-    the kernel again for each number of models.
+@numba.njit
+def _della_scratch(n):
+    """Scratch of ``_della_keep`` for vectors of ``n`` entries."""
+    nb = 2048
+    return (np.empty(n, np.uint16), np.empty(n, np.int32), np.empty(n, np.int32), np.empty(nb, np.int8),
+            np.empty(n, np.int32), np.empty(n, np.uint32), np.empty(n, np.uint32), np.empty(n, np.int32),
+            np.empty(n, np.int32), np.empty(2049, np.int64), np.empty(nb + 1, np.int32))
+
+
+@numba.njit(inline="always")
+def _della_keep(key, lo_k, hi_k, unif, tab, count_max, scratch, mk):
+    """``mk[c] = unif[c] < tab[rank of key[c]]``: DELLA's keep decisions for one vector
+    of ``d = |ft - base|`` as the float32 bits ``key`` (flushed as XLA:CPU, NaNs
+    as ``0x7FC00000``), ranked within the vector, ties by position; ``lo_k``,
+    ``hi_k``: the smallest and largest bits of its finite non-zero entries (the
+    largest uint32 and 0 where it has none); ``tab`` non-decreasing, as long as
+    the vector, which is shorter than 2**31; ``scratch``: ``_della_scratch``.
 
     Exact ranks are found only where the draw needs them.  A uniform below
     every rank's keep probability keeps its entry, one at or above all of them
     drops it.  For the rest, a histogram of the float bits of ``d`` (2045
-    buckets between the row's smallest and largest finite non-zero bits, one
-    each for 0, Inf and NaN) bounds the entry's rank by its bucket's, and
-    settles ``uniform < table[rank]`` unless the uniform falls between the
-    table's values at the bounds.  Those entries are ranked exactly.  In a
-    bucket that holds one value only (always 0's; ties, of which bf16 deltas
-    hold many), an entry ranks after the bucket's entries at smaller columns,
-    counted as the histogram is filled.  The rest are ranked each by a count
-    over the row (``_rank_by_count``), or, past ``count_max`` of them in a
-    row, by ranking the whole row (``_radix_ranks``)."""
-    rows, cols = base.shape
+    buckets between the smallest and largest finite non-zero bits, one each for
+    0, Inf and NaN) bounds the entry's rank by its bucket's, and settles
+    ``uniform < table[rank]`` unless the uniform falls between the table's
+    values at the bounds.  Those entries are ranked exactly.  In a bucket that
+    holds one value only (always 0's; ties, of which bf16 deltas hold many), an
+    entry ranks after the bucket's entries at smaller positions, counted as the
+    histogram is filled.  The rest are ranked each by a count over the vector
+    (``_rank_by_count``), or, past ``count_max`` of them, by ranking the whole
+    vector (``_radix_ranks``)."""
+    hb, pend, occ, pure, pos, sort_key, key2, sort_idx, idx2, digits, start = scratch
+    key_i = key.view(np.int32)
+    cols = len(key)
     nb = 2048  # 0: zeros, 1..2045: finite, 2046: Inf, 2047: NaN
     inf = np.uint32(0x7F800000)
+    t_first = tab[0]
+    t_last = tab[cols - 1]
+    shift = np.uint32(0)
+    while hi_k >= lo_k and (hi_k >> shift) - (lo_k >> shift) > np.uint32(2044):
+        shift += np.uint32(1)
+    lo_b = lo_k >> shift
+    for c in range(cols):
+        k = key[c]
+        hb[c] = (np.uint32(0) if k == 0 else np.uint32(2046) if k == inf
+                 else np.uint32(2047) if k > inf else (k >> shift) - lo_b + np.uint32(1))
+    start[:] = 0
+    n_mid = 0
+    for c in range(cols):  # the histogram, and the entries whose rank may matter
+        seen = start[hb[c] + 1]
+        occ[c] = seen  # entries of c's bucket at smaller positions
+        start[hb[c] + 1] = seen + 1
+        u = unif[c]
+        pend[n_mid] = c
+        n_mid += (u >= t_first) & (u < t_last)
+    acc = np.int32(0)
+    for h in range(nb + 1):  # running totals: bucket h's entries rank from start[h]
+        acc += start[h]
+        start[h] = acc
+    for c in range(cols):
+        mk[c] = unif[c] < t_first
+    n_pend = 0
+    pure[:] = 0  # per bucket: 0 not yet known, 1 one value only, 2 several
+    pure[0] = pure[nb - 2] = pure[nb - 1] = 1
+    for j in range(n_mid):  # by the keep probabilities at their bucket's lowest and highest rank
+        c = pend[j]
+        h = hb[c]
+        keep_lo = unif[c] < tab[start[h]]
+        mk[c] = keep_lo
+        if keep_lo != (unif[c] < tab[start[h + 1] - 1]):  # undecided: the exact rank decides
+            if pure[h] == 0:
+                pure[h] = 1 if _count_equal(key_i, key_i[c]) == start[h + 1] - start[h] else 2
+            if pure[h] == 1:  # ties (bf16 deltas hold many): ranked by position
+                mk[c] = unif[c] < tab[start[h] + occ[c]]
+            else:
+                pend[n_pend] = c
+                n_pend += 1
+    if n_pend > count_max:
+        sort_key[:] = key
+        _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
+    for j in range(n_pend):
+        c = pend[j]
+        rk = pos[c] if n_pend > count_max else _rank_by_count(key_i, c)
+        mk[c] = unif[c] < tab[rk]
+
+
+@numba.njit(inline="always")
+def _rank_key(f, b, tiny):
+    """``d = |f - b|``'s float32 bits as ``_della_keep`` ranks them (flushed as XLA:CPU, NaNs
+    tied), and whether ``d`` is finite and non-zero."""
+    kb = np.float32(_flushed_abs_delta(f, b, tiny)).view(np.uint32)
+    kc = np.uint32(0x7FC00000) if kb > np.uint32(0x7F800000) else kb  # NaNs tie (argsort)
+    return kc, np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)
+
+
+@_RowParallel
+def della_masks(base, ft, keys, block_rows, row0, tab, tiny, count_max, bits, sums):
+    """``uniform < tab[rank]``: DELLA's keep mask of one model, row ``r`` bit-packed
+    into ``bits[r]`` (``_pack_row``), with ``rank`` the rank of ``d = |ft - base|``
+    (flushed as XLA:CPU) within its row, ties by column (``_della_keep``), and
+    the uniforms drawn as in ``bernoulli_blocks`` (``keys``: the draw-block
+    keys).  ``tab`` must be non-decreasing, and rows shorter than 2**31.
+    ``sums[r]``: ``_abs_sums`` of the row and its mask, where ``sums`` has a
+    row for each (else it is ``[0, 2]``).  One model a call: a tuple of models
+    would make numba compile the kernel again for each number of models."""
+    rows, cols = base.shape
     chunks = min(rows, 256)
     for t in numba.prange(chunks):
-        key = np.empty(cols, np.uint32)  # float bits of d, at most 0x7FC00000
-        key_i = key.view(np.int32)
+        key = np.empty(cols, np.uint32)
         unif = np.empty(cols, np.float32)
-        hb = np.empty(cols, np.uint16)
-        pend = np.empty(cols, np.int32)
-        occ = np.empty(cols, np.int32)
-        pure = np.empty(nb, np.int8)
-        pos = np.empty(cols, np.int32)
-        sort_key, key2 = np.empty(cols, np.uint32), np.empty(cols, np.uint32)
-        sort_idx, idx2 = np.empty(cols, np.int32), np.empty(cols, np.int32)
-        digits = np.empty(2049, np.int64)
-        start = np.empty(nb + 1, np.int32)
         mk = np.empty(cols, np.bool_)
-        t_first = tab[0]
-        t_last = tab[cols - 1]
+        scratch = _della_scratch(cols)
         for r in range(t * rows // chunks, (t + 1) * rows // chunks):
             k1, k2, s0 = _block_row(keys, block_rows, r + row0, cols)
             b = base[r]
             f = ft[r]
-            # the loops over columns do little each, so that all but the histogram vectorise
+            # the loops over columns do little each, so that they vectorise
             lo_k = np.uint32(0xFFFFFFFF)
             hi_k = np.uint32(0)
             for c in range(cols):
-                kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
-                kc = np.uint32(0x7FC00000) if kb > inf else kb  # NaNs tie (argsort)
+                kc, finite = _rank_key(f[c], b[c], tiny)
                 key[c] = kc
-                finite = np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
                 lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
                 hi_k = max(hi_k, kc if finite else np.uint32(0))
             for c in range(cols):
                 unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
-            shift = np.uint32(0)
-            while hi_k >= lo_k and (hi_k >> shift) - (lo_k >> shift) > np.uint32(2044):
-                shift += np.uint32(1)
-            lo_b = lo_k >> shift
-            for c in range(cols):
-                k = key[c]
-                hb[c] = (np.uint32(0) if k == 0 else np.uint32(2046) if k == inf
-                         else np.uint32(2047) if k > inf else (k >> shift) - lo_b + np.uint32(1))
-            start[:] = 0
-            n_mid = 0
-            for c in range(cols):  # the histogram, and the entries whose rank may matter
-                seen = start[hb[c] + 1]
-                occ[c] = seen  # entries of c's bucket at smaller columns
-                start[hb[c] + 1] = seen + 1
-                u = unif[c]
-                pend[n_mid] = c
-                n_mid += (u >= t_first) & (u < t_last)
-            acc = np.int32(0)
-            for h in range(nb + 1):  # running totals: bucket h's entries rank from start[h]
-                acc += start[h]
-                start[h] = acc
-            for c in range(cols):
-                mk[c] = unif[c] < t_first
-            n_pend = 0
-            pure[:] = 0  # per bucket: 0 not yet known, 1 one value only, 2 several
-            pure[0] = pure[nb - 2] = pure[nb - 1] = 1
-            for j in range(n_mid):  # by the keep probabilities at their bucket's lowest and highest rank
-                c = pend[j]
-                h = hb[c]
-                keep_lo = unif[c] < tab[start[h]]
-                mk[c] = keep_lo
-                if keep_lo != (unif[c] < tab[start[h + 1] - 1]):  # undecided: the exact rank decides
-                    if pure[h] == 0:
-                        pure[h] = 1 if _count_equal(key_i, key_i[c]) == start[h + 1] - start[h] else 2
-                    if pure[h] == 1:  # ties (bf16 deltas hold many): ranked by column
-                        mk[c] = unif[c] < tab[start[h] + occ[c]]
-                    else:
-                        pend[n_pend] = c
-                        n_pend += 1
-            if n_pend > count_max:
-                sort_key[:] = key
-                _radix_ranks(sort_key, sort_idx, key2, idx2, digits, pos)
-            for j in range(n_pend):
-                c = pend[j]
-                rk = pos[c] if n_pend > count_max else _rank_by_count(key_i, c)
-                mk[c] = unif[c] < tab[rk]
+            _della_keep(key, lo_k, hi_k, unif, tab, count_max, scratch, mk)
             if sums.shape[0]:
                 sums[r, 0], sums[r, 1] = _abs_sums(f, b, mk)
             _pack_row(mk, bits[r])
+
+
+STRIP_TILE = 8  # columns of a strip that ``della_strip_masks`` gathers together: a byte of each packed row
+
+
+@_RowParallel
+def della_strip_masks(base, ft, keys, block_rows, row0, col0, row_len, tab, tiny, count_max, bits, sums):
+    """DELLA's keep mask of one model on a strip ``[n, w]`` of a matrix ranked down its
+    columns: ``uniform < tab[rank]``, ``rank`` that of ``d = |ft - base|`` among
+    the ``n`` entries of its column, ties by row (``_della_keep``), and the
+    uniforms those of ``below_table_blocks`` for rows ``row0:`` and columns
+    ``col0:`` of a draw of rows ``row_len`` long.  Row ``r``'s mask is
+    bit-packed into ``bits[r]`` (``_pack_row``'s layout: ``bits`` is ``[n, ceil(w
+    / 8)]``).  ``sums[c]``: ``_abs_sums`` of column ``c`` and its mask, where
+    ``sums`` has a row for each (else it is ``[0, 2]``).  The columns go in
+    tiles of ``STRIP_TILE``, gathered a row at a time (as ``axis1_ranks``);
+    each column is then drawn and decided as ``della_masks`` does a row."""
+    n, w = base.shape
+    tiles = (w + STRIP_TILE - 1) // STRIP_TILE
+    chunks = min(tiles, 256)
+    rl = np.uint32(row_len)
+    for t in numba.prange(chunks):
+        b_t = np.empty((STRIP_TILE, n), base.dtype)  # the tile's columns
+        f_t = np.empty((STRIP_TILE, n), ft.dtype)
+        key = np.empty(n, np.uint32)
+        unif = np.empty(n, np.float32)
+        mk = np.empty((STRIP_TILE, n), np.bool_)
+        scratch = _della_scratch(n)
+        for q in range(t * tiles // chunks, (t + 1) * tiles // chunks):
+            j0 = STRIP_TILE * q
+            tw = min(STRIP_TILE, w - j0)
+            for i in range(n):
+                for j in range(tw):
+                    b_t[j, i] = base[i, j0 + j]
+                    f_t[j, i] = ft[i, j0 + j]
+            for j in range(tw):
+                b = b_t[j]
+                f = f_t[j]
+                lo_k = np.uint32(0xFFFFFFFF)
+                hi_k = np.uint32(0)
+                for i in range(n):
+                    kc, finite = _rank_key(f[i], b[i], tiny)
+                    key[i] = kc
+                    lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
+                    hi_k = max(hi_k, kc if finite else np.uint32(0))
+                i = 0
+                while i < n:  # a run of rows in one draw block: one key, counters row_len apart
+                    k1, k2, s0 = _block_row(keys, block_rows, i + row0, row_len)
+                    run = min(n - i, block_rows - (i + row0) % block_rows)
+                    s1 = np.uint32(s0 + col0 + j0 + j)
+                    for m in range(run):
+                        unif[i + m] = _uniform01(_threefry_bits(k1, k2, np.uint32(s1 + np.uint32(m) * rl)))
+                    i += run
+                _della_keep(key, lo_k, hi_k, unif, tab, count_max, scratch, mk[j])
+                if sums.shape[0]:
+                    sums[j0 + j, 0], sums[j0 + j, 1] = _abs_sums(f, b, mk[j])
+            for i in range(n):
+                v = np.uint8(0)
+                for j in range(tw):
+                    v |= np.uint8(mk[j, i]) << np.uint8(7 - j)
+                bits[i, q] = v

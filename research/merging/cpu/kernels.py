@@ -21,7 +21,8 @@ in numba, over ``d = |ft - base|`` (float32) of one tensor:
   (``argsort(argsort(d))``); the kernel radix-sorts the float bits.
 * ``bernoulli``/``below_table``: DARE's and DELLA's keep masks, drawn by a
   threefry2x32 that gives JAX's bits exactly; ``della_masks``: DELLA's,
-  ranking exactly only the entries whose draw needs it; ``random_merge``:
+  ranking exactly only the entries whose draw needs it, within rows (or
+  down the columns of a strip: ``della_strip_masks``); ``random_merge``:
   DARE's whole merge pass with the masks drawn inline (none is stored) or
   given (``Masks``, one bit an entry, as the mask kernels write them).
 
@@ -481,15 +482,31 @@ def della_masks(base, fts, block_keys, block_rows: int, tables, sums: bool = Tru
     return masks, out if sums else None
 
 
-def kept_sums(base, ft, mask) -> np.ndarray:
-    """The L1 rescale's sums of a keep mask drawn apart: per row of the ``[rows, last]``
-    view, ``sum |ft - base|`` and the sum over the entries ``mask`` keeps
-    (``[rows, 2]`` float64, as ``random_masks`` gives them)."""
-    b, f = _host_view(base), _host_view(ft)
-    out = np.empty((b.shape[0], 2), np.float64)
+def della_strip_masks(base, ft, block_keys, block_rows: int, table, *, row0: int, col0: int, row_len: int,
+                      sums: bool = True, count_max: int = DELLA_COUNT_MAX):
+    """DELLA's keep mask of a strip ``[n, w]`` of a matrix, ranked down its columns:
+    ``uniform < table[rank]``, ``rank`` that of ``|ft - base|`` among the ``n``
+    entries of its column, ties by row (``row_ranks``' ranks of the ``[1, n, w]``
+    view, without storing them), and the uniforms ``below_table``'s for rows
+    ``row0:`` and columns ``col0:`` of a draw of rows ``row_len`` long
+    (``block_keys``: those of the draw's blocks).  Returns the mask bit-packed
+    along each row (``[n, ceil(w / 8)]`` uint8, ``np.packbits``' layout) and,
+    with ``sums``, per column ``sum |ft - base|`` and the sum over the entries it
+    keeps (``[w, 2]`` float64, summed as ``della_masks`` sums a row; else None).  ``table``: non-decreasing, ``n``
+    long; ``n < 2**31``."""
+    b, f = (_as_2d(np.ascontiguousarray(x), np.shape(x)) for x in (base, ft))
+    n, w = b.shape
+    table = np.asarray(table, np.float32)
+    if table.shape != (n,) or (np.diff(table) < 0).any():
+        raise ValueError(f"della_strip_masks: the keep-probability table must be {n} non-decreasing entries")
+    if n > ROW_MAX:  # the kernel's ranks are int32
+        raise ValueError(f"della_strip_masks: columns of {n} entries are longer than {ROW_MAX}")
+    keys = _readonly(np.asarray(block_keys, np.uint32).reshape(-1, 2))
+    bits = np.empty((n, -(-w // 8)), np.uint8)
+    out = np.empty((w if sums else 0, 2), np.float64)
     with _LOCK:
-        _loops().kept_sums_rows(b, f, _readonly(np.asarray(mask, np.bool_).reshape(b.shape)), out)
-    return out
+        _loops().della_strip_masks(b, f, keys, block_rows, row0, col0, row_len, table, _TINY, count_max, bits, out)
+    return bits, out if sums else None
 
 
 def random_merge(base, fts, weights, *, block_keys=None, block_rows: int = 0, row0: int = 0, density=None, masks=None,
@@ -566,20 +583,14 @@ def bernoulli(block_keys, block_rows: int, p: float, shape, row0: int = 0) -> np
     return _draw(_loops().bernoulli_blocks, block_keys, block_rows, row0, shape, np.bool_, np.float32(p))
 
 
-def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1, *,
-                col0: int = 0, row_len: int | None = None) -> np.ndarray:
+def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1) -> np.ndarray:
     """``uniform < table[ranks]`` over ``ranks``' 2-D shape, uniforms drawn as in ``bernoulli``:
     DELLA's keep mask from each rank's keep probability, without materialising either.
     ``split``: each row drawn as that many rows of equal length (the same bits; a
-    row for each thread where ``ranks`` has few long rows).  ``col0``, ``row_len``:
-    ``ranks`` is columns ``col0:`` of rows of the draw ``row_len`` long (default:
-    its own rows)."""
+    row for each thread where ``ranks`` has few long rows)."""
     table = np.asarray(table, np.float32)
     r = ranks.reshape(ranks.shape[0] * split, -1)
-    if (col0 or row_len is not None) and split != 1:
-        raise ValueError("below_table: a strip of columns (col0, row_len) is drawn with split=1")
-    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_,
-                int(col0), int(r.shape[1] if row_len is None else row_len), r, table)
+    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_, r, table)
     return out.reshape(ranks.shape)
 
 

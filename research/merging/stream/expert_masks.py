@@ -13,12 +13,11 @@ expert's masks, every model's, one bit an entry, are made strip by strip:
 
 * read the strip of the base and of a model apart from the rest of their rows
   (``Tensor.columns``; ``SafetensorsFile.columns`` reads only its bytes);
-* rank it along its rows (``kernels.row_ranks`` of the ``[1, n, width]`` view);
-* draw its entries' uniforms at their own counters in the expert's rows and
-  keep those below their rank's keep probability (``kernels.below_table``
-  with ``col0`` and ``row_len``): the bits ``sparsify.della_mask`` draws;
-* pack them into the expert's mask rows (``leaf.row_bits``' layout), and
-  take the L1 rescale's sums of the strip's rows (``kernels.kept_sums``).
+* keep each entry whose uniform, drawn at its own counter in the expert's
+  rows, is below its rank's keep probability, ranking down the strip's
+  columns only the entries whose draw needs it (``kernels.della_strip_masks``):
+  the bits ``sparsify.della_mask`` draws, packed into the expert's mask rows
+  (``leaf.row_bits``' layout), with the L1 rescale's sums of each column.
 
 A block of rows then takes its rows of the masks of the one or two experts it
 lies in.  The masks are the whole-tensor merge's, bit for bit, and the L1
@@ -29,6 +28,7 @@ experts' masks, not an expert of every input.
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 
@@ -65,8 +65,8 @@ class ExpertMasks:
         self._made = {}  # expert -> every model's packed mask rows
 
     def l1_sums(self) -> list:
-        """Per model, the L1 rescale's sums of its masks (``[rows, 2]``, as
-        ``cpu.leaf.dare_factor`` takes them: each row of each strip), None where it
+        """Per model, the L1 rescale's sums of its masks (``[k, 2]``, as
+        ``cpu.leaf.dare_factor`` takes them: each column of each strip), None where it
         keeps every entry: every expert's masks made, in one pass over their strips."""
         rows = [[] for _ in self.keys]
         for e in range(self.experts):
@@ -97,8 +97,8 @@ class ExpertMasks:
 
     def _make(self, e: int, sums: bool = False) -> tuple[list, list]:
         """Expert ``e``'s masks of every model, ``[n, ceil(cols / 8)]`` packed rows (None
-        where a model keeps every entry), and with ``sums`` each strip's
-        ``kernels.kept_sums``."""
+        where a model keeps every entry), and with ``sums`` each strip's sums
+        (``kernels.della_strip_masks``)."""
         t, n, cols = self.t, self.n, self.cols
         rows = (e * n, (e + 1) * n)
         read_base, read_models = t.columns
@@ -106,28 +106,27 @@ class ExpertMasks:
         row_sums = [[] for _ in self.keys]
         for c0 in range(0, cols, self.width):
             c1 = min(c0 + self.width, cols)
-            base = np.ascontiguousarray(read_base(*rows, c0, c1))
+            base = read_base(*rows, c0, c1)
             for i, read in enumerate(read_models):
                 if out[i] is None:
                     continue
-                ft = np.ascontiguousarray(read(*rows, c0, c1))
-                ranks = kernels.row_ranks(ft, base, (1, n, c1 - c0)).reshape(n, c1 - c0)
-                mask = kernels.below_table(self.keys[i], t.draw_rows, ranks, self.tables[i], row0=e * n, col0=c0,
-                                           row_len=cols)
-                del ranks
+                bits, s = kernels.della_strip_masks(base, read(*rows, c0, c1), self.keys[i], t.draw_rows,
+                                                    self.tables[i], row0=e * n, col0=c0, row_len=cols, sums=sums)
+                out[i][:, c0 // 8:-(-c1 // 8)] = bits
                 if sums:
-                    row_sums[i].append(kernels.kept_sums(base, ft, mask))
-                out[i][:, c0 // 8:-(-c1 // 8)] = np.packbits(mask, axis=1)
+                    row_sums[i].append(s)
         return out, row_sums
 
     @staticmethod
     def held_bytes(own_shape, n_models: int, itemsize: int, strip_bytes: int) -> int:
         """Bytes an ``ExpertMasks`` holds at once, at most, for a tensor of ``own_shape``,
-        besides kept masks: a strip of two inputs, its ranks and mask, and two
+        besides kept masks: a strip of two inputs and its packed mask, each kernel
+        thread's tile of 8 columns and scratch (``della_strip_masks``), and two
         experts' masks of every model."""
         _, n, cols = own_shape
         strip = n * strip_width(n, cols, itemsize, strip_bytes)
-        return strip * (2 * itemsize + (2 if n <= 1 << 16 else 4) + 1) + 2 * n_models * n * math.ceil(cols / 8)
+        tiles = (os.cpu_count() or 1) * n * (8 * (2 * itemsize + 1) + 38)  # 8 columns, a column's keys, scratch
+        return strip * 2 * itemsize + strip // 8 + tiles + 2 * n_models * n * math.ceil(cols / 8)
 
 
 def applies(shape, own_shape, sparsify_name: str) -> bool:
