@@ -554,11 +554,10 @@ def _della_scratch(n):
 @numba.njit(inline="always")
 def _della_keep(key, lo_k, hi_k, unif, tab, count_max, scratch, mk):
     """``mk[c] = unif[c] < tab[rank of key[c]]``: DELLA's keep decisions for one vector
-    of ``d = |ft - base|`` as the float32 bits ``key`` (flushed as XLA:CPU, NaNs
-    as ``0x7FC00000``), ranked within the vector, ties by position; ``lo_k``,
-    ``hi_k``: the smallest and largest bits of its finite non-zero entries (the
-    largest uint32 and 0 where it has none); ``tab`` non-decreasing, as long as
-    the vector, which is shorter than 2**31; ``scratch``: ``_della_scratch``.
+    of ``d = |ft - base|`` as its float32 bits ``key`` with their bounds ``lo_k``,
+    ``hi_k`` (``_rank_keys``), ranked within the vector, ties by position;
+    ``tab`` non-decreasing, as long as the vector, which is shorter than 2**31;
+    ``scratch``: ``_della_scratch``.
 
     Exact ranks are found only where the draw needs them.  A uniform below
     every rank's keep probability keeps its entry, one at or above all of them
@@ -628,12 +627,21 @@ def _della_keep(key, lo_k, hi_k, unif, tab, count_max, scratch, mk):
 
 
 @numba.njit(inline="always")
-def _rank_key(f, b, tiny):
-    """``d = |f - b|``'s float32 bits as ``_della_keep`` ranks them (flushed as XLA:CPU, NaNs
-    tied), and whether ``d`` is finite and non-zero."""
-    kb = np.float32(_flushed_abs_delta(f, b, tiny)).view(np.uint32)
-    kc = np.uint32(0x7FC00000) if kb > np.uint32(0x7F800000) else kb  # NaNs tie (argsort)
-    return kc, np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)
+def _rank_keys(f, b, tiny, key):
+    """``key[c]``: ``d = |f[c] - b[c]|``'s float32 bits as ``_della_keep`` ranks them
+    (flushed as XLA:CPU, NaNs tied); returns the smallest and largest bits of
+    the finite non-zero ``d`` (the largest uint32 and 0 where there are none).
+    A loop that does little, so that it vectorises."""
+    lo_k = np.uint32(0xFFFFFFFF)
+    hi_k = np.uint32(0)
+    for c in range(len(key)):
+        kb = np.float32(_flushed_abs_delta(f[c], b[c], tiny)).view(np.uint32)
+        kc = np.uint32(0x7FC00000) if kb > np.uint32(0x7F800000) else kb  # NaNs tie (argsort)
+        key[c] = kc
+        finite = np.uint32(kc - np.uint32(1)) < np.uint32(0x7F7FFFFF)  # and non-zero
+        lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
+        hi_k = max(hi_k, kc if finite else np.uint32(0))
+    return lo_k, hi_k
 
 
 @_RowParallel
@@ -657,14 +665,7 @@ def della_masks(base, ft, keys, block_rows, row0, tab, tiny, count_max, bits, su
             k1, k2, s0 = _block_row(keys, block_rows, r + row0, cols)
             b = base[r]
             f = ft[r]
-            # the loops over columns do little each, so that they vectorise
-            lo_k = np.uint32(0xFFFFFFFF)
-            hi_k = np.uint32(0)
-            for c in range(cols):
-                kc, finite = _rank_key(f[c], b[c], tiny)
-                key[c] = kc
-                lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
-                hi_k = max(hi_k, kc if finite else np.uint32(0))
+            lo_k, hi_k = _rank_keys(f, b, tiny, key)
             for c in range(cols):
                 unif[c] = _uniform01(_threefry_bits(k1, k2, np.uint32(s0 + c)))
             _della_keep(key, lo_k, hi_k, unif, tab, count_max, scratch, mk)
@@ -709,13 +710,7 @@ def della_strip_masks(base, ft, keys, block_rows, row0, col0, row_len, tab, tiny
             for j in range(tw):
                 b = b_t[j]
                 f = f_t[j]
-                lo_k = np.uint32(0xFFFFFFFF)
-                hi_k = np.uint32(0)
-                for i in range(n):
-                    kc, finite = _rank_key(f[i], b[i], tiny)
-                    key[i] = kc
-                    lo_k = min(lo_k, kc if finite else np.uint32(0xFFFFFFFF))
-                    hi_k = max(hi_k, kc if finite else np.uint32(0))
+                lo_k, hi_k = _rank_keys(f, b, tiny, key)
                 i = 0
                 while i < n:  # a run of rows in one draw block: one key, counters row_len apart
                     k1, k2, s0 = _block_row(keys, block_rows, i + row0, row_len)
