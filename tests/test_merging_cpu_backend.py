@@ -230,7 +230,8 @@ def test_della_strip_masks_are_jax_s_masks_of_a_fused_expert_s_column_strips(mon
     """``della_strip_masks`` on a strip ``[e, :, c0:c1]`` of a fused ``[experts, n, cols]``
     tensor gives those entries of ``sparsify.della_mask`` over the whole tensor
     (JAX's draw, double-argsort ranks down axis 1), bit-packed along rows; its sums
-    are each column's ``sum |d|`` and kept ``|d|``.  Strips of 16 and 21
+    are each column's ``sum |d|`` and kept ``|d|``.  Deltas with many ties, and
+    none (a fine-tune equal to the base: every rank a tie).  Strips of 16 and 21
     columns: tiles of 8 and a last partial one.  Entries that need exact ranks are
     counted or the whole column ranked (``count_max``)."""
     monkeypatch.setattr(sparsify, "_MASK_BLOCK", 2000)  # (4, 60, 37): draws in blocks of experts
@@ -241,7 +242,7 @@ def test_della_strip_masks_are_jax_s_masks_of_a_fused_expert_s_column_strips(mon
     key = jax.random.key(8)
     draw_keys, draw_rows = _block_keys(key, (e, n * cols))
     assert len(draw_keys) > 1
-    for delta in _tie_heavy_deltas(rng, shape):
+    for delta in _tie_heavy_deltas(rng, shape) + [np.zeros(shape)]:  # and a fine-tune equal to the base
         ft = jnp.asarray(np.asarray(base, np.float32) + delta, dtype)
         tau = ft.astype(jnp.float32) - base.astype(jnp.float32)
         for density, epsilon in [(0.5, 0.4), (0.3, 0.05)]:
