@@ -141,7 +141,8 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
     in blocks of rows, draws the masks ``merging.merge`` draws for the seed.  With
     the L1 rescale the blocks are rows of its ``[-1, in]`` view, some across two
     experts, their masks made from strips of an expert's columns
-    (``expert_masks``); with the inverse one (a divisor per entry), whole experts."""
+    (``expert_masks``); with the inverse one (a divisor per entry), each expert
+    is merged strip by strip."""
     from research.merging import sparsify
     from research.merging.stream import chunked, expert_masks
     shapes = {"model.layers.0.mlp.experts.w": (8, 6, 10), "model.layers.0.mlp.gate.weight": (8, 12)}
@@ -167,11 +168,17 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
     assert sorted(calls) == sorted(shapes)
     name = "model.layers.0.mlp.experts.w"
     merged = [shape for shape, ok in numba_merged if ok and shape[-1] == 10]
+    assert sorted(set(strips)) == [((6 * e, 6 * e + 6), c) for e in range(8) for c in ((0, 8), (8, 10))]
+    held = stream.make_plan(stream.load(cfg)).held()["model.layers.0.mlp.experts.w"]  # what --dry-run counts
     if rescale_mode == "l1":
         assert merged == [(5, 10)] * 9 + [(3, 10)]  # rows 5:10 hold experts 0 and 1
-        assert sorted(set(strips)) == [((6 * e, 6 * e + 6), c) for e in range(8) for c in ((0, 8), (8, 10))]
-    else:
-        assert merged == [] and strips == []
+        assert held > expert_masks.ExpertMasks.held_bytes((8, 6, 10), 3, 2, 100)
+    else:  # the XLA program on each strip, an expert's output written whole
+        assert merged == []
+        # two experts' output rows, and a strip (6 x 8) of 4 inputs with 3 models' ranks, masks and divisors,
+        # and 5 float32 copies
+        assert held == expert_masks.inverse_held_bytes((8, 6, 10), 4, 2, 2, 100) == 2 * 6 * 10 * 2 + 48 * (
+            4 * 2 + 3 * (2 + 1 + 4) + 5 * 4)
     for name in shapes:
         np.testing.assert_array_equal(whole[name], np.asarray(expect[name]), err_msg=name)
         np.testing.assert_array_equal(blocks[name], np.asarray(expect[name]), err_msg=name)
@@ -185,21 +192,20 @@ def test_della_on_a_3d_tensor_gives_the_api_s_tensors_whole_and_in_row_blocks(tm
             np.testing.assert_array_equal(again["model.layers.0.mlp.experts.w"],
                                           np.asarray(expect["model.layers.0.mlp.experts.w"]))
             assert made == list(range(8)) * passes  # each expert once a pass
-        expert = "model.layers.0.mlp.experts.w"
-        fts[2][expert][5, 4, 9] = np.nan  # in a strip of 2 columns, made before its block's screen
-        save_file(fts[2], str(tmp_path / "ft2" / "model.safetensors"), metadata={"format": "pt"})
-        with pytest.raises(stream.MergeFailed, match=rf"tensor {expert}: .*model 2 .*NaN or Inf"):
-            stream.run(stream.load(cfg), str(tmp_path / "nan"), progress=False, seed=3)
+    expert = "model.layers.0.mlp.experts.w"
+    fts[2][expert][5, 4, 9] = np.nan  # in a strip of 2 columns (L1: made before its block's screen)
+    save_file(fts[2], str(tmp_path / "ft2" / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(stream.MergeFailed, match=rf"tensor {expert}: .*model 2 .*NaN or Inf"):
+        stream.run(stream.load(cfg), str(tmp_path / "nan"), progress=False, seed=3)
 
 
 def test_della_blocks_are_flat_only_where_expert_strips_make_their_masks():
     """DELLA reads a 3-D tensor in rows of its ``[-1, in]`` view only where its masks come
-    from column strips (the numba kernels, no inverse rescale, rows of several entries);
-    else whole experts, whose ranks the block holds."""
+    from column strips (the numba kernels, rows of several entries); else whole
+    experts, whose ranks the block holds."""
     from research.merging.stream.chunked import block_shape
     assert block_shape((4, 6, 10), "della", True) == block_shape((4, 6, 10), "della_linear", True) == (24, 10)
     assert block_shape((4, 6, 10), "della", False) == (4, 6, 10)  # no host kernels
-    assert block_shape((4, 6, 10), "della", True, inverse=True) == (4, 6, 10)  # a divisor per entry
     assert block_shape((4, 6, 1), "della", True) == (4, 6, 1)
     assert block_shape((2, 4, 6, 10), "della", True) == (2, 4, 6, 10)  # ranks along axis 1 of [2, 4, 60]
     assert block_shape((6, 10), "della", True) == (6, 10)
@@ -268,7 +274,7 @@ def test_della_on_a_3d_tensor_with_tiny_inputs_and_a_model_keeping_all_gives_the
 
 # one method of each block path: elementwise, trimmed, SLERP's and Model Stock's sums, DARE's masks with the
 # L1 sums or drawn in the merge pass, DELLA's from expert strips, Model Stock's ratio per row (flat); DELLA
-# with the inverse rescale (whole experts)
+# with the inverse rescale (merged by expert strips)
 @pytest.mark.parametrize("method,extra", [("linear", ""), ("ties", ""), ("breadcrumbs", ""), ("slerp", ""),
                                           ("model_stock", ""), ("model_stock", "filter_wise: true"),
                                           ("dare_ties", ""), ("dare_linear", "  rescale_mode: inverse\n"),
@@ -281,7 +287,8 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
     and DELLA without the inverse rescale, whose masks come from strips of an
     expert's columns, read blocks of its ``[-1, in]`` view, a few rows each, some
     across two experts, so memory is bounded within an expert too; DELLA with the
-    inverse rescale reads whole experts."""
+    inverse rescale reads strips of an expert's columns only, and writes an
+    expert's rows at once."""
     from research.merging import sparsify
     from research.merging.stream import chunked
     shapes = {"model.layers.0.mlp.experts.gate_up_proj": (3, 12, 10),
@@ -304,6 +311,9 @@ def test_fused_expert_tensors_merge_in_blocks_within_their_leading_rows(tmp_path
             or (method == "della" and "inverse" not in extra))
     seen = lambda name: [(shape, sp) for n, shape, sp in reads if n == name]
     name = "model.layers.0.mlp.experts.gate_up_proj"
+    if method == "della" and "inverse" in extra:  # column strips only, no block of rows
+        assert seen(name) == seen("model.layers.0.mlp.experts.down_proj") == []
+        return
     assert {shape for shape, _ in seen(name)} == {(36, 10) if flat else (3, 12, 10)}
     assert max(b - a for _, (a, b) in seen(name)) == (5 if flat else 1)  # 5 rows, or one expert
     assert not flat or (10, 15) in [sp for _, sp in seen(name)]  # rows of experts 0 and 1

@@ -387,14 +387,15 @@ def bernoulli_blocks(keys, block_rows, row0, p, out):
 
 
 @_RowParallel
-def below_table_blocks(keys, block_rows, row0, ranks, table, out):
+def below_table_blocks(keys, block_rows, row0, col0, row_len, ranks, table, out):
     """``out[r, c] = uniform < table[ranks[r, c]]``, uniforms drawn as in ``bernoulli_blocks``
-    (DELLA's keep mask, ``table`` holding the keep probability of each rank)."""
+    (DELLA's keep mask, ``table`` holding the keep probability of each rank), for
+    columns ``col0:`` of rows ``row_len`` long (``out`` may be a strip of them)."""
     rows, cols = out.shape
     for r in numba.prange(rows):
-        k1, k2, start = _block_row(keys, block_rows, r + row0, cols)
+        k1, k2, start = _block_row(keys, block_rows, r + row0, row_len)
         for c in range(cols):
-            out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + c))) < table[ranks[r, c]]
+            out[r, c] = _uniform01(_threefry_bits(k1, k2, np.uint32(start + col0 + c))) < table[ranks[r, c]]
 
 
 @_RowParallel

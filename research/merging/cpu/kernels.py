@@ -583,14 +583,20 @@ def bernoulli(block_keys, block_rows: int, p: float, shape, row0: int = 0) -> np
     return _draw(_loops().bernoulli_blocks, block_keys, block_rows, row0, shape, np.bool_, np.float32(p))
 
 
-def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1) -> np.ndarray:
+def below_table(block_keys, block_rows: int, ranks: np.ndarray, table, row0: int = 0, split: int = 1, *,
+                col0: int = 0, row_len: int | None = None) -> np.ndarray:
     """``uniform < table[ranks]`` over ``ranks``' 2-D shape, uniforms drawn as in ``bernoulli``:
     DELLA's keep mask from each rank's keep probability, without materialising either.
     ``split``: each row drawn as that many rows of equal length (the same bits; a
-    row for each thread where ``ranks`` has few long rows)."""
+    row for each thread where ``ranks`` has few long rows).  ``col0``, ``row_len``:
+    ``ranks`` is columns ``col0:`` of rows of the draw ``row_len`` long (default:
+    its own rows)."""
     table = np.asarray(table, np.float32)
     r = ranks.reshape(ranks.shape[0] * split, -1)
-    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_, r, table)
+    if (col0 or row_len is not None) and split != 1:
+        raise ValueError("below_table: a strip of columns (col0, row_len) is drawn with split=1")
+    out = _draw(_loops().below_table_blocks, block_keys, block_rows * split, row0 * split, r.shape, np.bool_,
+                int(col0), int(r.shape[1] if row_len is None else row_len), r, table)
     return out.reshape(ranks.shape)
 
 

@@ -26,9 +26,9 @@ dare, della           none: masks are drawn per ``sparsify.blocked_    bit for b
                       sums (1), per row (``cpu.leaf.dare_factor``)     summation
                                                                        order)
 della, 3-D in flat    each expert's masks and L1 sums, from strips of  masks bit for
-blocks                its columns (1, ``expert_masks``)                bit, the L1 to
-                                                                       summation
-                                                                       order
+blocks                its columns (1, ``expert_masks``); with the      bit, the L1 to
+                      inverse rescale none: each expert merged strip   summation
+                      by strip, its rows written at once               order
 slerp, model_stock    norms and dot products (1)                       to summation
                                                                        order
 ====================  ===============================================  ============
@@ -79,9 +79,9 @@ FLAT_METHODS = frozenset({"linear", "task_arithmetic", "negate", "passthrough", 
 # from any row of the ``[-1, shape[-1]]`` view on, so its blocks may be flat too.
 DRAWN_FLAT_METHODS = frozenset({"dare_linear", "dare_ties"})
 # DELLA's masks of a 3-D tensor, where the numba kernels rank and draw them
-# (``strips_on_host``) and no inverse rescale needs each entry's keep
-# probability, come from column strips of whole experts (``expert_masks``),
-# so its blocks may be flat too.
+# (``strips_on_host``), come from column strips of whole experts
+# (``expert_masks``), so its blocks may be flat too; with the inverse rescale,
+# which needs each entry's keep probability, each expert is merged by strips.
 STRIP_METHODS = frozenset({"della", "della_linear"})
 
 
@@ -97,16 +97,16 @@ def strips_on_host(dtype) -> bool:
     return cpu.ENABLED and draws_on_host(dtype)
 
 
-def block_shape(shape, method: str, host_draws: bool = False, inverse: bool = False) -> tuple:
+def block_shape(shape, method: str, host_draws: bool = False) -> tuple:
     """The shape whose leading rows a tensor of ``shape`` is merged in blocks of:
     ``[prod(shape[:-1]), shape[-1]]`` for a tensor of 3 or more axes under a
     ``FLAT_METHODS`` method, Model Stock, a ``DRAWN_FLAT_METHODS`` one whose
     masks are drawn on the host (``host_draws``), or, for a 3-D tensor of rows
     longer than 1, a ``STRIP_METHODS`` one where ``host_draws`` means
-    ``strips_on_host`` and without the ``inverse`` rescale; else ``shape``."""
+    ``strips_on_host``; else ``shape``."""
     shape = tuple(shape)
     flat = (method in FLAT_METHODS or method == "model_stock" or (host_draws and method in DRAWN_FLAT_METHODS)
-            or (host_draws and method in STRIP_METHODS and not inverse and len(shape) == 3 and shape[-1] > 1))
+            or (host_draws and method in STRIP_METHODS and len(shape) == 3 and shape[-1] > 1))
     return (math.prod(shape[:-1]), shape[-1]) if len(shape) > 2 and flat else shape
 
 
@@ -591,6 +591,8 @@ def _merge_random(opts, t: Tensor, model_keys, out_dtype, write) -> None:
     keys = [np.asarray(_block_key_data(k, t.draws)) if d < 1 else None for k, d in zip(model_keys, opts.density)]
     l1 = opts.rescale and opts.rescale_mode == "l1"
     if expert_masks.applies(t.shape, t.own, opts.sparsify):
+        if opts.rescale and opts.rescale_mode == "inverse":
+            return _merge_expert_strips_inverse(opts, t, keys, out_dtype, write)
         return _merge_expert_strips(opts, t, keys, out_dtype, write)
     if all(kernels.random_ok(k) for k in model_keys) and _dare_blocks(opts, t, keys, out_dtype, write):
         return
@@ -637,6 +639,31 @@ def _merge_expert_strips(opts, t: Tensor, keys, out_dtype, write) -> None:
         bits = [None if k is None else experts.rows(i, sp) for i, k in enumerate(keys)]
         write(_merge_on_masks(opts, base, models, bits, [None] * len(models), factors, out_dtype,
                               lambda: _screen(t, base, models), screened=False))
+
+
+def _merge_expert_strips_inverse(opts, t: Tensor, keys, out_dtype, write) -> None:
+    """DELLA with the inverse rescale over a 3-D tensor: each entry kept is divided by its
+    own keep probability, which bit masks do not carry, so each expert is merged
+    strip by strip of its columns (every input's strip, each model's ranks, mask
+    and divisors: ``expert_masks.strip_kept``) into its rows of the output,
+    written whole (rows of the ``[-1, cols]`` view)."""
+    experts, n, cols = t.own
+    width = expert_masks.strip_width(n, cols, t.itemsize, CHUNK_BYTES)
+    read_base, read_models = t.columns
+    for e in range(experts):
+        rows = (e * n, (e + 1) * n)
+        out = np.empty((n, cols), out_dtype)
+        for c0 in range(0, cols, width):
+            c1 = min(c0 + width, cols)
+            base = read_base(*rows, c0, c1)
+            models = [read(*rows, c0, c1) for read in read_models]
+            _screen(t, base, models)
+            kept = [Kept() if k is None else expert_masks.strip_kept(opts, i, m, base, k, t.draw_rows, e * n, c0, cols)
+                    for i, (m, k) in enumerate(zip(models, keys))]
+            out[:, c0:c1] = np.asarray(_mix_jit(base, models, kept, opts=_no_rescale(opts), out_dtype=out_dtype))
+            del base, models, kept
+        write(out)
+        del out
 
 
 def _merge_on_masks(opts, base, models, bits, divs, factors, out_dtype, screen, screened: bool = True) -> np.ndarray:

@@ -118,11 +118,7 @@ class Plan:
         shape, dtype = self.ref.shapes[name], self.merge_dtype(name)
         host_draws = ((self.method in chunked.DRAWN_FLAT_METHODS and chunked.draws_on_host(dtype))
                       or (self.method in chunked.STRIP_METHODS and chunked.strips_on_host(dtype)))
-        inverse = False
-        if self.method in chunked.STRIP_METHODS and len(shape) == 3:  # the one case the rescale decides
-            p = check_tensor_params(self, name, "")
-            inverse = p["rescale"] and p["rescale_mode"] == "inverse"
-        return chunked.block_shape(shape, self.method, host_draws, inverse)
+        return chunked.block_shape(shape, self.method, host_draws)
 
     def flat(self, name: str) -> bool:
         """Whether those blocks are rows of tensor ``name``'s ``[-1, shape[-1]]`` view."""
@@ -150,8 +146,12 @@ class Plan:
             inputs = 2 * in_bytes if self.blocked(n) else max(in_bytes, min(2 * in_bytes, _PREFETCH_BUDGET))
             ranks = unit * (1 + (2 if sparsify.della_shape(self.ref.shapes[n])[1] <= 1 << 16 else 4))  # and mask
             if della and self.flat(n) and self.blocked(n):  # the masks of a 3-D tensor from strips of its experts
-                ranks = expert_masks.ExpertMasks.held_bytes(self.ref.shapes[n], len(self.models),
-                                                            self.input_itemsize(n), chunked.CHUNK_BYTES)
+                own, item = self.ref.shapes[n], self.input_itemsize(n)
+                p = check_tensor_params(self, n, "")
+                if p["rescale"] and p["rescale_mode"] == "inverse":  # merged by strips, an expert's output at once
+                    out[n] = expert_masks.inverse_held_bytes(own, n_in, item, self.itemsize(n), chunked.CHUNK_BYTES)
+                    continue
+                ranks = expert_masks.ExpertMasks.held_bytes(own, len(self.models), item, chunked.CHUNK_BYTES)
             out[n] = inputs + 2 * unit * 4 + unit * self.itemsize(n) + (ranks if della else 0)
         return out
 

@@ -23,6 +23,11 @@ A block of rows then takes its rows of the masks of the one or two experts it
 lies in.  The masks are the whole-tensor merge's, bit for bit, and the L1
 factor is to summation order; memory is a strip of two inputs and two
 experts' masks, not an expert of every input.
+
+DELLA's inverse rescale divides each kept entry by its own keep probability,
+which a bit mask does not carry: there each expert is merged strip by strip
+instead (``strip_kept``: a strip's ranks, mask and divisors), into its output
+rows, which are written at once (``chunked._merge_expert_strips_inverse``).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import numpy as np
 
 from research.merging import sparsify
 from research.merging.cpu import kernels
-from research.merging.cpu.leaf import _della_probs_table
+from research.merging.cpu.leaf import Kept, _della_probs_jit, _della_probs_table
 
 
 def strip_width(n: int, cols: int, itemsize: int, strip_bytes: int) -> int:
@@ -54,7 +59,7 @@ class ExpertMasks:
     def __init__(self, opts, t, keys, strip_bytes: int, itemsize: int, keep: bool = False):
         if opts.rescale and opts.rescale_mode == "inverse":
             raise ValueError("DELLA's inverse rescale divides by each entry's keep probability; its masks alone "
-                             "do not carry it (merge such a tensor in whole experts)")
+                             "do not carry it (merge such a tensor by strips: strip_kept)")
         if t.columns is None or len(t.own) != 3:
             raise ValueError(f"tensor {t.name}: expert masks need a 3-D tensor read by columns")
         self.t, self.keys, self.keep = t, keys, keep
@@ -127,6 +132,31 @@ class ExpertMasks:
         strip = n * strip_width(n, cols, itemsize, strip_bytes)
         tiles = (os.cpu_count() or 1) * n * (8 * (2 * itemsize + 1) + 38)  # 8 columns, a column's keys, scratch
         return strip * 2 * itemsize + strip // 8 + tiles + 2 * n_models * n * math.ceil(cols / 8)
+
+
+def strip_kept(opts, i: int, ft, base, block_keys, block_rows: int, row0: int, col0: int, row_len: int) -> Kept:
+    """Model ``i``'s DELLA mask of a strip ``[n, w]`` of an expert (rows ``row0:`` and columns
+    ``col0:`` of the ``[-1, row_len]`` view) with the inverse rescale's divisors, each
+    entry's keep probability: every entry ranked down its column
+    (``kernels.row_ranks`` of the ``[1, n, w]`` view), the draw as ``ExpertMasks``'."""
+    n, w = np.shape(ft)
+    d, eps = opts.density[i], opts.epsilon[i]
+    ranks = kernels.row_ranks(ft, base, (1, n, w))  # [1, n * w]
+    mask = kernels.below_table(block_keys, block_rows, ranks.reshape(n, w), _della_probs_table(n, d, eps), row0,
+                               col0=col0, row_len=row_len)
+    return Kept(mask=mask, div=_della_probs_jit(ranks, n, d, eps).reshape(n, w))
+
+
+def inverse_held_bytes(own_shape, n_inputs: int, itemsize: int, out_itemsize: int, strip_bytes: int) -> int:
+    """Bytes held at once, at most, while DELLA with the inverse rescale merges a 3-D tensor
+    of ``own_shape`` by column strips (``chunked._merge_expert_strips_inverse``): an
+    expert's output rows and the previous expert's, waiting for the disk; a strip of
+    every input, each model's ranks, mask and divisors; the merge program's float32
+    copies of the strip (its inputs and result)."""
+    _, n, cols = own_shape
+    strip = n * strip_width(n, cols, itemsize, strip_bytes)
+    per_model = (2 if n <= 1 << 16 else 4) + 1 + 4
+    return 2 * n * cols * out_itemsize + strip * (n_inputs * itemsize + (n_inputs - 1) * per_model + (n_inputs + 1) * 4)
 
 
 def applies(shape, own_shape, sparsify_name: str) -> bool:
