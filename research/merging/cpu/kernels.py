@@ -492,8 +492,8 @@ def della_strip_masks(base, ft, block_keys, block_rows: int, table, *, row0: int
     (``block_keys``: those of the draw's blocks).  Returns the mask bit-packed
     along each row (``[n, ceil(w / 8)]`` uint8, ``np.packbits``' layout) and,
     with ``sums``, per column ``sum |ft - base|`` and the sum over the entries it
-    keeps (``[w, 2]`` float64, summed as ``della_masks`` sums a row; else None).  ``table``: non-decreasing, ``n``
-    long; ``n < 2**31``."""
+    keeps (``[w, 2]`` float64, summed as ``della_masks`` sums a row; else None).
+    ``table``: non-decreasing, ``n`` long; ``n < 2**31``."""
     b, f = (_as_2d(np.ascontiguousarray(x), np.shape(x)) for x in (base, ft))
     n, w = b.shape
     table = np.asarray(table, np.float32)

@@ -631,7 +631,7 @@ def _merge_expert_strips(opts, t: Tensor, keys, out_dtype, write) -> None:
     where they fit ``MASK_BUDGET``), then the merge pass over the blocks, which
     screens them."""
     l1 = opts.rescale and opts.rescale_mode == "l1"
-    experts = expert_masks.ExpertMasks(opts, t, keys, CHUNK_BYTES, t.itemsize, keep=l1 and _masks_fit(t))
+    experts = expert_masks.ExpertMasks(opts, t, keys, CHUNK_BYTES, keep=l1 and _masks_fit(t))
     factors = [np.float32(1.0)] * len(t.models)
     if l1:
         factors = [np.float32(1.0) if s is None else dare_factor(s) for s in experts.l1_sums()]

@@ -56,7 +56,7 @@ class ExpertMasks:
     ``leaf._block_key_data``), None where it keeps every entry.  ``keep``: hold
     every expert's masks once made (else those of the experts a block lies in)."""
 
-    def __init__(self, opts, t, keys, strip_bytes: int, itemsize: int, keep: bool = False):
+    def __init__(self, opts, t, keys, strip_bytes: int, keep: bool = False):
         if opts.rescale and opts.rescale_mode == "inverse":
             raise ValueError("DELLA's inverse rescale divides by each entry's keep probability; its masks alone "
                              "do not carry it (merge such a tensor by strips: strip_kept)")
@@ -64,7 +64,7 @@ class ExpertMasks:
             raise ValueError(f"tensor {t.name}: expert masks need a 3-D tensor read by columns")
         self.t, self.keys, self.keep = t, keys, keep
         self.experts, self.n, self.cols = t.own
-        self.width = strip_width(self.n, self.cols, itemsize, strip_bytes)
+        self.width = strip_width(self.n, self.cols, t.itemsize, strip_bytes)
         self.tables = [None if k is None else _della_probs_table(self.n, d, e)
                        for k, d, e in zip(keys, opts.density, opts.epsilon)]
         self._made = {}  # expert -> every model's packed mask rows
