@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from research.merging import cpu, registry, task_vectors
 from research.merging.registry import options
@@ -62,9 +63,15 @@ def apply(base: PyTree, tv: PyTree, scale: float = 1.0) -> PyTree:
 def model_keys(key, name: str, n: int) -> list:
     """The PRNG keys of the ``n`` models for the leaf named ``name``: derived from the
     name (``tree.leaf_names``: a checkpoint's tensor name for a flat dict), not from
-    the leaf's position, so the API and ``research-merge`` draw the same masks."""
-    leaf_key = jax.random.fold_in(key, zlib.crc32(name.encode()))
-    return [jax.random.fold_in(leaf_key, i) for i in range(n)]
+    the leaf's position, so the API and ``research-merge`` draw the same masks.
+    Model ``i``'s key is ``fold_in(fold_in(key, crc32(name)), i)``."""
+    return list(_fold_keys(key, np.uint32(zlib.crc32(name.encode())), n))
+
+
+@functools.partial(jax.jit, static_argnames="n")  # one call a leaf, where eager fold_ins would make n + 1
+def _fold_keys(key, name_hash, n: int) -> tuple:
+    leaf_key = jax.random.fold_in(key, name_hash)
+    return tuple(jax.random.fold_in(leaf_key, i) for i in range(n))
 
 
 def _merge_one_leaf(b, ms, keys, global_trim, *, method, opts, out_dtype):

@@ -306,7 +306,7 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
         res = kernels.random_merge(base, ms, opts.weight, block_keys=keys, block_rows=block_rows, row0=row0,
                                    density=opts.density, scale=scale, **kw)
         # as ``_random_state`` keeps them: the inverse rescale divides by the density
-        rescaled = [dict(div=jnp.float32(d)) if opts.rescale else {} for d in opts.density]
+        rescaled = [dict(div=np.float32(d)) if opts.rescale else {} for d in opts.density]
     else:
         if masks is None:
             drawn = random_masks(opts, base, ms, keys, block_rows, sums=l1, row0=row0)
@@ -316,7 +316,7 @@ def dare_merge(base, ms, opts, block_keys, block_rows: int, out_dtype, factors=N
         if factors is None:
             factors = [dare_factor(sums[i]) if l1 and k is not None else np.float32(1.0) for i, k in enumerate(keys)]
         res = kernels.random_merge(base, ms, opts.weight, masks=masks, scale=factors, **kw)
-        rescaled = [dict(mul=jnp.float32(f)) for f in factors]
+        rescaled = [dict(mul=np.float32(f)) for f in factors]
     if res is None or not res[1].any():
         return None if res is None else res[0]
     leaf, flags = res
