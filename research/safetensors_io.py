@@ -398,16 +398,18 @@ def open_checked(fp: str) -> SafetensorsFile:
         raise CheckpointError(f"{fp}: cannot open ({e.strerror})") from None
 
 
-def no_room(path: str, need: int) -> str | None:
+def no_room(path: str, need: int, reclaimable: int = 0) -> str | None:
     """Why ``need`` bytes cannot be written to ``path`` (which need not exist yet): its
-    file system, that of its nearest existing ancestor, has less free; else None."""
+    file system, that of its nearest existing ancestor, has less free, counting
+    ``reclaimable`` bytes that will be deleted first as free; else None."""
     there = os.path.abspath(path)
     while not os.path.exists(there):
         there = os.path.dirname(there)
     free = shutil.disk_usage(there).free
-    if need <= free:
+    if need <= free + reclaimable:
         return None
-    return f"{path}: needs {need / 2**30:.2f} GiB, but {there} has {free / 2**30:.2f} GiB free"
+    also = f" and {reclaimable / 2**30:.2f} GiB of leftovers to remove" if reclaimable else ""
+    return f"{path}: needs {need / 2**30:.2f} GiB, but {there} has {free / 2**30:.2f} GiB free{also}"
 
 
 @contextlib.contextmanager

@@ -72,7 +72,8 @@ def test_two_concurrent_merges_to_one_output_give_one_success(models):
     read_out(str(tmp / "out"))  # the winner's output is complete
 
 
-def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_path):
+def _start_slow_merge(tmp_path):
+    """A merge of many small shards in a subprocess, returned once it has written two."""
     base = make_ckpt(tmp_path / "base", 0, layers=24, d=256, vocab=512)
     for i in range(2):
         make_ckpt(tmp_path / f"ft{i}", i + 1, layers=24, d=256, vocab=512, base=base)
@@ -80,15 +81,20 @@ def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_pa
                               "parameters: {density: 0.2}\n")
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
     proc = subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp_path / "out"), "--shard-size",
-                             "100KB"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "100KB"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         tmps = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]
         if tmps and len(os.listdir(tmp_path / tmps[0])) >= 2:
             break
         time.sleep(0.05)
+    return cfg, proc
+
+
+def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_path):
+    cfg, proc = _start_slow_merge(tmp_path)
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    proc.communicate()
     assert not (tmp_path / "out").exists()  # nothing that looks finished
     stale = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]
     assert stale and stale[0].startswith(f"out.tmp-{proc.pid}-")  # the dead run's pid is in the name
@@ -98,6 +104,39 @@ def test_a_killed_merge_leaves_only_a_temporary_that_the_next_run_removes(tmp_pa
     assert f"removed {tmp_path / stale[0]}" in r.stderr and f"pid {proc.pid}" in r.stderr
     assert [d for d in os.listdir(tmp_path) if d.startswith("out.")] == []
     read_out(str(tmp_path / "out"))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_sigterm_or_ctrl_c_stops_a_merge_in_one_line_leaving_nothing(tmp_path, sig):
+    """``kill`` (or a batch system's time limit) and Ctrl-C unwind the merge: its
+    temporary output and lock are removed, it says so in one line, and exits
+    128 + the signal's number, as a shell reports a process the signal ended."""
+    _, proc = _start_slow_merge(tmp_path)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, err
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert lines[-1] == f"error: stopped by {signal.Signals(sig).name}; no partial output is left", err
+    assert "Traceback" not in err
+    assert [d for d in os.listdir(tmp_path) if d.startswith("out")] == []
+
+
+def test_a_dead_run_s_leftover_counts_as_room_and_is_removed(models, main, monkeypatch):
+    """The space a killed run's temporary holds is freed before the merge writes: a
+    disk that is full only of it is not refused."""
+    from research import safetensors_io
+    tmp, *_ = models
+    cfg = write_cfg(tmp, TIES)
+    stale = tmp / "out.tmp-999999-deadbeef"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(os.urandom(1 << 20))
+    real = shutil.disk_usage
+    monkeypatch.setattr(safetensors_io.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    rc, err = main(cfg, str(tmp / "out"))
+    assert rc == 0, err
+    assert f"removed {stale}: the leftover of an interrupted merge (pid 999999" in err
+    assert not stale.exists()
+    read_out(str(tmp / "out"))
 
 
 def test_too_little_free_space_is_found_before_the_merge_starts(models, main, monkeypatch):

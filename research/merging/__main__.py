@@ -4,10 +4,13 @@ real checkpoints from a mergekit-style YAML file, streaming tensor by tensor."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import os
+import signal
 import sys
+import threading
 
 
 def compile_cache_dir() -> str | None:
@@ -47,6 +50,36 @@ def _reuse_freed_buffers() -> None:
     mallopt(m_arena_max, 1)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised in the main thread: it unwinds the merge as Ctrl-C
+    does, so the temporary output is removed and the lock released."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop(signum, frame):
+    raise Stopped(signum)
+
+
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """SIGTERM (``kill``, a batch system's time limit) and SIGHUP (a closed terminal)
+    raise ``Stopped`` in the main thread while the block runs, where their
+    default would end the process at once and leave ``OUT.tmp-*`` for the next
+    run to remove.  The previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="research-merge", description=__doc__)
     ap.add_argument("config", help="mergekit-style YAML")
@@ -80,13 +113,18 @@ def main(argv=None) -> int:
         gc.enable()
 
     try:
-        mc = load(args.config)
-        out = run(mc, args.out_dir, device=args.device, shard_size=parse_size(args.shard_size), force=args.force,
-                  seed=args.seed, dry_run=args.dry_run, allow_vocab_mismatch=args.allow_vocab_mismatch,
-                  progress=not args.no_progress, map_inputs=not args.no_map)
+        with _stopped_by_signals():
+            mc = load(args.config)
+            out = run(mc, args.out_dir, device=args.device, shard_size=parse_size(args.shard_size), force=args.force,
+                      seed=args.seed, dry_run=args.dry_run, allow_vocab_mismatch=args.allow_vocab_mismatch,
+                      progress=not args.no_progress, map_inputs=not args.no_map)
     except (ConfigError, MergeFailed, CheckpointError, MergeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # Ctrl-C, or Stopped: the output was committed whole or its temporary removed
+        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
+        print(f"\nerror: stopped by {signal.Signals(signum).name}; no partial output is left", file=sys.stderr)
+        return 128 + signum
     if out:
         print(f"wrote {out}")
     return 0

@@ -439,7 +439,8 @@ def run(mc: cfg_lib.MergeConfig, out_dir: str, *, device: str = "cpu", shard_siz
         output = Output(out_dir, inputs=inputs, force=force, log=lambda m: print(m, file=sys.stderr))
     except OutputError as e:
         raise MergeFailed(str(e)) from None
-    why = no_room(output.out, plan.bytes_written())  # found before any work, not after most of it
+    # found before any work, not after most of it; a dead run's leftovers here are removed first
+    why = no_room(output.out, plan.bytes_written(), output.leftover_bytes())
     if why:
         raise MergeFailed(f"{why}; free some space or choose another output directory")
     devs = _devices(device)

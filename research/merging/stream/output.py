@@ -11,6 +11,9 @@ renamed into place only when complete.
 * The temporary directory is ``OUT.tmp-<pid>-<random>``.  Holding the lock
   means no other merge is writing ``OUT``, so every ``OUT.tmp-*`` found at
   start is a dead run's leftover: it is removed, and the removal is reported.
+  Its space counts as free when the merge checks for room (``leftover_bytes``).
+  A run stopped by Ctrl-C, SIGTERM or SIGHUP removes its own temporary
+  (``research-merge``); one killed outright leaves it for the next.
 * ``commit`` re-checks ``OUT`` right before the rename.  An ``OUT`` that did
   not exist at start, or exists without ``force``, is never deleted.  With
   ``force``, the old ``OUT`` is first renamed aside, then removed once the new
@@ -104,14 +107,31 @@ class Output:
 
     # --- temporaries ------------------------------------------------------------------
 
-    def _clean_stale(self):
+    def _leftovers(self):
+        """``(path, pid or None)`` of each ``OUT.tmp-*`` and ``OUT.old-*`` beside ``OUT``."""
+        if not os.path.isdir(self.parent):
+            return
         pattern = re.compile(re.escape(self.name) + r"\.(tmp|old)-(\d+)?.*$")
         for entry in sorted(os.listdir(self.parent)):
             m = pattern.fullmatch(entry)
-            if not m:
-                continue
-            pid = int(m.group(2)) if m.group(2) else None
-            path = os.path.join(self.parent, entry)
+            if m:
+                yield os.path.join(self.parent, entry), int(m.group(2)) if m.group(2) else None
+
+    def leftover_bytes(self) -> int:
+        """Disk space held by the leftovers that entering removes: room the output may
+        count on (where another merge holds the lock, entering fails anyway)."""
+        total = 0
+        for path, _ in self._leftovers():
+            for root, dirs, files in os.walk(path):
+                for f in [root, *(os.path.join(root, f) for f in files)]:
+                    try:
+                        total += os.lstat(f).st_blocks * 512
+                    except OSError:
+                        pass
+        return total
+
+    def _clean_stale(self):
+        for path, pid in self._leftovers():
             shutil.rmtree(path, ignore_errors=True)
             who = f"pid {pid}" if pid is not None else "an older run"
             self.log(f"removed {path}: the leftover of an interrupted merge ({who}; no merge holds {self.lock_path})")
