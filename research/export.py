@@ -10,8 +10,8 @@ safetensors (sharded with an index above ``--shard-size``) with
 tokenizer files (its ``tokenizer``, or an HF ``init_from``'s) are copied
 alongside, the tokenizer itself as ``tokenizer.json`` / ``tokenizer.model``;
 a byte-tokenizer run has none.  The directory is written under a
-temporary name and renamed when complete; an existing ``OUT`` is refused
-unless ``--force``.
+temporary name and renamed when complete (Ctrl-C, SIGTERM or SIGHUP remove
+it: ``stop_signals``); an existing ``OUT`` is refused unless ``--force``.
 """
 
 from __future__ import annotations
@@ -111,11 +111,18 @@ def main(argv=None) -> int:
     from research.training.checkpoint import CheckpointMismatch
     from research.training.config import ConfigError
 
+    from research import stop_signals
+
     try:
         import jax.numpy as jnp
 
-        step = export(args.run_dir, args.out_dir, step=args.step, dtype=None if args.dtype is None else jnp.dtype(args.dtype),
-                      shard_size=args.shard_size, force=args.force)
+        with stop_signals.raising():
+            step = export(args.run_dir, args.out_dir, step=args.step,
+                          dtype=None if args.dtype is None else jnp.dtype(args.dtype), shard_size=args.shard_size,
+                          force=args.force)
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the temporary directory was removed
+        print(f"\nerror: stopped by {stop_signals.name(stop)}; no partial output is left", file=sys.stderr)
+        return stop_signals.exit_code(stop)
     except (ConfigError, CheckpointError, CheckpointMismatch, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -70,8 +70,10 @@ def main(argv=None) -> int:
     except (UnknownTaskError, CheckpointMismatch, CheckpointSaveError, TrainingDiverged, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM or SIGHUP; the trainer saved at the step it stopped at
+        from research import stop_signals
+
+        return stop_signals.exit_code(stop)
     if not distributed.is_lead():
         return 0
     print(json.dumps({"step": result.step, "final_loss": result.history[-1]["loss"] if result.history else None,

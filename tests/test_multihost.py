@@ -9,7 +9,9 @@ has 8 fake CPU devices (conftest), on the same (2, 2, 2) mesh.
 import csv
 import dataclasses
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -133,3 +135,28 @@ def test_a_process_that_dies_stops_the_others_naming_it(tmp_path):
     assert procs[0].returncode != 0 and time.time() - t0 < 60
     assert "unhealthy" in err and "stopped sending heartbeats" in err, err[-3000:]
     assert "\n1\n" in err.split("stopped sending heartbeats")[-1][:40], err[-3000:]  # names process 1
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_after_a_save(tmp_path):
+    """A signal that reaches one process (a preempted host, ``kill`` on one of them)
+    stops every process at the same step boundary, where they save together."""
+    workdir = tmp_path / "term"
+    procs = _launch(tmp_path, workdir, cfg=dataclasses.replace(CFG, steps=100_000, save_every=0))
+    metrics = workdir / "logs" / "metrics.csv"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) > 2):  # training is under way
+        assert time.time() < deadline and procs[0].poll() is None, procs[0].communicate()[1][-3000:]
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [128 + signal.SIGTERM] * 2, [err[-3000:] for _, err in outs]
+    saved = re.search(r"interrupted \(SIGTERM\): saved step (\d+)", outs[0][0])
+    assert saved, outs[0][0][-3000:]
+    assert "saved step" not in outs[1][0]  # only process 0 reports
+    ck = Checkpointer(str(workdir / "checkpoints"), save_every=0, keep=1, async_save=False)
+    assert ck.latest() == int(saved.group(1)) > 0
+    ck.close()

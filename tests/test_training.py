@@ -133,6 +133,26 @@ def test_export_to_a_disk_without_room_is_one_line_before_writing(tmp_path, caps
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+def test_an_export_stopped_by_sigterm_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    from research.export import main as export_main
+    from research.safetensors_io import ShardWriter
+
+    _run(tmp_path, "run", steps=2, save_every=2)
+    real, written = ShardWriter.add, []
+
+    def add(self, name, arr):  # the signal arrives as the third tensor is to be written
+        if len(written) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        written.append(name)
+        return real(self, name, arr)
+
+    monkeypatch.setattr(ShardWriter, "add", add)
+    assert export_main([str(tmp_path / "run"), str(tmp_path / "hf")]) == 128 + signal.SIGTERM
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln]
+    assert err == ["error: stopped by SIGTERM; no partial output is left"], err
+    assert len(written) == 2 and sorted(os.listdir(tmp_path)) == ["run"]  # the handler raised in os.kill
+
+
 def test_disk_full_while_saving_is_reported_and_keeps_earlier_checkpoints(tmp_path, monkeypatch):
     _run(tmp_path, "disk", stop_at=3)
     import orbax.checkpoint as ocp
@@ -231,22 +251,26 @@ def test_unknown_task_and_config_key_are_named(tmp_path):
     assert config_lib.override(BASE, ["lr=1e-4", "tasks=('add',)", "neftune_alpha=0"]).lr == 1e-4
 
 
-def test_cli_overrides_and_ctrl_c_saves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "SIGTERM"])
+def test_cli_overrides_and_ctrl_c_or_sigterm_saves_a_checkpoint(tmp_path, sig):
+    """Ctrl-C, or SIGTERM (``kill``, a batch system's time limit, a preempted VM),
+    stops the run at the next step boundary with a save, and exits 128 + the signal."""
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"], "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "research.train", "--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"),
            "--set", "steps=100000", "--set", "save_every=0", "--set", "progress=False"]
-    bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)
-    assert bad.returncode == 2 and "unknown config key 'lr_typo'" in bad.stderr
+    if sig == signal.SIGINT:
+        bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)
+        assert bad.returncode == 2 and "unknown config key 'lr_typo'" in bad.stderr
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     logs = tmp_path / "w" / "logs" / "metrics.csv"
     deadline = time.time() + 120
     while not logs.exists() and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
-    assert "interrupted: saved step" in out
+    assert proc.returncode == 128 + sig, out
+    assert f"interrupted ({signal.Signals(sig).name}): saved step" in out
     ck = Checkpointer(str(tmp_path / "w" / "checkpoints"), save_every=1, keep=2)
     assert ck.latest() and ck.latest() > 0
     ck.close()

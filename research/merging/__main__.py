@@ -4,13 +4,12 @@ real checkpoints from a mergekit-style YAML file, streaming tensor by tensor."""
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import gc
 import os
-import signal
 import sys
-import threading
+
+from research import stop_signals
 
 
 def compile_cache_dir() -> str | None:
@@ -50,36 +49,6 @@ def _reuse_freed_buffers() -> None:
     mallopt(m_arena_max, 1)
 
 
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised in the main thread: it unwinds the merge as Ctrl-C
-    does, so the temporary output is removed and the lock released."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _stop(signum, frame):
-    raise Stopped(signum)
-
-
-@contextlib.contextmanager
-def _stopped_by_signals():
-    """SIGTERM (``kill``, a batch system's time limit) and SIGHUP (a closed terminal)
-    raise ``Stopped`` in the main thread while the block runs, where their
-    default would end the process at once and leave ``OUT.tmp-*`` for the next
-    run to remove.  The previous handlers come back after it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="research-merge", description=__doc__)
     ap.add_argument("config", help="mergekit-style YAML")
@@ -113,7 +82,7 @@ def main(argv=None) -> int:
         gc.enable()
 
     try:
-        with _stopped_by_signals():
+        with stop_signals.raising():
             mc = load(args.config)
             out = run(mc, args.out_dir, device=args.device, shard_size=parse_size(args.shard_size), force=args.force,
                       seed=args.seed, dry_run=args.dry_run, allow_vocab_mismatch=args.allow_vocab_mismatch,
@@ -121,10 +90,9 @@ def main(argv=None) -> int:
     except (ConfigError, MergeFailed, CheckpointError, MergeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # Ctrl-C, or Stopped: the output was committed whole or its temporary removed
-        signum = e.signum if isinstance(e, Stopped) else signal.SIGINT
-        print(f"\nerror: stopped by {signal.Signals(signum).name}; no partial output is left", file=sys.stderr)
-        return 128 + signum
+    except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the output is whole, or its temporary was removed
+        print(f"\nerror: stopped by {stop_signals.name(stop)}; no partial output is left", file=sys.stderr)
+        return stop_signals.exit_code(stop)
     if out:
         print(f"wrote {out}")
     return 0

@@ -7,9 +7,10 @@ Resume is exact: the data iterator state is saved with the weights and the
 NEFTune key is ``fold_in(key, step)``, so stopping at step N and resuming to
 2N gives bitwise the parameters of an uninterrupted 2N-step run (on the CPU).
 A NaN/Inf loss stops training naming the step (the last good checkpoint
-stays); Ctrl-C is deferred to the next step boundary (the step being computed
-has donated its inputs), saves a consistent checkpoint there and exits; a
-second Ctrl-C exits at once without saving.
+stays); Ctrl-C, SIGTERM and SIGHUP are deferred to the next step boundary (the
+step being computed has donated its inputs), which saves a consistent
+checkpoint and raises ``stop_signals.Stopped``; a second signal raises it at
+once, without saving.
 
 Multi-process runs (``research.distributed``) run this same loop in every
 process.  The global batch is the same whatever the process count (see
@@ -18,8 +19,8 @@ written collectively by orbax (each process its shards, process 0 the
 metadata and the data state).  Process 0 alone writes the run's config,
 metrics and progress bar.  Evaluation is SPMD: every process runs the same
 jitted generation over the sharded parameters and gets the gathered
-results; process 0 records them.  A Ctrl-C seen by any process stops all of
-them at the same step boundary.
+results; process 0 records them.  A stop signal seen by any process stops
+all of them at the same step boundary.
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import errno
 import math
 import os
 import signal
-import threading
 import time
 
 import jax
@@ -40,7 +40,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from research import distributed, sharding
+from research import distributed, sharding, stop_signals
 from research.data import pipeline
 from research.models import Transformer, from_hf, lora, preset, scan
 from research.models.hf import read_config
@@ -67,31 +67,30 @@ class TrainResult:
     tokens_per_sec: float
 
 
-class _StopAtBoundary(KeyboardInterrupt):
-    """Ctrl-C seen between steps: the state is consistent and gets saved."""
+class _StopAtBoundary(stop_signals.Stopped):
+    """A stop seen between steps: the state is consistent and gets saved."""
 
 
 class _DeferredInterrupt:
-    """Turns the first SIGINT into a flag checked between steps."""
+    """Turns the first Ctrl-C, SIGTERM or SIGHUP into a flag checked between steps
+    (``signum``: the first signal's number, or None)."""
 
     def __init__(self):
-        self.requested = False
+        self.signum = None
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def _handler(self, signum, frame):
-        if self.requested:  # second Ctrl-C: give up on the clean stop
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.requested:  # a second signal: give up on the clean stop
+            raise stop_signals.Stopped(signum)
+        self.signum = signum
 
     @contextlib.contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():
+        with stop_signals.handled(self._handler, (signal.SIGINT, *stop_signals.CAUGHT)):
             yield self
-            return
-        previous = signal.signal(signal.SIGINT, self._handler)
-        try:
-            yield self
-        finally:
-            signal.signal(signal.SIGINT, previous)
 
 
 def model_config(cfg: TrainConfig):
@@ -190,13 +189,14 @@ def _eval_row(results: dict) -> dict:
     return {f"eval/{t}/{k}": v for t, r in results.items() for k, v in r.items() if v is not None}
 
 
-def _stop_requested(interrupt) -> bool:
-    """Whether any process saw Ctrl-C: all of them stop (and save) at the same step."""
+def _stop_requested(interrupt) -> int:
+    """The signal that asked any process to stop (the largest number, where several
+    did), else 0: all of them stop (and save) at the same step."""
     if jax.process_count() == 1:
-        return interrupt.requested
+        return interrupt.signum or 0
     from jax.experimental import multihost_utils
 
-    return bool(np.any(multihost_utils.process_allgather(np.int32(interrupt.requested))))
+    return int(np.max(multihost_utils.process_allgather(np.int32(interrupt.signum or 0))))
 
 
 def train(cfg: TrainConfig, workdir: str, *, stop_at: int | None = None, resume: bool = True,
@@ -268,8 +268,8 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
     try:
         with interrupt.installed():
             while step < end:
-                if _stop_requested(interrupt):
-                    raise _StopAtBoundary
+                if signum := _stop_requested(interrupt):
+                    raise _StopAtBoundary(signum)
                 batch = next(data)
                 real_tokens += int((batch["segment_ids"] > 0).sum())
                 params, opt_state, m = step_fn(params, opt_state, frozen, sharding.global_batch(batch, batch_sh), key,
@@ -303,12 +303,12 @@ def _train(cfg: TrainConfig, workdir: str, ckpt: Checkpointer, start: int, stop_
         if isinstance(stop, _StopAtBoundary):
             ckpt.save(step, params, opt_state, data.get_state(), force=True)
             if lead:
-                print(f"\ninterrupted: saved step {step} to {ckpt.directory}")
-        else:  # a second Ctrl-C, mid-step: the in-flight state may be donated
+                print(f"\ninterrupted ({stop_signals.name(stop)}): saved step {step} to {ckpt.directory}")
+        else:  # a second signal, mid-step: the in-flight state may be donated
             print(f"\ninterrupted twice: not saving; the last checkpoint is step {ckpt.latest()}")
         ckpt.close()
         writer.close()
-        raise KeyboardInterrupt from None
+        raise stop_signals.Stopped(stop_signals.signum(stop)) from None
     except BaseException as e:  # divergence, a failed save, ...: the caller closes the checkpointer
         bar.close()
         with contextlib.suppress(Exception):
