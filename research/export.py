@@ -107,11 +107,10 @@ def main(argv=None) -> int:
     ap.add_argument("--shard-size", type=_size, default=5 * 2**30, help="largest shard, e.g. 5GB")
     ap.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     args = ap.parse_args(argv)
+    from research import stop_signals
     from research.safetensors_io import CheckpointError
     from research.training.checkpoint import CheckpointMismatch
     from research.training.config import ConfigError
-
-    from research import stop_signals
 
     try:
         import jax.numpy as jnp
