@@ -251,26 +251,24 @@ def test_unknown_task_and_config_key_are_named(tmp_path):
     assert config_lib.override(BASE, ["lr=1e-4", "tasks=('add',)", "neftune_alpha=0"]).lr == 1e-4
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl_c", "SIGTERM"])
-def test_cli_overrides_and_ctrl_c_or_sigterm_saves_a_checkpoint(tmp_path, sig):
-    """Ctrl-C, or SIGTERM (``kill``, a batch system's time limit, a preempted VM),
-    stops the run at the next step boundary with a save, and exits 128 + the signal."""
+def test_cli_overrides_and_ctrl_c_saves_a_checkpoint(tmp_path):
+    """Ctrl-C stops the run at the next step boundary with a save, and exits 130
+    (SIGTERM takes the same path: ``test_multihost``)."""
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"], "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "research.train", "--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"),
            "--set", "steps=100000", "--set", "save_every=0", "--set", "progress=False"]
-    if sig == signal.SIGINT:
-        bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)
-        assert bad.returncode == 2 and "unknown config key 'lr_typo'" in bad.stderr
+    bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)
+    assert bad.returncode == 2 and "unknown config key 'lr_typo'" in bad.stderr
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     logs = tmp_path / "w" / "logs" / "metrics.csv"
     deadline = time.time() + 120
     while not logs.exists() and time.time() < deadline:
         time.sleep(0.5)
     time.sleep(1.0)
-    proc.send_signal(sig)
+    proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + sig, out
-    assert f"interrupted ({signal.Signals(sig).name}): saved step" in out
+    assert proc.returncode == 130, out
+    assert "interrupted (SIGINT): saved step" in out
     ck = Checkpointer(str(tmp_path / "w" / "checkpoints"), save_every=1, keep=2)
     assert ck.latest() and ck.latest() > 0
     ck.close()
