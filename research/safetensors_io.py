@@ -416,17 +416,25 @@ def no_room(path: str, need: int, reclaimable: int = 0) -> str | None:
 def atomic_directory(path: str, *, force: bool = False):
     """A temporary directory beside ``path``, renamed to ``path`` when the block
     completes and removed if it fails (or is interrupted).  An existing ``path``
-    is a ``FileExistsError`` unless ``force``, and is replaced only at the end."""
+    is a ``FileExistsError`` unless ``force``, and is replaced only at the end:
+    renamed aside, the new one renamed into place, then the old one removed: a
+    process killed meanwhile leaves the old or the new one whole."""
     if os.path.exists(path) and not force:
         raise FileExistsError(f"{path} exists; pass force=True to overwrite")
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".tmp-", dir=parent)
+    aside = None
     try:
         yield tmp
         if os.path.exists(path):
-            shutil.rmtree(path)
+            aside = f"{tmp}.old"
+            os.rename(path, aside)
         os.rename(tmp, path)
     except BaseException:
+        if aside is not None and not os.path.exists(path):
+            os.rename(aside, path)  # the old one back
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)

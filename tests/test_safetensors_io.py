@@ -236,3 +236,26 @@ def test_a_damaged_file_reads_as_the_reference_reader_reads_it_or_is_refused_by_
         assert ref is None or any(code not in safetensors_io.DTYPES for code, _, _ in ref.values()), (str(e), ref)
         return
     assert ours == ref
+
+
+def test_atomic_directory_replaces_a_directory_whole_and_keeps_the_old_one_if_the_swap_fails(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with safetensors_io.atomic_directory(str(out), force=True) as tmp:
+        (tmp_path / tmp / "new.txt").write_text("new")
+        assert os.listdir(out) == ["old.txt"]  # the old one stays until the new one is complete
+    assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
+
+    real = os.rename
+
+    def rename(src, dst):  # the old one moved aside, then the new one cannot be moved in
+        if str(dst) == str(out) and not str(src).endswith(".old"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(safetensors_io.os, "rename", rename)
+    with pytest.raises(OSError, match="Input/output error"):
+        with safetensors_io.atomic_directory(str(out), force=True) as tmp:
+            (tmp_path / tmp / "newer.txt").write_text("newer")
+    assert os.listdir(out) == ["new.txt"] and os.listdir(tmp_path) == ["out"]
