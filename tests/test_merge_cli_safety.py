@@ -72,11 +72,12 @@ def test_two_concurrent_merges_to_one_output_give_one_success(models):
     read_out(str(tmp / "out"))  # the winner's output is complete
 
 
-def _start_slow_merge(tmp_path):
-    """A merge of many small shards in a subprocess, returned once it has written two."""
-    base = make_ckpt(tmp_path / "base", 0, layers=24, d=256, vocab=512)
+def _start_slow_merge(tmp_path, layers=24, d=256):
+    """A merge of many small shards in a subprocess, returned once it has written two
+    (``layers`` of width ``d``: 24 of 256 merge in about a second)."""
+    base = make_ckpt(tmp_path / "base", 0, layers=layers, d=d, vocab=512)
     for i in range(2):
-        make_ckpt(tmp_path / f"ft{i}", i + 1, layers=24, d=256, vocab=512, base=base)
+        make_ckpt(tmp_path / f"ft{i}", i + 1, layers=layers, d=d, vocab=512, base=base)
     cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n"
                               "parameters: {density: 0.2}\n")
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
@@ -111,7 +112,8 @@ def test_sigterm_or_ctrl_c_stops_a_merge_in_one_line_leaving_nothing(tmp_path, s
     """``kill`` (or a batch system's time limit) and Ctrl-C unwind the merge: its
     temporary output and lock are removed, it says so in one line, and exits
     128 + the signal's number, as a shell reports a process the signal ended."""
-    _, proc = _start_slow_merge(tmp_path)
+    _, proc = _start_slow_merge(tmp_path, layers=600, d=64)  # 1200 tensors: seconds of work left to stop
+    assert proc.poll() is None, "the merge ended before the signal"
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig, err
