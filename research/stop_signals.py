@@ -15,6 +15,10 @@ reclaimed, or when the terminal closes. Instead:
 The training loop defers all three signals to its next step boundary and
 saves there (``training.trainer``). SIGKILL cannot be caught; the merge CLI
 removes a killed run's leftovers on its next start.
+
+A signal the process was started ignoring stays ignored, as Python leaves an
+ignored SIGINT: ``nohup`` ignores SIGHUP so that a run outlives its terminal,
+and a shell starts background jobs ignoring SIGINT.
 """
 
 from __future__ import annotations
@@ -53,13 +57,13 @@ def _raise(sig, frame):
 
 @contextlib.contextmanager
 def handled(handler, signals=CAUGHT):
-    """``handler`` installed for ``signals`` while the block runs, the previous handlers
-    restored after it. Off the main thread (where Python cannot set handlers)
-    nothing is installed."""
+    """``handler`` installed for each of ``signals`` that is not ignored (``SIG_IGN``)
+    while the block runs, the previous handlers restored after it. Off the
+    main thread (where Python cannot set handlers) nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, handler) for sig in signals}
+    previous = {sig: signal.signal(sig, handler) for sig in signals if signal.getsignal(sig) is not signal.SIG_IGN}
     try:
         yield
     finally:

@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+import interruptible
 from research.merging import stream
 from research.merging.__main__ import main as merge_main
 from test_merge_stream import TIES, cli, make_ckpt, read_out, write_cfg
@@ -81,8 +82,8 @@ def _start_slow_merge(tmp_path, layers=24, d=256):
     cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n"
                               "parameters: {density: 0.2}\n")
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
-    proc = subprocess.Popen([sys.executable, "-m", "research.merging", cfg, str(tmp_path / "out"), "--shard-size",
-                             "100KB"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(interruptible.command("research.merging", cfg, tmp_path / "out", "--shard-size", "100KB"),
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         tmps = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]
@@ -299,3 +300,18 @@ def test_output_metadata_dtype_tokenizer_and_permissions(models):
     os.remove(tmp / "ft1" / "config.json")
     with pytest.raises(stream.MergeFailed, match="no tokenizer files"):
         stream.run(stream.load(write_cfg(tmp, text + "tokenizer_source: ft1\n")), str(tmp / "o3"), progress=False)
+
+
+def test_a_signal_started_ignored_stays_ignored_as_nohup_asks():
+    """``nohup research-merge ...`` (or ``research.train``) ignores SIGHUP so that the run
+    outlives its terminal: the stop handlers leave an ignored signal ignored."""
+    from research import stop_signals
+
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with stop_signals.raising():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 
+import interruptible
 from research.training import TrainConfig, TrainingDiverged, config as config_lib, train
 from research.training.checkpoint import CheckpointMismatch, Checkpointer, CheckpointSaveError
 from research.training.run_config import ResumeMismatch
@@ -259,7 +260,8 @@ def test_cli_overrides_and_ctrl_c_saves_a_checkpoint(tmp_path):
            "--set", "steps=100000", "--set", "save_every=0", "--set", "progress=False"]
     bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)
     assert bad.returncode == 2 and "unknown config key 'lr_typo'" in bad.stderr
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(interruptible.command("research.train", *cmd[3:]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
     logs = tmp_path / "w" / "logs" / "metrics.csv"
     deadline = time.time() + 120
     while not logs.exists() and time.time() < deadline:
