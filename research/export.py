@@ -120,8 +120,7 @@ def main(argv=None) -> int:
                           dtype=None if args.dtype is None else jnp.dtype(args.dtype), shard_size=args.shard_size,
                           force=args.force)
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the temporary directory was removed
-        print(f"\nerror: stopped by {stop_signals.name(stop)}; no partial output is left", file=sys.stderr)
-        return stop_signals.exit_code(stop)
+        return stop_signals.report(stop)
     except (ConfigError, CheckpointError, CheckpointMismatch, FileNotFoundError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

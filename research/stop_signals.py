@@ -10,7 +10,8 @@ reclaimed, or when the terminal closes. Instead:
   ``KeyboardInterrupt``. The stack unwinds as on Ctrl-C, so temporaries are
   removed and locks released (``research-merge``, ``research.export``).
 * ``Stopped(signum)`` carries the signal. ``exit_code`` is ``128 + signum``,
-  the status a shell reports for a process the signal ended.
+  the status a shell reports for a process the signal ended; ``report``
+  prints a command's one line and returns it.
 
 The training loop defers all three signals to its next step boundary and
 saves there (``training.trainer``). SIGKILL cannot be caught; the merge CLI
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 
 CAUGHT = (signal.SIGTERM, signal.SIGHUP)  # raised as ``Stopped``; SIGINT is Python's KeyboardInterrupt already
@@ -49,6 +51,13 @@ def name(stop: KeyboardInterrupt) -> str:
 
 def exit_code(stop: KeyboardInterrupt) -> int:
     return 128 + signum(stop)
+
+
+def report(stop: KeyboardInterrupt) -> int:
+    """A command's one line for ``stop``, on stderr, once its temporary output is gone;
+    returns its exit status."""
+    print(f"\nerror: stopped by {name(stop)}; no partial output is left", file=sys.stderr)
+    return exit_code(stop)
 
 
 def _raise(sig, frame):

@@ -82,8 +82,8 @@ def _start_slow_merge(tmp_path, layers=24, d=256):
     cfg = write_cfg(tmp_path, "merge_method: ties\nbase_model: base\nmodels:\n  - model: ft0\n  - model: ft1\n"
                               "parameters: {density: 0.2}\n")
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"]}
-    proc = subprocess.Popen(interruptible.command("research.merging", cfg, tmp_path / "out", "--shard-size", "100KB"),
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd = interruptible.command("research.merging", cfg, tmp_path / "out", "--shard-size", "100KB", "--no-progress")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         tmps = [d for d in os.listdir(tmp_path) if d.startswith("out.tmp-")]

@@ -256,11 +256,12 @@ def test_cli_overrides_and_ctrl_c_saves_a_checkpoint(tmp_path):
     """Ctrl-C stops the run at the next step boundary with a save, and exits 130
     (SIGTERM takes the same path: ``test_multihost``)."""
     env = {**os.environ, "XLA_FLAGS": os.environ["TEST_SUBPROCESS_XLA_FLAGS"], "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "research.train", "--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"),
-           "--set", "steps=100000", "--set", "save_every=0", "--set", "progress=False"]
-    bad = subprocess.run(cmd + ["--set", "lr_typo=1"], capture_output=True, text=True, env=env)
+    args = ["--config", "experiments/configs/tiny.py", "--workdir", str(tmp_path / "w"), "--set", "steps=100000",
+            "--set", "save_every=0", "--set", "progress=False"]
+    bad = subprocess.run([sys.executable, "-m", "research.train", *args, "--set", "lr_typo=1"], capture_output=True,
+                         text=True, env=env)
     assert bad.returncode == 2 and "unknown config key 'lr_typo'" in bad.stderr
-    proc = subprocess.Popen(interruptible.command("research.train", *cmd[3:]), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(interruptible.command("research.train", *args), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
     logs = tmp_path / "w" / "logs" / "metrics.csv"
     deadline = time.time() + 120

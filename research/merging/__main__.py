@@ -91,8 +91,7 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, SIGTERM, SIGHUP: the output is whole, or its temporary was removed
-        print(f"\nerror: stopped by {stop_signals.name(stop)}; no partial output is left", file=sys.stderr)
-        return stop_signals.exit_code(stop)
+        return stop_signals.report(stop)
     if out:
         print(f"wrote {out}")
     return 0

@@ -78,12 +78,8 @@ class _DeferredInterrupt:
     def __init__(self):
         self.signum = None
 
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
     def _handler(self, signum, frame):
-        if self.requested:  # a second signal: give up on the clean stop
+        if self.signum is not None:  # a second signal: give up on the clean stop
             raise stop_signals.Stopped(signum)
         self.signum = signum
 
